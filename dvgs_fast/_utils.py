@@ -1,0 +1,57 @@
+"""Small helpers shared by the valuation methods: seeding, model construction, batching."""
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int | None) -> torch.Generator:
+    """Seed python, numpy and torch; return a torch.Generator for explicit sampling."""
+    g = torch.Generator()
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    g.manual_seed(seed)
+    return g
+
+
+def build_model(model: nn.Module | Callable[[], nn.Module], name: str = "model") -> nn.Module:
+    """Deep-copy a module (the caller's stays untouched) or call a zero-argument factory."""
+    if isinstance(model, nn.Module):
+        return copy.deepcopy(model)
+    if callable(model):
+        m = model()
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"{name}: the factory returned {type(m).__name__}, not an nn.Module")
+        return m
+    raise ValueError(f"{name}: expected an nn.Module or a zero-argument callable returning one, got {type(model).__name__}")
+
+
+def reset_parameters(model: nn.Module) -> None:
+    """Re-initialise every submodule that knows how (the original DVGS restart)."""
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+            m.reset_parameters()
+
+
+def make_optimizer(name: str, params: Any, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer: unknown value {name!r}; choose 'adam', 'adamw' or 'sgd'")
+
+
+def iter_chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)

@@ -1,0 +1,1 @@
+"""Thin Python wrappers around torch.ops.dvgs_fast.*, with fake kernels and autograd."""
