@@ -19,7 +19,8 @@ from .base import Dataset, scale_features
 
 def _wrap(bunch, name: str, scale) -> Dataset:
     X, stats = scale_features(bunch.data, scale)
-    names = [str(n) for n in getattr(bunch, "feature_names", None) or [f"f{i}" for i in range(X.shape[1])]]
+    raw_names = getattr(bunch, "feature_names", None)  # a numpy array for breast_cancer
+    names = [str(n) for n in raw_names] if raw_names is not None else [f"f{i}" for i in range(X.shape[1])]
     y = np.asarray(bunch.target, dtype=np.int64)
     return Dataset(X=X, y=y, feature_names=names, n_classes=int(y.max()) + 1, name=name,
                    meta={"scaling": stats, "class_names": [str(c) for c in bunch.target_names],
