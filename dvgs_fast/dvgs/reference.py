@@ -1,0 +1,72 @@
+"""Reference DVGS scorer: the original algorithm's per-sample gradients, kept simple.
+
+Every source sample's loss gradient is formed explicitly with torch.func
+(`vmap(grad(loss of one sample))`, `randomness="different"` so dropout draws an independent
+mask per sample), the selected parameters' gradients are concatenated into one vector per
+sample and compared with the target gradient by torch's own similarity functions. Memory and
+time are O(N_chunk * n_params); this is the correctness and speed baseline for the fast scorer.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def per_sample_grads(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor,
+                     sample_loss: SampleLoss) -> dict[str, torch.Tensor]:
+    """{name: [N, *param.shape]}: each sample's own loss gradient w.r.t. the named parameters.
+
+    The model runs as it is (train mode: dropout active, one mask per sample); parameters not
+    named are held fixed. `sample_loss(output, target)` returns one loss per sample.
+    """
+    params = dict(model.named_parameters())
+    chosen = {n: params[n].detach() for n in names}
+    fixed = {n: p.detach() for n, p in params.items() if n not in chosen}
+    buffers = dict(model.named_buffers())
+
+    def loss_of_one(p_chosen, x_i, y_i):
+        out = functional_call(model, ({**fixed, **p_chosen}, buffers), (x_i.unsqueeze(0),))
+        return sample_loss(out, y_i.unsqueeze(0)).sum()
+
+    return vmap(grad(loss_of_one), in_dims=(None, 0, 0), randomness="different")(chosen, x, y)
+
+
+def torch_similarity(g: torch.Tensor, G: torch.Tensor, kind: str, eps: float = 1e-8) -> torch.Tensor:
+    """Similarity of each row of g [N, P] with the vector G [P], straight from the definitions."""
+    if kind == "cosine":
+        return F.cosine_similarity(g, G.unsqueeze(0), dim=1, eps=eps)
+    if kind == "dot":
+        return g @ G
+    if kind == "projection":
+        return (g @ G) / torch.linalg.vector_norm(G).clamp_min(eps)
+    if kind == "distance":
+        return -torch.linalg.vector_norm(g - G.unsqueeze(0), dim=1)
+    raise ValueError(f"similarity: unknown value {kind!r}")
+
+
+class ReferenceScorer:
+    """score(x, y, target) -> similarity [N] of each sample's gradient with the target gradient."""
+
+    name = "reference"
+
+    def __init__(self, model: nn.Module, names: list[str], sample_loss: SampleLoss, similarity: str,
+                 eps: float = 1e-8):
+        self.model, self.names, self.sample_loss = model, list(names), sample_loss
+        self.similarity, self.eps = similarity, eps
+
+    def target(self, G: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([G[n].reshape(-1) for n in self.names])
+
+    def score(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        g = per_sample_grads(self.model, self.names, x, y, self.sample_loss)
+        flat = torch.cat([g[n].reshape(x.shape[0], -1) for n in self.names], dim=1)
+        return torch_similarity(flat, target, self.similarity, self.eps).detach()
+
+    def describe(self) -> dict:
+        return {"backend": "reference", "per_sample_grad_params": list(self.names)}
