@@ -106,7 +106,7 @@ def default_model():
     return LogisticRegression(max_iter=500)
 
 
-def _make_model(model):
+def _make_model(model, torch_options: dict | None = None):
     if model is None:
         return default_model()
     if hasattr(model, "fit") and not isinstance(model, type):
@@ -119,7 +119,7 @@ def _make_model(model):
     try:
         import torch
         if isinstance(est, torch.nn.Module):
-            return TorchClassifier(model)
+            return TorchClassifier(model, **(torch_options or {}))
     except ImportError:  # pragma: no cover
         pass
     if not (hasattr(est, "fit") and hasattr(est, "predict")):
@@ -157,7 +157,7 @@ class RemovalCurve:
 
 def remove_curve(values, x_train, y_train, x_test, y_test, *, mode: str = "high", fractions=None,
                  model=None, metric="accuracy", seed: int | None = 0, label: str | None = None,
-                 progress: bool = False) -> RemovalCurve:
+                 torch_options: dict | None = None, progress: bool = False) -> RemovalCurve:
     """Retrain on the data left after removing high- (or low-) valued samples; score on the test set.
 
     values          one value per training sample
@@ -171,6 +171,9 @@ def remove_curve(values, x_train, y_train, x_test, y_test, *, mode: str = "high"
                     point; default LogisticRegression
     metric          "accuracy", "balanced_accuracy", "f1_macro" or ``f(y_true, y_pred)``
     seed            breaks ties in the values at random (reproducibly)
+    torch_options   keyword arguments of :class:`TorchClassifier` (epochs, lr, batch_size,
+                    device, ...) when ``model`` builds a torch module
+    label           name of the method, used as the legend entry by the plots
 
     If the kept data hold a single class, the model is skipped and that class is predicted.
     """
@@ -212,7 +215,7 @@ def remove_curve(values, x_train, y_train, x_test, y_test, *, mode: str = "high"
         if classes.size < 2:
             pred = np.full(yt.shape[0], classes[0])
         else:
-            est = _make_model(model)
+            est = _make_model(model, torch_options)
             est.fit(X[keep], yk)
             pred = est.predict(Xt)
         scores[i] = _score(metric, yt, pred)
