@@ -1,0 +1,219 @@
+"""Turn pytest-benchmark JSON files into bench/REPORT.md (+ PNG plots).
+
+    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/REPORT.md] [--title ...]
+
+Conventions the benchmarks follow (in `benchmark.extra_info`):
+  impl            "reference" / "fast" / "fused" / ... : ratios are reference median / other
+                  median, taken only between entries of the same group *and the same file*
+                  (i.e. measured in the same run, on the same machine)
+  n               problem size, for the time/memory-vs-N plots (series = group without "N=...")
+  peak_mem_bytes  peak RSS (CPU) or torch.cuda.max_memory_allocated (GPU) above the start
+  method, dataset, auroc (float or list over seeds), auroc_std: the quality table
+  device          "cpu" / "cuda"; device_name for GPUs
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def _fmt_bytes(b) -> str:
+    if b is None:
+        return "–"
+    b = float(b)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(b) < 1024 or unit == "GB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1024
+    return f"{b:.1f} GB"
+
+
+def _machine(data: dict) -> str:
+    mi = data.get("machine_info", {})
+    cpu = mi.get("cpu", {}) or {}
+    brand = cpu.get("brand_raw") or cpu.get("brand") or mi.get("processor") or "unknown CPU"
+    cores = cpu.get("count")
+    gpus = sorted({b.get("extra_info", {}).get("device_name") for b in data.get("benchmarks", [])} - {None})
+    desc = f"{brand}" + (f", {cores} logical cores" if cores else "")
+    if gpus:
+        desc += "; GPU: " + ", ".join(gpus)
+    return desc
+
+
+def load(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        with open(p) as fh:
+            data = json.load(fh)
+        data["_path"] = p
+        runs.append(data)
+    return runs
+
+
+def speed_table(run: dict) -> list[str]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for b in run.get("benchmarks", []):
+        groups[b.get("group") or b["name"]].append(b)
+    lines = ["| group | impl | median | min | rounds | peak memory | speed-up vs reference |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for g in sorted(groups):
+        bs = groups[g]
+        ref = [b for b in bs if b.get("extra_info", {}).get("impl") == "reference"]
+        ref_med = ref[0]["stats"]["median"] if ref else None
+        for b in sorted(bs, key=lambda b: b["stats"]["median"], reverse=True):
+            ei = b.get("extra_info", {})
+            impl = ei.get("impl", b["name"].split("[")[0])
+            ratio = "–"
+            if ref_med and ei.get("impl") != "reference":
+                ratio = f"**{ref_med / b['stats']['median']:.1f}x**"
+            lines.append(f"| {g} | {impl} | {_fmt_time(b['stats']['median'])} | {_fmt_time(b['stats']['min'])} | "
+                         f"{b['stats']['rounds']} | {_fmt_bytes(ei.get('peak_mem_bytes'))} | {ratio} |")
+    return lines
+
+
+def quality_rows(runs: list[dict]) -> dict[tuple[str, str], list[float]]:
+    rows: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for run in runs:
+        for b in run.get("benchmarks", []):
+            ei = b.get("extra_info", {})
+            if "auroc" in ei and "method" in ei:
+                vals = ei["auroc"] if isinstance(ei["auroc"], list) else [ei["auroc"]]
+                rows[(ei["method"], ei.get("dataset", "?"))].extend(float(v) for v in vals)
+    return rows
+
+
+def plot_scaling(runs: list[dict], out_dir: Path, stem: str) -> list[Path]:
+    series: dict[tuple[str, str], list[tuple[int, float, float | None]]] = defaultdict(list)
+    for run in runs:
+        for b in run.get("benchmarks", []):
+            ei = b.get("extra_info", {})
+            if "n" not in ei or "impl" not in ei:
+                continue
+            fam = re.sub(r"\s*N=\S+", "", b.get("group") or b["name"]).strip()
+            series[(fam, ei["impl"])].append((int(ei["n"]), b["stats"]["median"], ei.get("peak_mem_bytes")))
+    fams = sorted({f for f, _ in series if len({n for n, *_ in series[(f, _)]}) > 1})
+    paths = []
+    for what, idx, ylabel in (("time", 1, "median time (s)"), ("memory", 2, "peak memory (MB)")):
+        if not fams:
+            break
+        fig, axes = plt.subplots(1, len(fams), figsize=(4.5 * len(fams), 3.6), squeeze=False)
+        for ax, fam in zip(axes[0], fams):
+            for (f, impl), pts in sorted(series.items()):
+                if f != fam:
+                    continue
+                pts = sorted(p for p in pts if p[idx] is not None)
+                if not pts:
+                    continue
+                ys = [p[idx] / (2**20 if idx == 2 else 1) for p in pts]
+                ax.plot([p[0] for p in pts], ys, marker="o", label=impl)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("N")
+            ax.set_ylabel(ylabel)
+            ax.set_title(fam, fontsize=9)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        p = out_dir / f"{stem}_{what}_vs_n.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(p)
+    return paths
+
+
+def plot_quality(rows, out_dir: Path, stem: str) -> Path | None:
+    if not rows:
+        return None
+    datasets = sorted({d for _, d in rows})
+    methods = sorted({m for m, _ in rows})
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(methods) * len(datasets) / 2), 3.8))
+    width = 0.8 / max(1, len(datasets))
+    for j, d in enumerate(datasets):
+        xs, ys, es = [], [], []
+        for i, m in enumerate(methods):
+            v = rows.get((m, d))
+            if v:
+                xs.append(i + j * width)
+                ys.append(statistics.mean(v))
+                es.append(statistics.pstdev(v) if len(v) > 1 else 0)
+        ax.bar(xs, ys, width, yerr=es, label=d, capsize=2)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks([i + width * (len(datasets) - 1) / 2 for i in range(len(methods))])
+    ax.set_xticklabels(methods, rotation=20)
+    ax.set_ylabel("detection AUROC")
+    ax.set_ylim(0.3, 1.0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / f"{stem}_auroc.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def write_report(paths: list[str], out: Path, title: str) -> Path:
+    runs = load(paths)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img_dir = out.parent / "report_img"
+    img_dir.mkdir(exist_ok=True)
+    stem = out.stem.lower()
+    lines = [f"# {title}", "", f"Generated {_dt.date.today().isoformat()} by `python bench/report.py "
+             + " ".join(Path(p).name for p in paths) + "`.", ""]
+    for run in runs:
+        when = run.get("datetime", "?")
+        lines += [f"## Run `{Path(run['_path']).name}`", "",
+                  f"- machine: {_machine(run)}",
+                  f"- date: {when}",
+                  f"- python {run.get('machine_info', {}).get('python_version', '?')}",
+                  "", "Medians; ratios are reference median / this median, measured in the same run.", ""]
+        lines += speed_table(run)
+        lines.append("")
+    rows = quality_rows(runs)
+    if rows:
+        lines += ["## Quality: detection AUROC of corrupted samples (mean ± std over seeds)", "",
+                  "| method | dataset | AUROC | seeds |", "|---|---|---:|---:|"]
+        for (m, d), v in sorted(rows.items()):
+            sd = statistics.pstdev(v) if len(v) > 1 else 0.0
+            lines.append(f"| {m} | {d} | {statistics.mean(v):.3f} ± {sd:.3f} | {len(v)} |")
+        lines.append("")
+    figs = plot_scaling(runs, img_dir, stem)
+    q = plot_quality(rows, img_dir, stem)
+    if q:
+        figs.append(q)
+    if figs:
+        lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out.parent).as_posix()})" for p in figs] + [""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "REPORT.md"))
+    ap.add_argument("--title", default="dvgs_fast benchmark report")
+    args = ap.parse_args(argv)
+    for p in args.results:
+        if not Path(p).is_file():
+            ap.error(f"results file not found: {p}")
+    print(write_report(args.results, Path(args.out), args.title))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
