@@ -151,6 +151,11 @@ def test_cifar10_missing_and_not_a_batch(tmp_path, monkeypatch):
     monkeypatch.setenv("DVGS_FAST_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         ds.load_cifar10(tmp_path)
+    # an archive placed by hand is md5-checked before it is extracted
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(ds.ChecksumError, match="cifar-10-python.tar.gz"):
+        ds.load_cifar10(tmp_path)
+    assert not (tmp_path / "cache").exists()
     from dvgs_fast.datasets.cifar10 import read_batch
     (tmp_path / "junk").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="not a CIFAR-10"):

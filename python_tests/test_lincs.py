@@ -88,8 +88,8 @@ def test_chunked_equals_full(modzs272, highprec):
             np.testing.assert_allclose(np.concatenate(blocks), full.X, atol=2e-5)
             np.testing.assert_array_equal(r.sample_ids, full.meta["sample_ids"])
             mean, std = r.stats()
-            np.testing.assert_allclose(mean, full.meta["zscore_stats"][0], rtol=1e-9, atol=1e-9)
-            np.testing.assert_allclose(std, full.meta["zscore_stats"][1], rtol=1e-9)
+            np.testing.assert_allclose(mean, full.meta["zscore_stats"][0], rtol=1e-7, atol=1e-9)
+            np.testing.assert_allclose(std, full.meta["zscore_stats"][1], rtol=1e-6)  # float32 data
 
 
 def test_zscore_matches_numpy(highprec):
