@@ -2,3 +2,4 @@
 from .grad_stats import per_sample_cosine, per_sample_grad_stats
 from .linear_ghost import linear_ghost_stats
 from .similarity import SIMILARITIES, similarity
+from .sinkhorn import sinkhorn, SinkhornResult
