@@ -251,6 +251,11 @@ def test_download_success_with_real_bytes(empty_dirs, monkeypatch, data_file):
     assert len(served) == 2
 
 
+@pytest.mark.parametrize("name", ["adult.data", "adult.test", "BlogFeedback.zip"])
+def test_pinned_checksums_match_shared_files(data_file, name):
+    ds.verify_file(data_file(name), sha256=dl.REMOTE_FILES[name].sha256)
+
+
 def test_extract_tar_refuses_escaping_members(tmp_path):
     archive = tmp_path / "evil.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:
