@@ -1,0 +1,378 @@
+"""``dvgs-fast``: value a dataset from the command line and write a report.
+
+    dvgs-fast run                       # DVGS on the bundled digits data, 20% flipped labels
+    dvgs-fast run --dataset adult --data-root ../shared/data --out runs/adult
+    dvgs-fast run --config exp.toml --seed 3
+    dvgs-fast info                      # build, methods, datasets
+
+Precedence of settings: command-line flags > ``--config`` file > per-dataset defaults (see
+``_data.PRESETS``) > the method's own defaults. Problems the user can fix end the run with one
+line ``error: ...`` on stderr and exit code 2, before any long work where possible; ``--debug``
+shows the traceback of unexpected errors.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import _config as C
+from ._errors import CLIError, one_line
+
+PROG = "dvgs-fast"
+
+# dest -> (flags, converter, metavar, help). Defaults are None everywhere: a None means "not given
+# on the command line", so the config file and the per-dataset defaults can fill it in.
+RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
+    "method": (("--method", "-m"), C.text, "NAME",
+               "dvgs | lossval | dvrl | dshap | loo | random (default: dvgs)"),
+    "dataset": (("--dataset", "-d"), C.text, "NAME",
+                "digits | breast_cancer | adult | blog | cifar10 | lincs | lincs:FILE.gctx | csv:FILE.csv "
+                "(default: digits)"),
+    "data_root": (("--data-root",), C.text, "DIR",
+                  "folder with the data files (default: $DVGS_FAST_DATA, else ../shared/data)"),
+    "download": (("--download",), C.flag, None, "fetch missing public data files (checksum-verified) into the cache"),
+    "label_column": (("--label-column",), C.text, "NAME", "csv: the label column (default: the last one)"),
+    "noise": (("--noise",), C.text, "SPEC",
+              "label:RATE (flip labels), feature:SIGMA (per-sample Gaussian noise) or none "
+              "(default: label:0.2; lincs: feature:3.0)"),
+    "n_source": (("--n-source",), C.pos_int, "N", "samples to value (default per dataset, digits: 1000)"),
+    "n_target": (("--n-target",), C.pos_int, "N", "clean target samples (default per dataset, digits: 300)"),
+    "n_test": (("--n-test",), C.nonneg_int, "N", "test samples for removal curves (default: the rest, at most 2000)"),
+    "model": (("--model",), C.text, "KIND", "auto | mlp | logistic | convnet | autoencoder (default: auto)"),
+    "hidden": (("--hidden",), C.pos_int, "N", "hidden width of the model (default: 100; autoencoder 256)"),
+    "dropout": (("--dropout",), C.fraction, "P", "dropout of the model (default per dataset)"),
+    "epochs": (("--epochs",), C.pos_int, "N", "training epochs of the method"),
+    "restarts": (("--restarts",), C.pos_int, "N", "model restarts (DVGS)"),
+    "lr": (("--lr",), C.pos_float, "LR", "learning rate of the method"),
+    "max_time": (("--max-time",), C.pos_float, "SECONDS", "time budget for budgeted methods (dshap, loo, ...)"),
+    "device": (("--device",), C.text, "DEV", "cpu | cuda | cuda:N (default: cuda when available)"),
+    "seed": (("--seed",), C.nonneg_int, "N", "seed of the split, the noise and the method (default: 0)"),
+    "out": (("--out", "-o"), C.text, "DIR", "output folder (default: runs/<timestamp>-<method>-<dataset>)"),
+    "overwrite": (("--overwrite",), C.flag, None, "replace the report in an existing output folder"),
+    "no_progress": (("--no-progress",), C.flag, None, "no progress bars or status lines"),
+    "no_curves": (("--no-curves",), C.flag, None, "skip the remove-high/low retraining curves"),
+}
+# Options that only make sense on the command line.
+CLI_ONLY = ("config", "debug")
+# Options passed to the method's constructor when it has a parameter of that name.
+METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", "max_time": "--max-time"}
+REMOVAL_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: ...`` and exit code 2, no usage dump."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise CLIError(f"{one_line(message)} (see {self.prog} --help)")
+
+
+def _argtype(conv):
+    def f(s: str):
+        try:
+            return conv(s)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    f.__name__ = conv.__name__
+    return f
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Fast data valuation: find mislabeled or noisy training samples.")
+    p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
+    sub = p.add_subparsers(dest="command", metavar="{run,info}")
+    r = sub.add_parser("run", help="value a dataset and write a report",
+                       description="Value the samples of a dataset with a data valuation method, score the values "
+                                   "against the known corruption, and write values.csv, metrics.json, plots, "
+                                   "report.md and report.html into --out. Without options: DVGS on the bundled "
+                                   "digits data with 20%% flipped labels (under a minute on 2 CPU cores).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for dest, (flags, conv, metavar, help_) in RUN_OPTIONS.items():
+        if conv is C.flag:
+            r.add_argument(*flags, dest=dest, action="store_const", const=True, default=None, help=help_)
+        else:
+            r.add_argument(*flags, dest=dest, type=_argtype(conv), metavar=metavar, default=None, help=help_)
+    r.add_argument("--config", metavar="FILE.toml", default=None,
+                   help="TOML file with defaults for any option above (top level or [run]) and a [method] "
+                        "table of keyword arguments for the method; flags override it")
+    r.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
+    sub.add_parser("info", help="build information, methods and datasets")
+    return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("dvgs_fast")
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (0 ok, 1 unexpected error, 2 user error, 130 interrupt)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            raise CLIError(f"a command is needed: {PROG} run (value a dataset) or {PROG} info")
+        if args.command == "info":
+            return _info()
+        return _run(args, argv)
+    except CLIError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+# ---------------------------------------------------------------------------------------------
+def _info() -> int:
+    import dvgs_fast
+    from ._data import DATASETS, LINCS_DEFAULT_FILE, resolve_data_root
+    from ._methods import METHODS, NotAvailable, load_class
+    print(f"{PROG} {_version()}")
+    bi = dvgs_fast.build_info()
+    for k, v in (bi.items() if isinstance(bi, dict) else [("build", bi)]):
+        print(f"  {k}: {v}")
+    print("methods:")
+    for name, (_, cls_name, _, desc) in METHODS.items():
+        try:
+            load_class(name)
+            state = "available"
+        except NotAvailable as exc:
+            state = "not implemented yet" if "not implemented" in str(exc) else one_line(exc)
+        print(f"  {name:<8} {cls_name:<16} {state:<20} {desc}")
+    try:
+        root = resolve_data_root(None)
+    except CLIError as exc:
+        root = None
+        print(f"data root: {one_line(exc)}")
+    else:
+        print(f"data root: {root if root is not None else 'none found (set $DVGS_FAST_DATA or pass --data-root)'}")
+    need = {"digits": None, "breast_cancer": None, "adult": ["adult.data", "adult.test"],
+            "blog": ["BlogFeedback.zip"], "cifar10": ["cifar-10-batches-py", "cifar10_foolbox_samples"],
+            "lincs": [LINCS_DEFAULT_FILE]}
+    print("datasets:")
+    for name in DATASETS:
+        files = need[name]
+        if files is None:
+            state = "bundled with scikit-learn"
+        elif root is None:
+            state = "no data root"
+        else:
+            found = [f for f in files if (root / f).exists()]
+            state = ("found: " + ", ".join(found)) if found else f"missing: place {' or '.join(files)} in {root}"
+        print(f"  {name:<14} {state}")
+    print("  csv:FILE.csv   any CSV with a header; the label column is the last one (or --label-column)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+class _Status:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+
+
+def _merge(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
+    """(settings, [method] table, {dest: where it came from}) with flags over the config file."""
+    converters = {dest: spec[1] for dest, spec in RUN_OPTIONS.items()}
+    cfg, table = ({}, {})
+    if args.config is not None:
+        cfg, table = C.split_config(C.read_toml(args.config), args.config, converters)
+    settings: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for dest in RUN_OPTIONS:
+        v = getattr(args, dest)
+        if v is not None:
+            settings[dest], source[dest] = v, "flag"
+        elif dest in cfg:
+            settings[dest], source[dest] = cfg[dest], "config"
+    return settings, table, source
+
+
+def _default_out(method: str, dataset: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in dataset)[:40]
+    base = Path("runs") / f"{stamp}-{method}-{safe}"
+    out, k = base, 2
+    while out.exists():
+        out = base.with_name(f"{base.name}-{k}")
+        k += 1
+    return out
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise CLIError(f"--out: {out} already exists and is not empty; pass --overwrite to replace its report, "
+                       f"or choose another --out")
+
+
+def _flag_of(dest: str) -> str:
+    return RUN_OPTIONS[dest][0][0]
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    t_start = time.perf_counter()
+    settings, table, source = _merge(args)
+    status = _Status(bool(settings.get("no_progress")))
+    progress = not settings.get("no_progress")
+
+    from ._data import PRESETS, parse_dataset, parse_noise, resolve_data_root
+    from ._methods import METHODS, load_class
+    from ._models import MODEL_CHOICES
+
+    # ---- everything that can be checked without loading data ------------------------------------
+    method = settings.get("method", "dvgs").lower()
+    if method not in METHODS:
+        raise CLIError(f"--method: unknown method {settings.get('method')!r}; choose one of {', '.join(METHODS)}")
+    spec = parse_dataset(settings.get("dataset", "digits"))
+    noise = parse_noise(settings["noise"]) if "noise" in settings else None
+    model_choice = settings.get("model", "auto")
+    if model_choice not in MODEL_CHOICES:
+        raise CLIError(f"--model: unknown value {model_choice!r}; choose one of {', '.join(MODEL_CHOICES)}")
+    device = settings.get("device")
+    if device is not None:
+        from .._validation import resolve_device
+        try:
+            device = str(resolve_device(device))
+        except ValueError as exc:
+            raise CLIError(f"--device: {one_line(exc).removeprefix('device: ')}") from None
+    seed = settings.get("seed", 0)
+    out = Path(settings["out"]).expanduser() if "out" in settings else _default_out(method, spec.label)
+    overwrite = bool(settings.get("overwrite"))
+    _check_out(out, overwrite)
+    load_class(method)                 # "not implemented yet" before loading any data
+    root = None
+    if spec.kind not in ("digits", "breast_cancer", "csv") and not (spec.kind == "lincs" and spec.path):
+        root = resolve_data_root(settings.get("data_root"))
+    elif "data_root" in settings:
+        root = resolve_data_root(settings["data_root"])
+
+    # ---- data ------------------------------------------------------------------------------------
+    from . import _data as D
+    t0 = time.perf_counter()
+    status(f"loading {spec.label}" + (f" from {root}" if root is not None else ""))
+    loaded = D.load(spec, root, download=bool(settings.get("download")), label_column=settings.get("label_column"))
+    preset = PRESETS[loaded.preset]
+    if noise is None:
+        noise = parse_noise(preset["noise"])
+    n_source = settings.get("n_source", preset["n_source"])
+    n_target = settings.get("n_target", preset["n_target"])
+    data = D.split_and_corrupt(loaded, n_source, n_target, settings.get("n_test"), noise, seed,
+                               max_test=preset.get("max_test"))
+    t_load = time.perf_counter() - t0
+    status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
+           f"{noise.describe()}")
+    for note in data.notes:
+        status(f"note: {note}")
+
+    # ---- model and method ------------------------------------------------------------------------
+    from . import _models as M
+    from ._methods import build
+    kind = M.resolve_kind(model_choice, data.task, data.sample_shape)
+    hidden = settings.get("hidden", M.default_hidden(kind))
+    dropout = settings.get("dropout", preset["dropout"])
+    n_out = data.n_classes if data.task == "classification" else 0
+    model_factory = M.factory(kind, data.sample_shape, n_out, hidden=hidden, dropout=dropout)
+    model_desc = M.describe(kind, data.sample_shape, n_out, hidden, dropout)
+    explicit = {k: (_flag_of(k), settings[k]) for k in METHOD_OPTIONS if k in settings}
+    defaults: dict[str, Any] = {"seed": seed, "progress": progress}
+    if device is not None:
+        explicit["device"] = ("--device", device)
+    if data.task == "reconstruction":
+        defaults["loss"] = "mse"
+    if method == "dvgs":
+        defaults.update(preset["dvgs"])
+    built = build(method, model_factory, model_desc, explicit=explicit, defaults=defaults, table=table)
+
+    # ---- valuation -------------------------------------------------------------------------------
+    status(f"valuing with {method}: {model_desc}")
+    t0 = time.perf_counter()
+    try:
+        result = built.method.fit(data.x_source, data.y_source, data.x_target, data.y_target)
+    except ValueError as exc:
+        raise CLIError(f"{method}: {one_line(exc)}") from None
+    t_value = time.perf_counter() - t0
+
+    # ---- evaluation ------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    from ..evaluate import remove_curve, summarize
+    import numpy as np
+    values = np.asarray(result.values, dtype=np.float64)
+    if values.shape != (data.n_source,) or not np.all(np.isfinite(values)):
+        raise CLIError(f"{method}: returned {values.shape} values, {int((~np.isfinite(values)).sum())} "
+                       f"not finite, for {data.n_source} source samples")
+    metrics = summarize(values, data.is_corrupted, data.sigma, random_state=seed)
+    curves = []
+    if (not settings.get("no_curves") and data.task == "classification" and data.n_test > 0
+            and np.unique(data.y_test).size > 1):
+        status("removal curves (retraining a logistic regression per point)")
+        for mode in ("high", "low"):
+            c = remove_curve(values, data.x_source.reshape(data.n_source, -1), data.y_source,
+                             data.x_test.reshape(data.n_test, -1), data.y_test, mode=mode,
+                             fractions=REMOVAL_FRACTIONS, seed=seed, label=method, progress=progress)
+            curves.append(c)
+            metrics[f"remove_{mode}"] = {"fractions": c.fractions.tolist(), "scores": c.scores.tolist(),
+                                         "metric": c.metric}
+    t_eval = time.perf_counter() - t0
+
+    # ---- report ----------------------------------------------------------------------------------
+    import dvgs_fast
+    import torch
+    from ..report import RunReport, clear_previous, summary_table, write_report
+    run_settings = {"seed": seed, "device": result.info.get("device", device or "auto"), "model": model_desc,
+                    "data_files": data.files}
+    if args.config:
+        run_settings["config"] = str(args.config)
+    rep = RunReport(
+        method=method, dataset=data.name, noise=noise.label, noise_description=noise.describe(),
+        values=values, source_rows=data.idx_source, labels=data.y_source, is_corrupted=data.is_corrupted,
+        sigma=data.sigma, metrics=metrics, curves=curves,
+        timings={"load": t_load, "valuation": t_value, "evaluation": t_eval},
+        sizes={"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
+        settings=run_settings,
+        method_settings={k: v for k, v in built.kwargs.items() if k != "progress"},
+        notes=data.notes, command=" ".join(shlex.quote(a) for a in [PROG, *argv]),
+        extra={"method_timings": result.timings, "method_info": result.info,
+               "n_snapshots": getattr(result, "n_snapshots", None),
+               "versions": {"dvgs_fast": getattr(dvgs_fast, "__version__", _version()), "torch": torch.__version__,
+                            "python": sys.version.split()[0]},
+               "created": _dt.datetime.now().isoformat(timespec="seconds")})
+    if overwrite and out.is_dir():
+        clear_previous(out)
+    rep.timings["total"] = time.perf_counter() - t_start   # up to the report (which takes ~1 s)
+    write_report(rep, out)
+
+    print(summary_table(rep))
+    print(f"output: {out}{os.sep}  (report.html, report.md, values.csv, metrics.json, plots/)")
+    return 0

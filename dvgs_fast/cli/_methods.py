@@ -1,0 +1,131 @@
+"""Valuation methods by command-line name: import, availability, and construction from options.
+
+A method is built by matching options to its constructor's parameters (``inspect.signature``), so
+the command line follows the classes as they are, without a second list of their settings:
+an option the user set explicitly that the method does not take is an error naming both, a
+per-dataset default it does not take is left out.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import CLIError
+
+# name -> (module, class, fixed keyword arguments, description)
+METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "dvgs": ("dvgs_fast.dvgs", "DVGS", {}, "Data Valuation with Gradient Similarity (fast engine)"),
+    "lossval": ("dvgs_fast.lossval", "LossVal", {}, "LossVal (learned per-sample loss weights)"),
+    "dvrl": ("dvgs_fast.baselines.dvrl", "DVRL", {}, "Data Valuation with Reinforcement Learning"),
+    "dshap": ("dvgs_fast.baselines.shapley", "DataShapley", {"method": "tmc"},
+              "Data Shapley (TMC; [method] method = \"gshapley\" for G-Shapley)"),
+    "loo": ("dvgs_fast.baselines.loo", "LeaveOneOut", {}, "leave-one-out"),
+    "random": ("dvgs_fast.baselines.random_values", "RandomValuation", {}, "random values (baseline)"),
+}
+_MODEL_PARAMS = ("model", "model_or_factory", "predictor")
+
+
+class NotAvailable(CLIError):
+    pass
+
+
+def load_class(name: str):
+    """The method's class, or NotAvailable with a one-line reason."""
+    if name not in METHODS:
+        raise CLIError(f"--method: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    mod_name, cls_name, _, _ = METHODS[name]
+    try:
+        mod = importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing == mod_name or (mod_name.startswith(missing + ".") and missing.startswith("dvgs_fast")):
+            raise NotAvailable(f"--method {name}: {cls_name} is not implemented yet in this version of "
+                               f"dvgs_fast; available now: {', '.join(available_methods()) or 'none'}") from None
+        raise NotAvailable(f"--method {name}: {cls_name} needs the package {missing!r}: pip install {missing}") from None
+    cls = getattr(mod, cls_name, None)
+    if cls is None:
+        raise NotAvailable(f"--method {name}: {cls_name} is not implemented yet in this version of dvgs_fast")
+    return cls
+
+
+def available_methods() -> list[str]:
+    out = []
+    for name, (mod_name, cls_name, _, _) in METHODS.items():
+        spec = importlib.util.find_spec(mod_name) if _parent_importable(mod_name) else None
+        if spec is not None:
+            out.append(name)
+    return out
+
+
+def _parent_importable(mod_name: str) -> bool:
+    parent = mod_name.rpartition(".")[0]
+    try:
+        importlib.import_module(parent)
+        return True
+    except ImportError:
+        return False
+
+
+@dataclass
+class Built:
+    method: Any
+    kwargs: dict[str, Any]  # what was passed (for the report), the model as a description
+
+
+def build(name: str, model_factory, model_desc: str, *, explicit: dict[str, tuple[str, Any]],
+          defaults: dict[str, Any], table: dict[str, Any]) -> Built:
+    """Construct method ``name``.
+
+    explicit  {param: (flag, value)}: set by the user on the command line or in the config's top
+              level; an error if the method has no such parameter
+    defaults  {param: value}: per-dataset defaults; skipped when the method has no such parameter
+    table     the config's [method] table: passed as is, unknown keys are an error
+    """
+    cls = load_class(name)
+    _, cls_name, fixed, _ = METHODS[name]
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):  # pragma: no cover - C classes etc.
+        sig = None
+    params = {} if sig is None else dict(sig.parameters)
+    takes_any = sig is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = {k for k, p in params.items()
+                if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+
+    kwargs: dict[str, Any] = {}
+    for k, v in fixed.items():
+        if k in accepted or takes_any:
+            kwargs[k] = v
+    for k, v in defaults.items():
+        if k in accepted or takes_any:
+            kwargs[k] = v
+    for k, (flag, v) in explicit.items():
+        if k not in accepted and not takes_any:
+            raise CLIError(f"{flag}: method {name!r} ({cls_name}) has no {k!r} setting")
+        kwargs[k] = v
+    for k, v in table.items():
+        if k in _MODEL_PARAMS:
+            raise CLIError(f"[method] {k}: the model is chosen with --model/--hidden/--dropout, not in [method]")
+        if k not in accepted and not takes_any:
+            valid = ", ".join(sorted(a for a in accepted if a not in _MODEL_PARAMS))
+            raise CLIError(f"[method] {k}: not a setting of {cls_name} (valid: {valid})")
+        kwargs[k] = v
+
+    args: list[Any] = []
+    first = next((p for p in params.values()
+                  if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)),
+                 None)
+    shown = dict(kwargs)
+    if first is not None and first.name in _MODEL_PARAMS:
+        args.append(model_factory)
+        shown = {first.name: model_desc, **shown}
+    try:
+        method = cls(*args, **kwargs)
+    except ValueError as exc:
+        raise CLIError(f"--method {name}: {exc}") from None
+    except TypeError as exc:
+        raise CLIError(f"--method {name}: bad settings for {cls_name}: {exc}") from None
+    return Built(method, shown)
