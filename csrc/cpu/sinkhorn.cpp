@@ -187,11 +187,13 @@ struct Ctx {
   T inv_eps = 0;
 };
 
-// arg_ij (up to the row constant -|x_i|^2/(2 eps) for p = 2) for a group of R rows against one
-// panel. Also hands back, for p = 1, 1/dist (0 where geomloss's clamp kills the gradient).
+// t[r] = -C(x_r, y_j) / eps for a group of R rows against one panel of W columns, up to the
+// terms that only depend on one point (for p = 2 the dot product x.y / eps; the |x|^2 and |y|^2
+// parts live in the per-point offsets). For p = 1 also hands back 1/dist (0 where geomloss's
+// clamp at 1e-8 kills the gradient).
 template <typename T, int P, int R>
-DVGS_INLINE void panel_args(const Ctx<T>& c, const T* xr, const T* rsq, int64_t pj, typename Vec<T>::V* arg,
-                            typename Vec<T>::V* inv_dist) {
+DVGS_INLINE void panel_terms(const Ctx<T>& c, const T* xr, const T* rsq, int64_t pj, typename Vec<T>::V* t,
+                             typename Vec<T>::V* inv_dist) {
   using V = typename Vec<T>::V;
   using I = typename Vec<T>::I;
   constexpr int W = Vec<T>::W;
@@ -203,9 +205,8 @@ DVGS_INLINE void panel_args(const Ctx<T>& c, const T* xr, const T* rsq, int64_t 
     const V yv = *reinterpret_cast<const V*>(pan + k * W);
     for (int r = 0; r < R; ++r) acc[r] += xr[r * d + k] * yv;
   }
-  const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
   if constexpr (P == 2) {
-    for (int r = 0; r < R; ++r) arg[r] = hv + acc[r] * c.inv_eps;
+    for (int r = 0; r < R; ++r) t[r] = acc[r] * c.inv_eps;
   } else {
     const V cs = *reinterpret_cast<const V*>(c.csq + pj * W);
     for (int r = 0; r < R; ++r) {
@@ -213,7 +214,7 @@ DVGS_INLINE void panel_args(const Ctx<T>& c, const T* xr, const T* rsq, int64_t 
       const I small = sq <= T(1e-8);  // geomloss: sqrt(clamp_min(sq, 1e-8))
       const V sqc = small ? splat<V>(T(1e-8)) : sq;
       const V rs = vrsqrt(sqc);
-      arg[r] = hv - (sqc * rs) * c.inv_eps;
+      t[r] = -(sqc * rs) * c.inv_eps;
       if (inv_dist) inv_dist[r] = (V)((I)rs & ~small);
     }
   }
@@ -237,14 +238,15 @@ DVGS_INLINE void lse_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, double*
     for (int64_t g = 0; g < ng; ++g) {
       const int64_t r0 = lo + g * R;
       const T* xr = c.rows + r0 * d;
-      V m[R], s[R], arg[R];
+      V m[R], s[R], t[R];
       for (int r = 0; r < R; ++r) {
         m[r] = ms[g * R + r];
         s[r] = ss[g * R + r];
       }
       for (int64_t pj = pb; pj < pe; ++pj) {
-        panel_args<T, P, R>(c, xr, c.rsq + r0, pj, arg, nullptr);
-        for (int r = 0; r < R; ++r) lse_update<T>(m[r], s[r], arg[r]);
+        panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, nullptr);
+        const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
+        for (int r = 0; r < R; ++r) lse_update<T>(m[r], s[r], hv + t[r]);
       }
       for (int r = 0; r < R; ++r) {
         ms[g * R + r] = m[r];
@@ -273,7 +275,7 @@ DVGS_INLINE void grad_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, const 
   for (int64_t g = 0; g < ng; ++g) {
     const int64_t r0 = lo + g * R;
     const T* xr = c.rows + r0 * d;
-    V lr[R], S[R], A[R], arg[R], invd[R];
+    V lr[R], S[R], A[R], t[R], invd[R];
     for (int r = 0; r < R; ++r) {
       lr[r] = splat<V>(static_cast<T>(r0 + r < hi ? lse[r0 + r - lo] : 0.0));
       S[r] = V{};
@@ -281,9 +283,10 @@ DVGS_INLINE void grad_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, const 
     }
     std::fill(work, work + R * d, T(0));
     for (int64_t pj = 0; pj < c.n_panels; ++pj) {
-      panel_args<T, P, R>(c, xr, c.rsq + r0, pj, arg, P == 1 ? invd : nullptr);
+      panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, P == 1 ? invd : nullptr);
+      const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
       for (int r = 0; r < R; ++r) {
-        const V w = vexp(arg[r] - lr[r]);
+        const V w = vexp(hv + t[r] - lr[r]);
         S[r] += w;
         V wc = w;
         if constexpr (P == 1) {
@@ -316,6 +319,92 @@ DVGS_INLINE void grad_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, const 
   }
 }
 
+// Both directions of one pass at once. Rows (chunks of kRB) against column panels, each pairwise
+// term t computed once and used twice: for the row's LSE over columns (lane-wise online update
+// as above) and for the column's LSE over rows (a per-panel running max and sum, updated once
+// per group of R rows: R + 1 exps for R x W pairs).
+//   cross (SELF = false): rows = one cloud, columns = the other; every pair is visited once.
+//   self  (SELF = true):  rows = columns = one cloud; chunk k only visits panels from its own
+//     first one on (costs are symmetric), the panels inside the chunk in the row direction only,
+//     the later ones in both. A point's LSE is then its row part merged with its column part.
+// Work is split into a fixed number of groups of chunks (chunk k in group k mod n_groups), each
+// with its own column state, merged in group order afterwards: the result does not depend on
+// the number of threads.
+template <typename T>
+struct PairCtx {
+  Ctx<T> c;                 // rows / columns clouds, column offsets c.hh, 1/eps
+  const T* hrow = nullptr;  // row offsets for the column direction [n_pad] (kPad past n_rows)
+  int64_t n_rows = 0, n_groups = 1;
+  T* colst = nullptr;       // [n_groups][n_panels][2][W]: running max, running sum per column lane
+  double* row_m = nullptr;  // [n_rows] each row's (max, sum) over the columns it visited
+  double* row_s = nullptr;
+};
+
+template <typename T, int P, int R, bool SELF>
+DVGS_INLINE void pair_group_impl(const PairCtx<T>& q, int64_t grp) {
+  using V = typename Vec<T>::V;
+  constexpr int W = Vec<T>::W;
+  const Ctx<T>& c = q.c;
+  const int64_t d = c.d, n = q.n_rows;
+  const int64_t n_chunks = (n + kRB - 1) / kRB;
+  V* colst = reinterpret_cast<V*>(q.colst) + grp * c.n_panels * 2;
+  const int64_t cb = std::max<int64_t>(1, kBlockBytes / (d * W * static_cast<int64_t>(sizeof(T))));
+  V ms[kRB], ss[kRB];
+  for (int64_t ch = grp; ch < n_chunks; ch += q.n_groups) {
+    const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
+    const int64_t ng = (hi - lo + R - 1) / R;
+    for (int64_t i = 0; i < ng * R; ++i) {
+      ms[i] = splat<V>(Vec<T>::kInit);
+      ss[i] = V{};
+    }
+    const int64_t p0 = SELF ? lo / W : 0;
+    const int64_t p_both = SELF ? std::min(c.n_panels, (hi + W - 1) / W) : 0;  // first two-way panel
+    for (int64_t pb = p0; pb < c.n_panels; pb += cb) {
+      const int64_t pe = std::min(pb + cb, c.n_panels);
+      for (int64_t g = 0; g < ng; ++g) {
+        const int64_t r0 = lo + g * R;
+        const T* xr = c.rows + r0 * d;
+        V m[R], s[R], t[R], hr[R];
+        for (int r = 0; r < R; ++r) {
+          m[r] = ms[g * R + r];
+          s[r] = ss[g * R + r];
+          hr[r] = splat<V>(q.hrow[r0 + r]);
+        }
+        for (int64_t pj = pb; pj < pe; ++pj) {
+          panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, nullptr);
+          const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
+          for (int r = 0; r < R; ++r) lse_update<T>(m[r], s[r], hv + t[r]);
+          if (!SELF || pj >= p_both) {
+            V ac[R];
+            for (int r = 0; r < R; ++r) ac[r] = hr[r] + t[r];
+            V mx = ac[0];
+            for (int r = 1; r < R; ++r) mx = ac[r] > mx ? ac[r] : mx;
+            V& cm = colst[2 * pj];
+            V& cs = colst[2 * pj + 1];
+            const V mn = mx > cm ? mx : cm;
+            V sum = cs * vexp(cm - mn);
+            for (int r = 0; r < R; ++r) sum += vexp(ac[r] - mn);
+            cs = sum;
+            cm = mn;
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          ms[g * R + r] = m[r];
+          ss[g * R + r] = s[r];
+        }
+      }
+    }
+    for (int64_t i = 0; i < hi - lo; ++i) {  // the W lanes of each row -> one (max, sum), in double
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int l = 0; l < W; ++l) mx = std::max(mx, static_cast<double>(ms[i][l]));
+      double tot = 0;
+      for (int l = 0; l < W; ++l) tot += static_cast<double>(ss[i][l]) * std::exp(static_cast<double>(ms[i][l]) - mx);
+      q.row_m[lo + i] = mx;
+      q.row_s[lo + i] = tot;
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------------------
 // Instruction-set variants and the run-time choice between them.
 // ----------------------------------------------------------------------------------------
@@ -323,6 +412,13 @@ template <typename T>
 using LseFn = void (*)(const Ctx<T>&, int64_t, int64_t, double*);
 template <typename T>
 using GradFn = void (*)(const Ctx<T>&, int64_t, int64_t, const double*, T*, T*);
+template <typename T>
+using PairFn = void (*)(const PairCtx<T>&, int64_t);
+
+template <typename T, int P, bool SELF>
+void pair_generic(const PairCtx<T>& q, int64_t g) {
+  pair_group_impl<T, P, 4, SELF>(q, g);
+}
 
 template <typename T, int P>
 void lse_generic(const Ctx<T>& c, int64_t lo, int64_t hi, double* out) {
@@ -340,6 +436,14 @@ DVGS_TARGET_AVX2 void lse_avx2(const Ctx<T>& c, int64_t lo, int64_t hi, double* 
 template <typename T, int P>
 DVGS_TARGET_AVX2 void grad_avx2(const Ctx<T>& c, int64_t lo, int64_t hi, const double* lse, T* g, T* w) {
   grad_chunk_impl<T, P, 4>(c, lo, hi, lse, g, w);
+}
+template <typename T, int P, bool SELF>
+DVGS_TARGET_AVX2 void pair_avx2(const PairCtx<T>& q, int64_t g) {
+  pair_group_impl<T, P, 4, SELF>(q, g);
+}
+template <typename T, int P, bool SELF>
+DVGS_TARGET_AVX512 void pair_avx512(const PairCtx<T>& q, int64_t g) {
+  pair_group_impl<T, P, 8, SELF>(q, g);
 }
 template <typename T, int P>
 DVGS_TARGET_AVX512 void lse_avx512(const Ctx<T>& c, int64_t lo, int64_t hi, double* out) {
@@ -373,19 +477,23 @@ Isa best_isa() {
   return isa;
 }
 
+template <typename T>
+struct Kernels {
+  LseFn<T> lse = nullptr;
+  GradFn<T> grad = nullptr;
+  PairFn<T> cross = nullptr, self = nullptr;
+};
+
 template <typename T, int P>
-void pick_kernels(Isa isa, LseFn<T>* lse, GradFn<T>* grad) {
-  *lse = &lse_generic<T, P>;
-  *grad = &grad_generic<T, P>;
+Kernels<T> pick_kernels(Isa isa) {
+  Kernels<T> k{&lse_generic<T, P>, &grad_generic<T, P>, &pair_generic<T, P, false>, &pair_generic<T, P, true>};
 #if DVGS_SINKHORN_X86
-  if (isa == Isa::kAvx2) {
-    *lse = &lse_avx2<T, P>;
-    *grad = &grad_avx2<T, P>;
-  } else if (isa == Isa::kAvx512) {
-    *lse = &lse_avx512<T, P>;
-    *grad = &grad_avx512<T, P>;
-  }
+  if (isa == Isa::kAvx2)
+    k = {&lse_avx2<T, P>, &grad_avx2<T, P>, &pair_avx2<T, P, false>, &pair_avx2<T, P, true>};
+  else if (isa == Isa::kAvx512)
+    k = {&lse_avx512<T, P>, &grad_avx512<T, P>, &pair_avx512<T, P, false>, &pair_avx512<T, P, true>};
 #endif
+  return k;
 }
 
 // ----------------------------------------------------------------------------------------
@@ -400,47 +508,73 @@ class CpuEngine final : public SoftminEngine<T> {
     d_ = x.size(1);
     prepare(kX, x, center);
     prepare(kY, y, center);
-    const int64_t max_panels = std::max(n_panels_[kX], n_panels_[kY]);
-    hh_ = at::empty({max_panels * Vec<T>::W}, x.options().dtype(c10::CppTypeToScalarType<T>::value));
+    const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
+    const int64_t max_pad = std::max(round_up(n_[kX], kMaxW), round_up(n_[kY], kMaxW));
+    hh_ = at::empty({max_pad}, opts);
+    hr_ = at::empty({max_pad}, opts);
     lse_.resize(static_cast<size_t>(std::max(n_[kX], n_[kY])));
+    row_m_.resize(lse_.size());
+    row_s_.resize(lse_.size());
     const Isa isa = best_isa();
-    if (p_ == 2) pick_kernels<T, 2>(isa, &lse_fn_, &grad_fn_);
-    else pick_kernels<T, 1>(isa, &lse_fn_, &grad_fn_);
+    k_ = p_ == 2 ? pick_kernels<T, 2>(isa) : pick_kernels<T, 1>(isa);
   }
 
   int64_t size(Side s) const override { return n_[s]; }
 
+  // Single direction (rows against cols); the loop uses the fused passes below.
   void softmin(Side rows, Side cols, const T* logw, const T* pot, double eps, const T* prev, T* out,
                bool track_residual) override {
-    Ctx<T> c = context(rows, cols, logw, pot, eps);
+    Ctx<T> c = context(rows, cols, eps);
+    c.hh = offsets(hh_, cols, logw, pot, eps);
     const int64_t n = n_[rows];
-    const T* rsq = rsq_[rows].template data_ptr<T>();
     const int64_t n_chunks = (n + kRB - 1) / kRB;
-    std::vector<double> res(static_cast<size_t>(n_chunks), 0.0);
     double* lse = lse_.data();
-    const LseFn<T> fn = lse_fn_;
-    const bool half_sq = p_ == 2;
+    const LseFn<T> fn = k_.lse;
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
         fn(c, lo, hi, lse + lo);
-        double r = 0;
-        for (int64_t i = lo; i < hi; ++i) {
-          // -eps * LSE_i, with the row constant of the expanded p = 2 cost added back.
-          const double v = -eps * lse[i] + (half_sq ? 0.5 * static_cast<double>(rsq[i]) : 0.0);
-          const T nv = static_cast<T>(v);
-          if (prev != nullptr) {
-            r = std::max(r, std::abs(static_cast<double>(nv) - static_cast<double>(prev[i])));
-            out[i] = T(0.5) * (prev[i] + nv);
-          } else {
-            out[i] = nv;
-          }
-        }
-        res[static_cast<size_t>(ch)] = r;
       }
     });
-    if (track_residual)
-      for (double r : res) residual_ = std::max(residual_, r);
+    finish(rows, lse, eps, prev, out, track_residual);
+  }
+
+  void softmin_cross(const T* logw_x, const T* pot_x, const T* prev_x, T* out_x, const T* logw_y, const T* pot_y,
+                     const T* prev_y, T* out_y, double eps, bool track_residual) override {
+    // The larger cloud gives the rows: rows are what runs in parallel.
+    if (n_[kY] > n_[kX]) {
+      cross(kY, logw_y, pot_y, prev_y, out_y, kX, logw_x, pot_x, prev_x, out_x, eps, track_residual);
+    } else {
+      cross(kX, logw_x, pot_x, prev_x, out_x, kY, logw_y, pot_y, prev_y, out_y, eps, track_residual);
+    }
+  }
+
+  void softmin_self(Side s, const T* logw, const T* pot, double eps, const T* prev, T* out,
+                    bool track_residual) override {
+    constexpr int W = Vec<T>::W;
+    PairCtx<T> q;
+    q.c = context(s, s, eps);
+    q.c.hh = offsets(hh_, s, logw, pot, eps);
+    q.hrow = q.c.hh;
+    const int64_t n = n_[s];
+    run_pairs(q, n, k_.self);
+    // A point's LSE = its row part (later columns) merged with its column part (earlier rows).
+    const V* colst = reinterpret_cast<const V*>(colst_.template data_ptr<T>());
+    const int64_t np = q.c.n_panels, G = q.n_groups;
+    double* lse = lse_.data();
+    at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j) {
+        const int64_t pj = j / W, l = j % W;
+        double mx = row_m_[j];
+        for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(colst[(g * np + pj) * 2][l]));
+        double tot = row_s_[j] * std::exp(row_m_[j] - mx);
+        for (int64_t g = 0; g < G; ++g)
+          tot += static_cast<double>(colst[(g * np + pj) * 2 + 1][l]) *
+                 std::exp(static_cast<double>(colst[(g * np + pj) * 2][l]) - mx);
+        lse[j] = mx + std::log(tot);
+      }
+    });
+    finish(s, lse, eps, prev, out, track_residual);
   }
 
   double take_residual() override {
@@ -450,12 +584,13 @@ class CpuEngine final : public SoftminEngine<T> {
   }
 
   void softmin_grad(Side rows, Side cols, const T* logw, const T* pot, double eps, T* grad) override {
-    Ctx<T> c = context(rows, cols, logw, pot, eps);
+    Ctx<T> c = context(rows, cols, eps);
+    c.hh = offsets(hh_, cols, logw, pot, eps);
     const int64_t n = n_[rows];
     const int64_t n_chunks = (n + kRB - 1) / kRB;
     double* lse = lse_.data();
-    const LseFn<T> lfn = lse_fn_;
-    const GradFn<T> gfn = grad_fn_;
+    const LseFn<T> lfn = k_.lse;
+    const GradFn<T> gfn = k_.grad;
     const int64_t d = d_;
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       std::vector<T> work(static_cast<size_t>(8 * d));
@@ -468,6 +603,8 @@ class CpuEngine final : public SoftminEngine<T> {
   }
 
  private:
+  using V = typename Vec<T>::V;
+
   void prepare(Side s, const at::Tensor& pts, const at::Tensor& center) {
     constexpr int W = Vec<T>::W;
     const int64_t n = pts.size(0), d = d_;
@@ -479,12 +616,11 @@ class CpuEngine final : public SoftminEngine<T> {
     rows_[s].narrow(0, 0, n).copy_(pts - center);
     rsq_[s] = at::zeros({n_pad}, opts);  // n_pad >= n_panels * W: whole-vector loads stay inside
     rsq_[s].narrow(0, 0, n).copy_(rows_[s].narrow(0, 0, n).to(at::kDouble).square().sum(1));
-    // panels[pj][k][l] = row (pj * W + l), coordinate k
+    // panels[pj][k][l] = point pj * W + l, coordinate k
     panels_[s] = rows_[s].narrow(0, 0, n_panels_[s] * W).view({n_panels_[s], W, d}).transpose(1, 2).contiguous();
   }
 
-  Ctx<T> context(Side rows, Side cols, const T* logw, const T* pot, double eps) {
-    constexpr int W = Vec<T>::W;
+  Ctx<T> context(Side rows, Side cols, double eps) const {
     Ctx<T> c;
     c.d = d_;
     c.rows = rows_[rows].template data_ptr<T>();
@@ -494,29 +630,98 @@ class CpuEngine final : public SoftminEngine<T> {
     c.cols = rows_[cols].template data_ptr<T>();
     c.n_panels = n_panels_[cols];
     c.inv_eps = static_cast<T>(1.0 / eps);
-    // h_j = log w_j + pot_j / eps (- |y_j|^2 / (2 eps) for p = 2), in double then rounded.
-    T* hh = hh_.template data_ptr<T>();
-    const T* csq = c.csq;
-    const int64_t m = n_[cols];
+    return c;
+  }
+
+  // Per-point offsets of cloud s: log w_j + pot_j / eps (- |p_j|^2 / (2 eps) for p = 2), in
+  // double then rounded; kPad on the padding points so they never count.
+  const T* offsets(at::Tensor& buf, Side s, const T* logw, const T* pot, double eps) const {
+    T* h = buf.template data_ptr<T>();
+    const T* sq = rsq_[s].template data_ptr<T>();
+    const int64_t m = n_[s];
     const bool half_sq = p_ == 2;
     for (int64_t j = 0; j < m; ++j) {
-      double h = static_cast<double>(logw[j]);
-      if (pot != nullptr) h += static_cast<double>(pot[j]) / eps;
-      if (half_sq) h -= 0.5 * static_cast<double>(csq[j]) / eps;
-      hh[j] = static_cast<T>(h);
+      double v = static_cast<double>(logw[j]);
+      if (pot != nullptr) v += static_cast<double>(pot[j]) / eps;
+      if (half_sq) v -= 0.5 * static_cast<double>(sq[j]) / eps;
+      h[j] = static_cast<T>(v);
     }
-    for (int64_t j = m; j < c.n_panels * W; ++j) hh[j] = Vec<T>::kPad;
-    c.hh = hh;
-    return c;
+    for (int64_t j = m; j < buf.numel(); ++j) h[j] = Vec<T>::kPad;
+    return h;
+  }
+
+  // Fused pass over row chunks in a fixed number of groups; fills row_m_/row_s_ and colst_.
+  void run_pairs(PairCtx<T>& q, int64_t n_rows, PairFn<T> fn) {
+    constexpr int W = Vec<T>::W;
+    const int64_t n_chunks = (n_rows + kRB - 1) / kRB;
+    q.n_rows = n_rows;
+    q.n_groups = std::min<int64_t>(n_chunks, 16);
+    const int64_t need = q.n_groups * q.c.n_panels * 2 * W;
+    if (!colst_.defined() || colst_.numel() < need) colst_ = at::empty({need}, hh_.options());
+    T* cs = colst_.template data_ptr<T>();
+    for (int64_t i = 0; i < q.n_groups * q.c.n_panels; ++i) {
+      std::fill(cs + (2 * i) * W, cs + (2 * i + 1) * W, Vec<T>::kInit);
+      std::fill(cs + (2 * i + 1) * W, cs + (2 * i + 2) * W, T(0));
+    }
+    q.colst = cs;
+    q.row_m = row_m_.data();
+    q.row_s = row_s_.data();
+    at::parallel_for(0, q.n_groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) fn(q, g);
+    });
+  }
+
+  void cross(Side rs, const T* logw_r, const T* pot_r, const T* prev_r, T* out_r, Side cs, const T* logw_c,
+             const T* pot_c, const T* prev_c, T* out_c, double eps, bool track_residual) {
+    constexpr int W = Vec<T>::W;
+    PairCtx<T> q;
+    q.c = context(rs, cs, eps);
+    q.c.hh = offsets(hh_, cs, logw_c, pot_c, eps);  // rows' softmin runs over the columns' potential
+    q.hrow = offsets(hr_, rs, logw_r, pot_r, eps);
+    const int64_t n = n_[rs], m = n_[cs];
+    run_pairs(q, n, k_.cross);
+    double* lse = lse_.data();
+    for (int64_t i = 0; i < n; ++i) lse[i] = row_m_[i] + std::log(row_s_[i]);
+    finish(rs, lse, eps, prev_r, out_r, track_residual);
+    const V* colst = reinterpret_cast<const V*>(colst_.template data_ptr<T>());
+    const int64_t np = q.c.n_panels, G = q.n_groups;
+    for (int64_t j = 0; j < m; ++j) {  // merge the groups' column states, in group order
+      const int64_t pj = j / W, l = j % W;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(colst[(g * np + pj) * 2][l]));
+      double tot = 0;
+      for (int64_t g = 0; g < G; ++g)
+        tot += static_cast<double>(colst[(g * np + pj) * 2 + 1][l]) *
+               std::exp(static_cast<double>(colst[(g * np + pj) * 2][l]) - mx);
+      lse[j] = mx + std::log(tot);
+    }
+    finish(cs, lse, eps, prev_c, out_c, track_residual);
+  }
+
+  // out = -eps * LSE (+ |p|^2 / 2 for p = 2: the row constant of the expanded cost), averaged
+  // with prev when given (geomloss's symmetric update), tracking the largest change.
+  void finish(Side s, const double* lse, double eps, const T* prev, T* out, bool track_residual) {
+    const T* sq = rsq_[s].template data_ptr<T>();
+    const bool half_sq = p_ == 2;
+    double r = 0;
+    for (int64_t i = 0, n = n_[s]; i < n; ++i) {
+      const T nv = static_cast<T>(-eps * lse[i] + (half_sq ? 0.5 * static_cast<double>(sq[i]) : 0.0));
+      if (prev != nullptr) {
+        r = std::max(r, std::abs(static_cast<double>(nv) - static_cast<double>(prev[i])));
+        out[i] = T(0.5) * (prev[i] + nv);
+      } else {
+        out[i] = nv;
+      }
+    }
+    if (track_residual) residual_ = std::max(residual_, r);
   }
 
   int64_t p_, d_ = 0;
   int64_t n_[2] = {0, 0}, n_panels_[2] = {0, 0};
-  at::Tensor rows_[2], rsq_[2], panels_[2], hh_;
-  std::vector<double> lse_;
+  at::Tensor rows_[2], rsq_[2], panels_[2], hh_, hr_, colst_;
+  std::vector<double> lse_, row_m_, row_s_;
   double residual_ = 0;
-  LseFn<T> lse_fn_ = nullptr;
-  GradFn<T> grad_fn_ = nullptr;
+  Kernels<T> k_;
 };
 
 Options make_options(double blur, int64_t p, double scaling, std::optional<double> diameter, bool debias,

@@ -71,6 +71,18 @@ class SoftminEngine {
   virtual int64_t size(Side s) const = 0;
   virtual void softmin(Side rows, Side cols, const T* logw, const T* pot, double eps, const T* prev, T* out,
                        bool track_residual) = 0;
+  // Both directions between x and y at once (an engine can share every pairwise cost):
+  //   out_x = softmin over y with (logw_y, pot_y), out_y = softmin over x with (logw_x, pot_x).
+  virtual void softmin_cross(const T* logw_x, const T* pot_x, const T* prev_x, T* out_x, const T* logw_y,
+                             const T* pot_y, const T* prev_y, T* out_y, double eps, bool track_residual) {
+    softmin(kX, kY, logw_y, pot_y, eps, prev_x, out_x, track_residual);
+    softmin(kY, kX, logw_x, pot_x, eps, prev_y, out_y, track_residual);
+  }
+  // A cloud against itself (an engine can use the symmetry of the costs).
+  virtual void softmin_self(Side s, const T* logw, const T* pot, double eps, const T* prev, T* out,
+                            bool track_residual) {
+    softmin(s, s, logw, pot, eps, prev, out, track_residual);
+  }
   // Largest residual since the last call (then reset); may synchronise a device.
   virtual double take_residual() = 0;
   // grad[i, :] = d new[i] / d r_i = sum_j P_ij grad_1 C(r_i, c_j), P_ij the softmax weights of
@@ -106,20 +118,18 @@ ForwardResult run_sinkhorn(SoftminEngine<T>& E, const at::Tensor& a, const at::T
   // Initialisation at the largest temperature: a softmin against the weights alone.
   int cur = 0;
   const double eps0 = eps_list.front();
-  E.softmin(kX, kY, lb, nullptr, eps0, nullptr, fba(cur), false);
-  E.softmin(kY, kX, la, nullptr, eps0, nullptr, gab(cur), false);
+  E.softmin_cross(la, nullptr, nullptr, fba(cur), lb, nullptr, nullptr, gab(cur), eps0, false);
   if (o.debias) {
-    E.softmin(kX, kX, la, nullptr, eps0, nullptr, faa(cur), false);
-    E.softmin(kY, kY, lb, nullptr, eps0, nullptr, gbb(cur), false);
+    E.softmin_self(kX, la, nullptr, eps0, nullptr, faa(cur), false);
+    E.softmin_self(kY, lb, nullptr, eps0, nullptr, gbb(cur), false);
   }
 
   auto step = [&](double eps, bool track) {
     const int nxt = 1 - cur;
-    E.softmin(kX, kY, lb, gab(cur), eps, fba(cur), fba(nxt), track);
-    E.softmin(kY, kX, la, fba(cur), eps, gab(cur), gab(nxt), track);
+    E.softmin_cross(la, fba(cur), fba(cur), fba(nxt), lb, gab(cur), gab(cur), gab(nxt), eps, track);
     if (o.debias) {
-      E.softmin(kX, kX, la, faa(cur), eps, faa(cur), faa(nxt), track);
-      E.softmin(kY, kY, lb, gbb(cur), eps, gbb(cur), gbb(nxt), track);
+      E.softmin_self(kX, la, faa(cur), eps, faa(cur), faa(nxt), track);
+      E.softmin_self(kY, lb, gbb(cur), eps, gbb(cur), gbb(nxt), track);
     }
     cur = nxt;
   };
@@ -148,12 +158,11 @@ ForwardResult run_sinkhorn(SoftminEngine<T>& E, const at::Tensor& a, const at::T
   T* Faa = Fba + n;
   T* Gab = fin_y.data_ptr<T>();
   T* Gbb = Gab + m;
-  E.softmin(kX, kY, lb, gab(cur), eps_end, nullptr, Fba, false);
-  E.softmin(kY, kX, la, fba(cur), eps_end, nullptr, Gab, false);
+  E.softmin_cross(la, fba(cur), nullptr, Fba, lb, gab(cur), nullptr, Gab, eps_end, false);
   at::Tensor f, g;
   if (o.debias) {
-    E.softmin(kX, kX, la, faa(cur), eps_end, nullptr, Faa, false);
-    E.softmin(kY, kY, lb, gbb(cur), eps_end, nullptr, Gbb, false);
+    E.softmin_self(kX, la, faa(cur), eps_end, nullptr, Faa, false);
+    E.softmin_self(kY, lb, gbb(cur), eps_end, nullptr, Gbb, false);
     f = fin_x[0] - fin_x[1];
     g = fin_y[0] - fin_y[1];
   } else {
