@@ -236,7 +236,8 @@ def _load_lincs(spec: DatasetSpec, root: Path | None) -> Loaded:
     try:
         ds = load_lincs(path, landmark_only=True, fill_missing=0.0, col_meta_fields=[])
     except Exception as exc:  # noqa: BLE001 - h5py raises a zoo of types for damaged files
-        raise CLIError(f"lincs: cannot read {path}: {one_line(exc)}") from None
+        msg = one_line(exc)
+        raise CLIError(f"lincs: {msg}" if str(path) in msg else f"lincs: cannot read {path}: {msg}") from None
     X = np.nan_to_num(np.asarray(ds.X, dtype=np.float32), nan=0.0)
     return Loaded(X, None, 0, "lincs", f"lincs ({path.name})", files=[str(path)])
 
@@ -337,6 +338,9 @@ class RunData:
 
 def split_and_corrupt(ld: Loaded, n_source: int, n_target: int, n_test: int | None,
                       noise: Noise, seed: int, *, max_test: int | None = None) -> RunData:
+    if noise.kind == "label" and ld.y is None:
+        raise CLIError(f"--noise label:{noise.level:g}: {ld.name} has no labels to flip; use "
+                       f"--noise feature:SIGMA or --noise none")
     n = int(ld.X.shape[0])
     official = ld.train_idx is not None and ld.heldout_idx is not None
     if official:
@@ -377,9 +381,6 @@ def split_and_corrupt(ld: Loaded, n_source: int, n_target: int, n_test: int | No
     y_clean = None if ys is None else ys.copy()
     is_corrupted = sigma = None
     if noise.kind == "label":
-        if ys is None:
-            raise CLIError(f"--noise label:{noise.level:g}: {ld.name} has no labels to flip; use "
-                           f"--noise feature:SIGMA or --noise none")
         from ..datasets import flip_labels
         ys, is_corrupted = flip_labels(ys, noise.level, np.random.default_rng([seed, 2]), n_classes=ld.n_classes)
         if not is_corrupted.any():

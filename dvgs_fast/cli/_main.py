@@ -18,6 +18,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -53,6 +54,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "max_time": (("--max-time",), C.pos_float, "SECONDS", "time budget for budgeted methods (dshap, loo, ...)"),
     "device": (("--device",), C.text, "DEV", "cpu | cuda | cuda:N (default: cuda when available)"),
     "seed": (("--seed",), C.nonneg_int, "N", "seed of the split, the noise and the method (default: 0)"),
+    "threads": (("--threads",), C.pos_int, "N",
+                "CPU threads for torch and the evaluation's BLAS/OpenMP (default: torch's default; 1 is "
+                "fastest for the small default models on a busy machine)"),
     "out": (("--out", "-o"), C.text, "DIR", "output folder (default: runs/<timestamp>-<method>-<dataset>)"),
     "overwrite": (("--overwrite",), C.flag, None, "replace the report in an existing output folder"),
     "no_progress": (("--no-progress",), C.flag, None, "no progress bars or status lines"),
@@ -128,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError(f"a command is needed: {PROG} run (value a dataset) or {PROG} info")
         if args.command == "info":
             return _info()
-        return _run(args, argv)
+        return _run_with_threads(args, argv)
     except CLIError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return exc.code
@@ -241,6 +245,32 @@ def _flag_of(dest: str) -> str:
     return RUN_OPTIONS[dest][0][0]
 
 
+def _run_with_threads(args: argparse.Namespace, argv: list[str]) -> int:
+    """_run, with --threads applied for its duration (restored afterwards: main() may run in-process)."""
+    threads = args.threads
+    if threads is None and args.config is not None:
+        threads = _merge(args)[0].get("threads")
+    if threads is None:
+        return _run(args, argv)
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+            return _run(args, argv)
+        # threadpool_limits only reaches libraries already loaded: load the evaluation's
+        # BLAS/OpenMP users (scipy, scikit-learn) first.
+        import scipy.stats  # noqa: F401
+        import sklearn.cluster  # noqa: F401
+        import sklearn.linear_model  # noqa: F401
+        with threadpool_limits(limits=threads):
+            return _run(args, argv)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     t_start = time.perf_counter()
     settings, table, source = _merge(args)
@@ -318,11 +348,20 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # ---- valuation -------------------------------------------------------------------------------
     status(f"valuing with {method}: {model_desc}")
     t0 = time.perf_counter()
-    try:
-        result = built.method.fit(data.x_source, data.y_source, data.x_target, data.y_target)
-    except ValueError as exc:
-        raise CLIError(f"{method}: {one_line(exc)}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = built.method.fit(data.x_source, data.y_source, data.x_target, data.y_target)
+        except ValueError as exc:
+            raise CLIError(f"{method}: {one_line(exc)}") from None
     t_value = time.perf_counter() - t0
+    # The method's own warnings (a budget that ran out, ...) belong in the report, once each.
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)):
+            msg = f"warning: {one_line(w.message)}"
+            if msg not in data.notes:
+                data.notes.append(msg)
+                print(f"{PROG}: {msg}", file=sys.stderr, flush=True)   # even with --no-progress
 
     # ---- evaluation ------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -350,8 +389,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import dvgs_fast
     import torch
     from ..report import RunReport, clear_previous, summary_table, write_report
-    run_settings = {"seed": seed, "device": result.info.get("device", device or "auto"), "model": model_desc,
-                    "data_files": data.files}
+    run_settings = {"seed": seed, "device": result.info.get("device", device or "auto"),
+                    "threads": torch.get_num_threads(), "model": model_desc, "data_files": data.files}
     if args.config:
         run_settings["config"] = str(args.config)
     rep = RunReport(
@@ -374,5 +413,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     write_report(rep, out)
 
     print(summary_table(rep))
-    print(f"output: {out}{os.sep}  (report.html, report.md, values.csv, metrics.json, plots/)")
+    t = rep.timings
+    print(f"total {t['total']:.1f} s (load {t['load']:.1f}, valuation {t['valuation']:.1f}, "
+          f"evaluation {t['evaluation']:.1f}); report: {out / 'report.html'}")
     return 0
