@@ -157,7 +157,8 @@ class DVGS:
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
         run = _prepare(self, x_source, y_source, x_target, y_target)
         timings["setup"] = time.perf_counter() - t_start
-        values, k_done, snaps, info = _train_and_score(self, run, timings)
+        with torch.enable_grad():         # also when fit() is called under torch.no_grad()
+            values, k_done, snaps, info = _train_and_score(self, run, timings)
         timings["total"] = time.perf_counter() - t_start
         params = self.settings()
         info.update({"seed": run.seed, "device": str(run.device), "n_source": run.n_source,
@@ -360,6 +361,7 @@ def _fingerprint(cfg: DVGS, run: _Run) -> str:
     s = cfg.settings()
     s.pop("source_batch_size")       # chunking does not change the values beyond rounding
     s["seed"] = run.seed
+    s["keep_snapshots"] = cfg.keep_snapshots    # resuming must find the snapshot file it wrote
     h.update(repr(sorted(s.items())).encode())
     for t in (run.xs, run.ys, run.xt, run.yt):
         if t is not None:
