@@ -238,7 +238,12 @@ def metric_rows(rep: RunReport) -> list[list[str]]:
     for k, v in rep.metrics.items():
         if isinstance(v, dict):
             continue
-        label = _METRIC_LABELS.get(k, k.replace("discovery@", "found among lowest "))
+        label = _METRIC_LABELS.get(k, k)
+        if k.startswith("discovery@"):
+            try:
+                label = f"corrupted found among the lowest {float(k.split('@', 1)[1]):.0%}"
+            except ValueError:
+                pass
         rows.append([label, _fmt(v, 4)])
     for c in rep.curves:
         pairs = ", ".join(f"{f:.0%}: {s:.3f}" for f, s in zip(c.fractions, c.scores))
@@ -369,4 +374,18 @@ def write_report(rep: RunReport, out_dir: str | Path) -> dict[str, Any]:
     h = out_dir / REPORT_HTML
     atomic_write_text(h, render_html(rep, plots))
     paths["report_html"] = h
+    _usual_permissions([paths["values"], paths["metrics"], md, h, *plots])
     return paths
+
+
+def _usual_permissions(paths: list[Path]) -> None:
+    """Atomic writes go through mkstemp, which makes files private (0600); a report is meant to
+    be shared like any file the user writes, so give it the permissions the umask asks for."""
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        try:
+            os.chmod(p, 0o666 & ~mask)
+        except OSError:  # pragma: no cover - e.g. a file system without permissions
+            pass

@@ -204,6 +204,21 @@ def test_csv_dataset(tmp_path, capsys):
     assert "MLP 5-100-100-2" in m["settings"]["model"]
 
 
+def test_cifar10_sample_pngs_convnet(data_file, tmp_path, capsys):
+    """Without the CIFAR-10 batches the 20 shared sample PNGs are used, with a note saying so."""
+    folder = data_file("cifar10_foolbox_samples")
+    if (folder.parent / "cifar-10-batches-py").is_dir():
+        pytest.skip("the full CIFAR-10 batches are present: the sample-PNG path is not taken")
+    out = tmp_path / "cifar"
+    rc, stdout, err = _run(["run", "--dataset", "cifar10", "--data-root", str(folder.parent), "--epochs", "3",
+                            "--out", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dataset"] == "cifar10 (samples)" and m["n_source"] == 12 and m["n_target"] == 8
+    assert "conv net [3, 32, 32]" in m["settings"]["model"]
+    assert any("sample PNGs" in n for n in m["notes"])
+
+
 # ----------------------------------------------------------------------------- config
 def test_config_file_and_flag_precedence(tmp_path, capsys):
     cfg = tmp_path / "exp.toml"

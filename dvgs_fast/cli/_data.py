@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # LINCS has no labels: an autoencoder, values by reconstruction-gradient similarity, feature
     # noise as the ground truth.
     "lincs": {"n_source": 150, "n_target": 60, "noise": "feature:3.0", "dropout": 0.0,
-              "dvgs": {"epochs": 50, "lr": 1e-3, "target_batch_size": 30, "restarts": 1}},
+              "dvgs": {"epochs": 20, "lr": 1e-3, "target_batch_size": 30, "restarts": 1}},
     "csv": {"n_source": 1000, "n_target": 400, "max_test": 2000, "noise": "label:0.2", "dropout": 0.2,
             "dvgs": {"epochs": 50, "lr": 1e-3, "target_batch_size": 128, "restarts": 1}},
 }

@@ -69,6 +69,28 @@ METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", 
 REMOVAL_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
+_RUN_EPILOG = """\
+settings: command-line flags > --config file > per-dataset defaults > the method's defaults.
+
+examples:
+  dvgs-fast run
+  dvgs-fast run --dataset adult --restarts 3 --epochs 100 --out runs/adult
+  dvgs-fast run --dataset lincs --noise feature:3.0
+  dvgs-fast run --dataset csv:mydata.csv --label-column label --noise label:0.1
+  dvgs-fast run --method dshap --max-time 600 --model logistic --n-source 200
+
+config file (TOML):
+  dataset = "adult"          # any option, dashes or underscores: n-source = 1000
+  noise = "label:0.2"
+  [method]                   # keyword arguments of the method's class, e.g. DVGS(...)
+  restarts = 3
+  similarity = "cosine"
+  (with a [method] table, set the method's name as  [run] method = "dvgs")
+
+exit codes: 0 done, 2 bad arguments / missing or unreadable data, 1 unexpected error, 130 interrupted
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: ...`` and exit code 2, no usage dump."""
 
@@ -94,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Value the samples of a dataset with a data valuation method, score the values "
                                    "against the known corruption, and write values.csv, metrics.json, plots, "
                                    "report.md and report.html into --out. Without options: DVGS on the bundled "
-                                   "digits data with 20%% flipped labels (under a minute on 2 CPU cores).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "digits data with 20% flipped labels (under a minute on 2 CPU cores).",
+                       epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     for dest, (flags, conv, metavar, help_) in RUN_OPTIONS.items():
         if conv is C.flag:
             r.add_argument(*flags, dest=dest, action="store_const", const=True, default=None, help=help_)
@@ -139,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed early (`dvgs-fast run | head`): not an error of the run; the files are written.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
