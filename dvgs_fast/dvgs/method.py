@@ -18,6 +18,14 @@ Decisions worth knowing:
 * Dropout stays active for the source gradients, with an independent mask per source sample.
   The scoring draws from its own random stream, seeded per snapshot from `seed`, so the target
   training (and hence G) is identical whichever backend runs and however it consumes randomness.
+  Each source chunk after the first (rows [a, a + source_batch_size)) is reseeded from
+  (seed, snapshot, a), so a chunk's masks do not depend on which process scores it.
+* Distributed (torchrun, `distributed=`): every rank trains the identical target model (same
+  seed, same data; G needs no communication) and scores a contiguous range of whole source
+  chunks; the per-sample sums are all-reduced at the end (zeros outside a rank's range, so the
+  sum is exact). Values equal a single-process run with the same seed and source_batch_size,
+  dropout included. Checkpoints are per rank (`dvgs_checkpoint.rank<r>.pt`; snapshots likewise,
+  holding only that rank's rows); resume with the same number of ranks.
 * BatchNorm: the target gradient G is taken in train mode with batch statistics (as in the
   original). A per-sample gradient is not defined under batch statistics (a batch of one has
   no variance; a batch of many couples the samples), so while scoring, BatchNorm layers run in
@@ -89,7 +97,11 @@ class DVGS:
     checkpoint_dir    save state after every epoch; a rerun with the same directory and
                       arguments resumes and gives the same values as an uninterrupted run.
     keep_snapshots    keep every snapshot: result.snapshots is a memory-mapped [N, K] array
-                      (in checkpoint_dir, else an anonymous temporary file).
+                      (in checkpoint_dir, else an anonymous temporary file). Distributed: only
+                      this rank's rows (result.info["shard"]) are filled.
+    distributed       None: automatic (a torchrun launch with WORLD_SIZE > 1, or an initialised
+                      process group); True: require it; False: run alone even under torchrun.
+                      Source chunks are split across ranks; see the module docstring.
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
@@ -98,7 +110,7 @@ class DVGS:
                  source_batch_size: int = 1024, similarity: str = "cosine", grad_params: Any = None,
                  class_weight: Any = None, backend: str = "fast", device: Any = None, seed: int | None = None,
                  progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-                 keep_snapshots: bool = False):
+                 keep_snapshots: bool = False, distributed: bool | None = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
                              f"got {type(model).__name__}")
@@ -137,6 +149,9 @@ class DVGS:
         self.progress = bool(progress)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_snapshots = bool(keep_snapshots)
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
+        self.distributed = distributed
 
     # ------------------------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -155,10 +170,14 @@ class DVGS:
         """Train on the target set, scoring the source set; returns the data values."""
         t_start = time.perf_counter()
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
-        run = _prepare(self, x_source, y_source, x_target, y_target)
-        timings["setup"] = time.perf_counter() - t_start
-        with torch.enable_grad():         # also when fit() is called under torch.no_grad()
-            values, k_done, snaps, info = _train_and_score(self, run, timings)
+        ctx = _dist_context(self, x_source, y_source, x_target, y_target)
+        try:
+            run = _prepare(self, x_source, y_source, x_target, y_target, ctx)
+            timings["setup"] = time.perf_counter() - t_start
+            with torch.enable_grad():         # also when fit() is called under torch.no_grad()
+                values, k_done, snaps, info = _train_and_score(self, run, timings)
+        finally:
+            ctx.close()                       # only if fit() initialised the process group
         timings["total"] = time.perf_counter() - t_start
         params = self.settings()
         info.update({"seed": run.seed, "device": str(run.device), "n_source": run.n_source,
@@ -202,7 +221,20 @@ def _tensor_device(*xs) -> torch.device | None:
     return next(iter(devs)) if devs else None
 
 
-def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target) -> _Run:
+def _dist_context(cfg: DVGS, *xs):
+    from ..distributed import DistContext
+    if cfg.distributed is False:
+        return DistContext()
+    in_dev = _tensor_device(*xs)
+    dev = cfg.device or (in_dev if (in_dev is not None and in_dev.type != "cpu") else V.resolve_device(None))
+    ctx = DistContext.from_env(device=dev)
+    if cfg.distributed and not ctx.enabled:
+        raise ValueError("distributed: True needs a process group with more than one process: launch with "
+                         "torchrun --nproc_per_node=K (WORLD_SIZE > 1) or initialise torch.distributed first")
+    return ctx
+
+
+def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Run:
     if x_target is None:
         raise ValueError("x_target: is required (the clean target set the model is trained on)")
     V.check_devices({"x_source": x_source, "y_source": y_source, "x_target": x_target, "y_target": y_target})
@@ -214,6 +246,10 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target) -> _Run:
                              f"move them or pass device={str(in_dev)!r}")
     else:
         device = in_dev if (in_dev is not None and in_dev.type != "cpu") else V.resolve_device(None)
+    if ctx is None:
+        from ..distributed import DistContext
+        ctx = DistContext()
+    device = ctx.device_for(device)      # distributed: a bare 'cuda' is this rank's GPU
 
     xs = V.as_float_tensor(x_source, "x_source")
     xt = V.as_float_tensor(x_target, "x_target")
@@ -244,15 +280,20 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target) -> _Run:
 
     run = _Run()
     run.device = device
+    run.ctx = ctx
+    # Distributed: one checkpoint (and snapshot file) per rank.
+    run.ckpt_name = _CKPT_NAME if not ctx.enabled else _CKPT_NAME.replace(".pt", f".rank{ctx.rank}.pt")
+    run.snap_name = _SNAP_NAME if not ctx.enabled else _SNAP_NAME.replace(".npy", f".rank{ctx.rank}.npy")
     # A resumed run without an explicit seed must reuse the interrupted run's seed.
     seed = cfg.seed
     ckpt = None
-    if cfg.checkpoint_dir is not None and (cfg.checkpoint_dir / _CKPT_NAME).exists():
-        ckpt = torch.load(cfg.checkpoint_dir / _CKPT_NAME, map_location="cpu", weights_only=False)
+    if cfg.checkpoint_dir is not None and (cfg.checkpoint_dir / run.ckpt_name).exists():
+        ckpt = torch.load(cfg.checkpoint_dir / run.ckpt_name, map_location="cpu", weights_only=False)
         if seed is None:
             seed = int(ckpt["seed"])
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
+    seed = ctx.broadcast_object(seed)    # a drawn seed must be the same on every rank
     run.seed = seed
     run.gen = seed_everything(seed)
 
@@ -351,7 +392,7 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target) -> _Run:
     if ckpt is not None and ckpt["fingerprint"] != run.fingerprint:
         raise ValueError(f"checkpoint_dir: {cfg.checkpoint_dir} holds a checkpoint of a different run "
                          f"(settings, data or model differ); use another directory or delete "
-                         f"{cfg.checkpoint_dir / _CKPT_NAME}")
+                         f"{cfg.checkpoint_dir / run.ckpt_name}")
     return run
 
 
@@ -362,6 +403,9 @@ def _fingerprint(cfg: DVGS, run: _Run) -> str:
     s.pop("source_batch_size")       # chunking does not change the values beyond rounding
     s["seed"] = run.seed
     s["keep_snapshots"] = cfg.keep_snapshots    # resuming must find the snapshot file it wrote
+    if run.ctx.enabled:                 # a rank's rows depend on the number of ranks and the chunk size
+        s["world_size"] = run.ctx.world_size
+        s["source_batch_size"] = cfg.source_batch_size
     h.update(repr(sorted(s.items())).encode())
     for t in (run.xs, run.ys, run.xt, run.yt):
         if t is not None:
@@ -410,11 +454,23 @@ def _snapshot_seed(seed: int, k: int) -> int:
     return int(np.random.SeedSequence([seed, k, 0x44564753]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def _chunk_seed(seed: int, k: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, k, start, 0x43484E4B]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _rank_rows(run: _Run, chunk: int) -> tuple[int, int]:
+    """This rank's source rows: a contiguous range of whole chunks (the chunk grid of a
+    single-process run), so every chunk's dropout masks are the same as there."""
+    n_chunks = math.ceil(run.n_source / chunk)
+    c0, c1 = run.ctx.shard(n_chunks)
+    return min(c0 * chunk, run.n_source), min(c1 * chunk, run.n_source)
+
+
 def _open_snapshots(cfg: DVGS, run: _Run, n_total: int, resume: bool):
     dt = np.float64 if run.dtype == torch.float64 else np.float32
     shape = (run.n_source, n_total)
     if cfg.checkpoint_dir is not None:
-        path = cfg.checkpoint_dir / _SNAP_NAME
+        path = cfg.checkpoint_dir / run.snap_name
         if resume and path.exists():
             return np.lib.format.open_memmap(path, mode="r+")
         cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -443,9 +499,9 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
     steps_per_epoch = math.ceil(run.n_target / cfg.target_batch_size)
     n_total = math.ceil(cfg.restarts * cfg.epochs * steps_per_epoch / cfg.compute_every)
     selected = [(n, p) for n, p in model.named_parameters() if n in set(run.names)]
-    sums = torch.zeros(run.n_source, dtype=torch.float64, device=device)
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
     restart, epoch, step, k = 0, 0, 0, 0
+    pos = 0                   # next target batch of the current epoch (a resume may start mid-epoch)
     ckpt = run.ckpt
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -454,14 +510,28 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
         if device.type == "cuda" and ckpt.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng_cuda"], device)
         run.gen.set_state(ckpt["rng_shuffle"])
-        sums.copy_(ckpt["sums"].to(device))
         restart, epoch, step, k = ckpt["restart"], ckpt["epoch"], ckpt["step"], ckpt["k"]
-    snaps = _open_snapshots(cfg, run, n_total, resume=ckpt is not None) if cfg.keep_snapshots else None
-    ckpt_path = cfg.checkpoint_dir / _CKPT_NAME if cfg.checkpoint_dir is not None else None
+        pos = int(ckpt.get("pos", 0))
+    # Per-sample running sums (and kept snapshots) live in memory-mapped files, written as computed.
+    store = ValuesStore(run.n_source, cfg.checkpoint_dir, resume=ckpt is not None, n_snapshots=n_total,
+                        keep_snapshots=cfg.keep_snapshots,
+                        snapshot_dtype=np.float64 if run.dtype == torch.float64 else np.float32,
+                        sums_name=run.snap_name.replace("snapshots", "sums"), snap_name=run.snap_name)
+    snaps = store.snapshots
+    ckpt_path = cfg.checkpoint_dir / run.ckpt_name if cfg.checkpoint_dir is not None else None
+    ctx = run.ctx
+    lo, hi = _rank_rows(run, cfg.source_batch_size)
+    if ctx.enabled and ctx.is_main and math.ceil(run.n_source / cfg.source_batch_size) < ctx.world_size:
+        import warnings
+        warnings.warn(f"DVGS: {run.n_source} source samples make fewer chunks of source_batch_size="
+                      f"{cfg.source_batch_size} than there are ranks ({ctx.world_size}); some ranks have "
+                      f"nothing to score. Lower source_batch_size to spread the scoring.", RuntimeWarning,
+                      stacklevel=3)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     xs, ys = run.xs, run.ys
 
-    bar = tqdm(total=cfg.restarts * cfg.epochs, initial=restart * cfg.epochs + epoch, disable=not cfg.progress,
+    bar = tqdm(total=cfg.restarts * cfg.epochs, initial=restart * cfg.epochs + epoch,
+               disable=not (cfg.progress and ctx.is_main),
                desc=f"DVGS ({cfg.backend})", unit="epoch", leave=False)
     bar.set_postfix(snapshots=k)
     try:
@@ -487,7 +557,10 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                         timings["train"] += t1 - t0
                         with _ScoringMode(model, device, _snapshot_seed(run.seed, k)):
                             target = scorer.target(G)
-                            for a, b in iter_chunks(run.n_source, cfg.source_batch_size):
+                            for a, b in iter_chunks(hi - lo, cfg.source_batch_size):
+                                a, b = a + lo, b + lo
+                                if a > 0:        # chunk 0 keeps the snapshot's own stream
+                                    torch.manual_seed(_chunk_seed(run.seed, k, a))
                                 x = xs[a:b].to(device, non_blocking=True)
                                 y = x if ys is None else ys[a:b].to(device, non_blocking=True)
                                 sim = scorer.score(x, y, target)
@@ -515,13 +588,19 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                         "rng_shuffle": run.gen.get_state(), "sums": sums.cpu()})
                     timings["checkpoint"] += time.perf_counter() - t0
+                bar.set_postfix(snapshots=k, refresh=False)
                 bar.update(1)
-                bar.set_postfix(snapshots=k)
                 if epoch == 0:
                     break                       # restart finished: go reset for the next one
     finally:
         bar.close()
-    values = (sums / max(k, 1)).cpu().numpy()
+    sums = sums.cpu().numpy()
+    if ctx.enabled:                     # zeros outside each rank's rows: the sum is exact
+        sums = ctx.all_reduce_sum(sums)
+    values = sums / max(k, 1)
     if snaps is not None:
         snaps.flush()
-    return values, k, snaps, {"steps": step}
+    info = {"steps": step}
+    if ctx.enabled:
+        info.update({"world_size": ctx.world_size, "rank": ctx.rank, "shard": [lo, hi]})
+    return values, k, snaps, info

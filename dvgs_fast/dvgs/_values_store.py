@@ -1,0 +1,91 @@
+"""Per-sample running sums of DVGS similarities in a memory-mapped float64 file.
+
+The sums live on disk (in ``checkpoint_dir``, else an unlinked temporary file), so an
+N-sample run needs O(batch) memory for them, and they are written as snapshots are computed.
+
+Crash safety at snapshot granularity: the file holds two slots ``[2, N]``. After ``k`` completed
+snapshots the valid sums are in slot ``k % 2``; snapshot ``k`` reads slot ``k % 2`` and writes
+``sums + similarity`` into slot ``(k + 1) % 2``. A run killed in the middle of snapshot ``k``
+leaves slot ``k % 2`` untouched, and the checkpoint (written atomically after the snapshot and
+the following optimizer step, see method.py) says which ``k`` is complete. So no copy of the
+sums is ever put in the checkpoint itself.
+
+``keep_snapshots`` keeps every snapshot in a column-major ``[N, K]`` ``.npy`` memmap beside it
+(one snapshot = one contiguous column write).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SUMS_NAME = "dvgs_sums.npy"
+SNAP_NAME = "dvgs_snapshots.npy"
+
+
+def _anonymous(prefix: str, dtype, shape, fortran_order=False) -> np.memmap:
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".npy")
+    os.close(fd)
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran_order)
+    try:
+        os.unlink(path)          # the mapping stays valid; nothing is left behind on exit
+    except OSError:              # pragma: no cover - Windows keeps open files
+        pass
+    return mm
+
+
+def _open(directory: Path | None, name: str, dtype, shape, resume: bool, fortran_order=False) -> np.memmap:
+    if directory is None:
+        return _anonymous(name.split(".")[0] + "_", dtype, shape, fortran_order)
+    path = Path(directory) / name
+    if resume and path.exists():
+        mm = np.lib.format.open_memmap(path, mode="r+")
+        if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
+            raise ValueError(f"checkpoint_dir: {path} has shape {mm.shape} / {mm.dtype}, expected "
+                             f"{tuple(shape)} / {np.dtype(dtype)}; delete the checkpoint to start over")
+        return mm
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran_order)
+
+
+class ValuesStore:
+    """Running sums [N] (float64, double-buffered on disk) and optional snapshots [N, K]."""
+
+    def __init__(self, n: int, directory: str | os.PathLike | None = None, *, resume: bool = False,
+                 n_snapshots: int = 0, keep_snapshots: bool = False, snapshot_dtype=np.float32):
+        self.n = int(n)
+        self.directory = None if directory is None else Path(directory)
+        if resume and self.directory is not None and not (self.directory / SUMS_NAME).exists():
+            raise ValueError(f"checkpoint_dir: {self.directory} has a checkpoint but no {SUMS_NAME}; "
+                             f"delete the checkpoint to start over")
+        self.sums = _open(self.directory, SUMS_NAME, np.float64, (2, self.n), resume)
+        if not resume:
+            self.sums[0] = 0.0
+        self.snapshots = None
+        if keep_snapshots:
+            self.snapshots = _open(self.directory, SNAP_NAME, snapshot_dtype, (self.n, int(n_snapshots)),
+                                   resume, fortran_order=True)
+
+    def add(self, k: int, a: int, b: int, sim: np.ndarray) -> None:
+        """Snapshot k's similarities of rows [a, b): sums_{k+1} = sums_k + sim (float64)."""
+        sim = np.asarray(sim)
+        np.add(self.sums[k % 2, a:b], sim.astype(np.float64, copy=False), out=self.sums[(k + 1) % 2, a:b])
+        if self.snapshots is not None:
+            self.snapshots[a:b, k] = sim
+
+    def sums_after(self, k: int) -> np.ndarray:
+        return self.sums[k % 2]
+
+    def values(self, k: int) -> np.ndarray:
+        """Mean similarity after k snapshots, as an in-memory float64 array."""
+        return np.asarray(self.sums[k % 2]) / max(k, 1)
+
+    def flush(self) -> None:
+        self.sums.flush()
+        if self.snapshots is not None:
+            self.snapshots.flush()
+
+
+__all__ = ["ValuesStore", "SUMS_NAME", "SNAP_NAME"]
