@@ -54,18 +54,19 @@ class ValuesStore:
     """Running sums [N] (float64, double-buffered on disk) and optional snapshots [N, K]."""
 
     def __init__(self, n: int, directory: str | os.PathLike | None = None, *, resume: bool = False,
-                 n_snapshots: int = 0, keep_snapshots: bool = False, snapshot_dtype=np.float32):
+                 n_snapshots: int = 0, keep_snapshots: bool = False, snapshot_dtype=np.float32,
+                 sums_name: str = SUMS_NAME, snap_name: str = SNAP_NAME):
         self.n = int(n)
         self.directory = None if directory is None else Path(directory)
-        if resume and self.directory is not None and not (self.directory / SUMS_NAME).exists():
-            raise ValueError(f"checkpoint_dir: {self.directory} has a checkpoint but no {SUMS_NAME}; "
+        if resume and self.directory is not None and not (self.directory / sums_name).exists():
+            raise ValueError(f"checkpoint_dir: {self.directory} has a checkpoint but no {sums_name}; "
                              f"delete the checkpoint to start over")
-        self.sums = _open(self.directory, SUMS_NAME, np.float64, (2, self.n), resume)
+        self.sums = _open(self.directory, sums_name, np.float64, (2, self.n), resume)
         if not resume:
             self.sums[0] = 0.0
         self.snapshots = None
         if keep_snapshots:
-            self.snapshots = _open(self.directory, SNAP_NAME, snapshot_dtype, (self.n, int(n_snapshots)),
+            self.snapshots = _open(self.directory, snap_name, snapshot_dtype, (self.n, int(n_snapshots)),
                                    resume, fortran_order=True)
 
     def add(self, k: int, a: int, b: int, sim: np.ndarray) -> None:

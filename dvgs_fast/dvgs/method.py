@@ -61,6 +61,7 @@ from .._utils import build_model, iter_chunks, make_optimizer, reset_parameters,
 from ..result import ValuationResult
 from .fast import FastScorer
 from .reference import ReferenceScorer
+from ._values_store import ValuesStore
 
 SIMILARITIES = ("cosine", "dot", "projection", "distance")
 BACKENDS = ("fast", "reference")
@@ -530,18 +531,32 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     xs, ys = run.xs, run.ys
 
+    def save(pos: int, rng_shuffle) -> None:
+        # The sums/snapshots files first, then the small state file (atomic): after a crash the
+        # state file never names a snapshot whose sums are not on disk (see _values_store.py).
+        store.flush()
+        _save_checkpoint(ckpt_path, {
+            "fingerprint": run.fingerprint, "seed": run.seed, "restart": restart, "epoch": epoch, "pos": pos,
+            "step": step, "k": k, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "rng_shuffle": rng_shuffle})
+
     bar = tqdm(total=cfg.restarts * cfg.epochs, initial=restart * cfg.epochs + epoch,
                disable=not (cfg.progress and ctx.is_main),
                desc=f"DVGS ({cfg.backend})", unit="epoch", leave=False)
     bar.set_postfix(snapshots=k)
     try:
         while restart < cfg.restarts:
-            if restart > 0 and epoch == 0:
+            if restart > 0 and epoch == 0 and pos == 0:
                 reset_parameters(model)
                 optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay)
             while epoch < cfg.epochs:
+                epoch_rng = run.gen.get_state()      # a mid-epoch resume redraws this epoch's order
                 perm = torch.randperm(run.n_target, generator=run.gen).to(device)
-                for idx in perm.split(cfg.target_batch_size):
+                batches = perm.split(cfg.target_batch_size)
+                for bi in range(pos, len(batches)):
+                    idx = batches[bi]
                     t0 = time.perf_counter()
                     model.train()
                     optimizer.zero_grad(set_to_none=True)
@@ -564,9 +579,7 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                                 x = xs[a:b].to(device, non_blocking=True)
                                 y = x if ys is None else ys[a:b].to(device, non_blocking=True)
                                 sim = scorer.score(x, y, target)
-                                sums[a:b] += sim.to(torch.float64)
-                                if snaps is not None:
-                                    snaps[a:b, k] = sim.detach().cpu().numpy()
+                                store.add(k, a, b, sim.detach().cpu().numpy())
                         k += 1
                         sync()
                         t0 = time.perf_counter()
@@ -574,19 +587,18 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                     optimizer.step()
                     step += 1
                     timings["train"] += time.perf_counter() - t0
+                    if ckpt_path is not None and (step - 1) % cfg.compute_every == 0 and bi + 1 < len(batches):
+                        # Snapshot granularity: a run killed mid-epoch resumes after its last snapshot.
+                        t0 = time.perf_counter()
+                        save(pos=bi + 1, rng_shuffle=epoch_rng)
+                        timings["checkpoint"] += time.perf_counter() - t0
+                pos = 0
                 epoch += 1
                 if epoch == cfg.epochs:
                     restart, epoch = restart + 1, 0
                 if ckpt_path is not None:
                     t0 = time.perf_counter()
-                    if snaps is not None:
-                        snaps.flush()
-                    _save_checkpoint(ckpt_path, {
-                        "fingerprint": run.fingerprint, "seed": run.seed, "restart": restart, "epoch": epoch,
-                        "step": step, "k": k, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "rng_cpu": torch.get_rng_state(),
-                        "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "rng_shuffle": run.gen.get_state(), "sums": sums.cpu()})
+                    save(pos=0, rng_shuffle=run.gen.get_state())
                     timings["checkpoint"] += time.perf_counter() - t0
                 bar.set_postfix(snapshots=k, refresh=False)
                 bar.update(1)
@@ -594,12 +606,11 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                     break                       # restart finished: go reset for the next one
     finally:
         bar.close()
-    sums = sums.cpu().numpy()
+    sums = np.array(store.sums_after(k))
     if ctx.enabled:                     # zeros outside each rank's rows: the sum is exact
         sums = ctx.all_reduce_sum(sums)
     values = sums / max(k, 1)
-    if snaps is not None:
-        snaps.flush()
+    store.flush()
     info = {"steps": step}
     if ctx.enabled:
         info.update({"world_size": ctx.world_size, "rank": ctx.rank, "shard": [lo, hi]})
