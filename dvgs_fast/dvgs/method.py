@@ -62,6 +62,7 @@ from ..result import ValuationResult
 from .fast import FastScorer
 from .reference import ReferenceScorer
 from ._values_store import ValuesStore
+from .sources import SourceRows, as_source, is_chunked_input, is_source_view
 
 SIMILARITIES = ("cosine", "dot", "projection", "distance")
 BACKENDS = ("fast", "reference")
@@ -252,7 +253,12 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Ru
         ctx = DistContext()
     device = ctx.device_for(device)      # distributed: a bare 'cuda' is this rank's GPU
 
-    xs = V.as_float_tensor(x_source, "x_source")
+    if is_chunked_input(x_source):
+        # Out of core (sources.py): a GctxReader, torch Dataset or iterator factory, streamed
+        # batch by batch each snapshot; checked up front on its first rows, then as it streams.
+        xs = SourceRows(as_source(x_source, y_source))
+    else:
+        xs = V.as_float_tensor(x_source, "x_source")
     xt = V.as_float_tensor(x_target, "x_target")
     V.check_same_features(xs, xt, "x_source", "x_target")
     is_ce = cfg.loss == "cross_entropy"
@@ -273,7 +279,13 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Ru
         V.check_same_length(x, t, "x_source" if name == "y_source" else "x_target", name)
         return t
 
-    ys = labels(y_source, xs, "y_source")
+    if is_source_view(xs):
+        ys = xs.labels if y_target is not None else None   # no y_target: autoencoder
+        if ys is None and is_ce:
+            raise ValueError("y_source: labels are required for loss='cross_entropy' (a chunked source "
+                             "yields (x, y) chunks, or pass y_source as an array)")
+    else:
+        ys = labels(y_source, xs, "y_source")
     yt = labels(y_target, xt, "y_target")
     if (ys is None) != (yt is None):
         raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
@@ -348,6 +360,8 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Ru
             raise ValueError(f"model: cross_entropy needs outputs [N, n_classes], got shape {tuple(probe_out.shape)}")
         n_classes = int(probe_out.shape[1])
         for y, name in ((ys, "y_source"), (yt, "y_target")):
+            if is_source_view(y):
+                continue                         # streamed: labels are checked by the loss
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= n_classes:
                 raise ValueError(f"{name}: labels must be in [0, {n_classes}) (the model has {n_classes} outputs), "
@@ -409,6 +423,10 @@ def _fingerprint(cfg: DVGS, run: _Run) -> str:
         s["source_batch_size"] = cfg.source_batch_size
     h.update(repr(sorted(s.items())).encode())
     for t in (run.xs, run.ys, run.xt, run.yt):
+        if is_source_view(t):
+            if t is run.xs:
+                h.update(t.identity())           # chunked source: its identity, not its bytes
+            continue
         if t is not None:
             h.update(repr((tuple(t.shape), str(t.dtype))).encode())
             h.update(_raw_bytes(t))

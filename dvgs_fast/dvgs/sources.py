@@ -406,3 +406,121 @@ def as_source(x: Any, y: Any = None) -> Source:
 
 __all__ = ["Source", "SliceSource", "TensorSource", "GctxSource", "DatasetSource", "IteratorSource",
            "as_source", "is_chunked_input"]
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-like views for the training loop
+# ---------------------------------------------------------------------------------------------
+class SourceRows:
+    """A source seen as a read-only [N, ...] "tensor" that the DVGS loop slices in order.
+
+    ``rows[a:b]`` returns rows a..b-1 as a tensor (of ``dtype``). Consecutive slices of one size
+    from one start continue a single streaming pass over the source (one file open, blocks read
+    once); any other slice starts a new pass there. ``rows.labels`` is the matching view of the
+    labels (None when the source has none), served from the batch ``rows`` fetched last.
+    """
+
+    is_source_view = True
+
+    def __init__(self, source: Source, dtype: torch.dtype = torch.float32):
+        self.source = source
+        self.dtype = dtype
+        self.n = len(source)
+        _, _, x, y = source.probe(2)
+        self._sample_shape = tuple(int(s) for s in x.shape[1:])
+        self._has_y = y is not None
+        self._it = None
+        self._next = None           # (start, size) the running pass serves next
+        self._last: Batch | None = None
+        self.labels = _LabelRows(self) if self._has_y else None
+        self._probe = (x, y)
+
+    # tensor-like bits used by DVGS's preparation
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.n, *self._sample_shape))
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def dim(self) -> int:
+        return 1 + len(self._sample_shape)
+
+    def to(self, dtype: torch.dtype) -> "SourceRows":
+        self.dtype = dtype
+        return self
+
+    def __len__(self) -> int:
+        return self.n
+
+    def identity(self) -> bytes:
+        out = self.source.identity()
+        y = getattr(self.source, "_y_extra", None)
+        if y is not None:
+            out += hashlib.blake2b(y.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+                                   digest_size=16).digest()
+        return out
+
+    def _fetch(self, a: int, b: int) -> Batch:
+        if self._last is not None and self._last[0] == a and self._last[1] == b:
+            return self._last
+        size = b - a
+        if self._it is None or self._next != (a, size):
+            self._it = self.source.iter_chunks(a, self.n, size)
+        batch = next(self._it, None)
+        if batch is None or batch[0] != a or batch[1] != b:
+            # the pass ended or would cut differently (a short last slice): read exactly [a, b)
+            self._it = None
+            batch = next(self.source.iter_chunks(a, b, size))
+        self._next = (b, size)
+        self._last = batch
+        return batch
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("a chunked source can only be read by contiguous row ranges")
+        a, b, _ = key.indices(self.n)
+        if b <= a:
+            return torch.empty((0, *self._sample_shape), dtype=self.dtype)
+        x = self._fetch(a, b)[2]
+        return x.to(self.dtype)
+
+    def reset(self) -> None:
+        self._it, self._next, self._last = None, None, None
+
+
+class _LabelRows:
+    """Labels of a :class:`SourceRows` (same slices)."""
+
+    is_source_view = True
+
+    def __init__(self, rows: SourceRows):
+        self.rows = rows
+        self.dtype = rows._probe[1].dtype if rows._probe[1] is not None else None
+        self._cast = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.rows.n, *self.rows._probe[1].shape[1:]))
+
+    def is_floating_point(self) -> bool:
+        return bool(self.rows._probe[1].is_floating_point())
+
+    def to(self, dtype: torch.dtype) -> "_LabelRows":
+        self._cast = dtype
+        self.dtype = dtype
+        return self
+
+    def __getitem__(self, key) -> torch.Tensor:
+        a, b, _ = key.indices(self.rows.n)
+        y = self.rows._fetch(a, b)[3]
+        if self._cast is not None:
+            y = y.to(self._cast)
+        elif not y.is_floating_point():
+            y = y.long()
+        return y
+
+
+def is_source_view(x: Any) -> bool:
+    return getattr(x, "is_source_view", False)
