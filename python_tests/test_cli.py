@@ -152,6 +152,25 @@ def test_subprocess_smoke(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("method, extra", [
+    ("dshap", ["--max-time", "3"]), ("dvrl", ["--max-time", "3"]), ("lossval", ["--epochs", "3"]),
+    ("loo", []), ("random", []),
+])
+def test_every_method_runs_through_the_cli(tmp_path, capsys, method, extra):
+    try:
+        _methods.load_class(method)
+    except _methods.NotAvailable as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / method
+    rc, stdout, err = _run(["run", "--method", method, *extra, "--n-source", "100", "--n-target", "50",
+                            "--no-curves", "--no-progress", "--out", str(out)], capsys)
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == method and m["n_source"] == 100 and 0.0 <= m["metrics"]["auroc"] <= 1.0
+    if method in ("dshap", "loo"):
+        assert m["settings"]["model"].startswith("linear 64-10")   # refitting methods: logistic by default
+
+
 # ----------------------------------------------------------------------------- other data
 def test_feature_noise_uses_spearman(tmp_path, capsys):
     out = tmp_path / "feat"

@@ -45,7 +45,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "n_source": (("--n-source",), C.pos_int, "N", "samples to value (default per dataset, digits: 1000)"),
     "n_target": (("--n-target",), C.pos_int, "N", "clean target samples (default per dataset, digits: 300)"),
     "n_test": (("--n-test",), C.nonneg_int, "N", "test samples for removal curves (default: the rest, at most 2000)"),
-    "model": (("--model",), C.text, "KIND", "auto | mlp | logistic | convnet | autoencoder (default: auto)"),
+    "model": (("--model",), C.text, "KIND",
+              "auto | mlp | logistic | convnet | autoencoder (default: auto = MLP for tabular data, conv net "
+              "for images, autoencoder for lincs; logistic for the refitting methods dshap and loo)"),
     "hidden": (("--hidden",), C.pos_int, "N", "hidden width of the model (default: 100; autoencoder 256)"),
     "dropout": (("--dropout",), C.fraction, "P", "dropout of the model (default per dataset)"),
     "epochs": (("--epochs",), C.pos_int, "N", "training epochs of the method"),
@@ -77,7 +79,7 @@ examples:
   dvgs-fast run --dataset adult --restarts 3 --epochs 100 --out runs/adult
   dvgs-fast run --dataset lincs --noise feature:3.0
   dvgs-fast run --dataset csv:mydata.csv --label-column label --noise label:0.1
-  dvgs-fast run --method dshap --max-time 600 --model logistic --n-source 200
+  dvgs-fast run --method dshap --max-time 600 --n-source 200
 
 config file (TOML):
   dataset = "adult"          # any option, dashes or underscores: n-source = 1000
@@ -359,7 +361,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # ---- model and method ------------------------------------------------------------------------
     from . import _models as M
     from ._methods import build
-    kind = M.resolve_kind(model_choice, data.task, data.sample_shape)
+    kind = M.resolve_kind(model_choice, data.task, data.sample_shape, method)
     hidden = settings.get("hidden", M.default_hidden(kind))
     dropout = settings.get("dropout", preset["dropout"])
     n_out = data.n_classes if data.task == "classification" else 0

@@ -62,12 +62,19 @@ class _Flat(nn.Module):
         return self.inner(self.flat(x))
 
 
-def resolve_kind(choice: str, task: str, sample_shape: tuple[int, ...]) -> str:
+# Methods that retrain the model from scratch many times (every permutation prefix / every left-out
+# sample): their own default, and the only affordable choice on a CPU, is a linear model.
+REFIT_METHODS = ("dshap", "loo")
+
+
+def resolve_kind(choice: str, task: str, sample_shape: tuple[int, ...], method: str = "dvgs") -> str:
     if choice not in MODEL_CHOICES:
         raise CLIError(f"--model: unknown value {choice!r}; choose one of {', '.join(MODEL_CHOICES)}")
     if choice == "auto":
         if task == "reconstruction":
             return "autoencoder"
+        if method in REFIT_METHODS:
+            return "logistic"
         return "convnet" if len(sample_shape) == 3 else "mlp"
     if task == "reconstruction" and choice != "autoencoder":
         raise CLIError(f"--model {choice}: this dataset has no labels; only the autoencoder fits it "
