@@ -501,6 +501,18 @@ Kernels<T> pick_kernels(Isa isa) {
 // ----------------------------------------------------------------------------------------
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// at::parallel_for over [0, n_tasks) only when the pass is big enough to pay for waking the
+// thread pool (cost ~ pairs * (d + exp)); small passes -- LossVal's batches -- run inline.
+template <typename F>
+void parallel_tasks(int64_t n_tasks, int64_t total_pairs, int64_t d, const F& fn) {
+  constexpr int64_t kMinParallelWork = int64_t(1) << 21;
+  if (n_tasks <= 1 || total_pairs * (d + 16) < kMinParallelWork) {
+    fn(0, n_tasks);
+    return;
+  }
+  at::parallel_for(0, n_tasks, 1, fn);
+}
+
 template <typename T>
 class CpuEngine final : public SoftminEngine<T> {
  public:
@@ -530,7 +542,7 @@ class CpuEngine final : public SoftminEngine<T> {
     const int64_t n_chunks = (n + kRB - 1) / kRB;
     double* lse = lse_.data();
     const LseFn<T> fn = k_.lse;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    parallel_tasks(n_chunks, n * n_[cols], d_, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
         fn(c, lo, hi, lse + lo);
@@ -592,7 +604,7 @@ class CpuEngine final : public SoftminEngine<T> {
     const LseFn<T> lfn = k_.lse;
     const GradFn<T> gfn = k_.grad;
     const int64_t d = d_;
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    parallel_tasks(n_chunks, 2 * n * n_[cols], d, [&](int64_t c0, int64_t c1) {
       std::vector<T> work(static_cast<size_t>(8 * d));
       for (int64_t ch = c0; ch < c1; ++ch) {
         const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
@@ -666,7 +678,7 @@ class CpuEngine final : public SoftminEngine<T> {
     q.colst = cs;
     q.row_m = row_m_.data();
     q.row_s = row_s_.data();
-    at::parallel_for(0, q.n_groups, 1, [&](int64_t g0, int64_t g1) {
+    parallel_tasks(q.n_groups, n_rows * q.c.n_panels * W, d_, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) fn(q, g);
     });
   }

@@ -1,0 +1,292 @@
+"""dvgs_fast.ops.sinkhorn against the float64 tensorized reference and against geomloss;
+gradients (geomloss's, and gradcheck at convergence), opcheck, input errors, CPU instruction-set
+variants, and the CUDA kernels where a GPU is present."""
+import math
+
+import pytest
+import torch
+
+import dvgs_fast  # noqa: F401  (registers the ops)
+from dvgs_fast.ops import SinkhornResult, sinkhorn
+from dvgs_fast.ops._sinkhorn_reference import epsilon_schedule, sinkhorn_reference
+
+from _devices import DEVICES
+
+geomloss = pytest.importorskip("geomloss", reason="geomloss is a test dependency (pip install geomloss)")
+
+
+def clouds(n, m, d, *, seed=0, dtype=torch.float64, weights="rand", device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = 0.8 * torch.randn(m, d, generator=g, dtype=torch.float64) + 0.3
+    if weights == "rand":      # unnormalised masses, as LossVal uses them
+        a = torch.rand(n, generator=g, dtype=torch.float64) + 0.05
+        b = torch.rand(m, generator=g, dtype=torch.float64) + 0.05
+    elif weights == "ones":
+        a, b = torch.ones(n, dtype=torch.float64), torch.ones(m, dtype=torch.float64)
+    else:                      # probability vectors
+        a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), 1.0 / m, dtype=torch.float64)
+    return [t.to(dtype=dtype, device=device) for t in (x, y, a, b)]
+
+
+def geomloss_run(x, y, a, b, *, potentials=False, **kw):
+    loss = geomloss.SamplesLoss("sinkhorn", backend="tensorized", potentials=potentials, **kw)
+    return loss(a, x, b, y)
+
+
+def rel(u, v):
+    return float((u - v).abs().max() / v.abs().max().clamp_min(1e-300))
+
+
+# ------------------------------------------------------------------------------ values
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("n,m,d", [(1, 1, 1), (7, 13, 3), (100, 37, 5), (200, 1100, 2), (1100, 70, 9)])
+def test_matches_reference_float64(n, m, d, p, debias):
+    x, y, a, b = clouds(n, m, d, seed=n + m)
+    out = sinkhorn(x, y, a, b, p=p, debias=debias)
+    ref = sinkhorn_reference(x, y, a, b, p=p, debias=debias)
+    assert isinstance(out, SinkhornResult)
+    assert out.n_iter == ref.n_iter
+    assert out.cost.shape == () and out.f.shape == (n,) and out.g.shape == (m,)
+    assert math.isclose(float(out.cost), float(ref.cost), rel_tol=1e-10, abs_tol=1e-10)
+    scale = max(1.0, float(ref.f.abs().max()), float(ref.g.abs().max()))
+    assert float((out.f - ref.f).abs().max()) <= 1e-10 * scale
+    assert float((out.g - ref.g).abs().max()) <= 1e-10 * scale
+
+
+GEOMLOSS_CASES = [
+    # (n, m, d, weights, kwargs)
+    (200, 150, 3, "rand", dict(p=2, blur=0.05, scaling=0.5)),
+    (120, 90, 8, "ones", dict(p=2, blur=0.05, scaling=0.5, diameter=12.0)),   # LossVal's masses
+    (150, 150, 2, "prob", dict(p=2, blur=0.1, scaling=0.8)),
+    (90, 60, 4, "rand", dict(p=1, blur=0.05, scaling=0.5)),
+    (64, 200, 16, "ones", dict(p=2, blur=0.3, scaling=0.7, debias=False)),
+]
+
+
+@pytest.mark.parametrize("n,m,d,weights,kw", GEOMLOSS_CASES)
+def test_matches_geomloss_float64(n, m, d, weights, kw):
+    x, y, a, b = clouds(n, m, d, seed=3, weights=weights)
+    ref = geomloss_run(x, y, a, b, **kw)
+    out = sinkhorn(x, y, a, b, **kw)
+    assert math.isclose(float(out.cost), float(ref), rel_tol=1e-6)
+    F, G = geomloss_run(x, y, a, b, potentials=True, **kw)
+    scale = max(1.0, float(F.abs().max()))
+    assert float((out.f - F).abs().max()) <= 1e-6 * scale
+    assert float((out.g - G).abs().max()) <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_matches_geomloss_float32(p):
+    x, y, a, b = clouds(300, 250, 6, seed=5, dtype=torch.float32)
+    ref = geomloss_run(x, y, a, b, p=p)
+    out = sinkhorn(x, y, a, b, p=p)
+    assert out.cost.dtype == torch.float32 and out.f.dtype == torch.float32
+    assert math.isclose(float(out.cost), float(ref), rel_tol=1e-4)
+    # and close to the float64 answer for the same (rounded) inputs
+    ref64 = sinkhorn_reference(*(t.double() for t in (x, y, a, b)), p=p)
+    assert math.isclose(float(out.cost), float(ref64.cost), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("debias", [True, False])
+def test_gradients_match_geomloss(p, debias):
+    x, y, a, b = clouds(80, 60, 3, seed=11)
+    kw = dict(p=p, debias=debias, blur=0.1)
+    leaves = [t.clone().requires_grad_() for t in (x, y, a, b)]
+    g_ref = torch.autograd.grad(geomloss_run(*leaves, **kw), leaves)
+    leaves2 = [t.clone().requires_grad_() for t in (x, y, a, b)]
+    g_out = torch.autograd.grad(sinkhorn(*leaves2, **kw).cost, leaves2)
+    for name, go, gr in zip("xyab", g_out, g_ref):
+        assert rel(go, gr) < 1e-8, name
+
+
+def test_potential_gradients_follow_geomloss():
+    """f and g are differentiable too, with geomloss's convention (dual weights held fixed)."""
+    x, y, a, b = clouds(40, 30, 2, seed=4)
+    g = torch.Generator().manual_seed(1)
+    wf, wg = torch.randn(40, generator=g, dtype=torch.float64), torch.randn(30, generator=g, dtype=torch.float64)
+    xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
+    F, G = geomloss_run(xr, yr, a, b, potentials=True, p=2)
+    gx_ref, gy_ref = torch.autograd.grad((F * wf).sum() + (G * wg).sum(), (xr, yr))
+    xo, yo = x.clone().requires_grad_(), y.clone().requires_grad_()
+    r = sinkhorn(xo, yo, a, b, p=2)
+    gx, gy = torch.autograd.grad((r.f * wf).sum() + (r.g * wg).sum(), (xo, yo))
+    assert rel(gx, gx_ref) < 1e-8
+    assert rel(gy, gy_ref) < 1e-8
+
+
+def test_epsilon_schedule_matches_geomloss():
+    from geomloss._legacy.sinkhorn_divergence import epsilon_schedule as gl_schedule
+    for p, diam, blur, scaling in [(2, 3.7, 0.05, 0.5), (1, 10.0, 0.01, 0.9), (2, 0.02, 0.05, 0.5), (2, 1.0, 0.5, 0.3)]:
+        ours, theirs = epsilon_schedule(p, diam, blur, scaling), gl_schedule(p, diam, blur, scaling)
+        assert len(ours) == len(theirs)
+        assert all(math.isclose(u, float(v), rel_tol=1e-12) for u, v in zip(ours, theirs))
+    x, y, a, b = clouds(50, 40, 3, seed=2)
+    for blur, scaling in [(0.05, 0.5), (0.01, 0.9)]:
+        diam = 4.0
+        n_expected = len(epsilon_schedule(2, diam, blur, scaling))
+        assert sinkhorn(x, y, a, b, blur=blur, scaling=scaling, diameter=diam).n_iter == n_expected
+
+
+def test_zero_weights_and_coincident_points():
+    x, y, a, b = clouds(50, 40, 3, seed=9)
+    a[::3] = 0.0          # zero mass: geomloss clamps log(0) to -1e5, so do we
+    b[5] = 0.0
+    ref = geomloss_run(x, y, a, b, p=2)
+    assert math.isclose(float(sinkhorn(x, y, a, b).cost), float(ref), rel_tol=1e-6)
+    # every point at one place: diameter 0 must not give NaN
+    z = torch.zeros(5, 2, dtype=torch.float64)
+    r = sinkhorn(z, z.clone())
+    assert math.isfinite(float(r.cost)) and abs(float(r.cost)) < 1e-8
+
+
+def test_tol_and_max_iter_extend_the_schedule():
+    x, y, a, b = clouds(40, 30, 2, seed=1, weights="prob")   # equal masses: a fixed point exists
+    kw = dict(blur=0.5)
+    base = sinkhorn(x, y, a, b, **kw)
+    long = sinkhorn(x, y, a, b, tol=1e-12, max_iter=5000, **kw)
+    assert base.n_iter < long.n_iter < 5000
+    longer = sinkhorn(x, y, a, b, max_iter=long.n_iter + 20, **kw)
+    assert longer.n_iter == long.n_iter + 20
+    assert math.isclose(float(long.cost), float(longer.cost), rel_tol=1e-10)
+    ref = sinkhorn_reference(x, y, a, b, max_iter=base.n_iter + 20, **kw)
+    assert math.isclose(float(sinkhorn(x, y, a, b, max_iter=base.n_iter + 20, **kw).cost), float(ref.cost),
+                        rel_tol=1e-12)
+    # max_iter below the schedule's length never cuts the annealing short
+    assert sinkhorn(x, y, a, b, max_iter=1, **kw).n_iter == base.n_iter
+
+
+def test_default_weights_are_uniform():
+    x, y, _, _ = clouds(30, 20, 2, seed=6)
+    a, b = torch.full((30,), 1 / 30, dtype=torch.float64), torch.full((20,), 1 / 20, dtype=torch.float64)
+    assert math.isclose(float(sinkhorn(x, y).cost), float(sinkhorn(x, y, a, b).cost), rel_tol=1e-12)
+    assert math.isclose(float(sinkhorn(x, y).cost), float(geomloss.SamplesLoss("sinkhorn", backend="tensorized")(x, y)),
+                        rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_cpu_instruction_set_variants_agree(isa, monkeypatch):
+    cases = [(clouds(150, 90, 5, seed=1), 2), (clouds(70, 130, 3, seed=2, dtype=torch.float32), 2),
+             (clouds(40, 33, 4, seed=3), 1)]
+    best = [sinkhorn(*c, p=p) for c, p in cases]
+    grads_best = []
+    for c, p in cases:
+        x = c[0].clone().requires_grad_()
+        grads_best.append(torch.autograd.grad(sinkhorn(x, *c[1:], p=p).cost, x)[0])
+    monkeypatch.setenv("DVGS_FAST_CPU_ISA", isa)
+    for (c, p), r0, g0 in zip(cases, best, grads_best):
+        r = sinkhorn(*c, p=p)
+        tol = 1e-4 if c[0].dtype == torch.float32 else 1e-11
+        assert math.isclose(float(r.cost), float(r0.cost), rel_tol=tol)
+        x = c[0].clone().requires_grad_()
+        g = torch.autograd.grad(sinkhorn(x, *c[1:], p=p).cost, x)[0]
+        assert rel(g, g0) < (1e-3 if c[0].dtype == torch.float32 else 1e-9)
+
+
+def test_result_independent_of_thread_count():
+    x, y, a, b = clouds(2100, 1500, 3, seed=8)     # several row chunks per group
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r1 = sinkhorn(x, y, a, b)
+        torch.set_num_threads(max(2, threads))
+        r2 = sinkhorn(x, y, a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert float(r1.cost) == float(r2.cost)
+    assert torch.equal(r1.f, r2.f) and torch.equal(r1.g, r2.g)
+
+
+# ------------------------------------------------------------------------------ autograd checks
+def test_gradcheck_at_convergence():
+    """At a converged fixed point the envelope-theorem gradients are the exact derivatives.
+    Weights are varied along mass-preserving directions (a = u / sum u): with unequal total
+    masses the balanced problem has no fixed point."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = (torch.randn(6, 2, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    u = (torch.rand(7, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    v = (torch.rand(6, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    for p in (1, 2):
+        def fn(x, y, u, v):
+            return sinkhorn(x, y, u / u.sum(), v / v.sum(), p=p, blur=0.7, tol=1e-14, max_iter=20000).cost
+        assert torch.autograd.gradcheck(fn, (x, y, u, v), atol=1e-6, rtol=1e-5)
+
+
+def test_opcheck():
+    x, y, a, b = clouds(9, 7, 3, seed=12)
+    args = tuple(t.requires_grad_() for t in (x, y, a, b)) + (0.1, 2, 0.5, None, True, None, None)
+    torch.library.opcheck(torch.ops.dvgs_fast.sinkhorn.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    x, y, a, b = clouds(9, 7, 3, seed=12)
+    fwd = torch.ops.dvgs_fast.sinkhorn(x, y, a, b, 0.1, 2, 0.5, None, True, None, None)
+    bargs = (a.clone(), b.clone(), x, y, a, b, fwd[4], fwd[5], 0.01, 2, True, True, True)
+    torch.library.opcheck(torch.ops.dvgs_fast.sinkhorn_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ------------------------------------------------------------------------------ input errors
+def _good():
+    return clouds(5, 4, 3, seed=0)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda x, y, a, b, kw: (x, y[:, :2], a, b, kw), "features"),
+    (lambda x, y, a, b, kw: (x, y, -a, b, kw), "a has"),
+    (lambda x, y, a, b, kw: (x, y, a, torch.zeros_like(b), kw), "b is all zeros"),
+    (lambda x, y, a, b, kw: (x.index_fill(0, torch.tensor([1]), float("nan")), y, a, b, kw), "x contains"),
+    (lambda x, y, a, b, kw: (x, y.index_fill(0, torch.tensor([0]), float("inf")), a, b, kw), "y contains"),
+    (lambda x, y, a, b, kw: (x, y, a.index_fill(0, torch.tensor([0]), float("nan")), b, kw), "a contains"),
+    (lambda x, y, a, b, kw: (x[:0], y, None, b, kw), "x is empty"),
+    (lambda x, y, a, b, kw: (x, y[:0], a, None, kw), "y is empty"),
+    (lambda x, y, a, b, kw: (x[0], y, None, b, kw), "x must be a 2-D"),
+    (lambda x, y, a, b, kw: (x.long(), y, None, None, kw), "x must be float32 or float64"),
+    (lambda x, y, a, b, kw: (x, y.float(), a, b, kw), "y has dtype"),
+    (lambda x, y, a, b, kw: (x, y, a[:3], b, kw), "a must have shape [5]"),
+    (lambda x, y, a, b, kw: (x, y, a.float(), b, kw), "a has dtype"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(blur=0.0)), "blur"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(blur=float("nan"))), "blur"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(p=3)), "p must be 1 or 2"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(scaling=1.0)), "scaling"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(diameter=-1.0)), "diameter"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(max_iter=0)), "max_iter"),
+    (lambda x, y, a, b, kw: (x, y, a, b, dict(tol=0.0)), "tol"),
+])
+def test_bad_inputs_raise_value_error(mutate, needle):
+    x, y, a, b = _good()
+    x, y, a, b, kw = mutate(x, y, a, b, {})
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        sinkhorn(x, y, a, b, **kw)
+
+
+def test_direct_op_call_checks_shapes():
+    x, y, a, b = _good()
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.dvgs_fast.sinkhorn(x, y[:, :2], a, b, 0.05, 2, 0.5, None, True, None, None)
+    with pytest.raises(ValueError, match="p must be 1 or 2"):
+        torch.ops.dvgs_fast.sinkhorn(x, y, a, b, 0.05, 3, 0.5, None, True, None, None)
+    with pytest.raises(ValueError, match="empty"):
+        torch.ops.dvgs_fast.sinkhorn(x[:0], y, a[:0], b, 0.05, 2, 0.5, None, True, None, None)
+
+
+# ------------------------------------------------------------------------------ devices
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [1, 2])
+def test_device_matches_reference(device, dtype, p):
+    for n, m, d in [(1, 3, 1), (129, 77, 5), (300, 520, 40), (200, 100, 130)]:
+        x, y, a, b = clouds(n, m, d, seed=n, dtype=dtype, device=device)
+        leaves = [t.clone().requires_grad_() for t in (x, y, a, b)]
+        out = sinkhorn(*leaves, p=p)
+        grads = torch.autograd.grad(out.cost, leaves)
+        ref_in = [t.detach().cpu().double().requires_grad_() for t in (x, y, a, b)]
+        ref = sinkhorn_reference(*ref_in, p=p)
+        ref_grads = torch.autograd.grad(ref.cost, ref_in)
+        tol = 1e-9 if dtype == torch.float64 else 2e-3
+        assert out.n_iter == ref.n_iter
+        assert math.isclose(float(out.cost), float(ref.cost), rel_tol=tol, abs_tol=tol)
+        for go, gr in zip(grads, ref_grads):
+            assert rel(go.cpu().double(), gr) < (1e-7 if dtype == torch.float64 else 2e-2)
