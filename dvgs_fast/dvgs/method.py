@@ -151,7 +151,7 @@ class DVGS:
         self.progress = bool(progress)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_snapshots = bool(keep_snapshots)
-        if distributed not in (None, True, False):
+        if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
 

@@ -1,0 +1,93 @@
+"""DVGS on 2 gloo processes (source chunks sharded across ranks) equals the single-process run.
+
+One spawn runs every case (starting a process that imports torch takes seconds); the parent
+computes the single-process references with the same case functions (_dist_workers.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from _dist_workers import dvgs_case, spawn
+
+# name -> kwargs of dvgs_case
+CASES = {
+    # dropout on, 7 chunks of 8 rows: rank 0 rows [0, 32), rank 1 rows [32, 50)
+    "dropout": {},
+    # uneven: 5 chunks of 10 rows (3 + 2), no dropout, reference backend, two restarts
+    "uneven": {"n": 45, "source_batch_size": 10, "dropout": 0.0, "backend": "reference", "restarts": 2,
+               "epochs": 2},
+    # one chunk only: rank 1 has nothing to score (warned), values still complete
+    "one_chunk": {"n": 20, "source_batch_size": 64},
+    "similarity": {"similarity": "projection", "compute_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    ck = tmp_path_factory.mktemp("dvgs_dist_ckpt")
+    cases = [(name, "dvgs", kw) for name, kw in CASES.items()]
+    # checkpoints: per-rank files in one shared folder; the second run resumes from them
+    cases += [("ckpt", "dvgs", {"checkpoint_dir": ck}), ("resume", "dvgs", {"checkpoint_dir": ck})]
+    return spawn(cases, world=2)
+
+
+@pytest.fixture(scope="module")
+def single(monkeypatch_module):
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)                        # as the workers: same float32 reduction order
+    try:
+        return {name: dvgs_case(**kw) for name, kw in CASES.items()}
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    mp.delenv("WORLD_SIZE", raising=False)          # the parent is a plain single-process run
+    yield mp
+    mp.undo()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_single_process(ranks, single, name):
+    ref = single[name]
+    assert np.std(ref["values"]) > 1e-4
+    for r, out in enumerate(ranks):
+        got = out[name]
+        assert got["k"] == ref["k"]
+        np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-9, atol=1e-12)
+        assert got["info"]["world_size"] == 2 and got["info"]["rank"] == r
+    # the two ranks scored complementary, chunk-aligned row ranges
+    (a0, b0), (a1, b1) = ranks[0][name]["info"]["shard"], ranks[1][name]["info"]["shard"]
+    n = len(ref["values"])
+    assert a0 == 0 and b0 == a1 and b1 == n
+
+
+def test_dropout_case_splits_rows_by_whole_chunks(ranks):
+    assert ranks[0]["dropout"]["info"]["shard"] == [0, 32]
+    assert ranks[1]["one_chunk"]["info"]["shard"] == [20, 20]
+
+
+def test_per_rank_checkpoints_and_resume(ranks, single):
+    for r, out in enumerate(ranks):
+        assert {"dvgs_checkpoint.rank0.pt", "dvgs_checkpoint.rank1.pt"} <= set(out["ckpt"]["files"])
+        assert "dvgs_checkpoint.pt" not in out["ckpt"]["files"]
+        np.testing.assert_allclose(out["ckpt"]["values"], single["dropout"]["values"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(out["resume"]["values"], out["ckpt"]["values"])
+
+
+def test_distributed_true_needs_a_process_group(monkeypatch):
+    from dvgs_fast import DVGS
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="distributed: True needs a process group"):
+        DVGS(lambda: None, distributed=True, progress=False).fit(*_tiny())
+    with pytest.raises(ValueError, match="distributed"):
+        DVGS(lambda: None, distributed="yes")
+
+
+def _tiny():
+    import torch
+    return torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
