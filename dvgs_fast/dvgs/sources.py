@@ -45,7 +45,9 @@ def _to_tensor(a: Any) -> torch.Tensor:
     arr = np.asarray(a)
     if arr.dtype == object:
         raise ValueError("x_source: a chunk is an object array; chunks must be numeric arrays")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    if arr.ndim and not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)      # (which would also turn a 0-d label into shape [1])
+    return torch.from_numpy(arr) if arr.dtype.kind != "U" else torch.as_tensor(arr)
 
 
 def _check_finite(x: torch.Tensor, a: int, b: int, what: str = "x_source") -> None:
@@ -432,8 +434,8 @@ class SourceRows:
         self._it = None
         self._next = None           # (start, size) the running pass serves next
         self._last: Batch | None = None
-        self.labels = _LabelRows(self) if self._has_y else None
         self._probe = (x, y)
+        self.labels = _LabelRows(self) if self._has_y else None
 
     # tensor-like bits used by DVGS's preparation
     @property
