@@ -96,8 +96,16 @@ class DVGS:
     device            None: where tensor inputs live, else CUDA when available, else CPU.
     seed              makes the run reproducible (int); None draws one (stored in result.info).
     progress          tqdm bar over epochs with the snapshot count.
-    checkpoint_dir    save state after every epoch; a rerun with the same directory and
-                      arguments resumes and gives the same values as an uninterrupted run.
+    checkpoint_dir    save state after every snapshot and epoch (model, optimizer, RNG states,
+                      counters; the per-sample sums are a memory-mapped file there); a rerun
+                      with the same directory and arguments resumes from the last completed
+                      snapshot, even mid-epoch, and gives the same values as an uninterrupted run.
+
+    x_source may also be a chunked source that need not fit in memory (see sources.py): a
+    GctxReader (``load_lincs(..., chunked=True)``), a map-style torch Dataset (items x or (x, y)),
+    or a zero-argument callable returning an iterator of (x_chunk, y_chunk_or_None) chunks. It is
+    re-read once per snapshot (IO-bound for huge files) and gives the same values as the same
+    rows in memory. The running sums are always memory-mapped (checkpoint_dir, else a temp file).
     keep_snapshots    keep every snapshot: result.snapshots is a memory-mapped [N, K] array
                       (in checkpoint_dir, else an anonymous temporary file). Distributed: only
                       this rank's rows (result.info["shard"]) are filled.
