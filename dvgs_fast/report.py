@@ -41,6 +41,7 @@ class RunReport:
     values: np.ndarray
     noise_description: str = ""
     source_rows: np.ndarray | None = None        # rows of the loaded dataset
+    sample_ids: np.ndarray | None = None         # the samples' own ids (LINCS: cid), in values.csv
     labels: np.ndarray | None = None             # labels as valued (noisy when label noise)
     is_corrupted: np.ndarray | None = None
     sigma: np.ndarray | None = None
@@ -68,6 +69,8 @@ class RunReport:
 def write_values_csv(rep: RunReport, path: Path) -> Path:
     """One row per source sample: index, source_row, value, rank (1 = lowest), label, corrupted / noise_sigma."""
     cols = ["index", "source_row", "value", "rank"]
+    if rep.sample_ids is not None:
+        cols.insert(2, "cid")
     if rep.labels is not None:
         cols.append("label")
     if rep.is_corrupted is not None:
@@ -82,6 +85,8 @@ def write_values_csv(rep: RunReport, path: Path) -> Path:
     w.writerow(cols)
     for i in range(rep.n):
         r: list[Any] = [i, int(rows[i]), repr(float(rep.values[i])), int(ranks[i])]
+        if rep.sample_ids is not None:
+            r.insert(2, str(rep.sample_ids[i]))
         if rep.labels is not None:
             r.append(int(rep.labels[i]))
         if rep.is_corrupted is not None:

@@ -45,6 +45,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "n_source": (("--n-source",), C.pos_int, "N", "samples to value (default per dataset, digits: 1000)"),
     "n_target": (("--n-target",), C.pos_int, "N", "clean target samples (default per dataset, digits: 300)"),
     "n_test": (("--n-test",), C.nonneg_int, "N", "test samples for removal curves (default: the rest, at most 2000)"),
+    "target_balance_by": (("--target-balance-by",), C.text, "FIELD",
+                          "lincs with --data-root FILE.gctx: spread the target evenly over the values of this "
+                          "sample metadata field (e.g. pert_id; default: random)"),
     "model": (("--model",), C.text, "KIND",
               "auto | mlp | logistic | convnet | autoencoder (default: auto = MLP for tabular data, conv net "
               "for images, autoencoder for lincs; logistic for the refitting methods dshap and loo)"),
@@ -334,8 +337,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     overwrite = bool(settings.get("overwrite"))
     _check_out(out, overwrite)
     load_class(method)                 # "not implemented yet" before loading any data
+    # --dataset lincs --data-root FILE.gctx (or a folder with one): the paper's LINCS run, out of core.
+    lincs_gctx = None
+    if spec.kind == "lincs" and spec.path is None and "data_root" in settings:
+        from ._lincs import find_gctx
+        lincs_gctx = find_gctx(settings["data_root"])
+    if "target_balance_by" in settings and lincs_gctx is None:
+        raise CLIError("--target-balance-by: only for --dataset lincs --data-root FILE.gctx (the out-of-core LINCS run)")
     root = None
-    if spec.kind not in ("digits", "breast_cancer", "csv") and not (spec.kind == "lincs" and spec.path):
+    if lincs_gctx is not None:
+        pass
+    elif spec.kind not in ("digits", "breast_cancer", "csv") and not (spec.kind == "lincs" and spec.path):
         root = resolve_data_root(settings.get("data_root"))
     elif "data_root" in settings:
         root = resolve_data_root(settings["data_root"])
@@ -344,14 +356,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     from . import _data as D
     t0 = time.perf_counter()
     status(f"loading {spec.label}" + (f" from {root}" if root is not None else ""))
-    loaded = D.load(spec, root, download=bool(settings.get("download")), label_column=settings.get("label_column"))
-    preset = PRESETS[loaded.preset]
+    split = D.split_and_corrupt
+    if lincs_gctx is not None:
+        from . import _lincs
+        status(f"reading {lincs_gctx} (z-score statistics: one pass over the file)")
+        loaded, preset, split = _lincs.load(lincs_gctx, settings.get("target_balance_by")), _lincs.PRESET, _lincs.split
+    else:
+        loaded = D.load(spec, root, download=bool(settings.get("download")), label_column=settings.get("label_column"))
+        preset = PRESETS[loaded.preset]
     if noise is None:
         noise = parse_noise(preset["noise"])
     n_source = settings.get("n_source", preset["n_source"])
     n_target = settings.get("n_target", preset["n_target"])
-    data = D.split_and_corrupt(loaded, n_source, n_target, settings.get("n_test"), noise, seed,
-                               max_test=preset.get("max_test"))
+    data = split(loaded, n_source, n_target, settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
     t_load = time.perf_counter() - t0
     status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
            f"{noise.describe()}")
@@ -427,7 +444,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_settings["config"] = str(args.config)
     rep = RunReport(
         method=method, dataset=data.name, noise=noise.label, noise_description=noise.describe(),
-        values=values, source_rows=data.idx_source, labels=data.y_source, is_corrupted=data.is_corrupted,
+        values=values, source_rows=data.idx_source, sample_ids=getattr(data, "sample_ids", None),
+        labels=data.y_source, is_corrupted=data.is_corrupted,
         sigma=data.sigma, metrics=metrics, curves=curves,
         timings={"load": t_load, "valuation": t_value, "evaluation": t_eval},
         sizes={"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
