@@ -200,6 +200,11 @@ class Source:
         return tuple(int(s) for s in self.probe(1)[2].shape[1:])
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """(rows, *sample_shape), like an array's (reads the first row)."""
+        return (len(self), *self.sample_shape)
+
+    @property
     def has_labels(self) -> bool:
         return self._y_extra is not None or self.probe(1)[3] is not None
 
@@ -381,13 +386,15 @@ def is_chunked_input(x: Any) -> bool:
     from ..datasets.lincs import GctxReader
     if isinstance(x, (torch.Tensor, np.ndarray, list, tuple)):
         return False
-    return isinstance(x, (Source, GctxReader, Dataset)) or callable(x)
+    return isinstance(x, (Source, SourceRows, GctxReader, Dataset)) or callable(x)
 
 
 def as_source(x: Any, y: Any = None) -> Source:
     """Wrap a chunked source input (see the module docstring); y_source, if given, in memory."""
     from torch.utils.data import Dataset
     from ..datasets.lincs import GctxReader
+    if isinstance(x, SourceRows):
+        x = x.source
     if isinstance(x, Source):
         src = x
     elif isinstance(x, GctxReader):
