@@ -91,3 +91,31 @@ def test_distributed_true_needs_a_process_group(monkeypatch):
 def _tiny():
     import torch
     return torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+
+
+def test_cli_under_torchrun_equals_single_process(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node=2 -m dvgs_fast.cli run ...` writes (rank 0 only) the same
+    values.csv as the single-process command."""
+    import os
+    import subprocess
+    import sys
+
+    from dvgs_fast.cli import main
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[method]\nsource_batch_size = 50\n")     # 4 chunks: both ranks score
+    common = ["run", "--dataset", "digits", "--n-source", "200", "--n-target", "100", "--epochs", "2",
+              "--no-curves", "--threads", "1", "--config", str(cfg), "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "single")]) == 0
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "dvgs_fast.cli", *common, "--out", str(tmp_path / "multi")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("report:") == 1                   # only rank 0 printed the summary
+    single = (tmp_path / "single" / "values.csv").read_text()
+    assert (tmp_path / "multi" / "values.csv").read_text() == single
+    import json
+    info = json.loads((tmp_path / "multi" / "metrics.json").read_text())
+    assert '"world_size": 2' in json.dumps(info)

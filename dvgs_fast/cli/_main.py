@@ -306,11 +306,22 @@ def _run_with_threads(args: argparse.Namespace, argv: list[str]) -> int:
         torch.set_num_threads(before)
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 when not launched by it)."""
+    try:
+        return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    except ValueError:
+        return 0
+
+
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     t_start = time.perf_counter()
     settings, table, source = _merge(args)
-    status = _Status(bool(settings.get("no_progress")))
-    progress = not settings.get("no_progress")
+    # Under torchrun every rank loads the same data (same seed) and runs the method (DVGS and
+    # dshap split their work across the ranks); only rank 0 evaluates, prints and writes --out.
+    main_rank = _launch_rank() == 0
+    status = _Status(bool(settings.get("no_progress")) or not main_rank)
+    progress = not settings.get("no_progress") and main_rank
 
     from ._data import PRESETS, parse_dataset, parse_noise, resolve_data_root
     from ._methods import METHODS, load_class
@@ -335,7 +346,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     seed = settings.get("seed", 0)
     out = Path(settings["out"]).expanduser() if "out" in settings else _default_out(method, spec.label)
     overwrite = bool(settings.get("overwrite"))
-    _check_out(out, overwrite)
+    if main_rank:
+        _check_out(out, overwrite)
     load_class(method)                 # "not implemented yet" before loading any data
     # --dataset lincs --data-root FILE.gctx (or a folder with one): the paper's LINCS run, out of core.
     lincs_gctx = None
@@ -404,6 +416,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         except ValueError as exc:
             raise CLIError(f"{method}: {one_line(exc)}") from None
     t_value = time.perf_counter() - t0
+    if not main_rank:
+        return 0
     # The method's own warnings (a budget that ran out, ...) belong in the report, once each.
     for w in caught:
         if issubclass(w.category, (UserWarning, RuntimeWarning)):
