@@ -1,0 +1,303 @@
+"""Batched refits: many prefix models trained at once.
+
+TMC-Shapley spends its time refitting tiny models one after another. Here a *grid* of models is
+trained together: P permutations in flight ("slots") x C consecutive prefixes of each (a "chunk").
+Slot p holds its permuted rows ``Xp[p] = X[perm_p[:L]]``; model (p, c) is trained on the first
+``k_pc`` of them, expressed as a 0/1 row mask, with the very same refit function as the sequential
+reference (`_models.Refitter.train`): ``loss = sum(mask * l) / sum(mask)``, same initial weights,
+same number of full-batch steps, same optimizer arithmetic. Masked-out rows add exact zeros, so
+the batched and the sequential path compute the same models up to float summation order.
+
+Two engines compute the grid:
+
+* ``vmap`` (any model): ``torch.func.vmap`` over slots (per-slot rows) and, nested, over the
+  prefixes of a slot (rows shared), around the functional trainer -- the
+  ``stack_module_state`` + ``vmap`` recipe, written against a dict of stacked parameters.
+* ``linear`` (logistic / linear regression, i.e. a bare ``nn.Linear``): the same maths written as
+  batched GEMMs with hand-derived gradients in a class-major layout ([P, C, classes, rows]), which
+  avoids slow softmax kernels over a size-2 last dimension on CPU. It is selected automatically.
+
+Truncation is decided afterwards, per slot and position, by the same `PermState` state machine as
+the sequential loop; work computed past a slot's truncation point is discarded. Finished slots are
+refilled with the next permutation, so the grid stays full.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import vmap
+
+from ._models import Refitter, score_outputs
+from ._tmc import PermState, PermutationDriver
+
+
+class GridTrainer:
+    """Train / score a [P, C] grid of models from the same initial weights."""
+
+    def __init__(self, refitter: Refitter, theta0: dict[str, torch.Tensor], engine: str = "auto"):
+        self.r = refitter
+        self.theta0 = theta0
+        is_linear = isinstance(refitter.module, nn.Linear)
+        if engine == "auto":
+            engine = "linear" if is_linear else "vmap"
+        if engine == "linear" and not is_linear:
+            raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear "
+                             "(model='logistic'); use 'vmap' or 'auto'")
+        self.engine = engine
+        if engine == "vmap":
+            inner = vmap(refitter.train_functional, in_dims=(None, None, None, 0))
+            self._train_grid = vmap(inner, in_dims=(None, 0, 0, 0))
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self, Xp: torch.Tensor, Yp: torch.Tensor, M: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Xp [P, L, ...], Yp [P, L], M [P, C, L] (0/1) -> params with leading dims [P, C]."""
+        if self.engine == "vmap":
+            return self._train_grid(self.theta0, Xp, Yp, M)
+        return self._train_linear(Xp, Yp, M)
+
+    def _train_linear(self, Xp, Yp, M):
+        r = self.r
+        P, C, L = M.shape
+        W0 = self.theta0["weight"]
+        o, d = W0.shape
+        has_bias = "bias" in self.theta0
+        W = W0.expand(P, C, o, d).clone()
+        b = self.theta0["bias"].expand(P, C, o).clone() if has_bias else None
+        Xp2 = Xp.reshape(P, L, d)
+        XpT = Xp2.transpose(1, 2).contiguous()  # [P, d, L]
+        wk = (M / M.sum(-1, keepdim=True)).unsqueeze(2)  # [P, C, 1, L]
+        if r.classification:
+            target = torch.nn.functional.one_hot(Yp, o).to(Xp.dtype).transpose(1, 2).unsqueeze(1)  # [P,1,o,L]
+        else:
+            target = Yp.reshape(P, 1, 1, L)
+
+        binary = r.classification and o == 2
+        if binary:  # softmax over 2 classes = sigmoid of the logit difference: half the work
+            y1 = Yp.to(Xp.dtype).reshape(P, 1, L)
+            wk2 = wk.squeeze(2)
+
+        def grads(W, b):
+            if binary:
+                zd = torch.bmm((W[:, :, 1] - W[:, :, 0]), XpT)  # [P, C, L]
+                if b is not None:
+                    zd = zd + (b[:, :, 1] - b[:, :, 0]).unsqueeze(-1)
+                g1 = (torch.sigmoid(zd) - y1) * wk2
+                g1W = torch.bmm(g1, Xp2)  # [P, C, d]
+                gW = torch.stack([-g1W, g1W], dim=2)
+                gb = None
+                if b is not None:
+                    g1b = g1.sum(-1)
+                    gb = torch.stack([-g1b, g1b], dim=2)
+                if r.weight_decay:
+                    gW = gW + r.weight_decay * W
+                    if b is not None:
+                        gb = gb + r.weight_decay * b
+                return gW, gb
+            z = torch.bmm(W.reshape(P, C * o, d), XpT).view(P, C, o, L)
+            if b is not None:
+                z = z + b.unsqueeze(-1)
+            if r.classification:
+                g = (torch.softmax(z, dim=2) - target) * wk
+            else:
+                g = 2.0 * (z - target) * wk
+            gW = torch.bmm(g.reshape(P, C * o, L), Xp2).view(P, C, o, d)
+            gb = g.sum(-1) if b is not None else None
+            if r.weight_decay:
+                gW = gW + r.weight_decay * W
+                if b is not None:
+                    gb = gb + r.weight_decay * b
+            return gW, gb
+
+        lr = r.lr
+        if r.optimizer == "sgd":
+            for _ in range(r.steps):
+                gW, gb = grads(W, b)
+                W = W - lr * gW
+                if b is not None:
+                    b = b - lr * gb
+        else:
+            b1, b2, eps = 0.9, 0.999, 1e-8
+            mW, vW = torch.zeros_like(W), torch.zeros_like(W)
+            mb, vb = (torch.zeros_like(b), torch.zeros_like(b)) if b is not None else (None, None)
+            for t in range(1, r.steps + 1):
+                gW, gb = grads(W, b)
+                c1, c2 = 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)
+                step = lr / c1
+                mW = b1 * mW + (1.0 - b1) * gW
+                vW = b2 * vW + (1.0 - b2) * (gW * gW)
+                W = W - step * mW / (vW.sqrt() / c2 + eps)
+                if b is not None:
+                    mb = b1 * mb + (1.0 - b1) * gb
+                    vb = b2 * vb + (1.0 - b2) * (gb * gb)
+                    b = b - step * mb / (vb.sqrt() / c2 + eps)
+        out = {"weight": W}
+        if b is not None:
+            out["bias"] = b
+        return out
+
+    # -- scoring -----------------------------------------------------------------------------
+    def outputs(self, params: dict[str, torch.Tensor], Xt: torch.Tensor) -> torch.Tensor:
+        """params with leading batch dims [*B] -> outputs [*B, n_target, out_dim]."""
+        lead = next(iter(params.values())).shape[:-self._param_ndim(params)]
+        flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in params.items()}
+        if self.engine == "linear":
+            W = flat["weight"]
+            n = Xt.shape[0]
+            z = torch.matmul(W, Xt.reshape(n, -1).T)  # [B, o, n]
+            if "bias" in flat:
+                z = z + flat["bias"].unsqueeze(-1)
+            out = z.transpose(1, 2)
+        else:
+            out = vmap(self.r.forward, in_dims=(0, None))(flat, Xt)
+        return out.reshape(*lead, *out.shape[1:])
+
+    def _param_ndim(self, params) -> int:
+        k = next(iter(params))
+        return self.theta0[k].dim()
+
+    def score(self, params, Xt, Yt) -> torch.Tensor:
+        return score_outputs(self.outputs(params, Xt), Yt, self.r.metric)
+
+    # -- G-Shapley ---------------------------------------------------------------------------
+    def sgd_step(self, params, x_rows, y_rows, lr):
+        """One SGD step per member on its own sample: params [B, ...], x_rows [B, ...], y_rows [B]."""
+        if self.engine == "vmap":
+            return vmap(self.r.sgd_step, in_dims=(0, 0, 0, 0 if torch.is_tensor(lr) else None, None))(
+                params, x_rows, y_rows, lr, True)
+        r = self.r
+        W = params["weight"]
+        B, o, d = W.shape
+        x = x_rows.reshape(B, d)
+        z = torch.bmm(W, x.unsqueeze(-1)).squeeze(-1)
+        if "bias" in params:
+            z = z + params["bias"]
+        if r.classification:
+            g = torch.softmax(z, -1) - torch.nn.functional.one_hot(y_rows, o).to(z.dtype)
+        else:
+            g = 2.0 * (z - y_rows.reshape(B, 1))
+        gW = g.unsqueeze(-1) * x.unsqueeze(1)
+        lr_ = lr.reshape(B, 1, 1) if torch.is_tensor(lr) else lr
+        if r.weight_decay:
+            gW = gW + r.weight_decay * W
+        out = {"weight": W - lr_ * gW}
+        if "bias" in params:
+            gb = g + r.weight_decay * params["bias"] if r.weight_decay else g
+            out["bias"] = params["bias"] - (lr.reshape(B, 1) if torch.is_tensor(lr) else lr) * gb
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# batched TMC-Shapley
+# ---------------------------------------------------------------------------------------------
+
+def tmc_batched(grid: GridTrainer, X, Y, Xt, Yt, *, driver: PermutationDriver, make_state,
+                n_slots: int, chunk: int) -> str | None:
+    budget = driver.budget
+    N = X.shape[0]
+    slots: list[PermState] = []
+    rows_cache: dict[int, torch.Tensor] = {}
+    while True:
+        while len(slots) < n_slots and driver.can_issue():
+            idx, perm = driver.issue()
+            st = make_state(idx, perm)
+            slots.append(st)
+            rows_cache[idx] = perm.to(X.device)
+        if not slots:
+            return None
+        if budget.time_up():
+            return "max_time"
+        # slots whose whole chunk lies before class coverage need no models at all
+        busy = [s for s in slots if s.pos + chunk >= s.cover_len]
+        for s in slots:
+            if s not in busy:
+                for _ in range(chunk):
+                    if s.done:
+                        break
+                    s.feed(None)
+        scores = None
+        if busy:
+            L = min(N, max(s.pos + chunk for s in busy))
+            rows = torch.stack([rows_cache[s.index][:L] for s in busy])  # [P, L]
+            Xp, Yp = X[rows], Y[rows]
+            ks = torch.tensor([[min(s.pos + j + 1, N) for j in range(chunk)] for s in busy], device=X.device)
+            M = (torch.arange(L, device=X.device).view(1, 1, L) < ks.unsqueeze(-1)).to(X.dtype)
+            params = grid.train(Xp, Yp, M)
+            scores = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()  # [P, C]
+        for p, s in enumerate(busy):
+            for j in range(chunk):
+                if s.done:
+                    break
+                s.feed(scores[p, j] if s.needs_refit() else None)
+        for s in slots:
+            if s.done:
+                driver.complete(s.index, s.marg, s.refits, s.truncated)
+                rows_cache.pop(s.index, None)
+        slots = [s for s in slots if not s.done]
+        if driver.converged_at is not None:
+            return None
+
+
+# ---------------------------------------------------------------------------------------------
+# batched G-Shapley
+# ---------------------------------------------------------------------------------------------
+
+def gshapley_batched(grid: GridTrainer, init_fn, X, Y, Xt, Yt, *, lr: float, driver: PermutationDriver,
+                     n_slots: int) -> str | None:
+    """P permutations at once; their SGD trajectories advance in lock-step."""
+    from ._models import stack_params
+    budget = driver.budget
+    N = X.shape[0]
+    while driver.can_issue():
+        if budget.time_up():
+            return "max_time"
+        group = []
+        while len(group) < n_slots and driver.can_issue():
+            group.append(driver.issue())
+        idxs = [g[0] for g in group]
+        perms = torch.stack([g[1] for g in group]).to(X.device)  # [P, N]
+        params = stack_params([init_fn(i) for i in idxs])
+        P = len(group)
+        marg = np.zeros((P, N), dtype=np.float64)
+        prev = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()
+        perms_np = perms.cpu().numpy()
+        ar = np.arange(P)
+        for t in range(N):
+            rows = perms[:, t]
+            params = grid.sgd_step(params, X[rows], Y[rows], lr)
+            new = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()
+            marg[ar, perms_np[:, t]] = new - prev
+            prev = new
+            if budget.time_up():
+                return "max_time"
+        for p, i in enumerate(idxs):
+            driver.complete(i, marg[p], N, False)
+        if driver.converged_at is not None:
+            return None
+    return None
+
+
+def one_epoch_scores(grid: GridTrainer, inits: dict[str, torch.Tensor], X, Y, Xt, Yt, perms: torch.Tensor,
+                     lrs: torch.Tensor) -> torch.Tensor:
+    """Final target score after one SGD epoch (batch size 1) for B members with their own lr."""
+    params = inits
+    for t in range(perms.shape[1]):
+        rows = perms[:, t]
+        params = grid.sgd_step(params, X[rows], Y[rows], lrs)
+    return grid.score(params, Xt, Yt)
+
+
+# ---------------------------------------------------------------------------------------------
+# batched leave-one-out
+# ---------------------------------------------------------------------------------------------
+
+def loo_batched_scores(grid: GridTrainer, X, Y, Xt, Yt, left_out: torch.Tensor) -> np.ndarray:
+    """Scores of models trained on all rows but one, for each index in `left_out` (rows shared)."""
+    N = X.shape[0]
+    B = len(left_out)
+    M = torch.ones(1, B, N, dtype=X.dtype, device=X.device)
+    M[0, torch.arange(B, device=X.device), left_out] = 0
+    params = grid.train(X.unsqueeze(0), Y.unsqueeze(0), M)
+    return grid.score(params, Xt, Yt).reshape(B).to("cpu", torch.float64).numpy()
