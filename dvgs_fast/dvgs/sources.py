@@ -114,6 +114,60 @@ def _emit(pos, buf_x, buf_y):
     return pos, pos + n, x, y
 
 
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _prefetched(it: Iterator, depth: int = 1) -> Iterator:
+    """Run iterator `it` in a background thread, `depth` items ahead of the consumer (IO overlaps
+    compute). Exceptions are re-raised in the consumer; abandoning the generator stops the thread."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in it:
+                if not put(item):
+                    break
+            else:
+                put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(_Failed(exc))
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    th = threading.Thread(target=work, name="dvgs-source-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        th.join()
+
+
 class Source:
     """Rows [start, stop) of something, served in order. Subclasses implement `_pieces`."""
 
@@ -278,9 +332,15 @@ class GctxSource(Source):
         return h.digest()
 
     def _pieces(self, start, stop):
+        r = self.reader
+        r.stats()                            # a first pass over the file when not computed yet
+        # Read (and z-score) the next block in a background thread while the current one is scored.
+        return _prefetched(self._read_blocks(start, stop), depth=1)
+
+    def _read_blocks(self, start, stop):
         from ..datasets.lincs import MATRIX_PATH, _apply, _open
         r = self.reader
-        stats = r.stats()                    # a first pass over the file when not computed yet
+        stats = r.stats()
         block = max(r.chunk_size, 1)
         with _open(r.path) as fh:
             m = fh[MATRIX_PATH]
