@@ -25,6 +25,15 @@ def resolve_device(device: Any) -> torch.device:
     return dev
 
 
+def all_finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """torch.isfinite(t).all() in blocks of `block` elements: a multi-GB input would otherwise
+    need ~1.75x its size in temporaries (isfinite's intermediates) just to be checked."""
+    flat = t.reshape(-1) if t.is_contiguous() else t.contiguous().reshape(-1)
+    if flat.numel() <= block:
+        return bool(torch.isfinite(flat).all())
+    return all(bool(torch.isfinite(flat[i:i + block]).all()) for i in range(0, flat.numel(), block))
+
+
 def as_float_tensor(x: Any, name: str, *, allow_none: bool = False) -> torch.Tensor | None:
     """numpy array / tensor / nested list -> floating tensor (float64 stays float64), checked."""
     if x is None:
@@ -45,7 +54,7 @@ def as_float_tensor(x: Any, name: str, *, allow_none: bool = False) -> torch.Ten
         raise ValueError(f"{name}: expected an array of samples, got a scalar")
     if t.shape[0] == 0:
         raise ValueError(f"{name}: is empty (0 samples)")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not all_finite(t):
         n_bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name}: contains {n_bad} NaN/Inf value(s)")
     if t.dtype in (torch.float16, torch.bfloat16):
