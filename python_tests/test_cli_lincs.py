@@ -5,7 +5,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 
 from dvgs_fast.cli import main
 

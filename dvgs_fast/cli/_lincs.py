@@ -18,11 +18,13 @@ paper, out of core.
   (generated per fixed block of rows as they stream, so it is the same at every pass) and the
   Spearman correlation of the values with the noise level is reported.
 * values.csv carries the sample ids (``cid``).
+* Long runs: set ``checkpoint_dir = "DIR"`` in the config's ``[method]`` table; a killed run
+  rerun with the same command (and ``--overwrite`` if --out was already created) resumes from
+  its last completed snapshot with the same values.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
