@@ -212,3 +212,13 @@ def test_resume_gctx_source(tmp_path, monkeypatch, lincs_reader):
     np.testing.assert_array_equal(res.values, full.values)
     sums = np.load(tmp_path / "dvgs_sums.npy", mmap_mode="r")
     np.testing.assert_allclose(sums[res.n_snapshots % 2] / res.n_snapshots, res.values, rtol=0, atol=0)
+
+
+def test_slice_of_a_source_values_that_range():
+    """A sub-range source (what one rank of a sharded run scores) gives the values of those rows."""
+    xs, ys, xt, yt = _cls_data()
+    kw = dict(epochs=1, target_batch_size=8, source_batch_size=16, seed=4, progress=False)
+    mem = DVGS(_mlp(), **kw).fit(xs[16:48], ys[16:48], xt, yt)
+    make, _ = _factory(xs, ys)
+    part = DVGS(_mlp(), **kw).fit(as_source(make).slice(16, 48), None, xt, yt)
+    np.testing.assert_array_equal(part.values, mem.values)
