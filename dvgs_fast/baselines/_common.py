@@ -14,7 +14,7 @@ import torch
 
 from .._validation import (LOSSES, as_float_tensor, as_labels, check_choice, check_devices,
                            check_positive_float, check_positive_int, check_same_features,
-                           check_same_length, infer_n_classes, resolve_device)
+                           check_same_length, infer_n_classes)
 
 CLASSIFICATION_METRICS = ("accuracy", "auc", "neg_log_loss")
 REGRESSION_METRICS = ("neg_mse", "neg_mae", "r2")
@@ -122,8 +122,6 @@ def prepare_inputs(x_source: Any, y_source: Any, x_target: Any, y_target: Any, *
         inferred = infer_n_classes(ys, yt)
         if n_classes is None:
             n_classes = max(inferred, 2)
-        if len(torch.unique(yt)) < 1:
-            raise ValueError("y_target: is empty")
         out_dim = n_classes
     else:
         n_classes = None

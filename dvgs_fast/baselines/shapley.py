@@ -35,7 +35,7 @@ from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_o
 from ._models import (Refitter, chance_score, check_model_output, fresh_params, init_params, make_model,
                       stack_params)
 from ._sharded import dist_context, make_driver
-from ._tmc import PermState, PermutationDriver, cover_length, gshapley_sequential, tmc_sequential
+from ._tmc import PermState, cover_length, gshapley_sequential, tmc_sequential
 
 METHODS = ("tmc", "gshapley")
 ENGINES = ("auto", "vmap", "linear")
