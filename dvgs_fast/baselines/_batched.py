@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from ._models import Refitter, score_outputs
+from ._models import Refitter, check_model_output, init_params, make_model, score_outputs
 from ._tmc import PermState, PermutationDriver
 
 
@@ -301,3 +301,18 @@ def loo_batched_scores(grid: GridTrainer, X, Y, Xt, Yt, left_out: torch.Tensor) 
     M[0, torch.arange(B, device=X.device), left_out] = 0
     params = grid.train(X.unsqueeze(0), Y.unsqueeze(0), M)
     return grid.score(params, Xt, Yt).reshape(B).to("cpu", torch.float64).numpy()
+
+
+def build_refit_grid(est, X: torch.Tensor, data, metric):
+    """The refit model, its trainer, its fixed initial weights and the batched grid over them,
+    set up the same way for leave-one-out and Data Shapley (`est` holds their shared settings:
+    model, hidden_dim, device, dtype, batch_engine, refit_*, weight_decay)."""
+    module = make_model(est.model, int(np.prod(X.shape[1:])), data.out_dim, hidden_dim=est.hidden_dim)
+    module = module.to(device=est.device, dtype=est.dtype)
+    check_model_output(module, X, data.out_dim)
+    if est.batch_engine == "linear" and not isinstance(module, nn.Linear):
+        raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear")
+    refitter = Refitter(module, classification=data.classification, steps=est.refit_steps, lr=est.refit_lr,
+                        optimizer=est.refit_optimizer, weight_decay=est.weight_decay, metric=metric)
+    theta0 = init_params(module)
+    return module, refitter, theta0, GridTrainer(refitter, theta0, est.batch_engine)

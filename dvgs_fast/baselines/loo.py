@@ -25,10 +25,9 @@ import torch
 from ..result import ValuationResult
 from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
 from .._utils import seed_everything
-from ._batched import GridTrainer, loo_batched_scores
+from ._batched import build_refit_grid, loo_batched_scores
 from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
                       check_optional_positive_int, check_seed, prepare_inputs, progress_bar, resolve_metric)
-from ._models import Refitter, check_model_output, init_params, make_model
 
 
 class LeaveOneOut:
@@ -86,16 +85,7 @@ class LeaveOneOut:
         N = data.n_source
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
         seed_everything(seed)
-        module = make_model(self.model, int(np.prod(X.shape[1:])), data.out_dim, hidden_dim=self.hidden_dim)
-        module = module.to(device=self.device, dtype=self.dtype)
-        check_model_output(module, X, data.out_dim)
-        if self.batch_engine == "linear" and not isinstance(module, torch.nn.Linear):
-            raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear")
-        refitter = Refitter(module, classification=data.classification, steps=self.refit_steps,
-                            lr=self.refit_lr, optimizer=self.refit_optimizer, weight_decay=self.weight_decay,
-                            metric=metric)
-        theta0 = init_params(module)
-        grid = GridTrainer(refitter, theta0, self.batch_engine)
+        module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
 
         if self.batched:  # the full model through the same engine as the leave-one-out models
             M = torch.ones(1, 1, N, dtype=X.dtype, device=X.device)

@@ -28,12 +28,11 @@ import torch
 from ..result import ValuationResult
 from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
 from .._utils import seed_everything
-from ._batched import GridTrainer, gshapley_batched, one_epoch_scores, tmc_batched
+from ._batched import build_refit_grid, gshapley_batched, one_epoch_scores, tmc_batched
 from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
                       check_optional_positive_int, check_seed, prepare_inputs, progress_bar,
                       resolve_metric)
-from ._models import (Refitter, chance_score, check_model_output, fresh_params, init_params, make_model,
-                      stack_params)
+from ._models import chance_score, fresh_params, stack_params
 from ._sharded import dist_context, make_driver
 from ._tmc import PermState, cover_length, gshapley_sequential, tmc_sequential
 
@@ -148,22 +147,12 @@ class DataShapley:
         data = prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
                               device=ctx.device_for(self.device), dtype=self.dtype, flatten=isinstance(self.model, str))
         metric = resolve_metric(self.metric, self.loss, n_classes=data.n_classes, default_cls="accuracy")
-        X, Y, Xt, Yt = data.x_source, data.y_source, data.x_target, data.y_target
+        X = data.x_source
         N = data.n_source
         seed = self.seed if self.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
         seed = ctx.broadcast_object(seed)     # a drawn seed must be the same on every rank
         seed_everything(seed)
-        in_dim = int(np.prod(X.shape[1:]))
-        module = make_model(self.model, in_dim, data.out_dim, hidden_dim=self.hidden_dim)
-        module = module.to(device=self.device, dtype=self.dtype)
-        check_model_output(module, X, data.out_dim)
-        if self.batch_engine == "linear" and not isinstance(module, torch.nn.Linear):
-            raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear")
-        refitter = Refitter(module, classification=data.classification, steps=self.refit_steps,
-                            lr=self.refit_lr, optimizer=self.refit_optimizer, weight_decay=self.weight_decay,
-                            metric=metric)
-        theta0 = init_params(module)
-        grid = GridTrainer(refitter, theta0, self.batch_engine)
+        module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
         timings: dict[str, float] = {"setup": 0.0}
         info: dict[str, Any] = {"seed": seed, "n_source": N, "metric": metric, "engine": (
             grid.engine if self.batched else "sequential")}
