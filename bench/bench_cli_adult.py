@@ -52,7 +52,7 @@ def test_cli_adult_paper_settings(benchmark, tmp_path, seed):
     assert rc == 0, se.getvalue()
     m = json.loads((out / "metrics.json").read_text())
     met = m["metrics"]
-    benchmark.extra_info.update({
+    benchmark.extra_info.update({"method": "dvgs", "dataset": "adult",
         "seed": seed, "threads": int(THREADS), "auroc": met["auroc"], "auprc": met["auprc"],
         "kmeans_f1": met["kmeans_f1"], "discovery_auc": met["discovery_auc"],
         "valuation_s": m["timings"]["valuation"], "total_s": m["timings"]["total"],

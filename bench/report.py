@@ -89,6 +89,18 @@ def speed_table(run: dict) -> list[str]:
     return lines
 
 
+DATASETS = ("adult", "blog", "digits", "breast_cancer", "cifar10", "lincs")
+
+
+def _dataset_of(b: dict) -> str:
+    """extra_info's dataset, else the first known dataset name in the group or test name."""
+    ei = b.get("extra_info", {})
+    if ei.get("dataset"):
+        return ei["dataset"]
+    text = f"{b.get('group') or ''} {b.get('name', '')}".lower()
+    return next((d for d in DATASETS if d in text), "?")
+
+
 def quality_rows(runs: list[dict]) -> dict[tuple[str, str], list[float]]:
     rows: dict[tuple[str, str], list[float]] = defaultdict(list)
     for run in runs:
@@ -96,7 +108,7 @@ def quality_rows(runs: list[dict]) -> dict[tuple[str, str], list[float]]:
             ei = b.get("extra_info", {})
             if "auroc" in ei and "method" in ei:
                 vals = ei["auroc"] if isinstance(ei["auroc"], list) else [ei["auroc"]]
-                rows[(ei["method"], ei.get("dataset", "?"))].extend(float(v) for v in vals)
+                rows[(ei["method"], _dataset_of(b))].extend(float(v) for v in vals)
     return rows
 
 
@@ -129,7 +141,8 @@ def plot_scaling(runs: list[dict], out_dir: Path, stem: str) -> list[Path]:
             ax.set_xlabel("N")
             ax.set_ylabel(ylabel)
             ax.set_title(fam, fontsize=9)
-            ax.legend(fontsize=8)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
         fig.tight_layout()
         p = out_dir / f"{stem}_{what}_vs_n.png"
         fig.savefig(p, dpi=110)
@@ -167,7 +180,7 @@ def plot_quality(rows, out_dir: Path, stem: str) -> Path | None:
     return p
 
 
-def write_report(paths: list[str], out: Path, title: str) -> Path:
+def write_report(paths: list[str], out: Path, title: str, notes: list[str] | None = None) -> Path:
     runs = load(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
     img_dir = out.parent / "report_img"
@@ -192,6 +205,8 @@ def write_report(paths: list[str], out: Path, title: str) -> Path:
             sd = statistics.pstdev(v) if len(v) > 1 else 0.0
             lines.append(f"| {m} | {d} | {statistics.mean(v):.3f} ± {sd:.3f} | {len(v)} |")
         lines.append("")
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     figs = plot_scaling(runs, img_dir, stem)
     q = plot_quality(rows, img_dir, stem)
     if q:
@@ -207,11 +222,12 @@ def main(argv=None) -> int:
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "REPORT.md"))
     ap.add_argument("--title", default="dvgs_fast benchmark report")
+    ap.add_argument("--note", action="append", default=[], help="a remark to print under Notes (repeatable)")
     args = ap.parse_args(argv)
     for p in args.results:
         if not Path(p).is_file():
             ap.error(f"results file not found: {p}")
-    print(write_report(args.results, Path(args.out), args.title))
+    print(write_report(args.results, Path(args.out), args.title, args.note))
     return 0
 
 
