@@ -50,7 +50,8 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tens
 
 
 def batch_ot(x_batch: torch.Tensor, x_target: torch.Tensor, w: torch.Tensor, *, blur: float = 0.05,
-             scaling: float = 0.5, diameter_factor: float = 1.1, backend: str = "fast") -> torch.Tensor:
+             scaling: float = 0.5, diameter_factor: float = 1.1, backend: str = "fast",
+             check_inputs: bool = True) -> torch.Tensor:
     """Sinkhorn divergence between (w, x_batch) and (1, x_target), as LossVal's original computes it.
 
     Differentiable with respect to w. Nonpositive weights carry no transport mass but keep their
@@ -64,9 +65,14 @@ def batch_ot(x_batch: torch.Tensor, x_target: torch.Tensor, w: torch.Tensor, *, 
         # The dense reference treats w <= 0 exactly like geomloss does (log-weight clamp);
         # the fast op refuses a measure without mass, so an all-nonpositive batch comes here too.
         return sinkhorn_reference(x_batch, x_target, w, b, **kw).cost
-    res = sinkhorn(x_batch, x_target, w_pos, b, **kw)
+    if check_inputs:
+        res = sinkhorn(x_batch, x_target, w_pos, b, **kw)
+        cost, f = res.cost, res.f
+    else:  # fit() validated the data once; skip the per-batch NaN scans of the wrapper
+        cost, f = torch.ops.dvgs_fast.sinkhorn(x_batch, x_target, w_pos, b, blur, 2, scaling, kw["diameter"],
+                                               True, None, None)[:2]
     # cost = <w+, f> + <b, g>; geomloss's <w, f> adds <w - w+, f> (gradient f on those weights).
-    return res.cost + ((w - w_pos) * res.f).sum()
+    return cost + ((w - w_pos) * f).sum()
 
 
 def lossval_batch_loss(out: torch.Tensor, y: torch.Tensor, x_batch: torch.Tensor, x_target: torch.Tensor,
@@ -150,7 +156,7 @@ class LossVal:
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
                 loss = lossval_batch_loss(out, ys[idx], xb.reshape(xb.shape[0], -1), xt, weights[idx],
-                                          self.loss, self.backend, **ot_kw)
+                                          self.loss, self.backend, check_inputs=False, **ot_kw)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
