@@ -86,6 +86,13 @@ DVGS_INLINE V splat(S s) {
   return V{} + s;
 }
 
+// mask ? a : b lane-wise, with bit operations (GCC and Clang both accept these on their vector
+// extensions, unlike a ternary with a vector condition).
+template <typename V, typename I>
+DVGS_INLINE V vselect(I mask, V a, V b) {
+  return (V)(((I)a & mask) | ((I)b & ~mask));
+}
+
 // exp(x), branch-free: x = k ln2 + r (Cody-Waite), e^r by its Taylor polynomial (|r| <= ln2/2:
 // degree 7 for float, 13 for double, both under one ulp of truncation error), 2^k built in the
 // exponent bits. k is read from the bits of x log2(e) + 1.5 * 2^mant (the float rounding does
@@ -94,8 +101,8 @@ DVGS_INLINE Vec<float>::V vexp(Vec<float>::V x) {
   using V = Vec<float>::V;
   using I = Vec<float>::I;
   const I under = x < -87.0f;
-  x = under ? splat<V>(-87.0f) : x;
-  x = x > 88.0f ? splat<V>(88.0f) : x;
+  x = vselect(under, splat<V>(-87.0f), x);
+  x = vselect<V, I>(x > 88.0f, splat<V>(88.0f), x);
   const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23
   const V t = x * 1.44269504088896341f + shifter;
   const V k = t - shifter;
@@ -119,8 +126,8 @@ DVGS_INLINE Vec<double>::V vexp(Vec<double>::V x) {
   using V = Vec<double>::V;
   using I = Vec<double>::I;
   const I under = x < -708.0;
-  x = under ? splat<V>(-708.0) : x;
-  x = x > 709.0 ? splat<V>(709.0) : x;
+  x = vselect(under, splat<V>(-708.0), x);
+  x = vselect<V, I>(x > 709.0, splat<V>(709.0), x);
   const V shifter = splat<V>(6755399441055744.0);  // 1.5 * 2^52
   const V t = x * 1.4426950408889634074 + shifter;
   const V k = t - shifter;
@@ -172,9 +179,9 @@ DVGS_INLINE void lse_update(typename Vec<T>::V& m, typename Vec<T>::V& s, typena
   using I = typename Vec<T>::I;
   const V diff = arg - m;
   const I gt = diff > T(0);
-  const V e = vexp(gt ? -diff : diff);
-  s = gt ? s * e + T(1) : s + e;
-  m = gt ? arg : m;
+  const V e = vexp(vselect(gt, -diff, diff));
+  s = vselect(gt, s * e + T(1), s + e);
+  m = vselect(gt, arg, m);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -218,7 +225,7 @@ DVGS_INLINE void panel_terms(const Ctx<T>& c, const T* xr, const T* rsq, int64_t
     for (int r = 0; r < R; ++r) {
       const V sq = (cs + rsq[r]) - acc[r] * T(2);
       const I small = sq <= T(1e-8);  // geomloss: sqrt(clamp_min(sq, 1e-8))
-      const V sqc = small ? splat<V>(T(1e-8)) : sq;
+      const V sqc = vselect(small, splat<V>(T(1e-8)), sq);
       const V rs = vrsqrt(sqc);
       t[r] = -(sqc * rs) * c.inv_eps;
       if (inv_dist) inv_dist[r] = (V)((I)rs & ~small);
@@ -349,6 +356,7 @@ struct PairCtx {
 template <typename T, int P, int R, bool SELF>
 DVGS_INLINE void pair_group_impl(const PairCtx<T>& q, int64_t grp) {
   using V = typename Vec<T>::V;
+  using I = typename Vec<T>::I;
   constexpr int W = Vec<T>::W;
   const Ctx<T>& c = q.c;
   const int64_t d = c.d, n = q.n_rows;
@@ -384,10 +392,10 @@ DVGS_INLINE void pair_group_impl(const PairCtx<T>& q, int64_t grp) {
             V ac[R];
             for (int r = 0; r < R; ++r) ac[r] = hr[r] + t[r];
             V mx = ac[0];
-            for (int r = 1; r < R; ++r) mx = ac[r] > mx ? ac[r] : mx;
+            for (int r = 1; r < R; ++r) mx = vselect<V, I>(ac[r] > mx, ac[r], mx);
             V& cm = colst[2 * pj];
             V& cs = colst[2 * pj + 1];
-            const V mn = mx > cm ? mx : cm;
+            const V mn = vselect<V, I>(mx > cm, mx, cm);
             V sum = cs * vexp(cm - mn);
             for (int r = 0; r < R; ++r) sum += vexp(ac[r] - mn);
             cs = sum;
