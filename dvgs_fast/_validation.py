@@ -47,9 +47,10 @@ def as_float_tensor(x: Any, name: str, *, allow_none: bool = False) -> torch.Ten
         if arr.dtype == object:
             raise ValueError(f"{name}: cannot convert an object array to a tensor")
         t = torch.from_numpy(np.ascontiguousarray(arr))
-    if not (t.is_floating_point()):
-        if t.dtype == torch.bool or not t.is_complex():
-            t = t.to(torch.float32)
+    if t.is_complex():
+        raise ValueError(f"{name}: complex values are not supported (dtype {t.dtype})")
+    if not t.is_floating_point():  # integers and booleans become float32 features
+        t = t.to(torch.float32)
     if t.dim() == 0:
         raise ValueError(f"{name}: expected an array of samples, got a scalar")
     if t.shape[0] == 0:

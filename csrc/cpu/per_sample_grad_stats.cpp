@@ -128,10 +128,9 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cpu(at::TensorList grad
     // ~32k elements per task amortises the scheduling cost when samples are small.
     const int64_t grain = std::max<int64_t>(1, kCpuChunk / std::max<int64_t>(1, total / n_items));
     at::parallel_for(0, n_items, grain, [&](int64_t lo, int64_t hi) {
-      size_t jk = 0;
+      size_t jk = 0;  // items are visited in increasing order, so the job index only advances
       for (int64_t item = lo; item < hi; ++item) {
         while (jk + 1 < jobs.size() && item >= jobs[jk + 1].first_item) ++jk;
-        while (item < jobs[jk].first_item) --jk;
         const Job& job = jobs[jk];
         const int64_t local = item - job.first_item;
         const int64_t i = local / job.n_chunks, c = local % job.n_chunks;

@@ -161,3 +161,13 @@ def progress_bar(enabled: bool, total: int | None, desc: str):
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy()
+
+
+def settings_of(est: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """A baseline's settings for ValuationResult.params: the named attributes plus the model
+    (its name, or its class for a module/factory), dtype and device as plain strings."""
+    out = {k: getattr(est, k) for k in keys}
+    out["model"] = est.model if isinstance(est.model, str) else type(est.model).__name__
+    out["dtype"] = str(est.dtype).replace("torch.", "")
+    out["device"] = str(est.device)
+    return out

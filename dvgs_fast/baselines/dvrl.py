@@ -38,6 +38,7 @@ from torch import nn
 from ..result import ValuationResult
 from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
 from .._utils import seed_everything
+from ._common import settings_of
 from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
                       check_optional_positive_int, check_seed, prepare_inputs, progress_bar, resolve_metric)
 from ._models import check_model_output, make_model, score_outputs
@@ -132,14 +133,11 @@ class DVRL:
         self.progress = check_bool(progress, "progress")
 
     def params(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in (
+        keys = (
             "loss", "metric", "baseline", "ma_window", "hidden_dim", "comb_dim", "n_layers", "batch_size",
             "inner_iterations", "predictor_batch_size", "predictor_lr", "learning_rate", "threshold", "penalty",
-            "epsilon", "n_iterations", "max_time", "predictor_hidden", "n_classes", "seed")}
-        out["model"] = self.model if isinstance(self.model, str) else type(self.model).__name__
-        out["dtype"] = str(self.dtype).replace("torch.", "")
-        out["device"] = str(self.device)
-        return out
+            "epsilon", "n_iterations", "max_time", "predictor_hidden", "n_classes", "seed")
+        return settings_of(self, keys)
 
     # ------------------------------------------------------------------------------------------
     def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any) -> ValuationResult:

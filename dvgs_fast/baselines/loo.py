@@ -26,6 +26,7 @@ from ..result import ValuationResult
 from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
 from .._utils import seed_everything
 from ._batched import build_refit_grid, loo_batched_scores
+from ._common import settings_of
 from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
                       check_optional_positive_int, check_seed, prepare_inputs, progress_bar, resolve_metric)
 
@@ -67,13 +68,10 @@ class LeaveOneOut:
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
 
     def params(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in (
+        keys = (
             "loss", "metric", "refit_steps", "refit_lr", "refit_optimizer", "weight_decay", "hidden_dim",
-            "batched", "batch_size", "batch_engine", "max_points", "max_time", "n_classes", "seed")}
-        out["model"] = self.model if isinstance(self.model, str) else type(self.model).__name__
-        out["dtype"] = str(self.dtype).replace("torch.", "")
-        out["device"] = str(self.device)
-        return out
+            "batched", "batch_size", "batch_engine", "max_points", "max_time", "n_classes", "seed")
+        return settings_of(self, keys)
 
     def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any) -> ValuationResult:
         t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from ..result import ValuationResult
 from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
 from .._utils import seed_everything
 from ._batched import build_refit_grid, gshapley_batched, one_epoch_scores, tmc_batched
+from ._common import settings_of
 from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
                       check_optional_positive_int, check_seed, prepare_inputs, progress_bar,
                       resolve_metric)
@@ -123,15 +124,12 @@ class DataShapley:
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
 
     def params(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in (
+        keys = (
             "method", "loss", "metric", "tolerance", "truncation_patience", "max_permutations",
             "convergence_tol", "check_every", "max_time", "refit_steps", "refit_lr", "refit_optimizer",
             "weight_decay", "g_learning_rate", "hidden_dim", "batched", "batch_permutations", "chunk_size",
-            "batch_engine", "n_classes", "keep_marginals", "seed")}
-        out["model"] = self.model if isinstance(self.model, str) else type(self.model).__name__
-        out["dtype"] = str(self.dtype).replace("torch.", "")
-        out["device"] = str(self.device)
-        return out
+            "batch_engine", "n_classes", "keep_marginals", "seed")
+        return settings_of(self, keys)
 
     # ------------------------------------------------------------------------------------------
     def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any) -> ValuationResult:

@@ -45,7 +45,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -491,26 +490,6 @@ def _rank_rows(run: _Run, chunk: int) -> tuple[int, int]:
     n_chunks = math.ceil(run.n_source / chunk)
     c0, c1 = run.ctx.shard(n_chunks)
     return min(c0 * chunk, run.n_source), min(c1 * chunk, run.n_source)
-
-
-def _open_snapshots(cfg: DVGS, run: _Run, n_total: int, resume: bool):
-    dt = np.float64 if run.dtype == torch.float64 else np.float32
-    shape = (run.n_source, n_total)
-    if cfg.checkpoint_dir is not None:
-        path = cfg.checkpoint_dir / run.snap_name
-        if resume and path.exists():
-            return np.lib.format.open_memmap(path, mode="r+")
-        cfg.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        # Column-major on disk: one snapshot (a column) is one contiguous write.
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape, fortran_order=True)
-    fd, path = tempfile.mkstemp(prefix="dvgs_snapshots_", suffix=".npy")
-    os.close(fd)
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dt, shape=shape, fortran_order=True)
-    try:
-        os.unlink(path)                  # the mapping stays valid; nothing is left behind on exit
-    except OSError:                      # pragma: no cover - Windows keeps open files
-        pass
-    return mm
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
