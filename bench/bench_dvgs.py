@@ -28,7 +28,7 @@ from torch import nn
 
 from _memory import peak_memory
 from dvgs_fast import DVGS
-from dvgs_fast.dvgs.fast import FastScorer
+from dvgs_fast.methods.dvgs.fast import FastScorer
 
 torch.set_num_threads(int(os.environ.get("DVGS_BENCH_THREADS", "1")))
 
@@ -115,10 +115,10 @@ def test_adult_short(benchmark, backend):
     benchmark.group = "dvgs adult, 1 restart x 10 epochs (10 snapshots)"
     _adult_fit(backend, ADULT_SHORT)                        # warm-up (imports, allocator)
     res = _run_measured(benchmark, lambda: _adult_fit(backend, ADULT_SHORT), rounds=3 if backend == "fast" else 1)
-    med = _record(benchmark, f"adult_short_{backend}", backend=backend, n_snapshots=res.n_snapshots,
-                  score_s_per_snapshot=res.timings["score"] / res.n_snapshots,
+    med = _record(benchmark, f"adult_short_{backend}", backend=backend, n_snapshots=res.info["snapshots"],
+                  score_s_per_snapshot=res.timings["score"] / res.info["snapshots"],
                   train_s=res.timings["train"])
-    _MEDIANS[f"adult_snap_{backend}"] = res.timings["score"] / res.n_snapshots
+    _MEDIANS[f"adult_snap_{backend}"] = res.timings["score"] / res.info["snapshots"]
     if backend == "reference" and "adult_short_fast" in _MEDIANS:
         benchmark.extra_info["speedup_end_to_end"] = med / _MEDIANS["adult_short_fast"]
         benchmark.extra_info["speedup_per_snapshot"] = _MEDIANS["adult_snap_reference"] / _MEDIANS["adult_snap_fast"]
@@ -132,8 +132,8 @@ def test_adult_full(benchmark, backend):
     if backend == "fast":
         _adult_fit(backend, ADULT_SHORT)
     res = _run_measured(benchmark, lambda: _adult_fit(backend, ADULT_FULL), rounds=3 if backend == "fast" else 1)
-    info = {"backend": backend, "n_snapshots": res.n_snapshots,
-            "score_s_per_snapshot": res.timings["score"] / res.n_snapshots, "train_s": res.timings["train"]}
+    info = {"backend": backend, "n_snapshots": res.info["snapshots"],
+            "score_s_per_snapshot": res.timings["score"] / res.info["snapshots"], "train_s": res.timings["train"]}
     if flipped is not None:
         from dvgs_fast.evaluate import detection_auroc
         info["auroc_seed0"] = detection_auroc(res.values, flipped)
@@ -157,8 +157,8 @@ def test_ae_snapshot(benchmark, backend):
         _ae_fit(backend, 1, xs[:2048], xt)
     res = _run_measured(benchmark, lambda: _ae_fit(backend, 1, xs, xt), rounds=3 if backend == "fast" else 1)
     med = _record(benchmark, f"ae_{backend}", backend=backend, n_source=xs.shape[0],
-                  score_s_per_snapshot=res.timings["score"] / res.n_snapshots)
-    _MEDIANS[f"ae_snap_{backend}"] = res.timings["score"] / res.n_snapshots
+                  score_s_per_snapshot=res.timings["score"] / res.info["snapshots"])
+    _MEDIANS[f"ae_snap_{backend}"] = res.timings["score"] / res.info["snapshots"]
     if backend == "reference" and "ae_fast" in _MEDIANS:
         benchmark.extra_info["speedup_end_to_end"] = med / _MEDIANS["ae_fast"]
         benchmark.extra_info["speedup_per_snapshot"] = _MEDIANS["ae_snap_reference"] / _MEDIANS["ae_snap_fast"]

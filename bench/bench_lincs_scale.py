@@ -79,7 +79,7 @@ def _fit(source, xt):
 
 
 def _report(benchmark, res, peak, n, where, extra=None):
-    k = res.n_snapshots
+    k = res.info["snapshots"]
     snap = res.timings["score"] / k
     train_step = res.timings["train"] / res.info["steps"]
     scale = FULL_N / n
@@ -97,7 +97,7 @@ def _report(benchmark, res, peak, n, where, extra=None):
 
 def _stream_only(r) -> float:
     """Seconds for one read + z-score pass over the file, no DVGS (the IO share of a snapshot)."""
-    from dvgs_fast.dvgs.sources import GctxSource
+    from dvgs_fast.methods.dvgs.sources import GctxSource
     t0 = time.perf_counter()
     for _ in GctxSource(r).iter_chunks(size=SOURCE_BATCH):
         pass

@@ -10,12 +10,12 @@ __version__ = "0.1.0"
 # Methods are imported lazily so that `import dvgs_fast` stays quick and a method's optional
 # dependencies are only needed when that method is used.
 _LAZY = {
-    "DVGS": ("dvgs_fast.dvgs", "DVGS"),
-    "LossVal": ("dvgs_fast.lossval", "LossVal"),
-    "DVRL": ("dvgs_fast.baselines.dvrl", "DVRL"),
-    "DataShapley": ("dvgs_fast.baselines.shapley", "DataShapley"),
-    "LeaveOneOut": ("dvgs_fast.baselines.loo", "LeaveOneOut"),
-    "RandomValuation": ("dvgs_fast.baselines.random_values", "RandomValuation"),
+    "DVGS": ("dvgs_fast.methods.dvgs", "DVGS"),
+    "LossVal": ("dvgs_fast.methods.lossval", "LossVal"),
+    "DVRL": ("dvgs_fast.methods.dvrl", "DVRL"),
+    "DataShapley": ("dvgs_fast.methods.shapley", "DataShapley"),
+    "LeaveOneOut": ("dvgs_fast.methods.loo", "LeaveOneOut"),
+    "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
 }
 
 __all__ = ["build_info", "ops", "ValuationResult", *_LAZY]

@@ -116,3 +116,16 @@ class DistContext:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False
+
+
+def context_for(distributed: bool | None, device: torch.device):
+    """DistContext for `distributed` (None: automatic under torchrun; True: required; False: off)."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
+    if distributed is False:
+        return DistContext()
+    ctx = DistContext.from_env(device=device)
+    if distributed and not ctx.enabled:
+        raise ValueError("distributed: True needs a process group with more than one process: launch with "
+                         "torchrun --nproc_per_node=K (WORLD_SIZE > 1) or initialise torch.distributed first")
+    return ctx

@@ -1,6 +1,24 @@
-"""ValuationResult: the one result type every valuation method returns."""
+"""ValuationResult: the one result type every valuation method returns.
+
+Every result says how complete it is:
+  values   per-sample value (higher = more valuable), float64 [N]
+  stderr   per-sample standard error of the value over what the method averaged (DVGS: snapshots
+           and restarts; TMC / G-Shapley: permutations). NaN where the method has no such notion
+           (LossVal, LOO, DVRL, random: one number per sample, nothing averaged) or where a sample
+           was evaluated fewer than twice.
+  counts   per-sample number of evaluations that contributed (snapshots, permutations, ...);
+           0 = never valued: its value is a placeholder (0), not a measurement.
+  status   "completed" (ran what was asked), "converged" (stopped by its convergence rule) or
+           "stopped" (a budget ended it early; see info["stopped_by"]).
+
+Two results of the same method on the same samples merge with ``a + b``: values become the
+count-weighted mean and stderr is recomputed from the pooled sums of squares (Chan et al.'s
+parallel variance), exactly as if one run had averaged all evaluations. Merging is how repeated
+or distributed runs of the same estimator are combined.
+"""
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,69 +29,165 @@ import numpy as np
 
 from ._io import atomic_write_bytes
 
+STATUSES = ("completed", "converged", "stopped")
+
 
 @dataclass
 class ValuationResult:
-    """Data values for the source samples (higher = more valuable).
+    """Data values for the source samples with their uncertainty and completeness.
 
-    values      numpy float64 array [N_source]
+    values, stderr, counts, status: see the module docstring.
     method      name of the method that produced them ("dvgs", "lossval", ...)
-    params      the settings of the run (JSON-serialisable)
-    timings     seconds spent per phase
-    n_snapshots how many gradient-similarity snapshots (DVGS) or iterations (others) were averaged
-    snapshots   optional [N_source, n_snapshots] array (memory-mapped for DVGS when kept)
-    info        anything else a method reports (e.g. how far a budgeted run got)
+    params      the settings of the run (JSON-serialisable; Valuation.settings())
+    timings     seconds spent per phase ("total" is wall time, "cpu" is process CPU time)
+    snapshots   optional [N, K] array of every snapshot (DVGS keep_snapshots=True; memory-mapped)
+    info        anything else the method reports (seed, device, how far a budgeted run got, ...)
     """
 
     values: np.ndarray
     method: str
+    stderr: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    status: str = "completed"
     params: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    n_snapshots: int = 0
     snapshots: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        n = self.values.shape[0]
+        self.stderr = (np.full(n, np.nan) if self.stderr is None
+                       else np.asarray(self.stderr, dtype=np.float64).reshape(-1))
+        self.counts = (np.ones(n, dtype=np.int64) if self.counts is None
+                       else np.asarray(self.counts).astype(np.int64, copy=False).reshape(-1))
+        if self.stderr.shape[0] != n or self.counts.shape[0] != n:
+            raise ValueError(f"ValuationResult: stderr ({self.stderr.shape[0]}) and counts "
+                             f"({self.counts.shape[0]}) must have one entry per value ({n})")
+        if self.status not in STATUSES:
+            raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {self.status!r}")
 
+    # --------------------------------------------------------------------------------- access
     def __len__(self) -> int:
         return int(self.values.shape[0])
 
     def __repr__(self) -> str:
-        return (f"ValuationResult(method={self.method!r}, n={len(self)}, "
-                f"n_snapshots={self.n_snapshots}, timings={ {k: round(v, 3) for k, v in self.timings.items()} })")
+        valued = int((self.counts > 0).sum())
+        return (f"ValuationResult(method={self.method!r}, n={len(self)}, status={self.status!r}, "
+                f"valued={valued}, median_count={float(np.median(self.counts)) if len(self) else 0:g})")
 
-    def to_frame(self):
-        """A pandas DataFrame with one row per source sample (pandas is optional)."""
+    @property
+    def valued(self) -> np.ndarray:
+        """Boolean mask of the samples that were evaluated at least once (counts > 0)."""
+        return self.counts > 0
+
+    def lowest(self, k: int) -> np.ndarray:
+        """Indices of the k lowest values (the likeliest harmful samples), lowest first.
+
+        Ties are broken by index (a stable sort), so the answer is reproducible."""
+        return np.argsort(self.values, kind="stable")[:_check_k(k, len(self))]
+
+    def highest(self, k: int) -> np.ndarray:
+        """Indices of the k highest values, highest first (ties by index)."""
+        return np.argsort(-self.values, kind="stable")[:_check_k(k, len(self))]
+
+    def ranks(self) -> np.ndarray:
+        """Rank of every sample, 1 = lowest value (ties broken by index)."""
+        r = np.empty(len(self), dtype=np.int64)
+        r[np.argsort(self.values, kind="stable")] = np.arange(1, len(self) + 1)
+        return r
+
+    def to_dataframe(self):
+        """A pandas DataFrame: index, value, stderr, counts, rank (1 = lowest value)."""
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("ValuationResult.to_frame() needs pandas: pip install pandas") from exc
-        return pd.DataFrame({"index": np.arange(len(self)), "value": self.values})
+            raise ImportError("ValuationResult.to_dataframe() needs pandas: pip install pandas") from exc
+        return pd.DataFrame({"index": np.arange(len(self)), "value": self.values, "stderr": self.stderr,
+                             "counts": self.counts, "rank": self.ranks()})
 
+    # --------------------------------------------------------------------------------- merging
+    def __add__(self, other: "ValuationResult") -> "ValuationResult":
+        if not isinstance(other, ValuationResult):
+            return NotImplemented
+        if other.method != self.method:
+            raise ValueError(f"cannot merge a {self.method!r} result with a {other.method!r} result")
+        if len(other) != len(self):
+            raise ValueError(f"cannot merge results over different samples ({len(self)} vs {len(other)} values)")
+        ca, cb = self.counts.astype(np.float64), other.counts.astype(np.float64)
+        c = ca + cb
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(c > 0, (ca * self.values + cb * other.values) / np.where(c > 0, c, 1), 0.0)
+            m2 = (_m2(self.stderr, ca) + _m2(other.stderr, cb)
+                  + np.where(c > 0, (self.values - other.values) ** 2 * ca * cb / np.where(c > 0, c, 1), 0.0))
+            stderr = np.where(c > 1, np.sqrt(m2 / np.maximum(c - 1, 1) / np.maximum(c, 1)), np.nan)
+        # Where either side has no spread information for c >= 2 (its stderr is NaN although it
+        # averaged several evaluations) the pooled stderr is unknown too.
+        unknown = (np.isnan(self.stderr) & (ca > 1)) | (np.isnan(other.stderr) & (cb > 1))
+        stderr[unknown] = np.nan
+        if "stopped" in (self.status, other.status):
+            status = "stopped"
+        elif self.status == other.status == "converged":
+            status = "converged"
+        else:
+            status = "completed"
+        return ValuationResult(values=mean, method=self.method, stderr=stderr, counts=c.astype(np.int64),
+                               status=status, params=dict(self.params),
+                               timings={k: self.timings.get(k, 0.0) + other.timings.get(k, 0.0)
+                                        for k in set(self.timings) | set(other.timings)},
+                               info={"merged_from": [_summary(self), _summary(other)]})
+
+    # ---------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
-        """Write values and metadata to one .npz file, atomically (temp file + rename)."""
+        """Write everything to one .npz file, atomically (temp file + rename); returns its path.
+
+        A path without a suffix gets ``.npz``; an existing directory is refused (it would
+        otherwise become ``dir.npz`` beside it)."""
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"path: {path} is a directory; give a file name such as {path / 'values.npz'}")
         if path.suffix != ".npz":
-            path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        meta = {"method": self.method, "params": self.params, "timings": self.timings,
-                "n_snapshots": self.n_snapshots, "info": self.info}
-        import io
-        buf = io.BytesIO()
-        arrays = {"values": self.values, "meta": np.frombuffer(
-            json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)}
+            path = path.with_name(path.name + ".npz")
+        meta = {"method": self.method, "status": self.status, "params": self.params, "timings": self.timings,
+                "info": self.info}
+        arrays = {"values": self.values, "stderr": self.stderr, "counts": self.counts,
+                  "meta": np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)}
         if self.snapshots is not None:
             arrays["snapshots"] = np.asarray(self.snapshots)
+        buf = io.BytesIO()
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ValuationResult":
-        with np.load(Path(path), allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            snaps = z["snapshots"] if "snapshots" in z.files else None
-            return cls(values=z["values"], snapshots=snaps, **meta)
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(bytes(z["meta"]).decode())
+                return cls(values=z["values"], stderr=z["stderr"], counts=z["counts"],
+                           snapshots=z["snapshots"] if "snapshots" in z.files else None, **meta)
+        except (OSError, KeyError, ValueError, EOFError) as exc:
+            raise ValueError(f"path: {path} is not a readable ValuationResult file ({type(exc).__name__}: {exc})") from exc
+
+
+def _m2(stderr: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Sum of squared deviations from the mean, recovered from stderr = sqrt(var / c), var with
+    ddof = 1. A sample seen once has no spread (0); unknown spread (NaN) counts as 0 here and is
+    marked NaN again by the caller."""
+    with np.errstate(invalid="ignore"):
+        m2 = stderr ** 2 * counts * (counts - 1)
+    return np.where(np.isfinite(m2), m2, 0.0)
+
+
+def _summary(r: ValuationResult) -> dict[str, Any]:
+    return {"status": r.status, "seed": r.info.get("seed"), "median_count": float(np.median(r.counts))}
+
+
+def _check_k(k: Any, n: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise ValueError(f"k: expected a non-negative integer, got {k!r}")
+    return min(int(k), n)
 
 
 def _json_default(obj: Any) -> Any:
@@ -84,3 +198,15 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     return repr(obj)
+
+
+def stats_from_sums(s1: np.ndarray, s2: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, stderr) from per-sample sums of x and x² over `counts` evaluations (float64).
+
+    stderr = sqrt(var / c) with the unbiased variance; NaN where c < 2; 0 mean where c == 0."""
+    c = np.asarray(counts, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(c > 0, s1 / np.where(c > 0, c, 1), 0.0)
+        var = np.maximum(s2 - c * mean * mean, 0.0) / np.where(c > 1, c - 1, 1)
+        stderr = np.where(c > 1, np.sqrt(var / np.where(c > 0, c, 1)), np.nan)
+    return mean, stderr

@@ -41,7 +41,7 @@ def dvgs_case(n=50, m=24, dropout=0.3, checkpoint_dir=None, **kw):
     if checkpoint_dir is not None:
         kw["checkpoint_dir"] = checkpoint_dir
     res = DVGS(net, **kw).fit(*_data(n, m))
-    out = {"values": np.asarray(res.values), "k": res.n_snapshots, "info": {
+    out = {"values": np.asarray(res.values), "k": res.info["snapshots"], "info": {
         k: res.info.get(k) for k in ("world_size", "rank", "shard", "steps")}}
     if checkpoint_dir is not None:
         out["files"] = sorted(os.listdir(checkpoint_dir))
@@ -49,7 +49,7 @@ def dvgs_case(n=50, m=24, dropout=0.3, checkpoint_dir=None, **kw):
 
 
 def shapley_case(n=16, m=30, **kw):
-    from dvgs_fast.baselines.shapley import DataShapley
+    from dvgs_fast.methods.shapley import DataShapley
     kw = {"model": "logistic", "max_permutations": 6, "check_every": 4, "refit_steps": 15,
           "convergence_tol": None, "seed": 11, "progress": False, "truncation_patience": 3, **kw}
     res = DataShapley(**kw).fit(*_data(n, m, classes=2, seed=1))

@@ -66,7 +66,7 @@ def test_time_budget_stops_every_rank_together(ranks):
 
 
 def test_distributed_true_needs_a_process_group(monkeypatch):
-    from dvgs_fast.baselines.shapley import DataShapley
+    from dvgs_fast.methods.shapley import DataShapley
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     import torch
     x, y = torch.randn(6, 3), torch.tensor([0, 1] * 3)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS, ValuationResult
-from dvgs_fast.dvgs import method as dvgs_method
+from dvgs_fast.methods.dvgs import method as dvgs_method
 
 ATOL = RTOL = 1e-5
 
@@ -40,7 +40,7 @@ def _run(model, xs, ys, xt, yt, backend, **kw):
 def _assert_equal_backends(model, xs, ys, xt, yt, **kw):
     fast = _run(model, xs, ys, xt, yt, "fast", **kw)
     ref = _run(model, xs, ys, xt, yt, "reference", **kw)
-    assert fast.n_snapshots == ref.n_snapshots > 0
+    assert fast.info["snapshots"] == ref.info["snapshots"] > 0
     np.testing.assert_allclose(fast.values, ref.values, rtol=RTOL, atol=ATOL)
     assert np.std(ref.values) > 1e-4                      # not trivially equal
     return fast, ref
@@ -240,13 +240,13 @@ def test_snapshots_counter_restarts_and_result():
     xs, ys, xt, yt = _data(m=25)                 # 3 steps per epoch with batch 10
     res = _run(model, xs, ys, xt, yt, "fast", epochs=3, restarts=2, compute_every=4, keep_snapshots=True)
     # 2 restarts * 3 epochs * 3 steps = 18 steps; the counter is global: steps 0,4,...,16 -> 5
-    assert res.n_snapshots == 5 and res.info["steps"] == 18
+    assert res.info["snapshots"] == 5 and res.info["steps"] == 18
     assert res.snapshots.shape == (60, 5) and isinstance(res.snapshots, np.memmap)
     np.testing.assert_allclose(res.snapshots.mean(1), res.values, rtol=1e-6, atol=1e-7)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())   # caller's copy untouched
     assert set(res.timings) >= {"setup", "train", "score", "total"}
     assert res.method == "dvgs" and res.params["similarity"] == "cosine"
-    df = res.to_frame()
+    df = res.to_dataframe()
     assert len(df) == 60
 
 
@@ -256,7 +256,7 @@ def test_save_load_roundtrip(tmp_path):
     back = ValuationResult.load(path)
     np.testing.assert_array_equal(back.values, res.values)
     np.testing.assert_array_equal(back.snapshots, np.asarray(res.snapshots))
-    assert back.params == res.params and back.n_snapshots == res.n_snapshots
+    assert back.params == res.params and back.info["snapshots"] == res.info["snapshots"]
 
 
 def test_factory_and_seed_reproducible():
@@ -338,7 +338,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_aft
     resumed = _run(net, *data, "fast", checkpoint_dir=tmp_path, **kw)
     np.testing.assert_array_equal(resumed.values, full.values)
     np.testing.assert_array_equal(np.asarray(resumed.snapshots), np.asarray(full.snapshots))
-    assert resumed.n_snapshots == full.n_snapshots
+    assert resumed.info["snapshots"] == full.info["snapshots"]
     # A finished checkpoint is reused as is.
     again = _run(net, *data, "fast", checkpoint_dir=tmp_path, **kw)
     np.testing.assert_array_equal(again.values, full.values)

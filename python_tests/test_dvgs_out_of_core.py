@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS
-from dvgs_fast.dvgs import fast as dvgs_fast_mod
-from dvgs_fast.dvgs.sources import (DatasetSource, GctxSource, IteratorSource, TensorSource, as_source)
+from dvgs_fast.methods.dvgs import fast as dvgs_fast_mod
+from dvgs_fast.methods.dvgs.sources import (DatasetSource, GctxSource, IteratorSource, TensorSource, as_source)
 
 LINCS = "lincs/modzs_n272x978.gctx"
 
@@ -80,7 +80,7 @@ def test_gctx_chunked_equals_in_memory(lincs_reader):
     xt = X[:64]
     mem = DVGS(_ae(dropout=0.1), **kw).fit(X, None, xt, None)
     ooc = DVGS(_ae(dropout=0.1), **kw).fit(lincs_reader, None, xt, None)
-    assert ooc.n_snapshots == mem.n_snapshots == 4
+    assert ooc.info["snapshots"] == mem.info["snapshots"] == 4
     np.testing.assert_array_equal(ooc.values, mem.values)
     np.testing.assert_array_equal(np.asarray(ooc.snapshots), np.asarray(mem.snapshots))
     assert ooc.info["n_source"] == 272
@@ -96,7 +96,7 @@ def test_dataset_and_iterator_sources_equal_in_memory():
     it = DVGS(_mlp(), **kw).fit(make, None, xt, yt)
     np.testing.assert_array_equal(it.values, mem.values)
     # called anew per pass: the length count, the probe, and once per snapshot (at least)
-    assert calls["n"] >= mem.n_snapshots + 1
+    assert calls["n"] >= mem.info["snapshots"] + 1
     # labels kept in memory next to an x-only Dataset
     ds2 = DVGS(_mlp(), **kw).fit(_Rows(xs), ys, xt, yt)
     np.testing.assert_array_equal(ds2.values, mem.values)
@@ -185,7 +185,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, kind, kill
         return ys if kind == "memory" else None
 
     full = DVGS(_mlp(), **kw).fit(src(), y(), xt, yt)
-    assert full.n_snapshots == 12
+    assert full.info["snapshots"] == 12
     real = _kill_after(monkeypatch, kill_at)
     with pytest.raises(_Killed):
         DVGS(_mlp(), checkpoint_dir=tmp_path, **kw).fit(src(), y(), xt, yt)
@@ -196,7 +196,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, kind, kill
     res = DVGS(_mlp(), checkpoint_dir=tmp_path, **kw).fit(src(), y(), xt, yt)
     np.testing.assert_array_equal(res.values, full.values)
     np.testing.assert_array_equal(np.asarray(res.snapshots), np.asarray(full.snapshots))
-    assert res.n_snapshots == full.n_snapshots and res.info["steps"] == full.info["steps"]
+    assert res.info["snapshots"] == full.info["snapshots"] and res.info["steps"] == full.info["steps"]
 
 
 def test_resume_gctx_source(tmp_path, monkeypatch, lincs_reader):
@@ -211,7 +211,7 @@ def test_resume_gctx_source(tmp_path, monkeypatch, lincs_reader):
     res = DVGS(_ae(h=16, c=4), checkpoint_dir=tmp_path, **kw).fit(lincs_reader, None, xt, None)
     np.testing.assert_array_equal(res.values, full.values)
     sums = np.load(tmp_path / "dvgs_sums.npy", mmap_mode="r")
-    np.testing.assert_allclose(sums[res.n_snapshots % 2] / res.n_snapshots, res.values, rtol=0, atol=0)
+    np.testing.assert_allclose(sums[res.info["snapshots"] % 2, 0] / res.info["snapshots"], res.values, rtol=0, atol=0)
 
 
 def test_slice_of_a_source_values_that_range():

@@ -49,7 +49,7 @@ def test_adult_flipped_label_detection(data_root):
     for seed in SEEDS:
         xs, ys, xt, yt, flipped = adult_task(data_root, seed)
         res = DVGS(adult_mlp, epochs=100, restarts=3, seed=seed, progress=False).fit(xs, ys, xt, yt)
-        assert res.n_snapshots == 300
+        assert res.info["snapshots"] == 300
         aucs.append(detection_auroc(res.values, flipped))
     print(f"DVGS Adult AUROC per seed: {np.round(aucs, 4).tolist()}, mean {np.mean(aucs):.4f}")
     assert np.mean(aucs) >= 0.85, aucs

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from . import _config as C
 from ._errors import CLIError, one_line
 
@@ -429,7 +431,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     # ---- evaluation ------------------------------------------------------------------------------
     t0 = time.perf_counter()
     from ..evaluate import remove_curve, summarize
-    import numpy as np
     values = np.asarray(result.values, dtype=np.float64)
     if values.shape != (data.n_source,) or not np.all(np.isfinite(values)):
         raise CLIError(f"{method}: returned {values.shape} values, {int((~np.isfinite(values)).sum())} "
@@ -467,7 +468,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         method_settings={k: v for k, v in built.kwargs.items() if k != "progress"},
         notes=data.notes, command=" ".join(shlex.quote(a) for a in [PROG, *argv]),
         extra={"method_timings": result.timings, "method_info": result.info,
-               "n_snapshots": getattr(result, "n_snapshots", None),
+               "status": result.status, "counts": {"valued": int((result.counts > 0).sum()), "median": float(np.median(result.counts))},
                "versions": {"dvgs_fast": getattr(dvgs_fast, "__version__", _version()), "torch": torch.__version__,
                             "python": sys.version.split()[0]},
                "created": _dt.datetime.now().isoformat(timespec="seconds")})

@@ -17,13 +17,13 @@ from ._errors import CLIError
 
 # name -> (module, class, fixed keyword arguments, description)
 METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
-    "dvgs": ("dvgs_fast.dvgs", "DVGS", {}, "Data Valuation with Gradient Similarity (fast engine)"),
-    "lossval": ("dvgs_fast.lossval", "LossVal", {}, "LossVal (learned per-sample loss weights)"),
-    "dvrl": ("dvgs_fast.baselines.dvrl", "DVRL", {}, "Data Valuation with Reinforcement Learning"),
-    "dshap": ("dvgs_fast.baselines.shapley", "DataShapley", {"method": "tmc"},
+    "dvgs": ("dvgs_fast.methods.dvgs", "DVGS", {}, "Data Valuation with Gradient Similarity (fast engine)"),
+    "lossval": ("dvgs_fast.methods.lossval", "LossVal", {}, "LossVal (learned per-sample loss weights)"),
+    "dvrl": ("dvgs_fast.methods.dvrl", "DVRL", {}, "Data Valuation with Reinforcement Learning"),
+    "dshap": ("dvgs_fast.methods.shapley", "DataShapley", {"method": "tmc"},
               "Data Shapley (TMC; [method] method = \"gshapley\" for G-Shapley)"),
-    "loo": ("dvgs_fast.baselines.loo", "LeaveOneOut", {}, "leave-one-out"),
-    "random": ("dvgs_fast.baselines.random_values", "RandomValuation", {}, "random values (baseline)"),
+    "loo": ("dvgs_fast.methods.loo", "LeaveOneOut", {}, "leave-one-out"),
+    "random": ("dvgs_fast.methods.random", "RandomValuation", {}, "random values (baseline)"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

@@ -1,4 +1,4 @@
 """DVGS: data valuation by gradient similarity (Evans et al.), with a fast exact scorer."""
-from .method import DVGS
+from dvgs_fast.methods.dvgs.method import DVGS
 
 __all__ = ["DVGS"]

@@ -35,13 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..result import ValuationResult
-from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
-from .._utils import seed_everything
-from ._common import settings_of
-from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
-                      check_optional_positive_int, check_seed, prepare_inputs, progress_bar, resolve_metric)
-from ._models import check_model_output, make_model, score_outputs
+from dvgs_fast._utils import seed_everything
+from dvgs_fast._validation import (check_choice, check_dtype, check_model_spec, check_optional_positive_int,
+                                   check_positive_float, check_positive_int, prepare_inputs, resolve_metric)
+from dvgs_fast.methods.base import Estimate, Run, Valuation
+from dvgs_fast.refit.models import check_model_output, make_model, score_outputs
 
 BASELINES = ("fixed", "moving_average")
 DVRL_METRICS = ("accuracy", "auc", "neg_log_loss", "neg_mse", "neg_mae")
@@ -67,7 +65,7 @@ class ValueEstimator(nn.Module):
         return torch.sigmoid(self.out(h)).squeeze(1)
 
 
-class DVRL:
+class DVRL(Valuation):
     """Data valuation using reinforcement learning.
 
     Parameters
@@ -93,6 +91,8 @@ class DVRL:
     threshold, penalty, epsilon : the selection-rate penalty and log epsilon (0.9, 1e3, 1e-8).
     n_iterations : outer iterations (original 2000); max_time : wall-clock budget in seconds.
     """
+
+    name = "dvrl"
 
     def __init__(self, model: Any = "logistic", *, loss: str = "cross_entropy", metric: str | None = None,
                  baseline: str = "moving_average", ma_window: int = 20, hidden_dim: int = 100, comb_dim: int = 10,
@@ -124,37 +124,28 @@ class DVRL:
         self.penalty = check_positive_float(penalty, "penalty", allow_zero=True)
         self.epsilon = check_positive_float(epsilon, "epsilon")
         self.n_iterations = check_positive_int(n_iterations, "n_iterations")
-        self.max_time = check_optional_positive_float(max_time, "max_time")
         self.predictor_hidden = check_positive_int(predictor_hidden, "predictor_hidden")
         self.n_classes = check_optional_positive_int(n_classes, "n_classes")
         self.dtype = check_dtype(dtype)
-        self.device = resolve_device(device)
-        self.seed = check_seed(seed)
-        self.progress = check_bool(progress, "progress")
-
-    def params(self) -> dict[str, Any]:
-        keys = (
-            "loss", "metric", "baseline", "ma_window", "hidden_dim", "comb_dim", "n_layers", "batch_size",
-            "inner_iterations", "predictor_batch_size", "predictor_lr", "learning_rate", "threshold", "penalty",
-            "epsilon", "n_iterations", "max_time", "predictor_hidden", "n_classes", "seed")
-        return settings_of(self, keys)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     # ------------------------------------------------------------------------------------------
-    def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any) -> ValuationResult:
+    def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         t0 = time.perf_counter()
-        budget = Budget(self.max_time, self.n_iterations)
+        budget = run.budget
+        budget.max_iterations = self.n_iterations
         data = prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
-                              device=self.device, dtype=self.dtype, flatten=isinstance(self.model, str))
+                              device=run.device, dtype=self.dtype, flatten=isinstance(self.model, str))
         metric = resolve_metric(self.metric, self.loss, n_classes=data.n_classes,
                                 default_cls="auc" if data.n_classes == 2 else "accuracy")
         if metric == "r2":
             raise ValueError("metric: 'r2' is not a DVRL reward; use 'neg_mse' or 'neg_mae'")
         X, Y, Xt, Yt = data.x_source, data.y_source, data.x_target, data.y_target
         N = data.n_source
-        seed = self.seed if self.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
+        seed = run.seed
         seed_everything(seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        dev = self.device
+        dev = run.device
 
         predictor = make_model(self.model, int(np.prod(X.shape[1:])), data.out_dim,
                                hidden_dim=self.predictor_hidden).to(device=dev, dtype=self.dtype)
@@ -212,7 +203,7 @@ class DVRL:
         rewards: list[float] = []
         n_done, stopped = 0, None
         resampled = 0
-        bar = progress_bar(self.progress, self.n_iterations, "DVRL")
+        bar = run.progress(self.n_iterations, "DVRL")
         try:
             while True:
                 stopped = budget.exhausted(n_done)
@@ -253,15 +244,15 @@ class DVRL:
             values = torch.cat([estimator(X_flat[a:b], y_enc[a:b], y_diff[a:b])
                                 for a, b in _chunks(N, 4096)])
         values_np = values.to("cpu", torch.float64).numpy()
-        timings = {"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup,
-                   "total": time.perf_counter() - t0}
-        info = {"seed": seed, "metric": metric, "stopped_by": "max_iterations" if stopped == "max_iterations"
-                else stopped, "iterations_done": n_done, "full_score": full_score,
+        info = {"metric": metric, "iterations_done": n_done, "full_score": full_score,
                 "final_baseline": baseline, "empty_selections_resampled": resampled,
                 "mean_reward_last_100": float(np.mean(rewards[-100:])) if rewards else None,
                 "mean_selection_probability": float(values_np.mean())}
-        return ValuationResult(values=values_np, method="dvrl", params=self.params(), timings=timings,
-                               n_snapshots=n_done, info=info)
+        # n_iterations is what was asked: reaching it completes the run; only max_time stops it.
+        return Estimate(values=values_np, status="stopped" if stopped == "max_time" else "completed",
+                        stop_reason=stopped,
+                        progress=f"{n_done} of {self.n_iterations} outer iterations", info=info,
+                        timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})
 
 
 def _chunks(n: int, size: int):

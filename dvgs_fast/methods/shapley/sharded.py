@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._tmc import PermutationDriver
+from dvgs_fast.methods.shapley.tmc import PermutationDriver
 
 
 class ShardedPermutationDriver(PermutationDriver):
@@ -116,17 +116,3 @@ def make_driver(ctx, n: int, seed: int, **kw) -> PermutationDriver:
     if not ctx.enabled:
         return PermutationDriver(n, seed, **kw)
     return ShardedPermutationDriver(ctx, n, seed, round_size=kw["check_every"], **kw)
-
-
-def dist_context(distributed: bool | None, device: torch.device):
-    """DistContext for `distributed` (None: automatic under torchrun; True: required; False: off)."""
-    from ..distributed import DistContext
-    if distributed is not None and not isinstance(distributed, bool):
-        raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
-    if distributed is False:
-        return DistContext()
-    ctx = DistContext.from_env(device=device)
-    if distributed and not ctx.enabled:
-        raise ValueError("distributed: True needs a process group with more than one process: launch with "
-                         "torchrun --nproc_per_node=K (WORLD_SIZE > 1) or initialise torch.distributed first")
-    return ctx

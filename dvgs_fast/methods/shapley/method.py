@@ -25,23 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..result import ValuationResult
-from .._validation import check_choice, check_positive_float, check_positive_int, resolve_device
-from .._utils import seed_everything
-from ._batched import build_refit_grid, gshapley_batched, one_epoch_scores, tmc_batched
-from ._common import settings_of
-from ._common import (Budget, check_bool, check_dtype, check_model_spec, check_optional_positive_float,
-                      check_optional_positive_int, check_seed, prepare_inputs, progress_bar,
-                      resolve_metric)
-from ._models import chance_score, fresh_params, stack_params
-from ._sharded import dist_context, make_driver
-from ._tmc import PermState, cover_length, gshapley_sequential, tmc_sequential
+from dvgs_fast._utils import seed_everything
+from dvgs_fast._validation import (check_bool, check_choice, check_dtype, check_model_spec,
+                                   check_optional_positive_float, check_optional_positive_int,
+                                   check_positive_float, check_positive_int, prepare_inputs, resolve_metric)
+from dvgs_fast.distributed import context_for
+from dvgs_fast.methods.base import Estimate, Run, Valuation
+from dvgs_fast.methods.shapley.batched import gshapley_batched, tmc_batched
+from dvgs_fast.methods.shapley.sharded import make_driver
+from dvgs_fast.methods.shapley.tmc import PermState, cover_length, gshapley_sequential, tmc_sequential
+from dvgs_fast.refit.batched import build_refit_grid, one_epoch_scores
+from dvgs_fast.refit.models import chance_score, fresh_params, stack_params
 
 METHODS = ("tmc", "gshapley")
 ENGINES = ("auto", "vmap", "linear")
 
 
-class DataShapley:
+class DataShapley(Valuation):
     """Monte-Carlo Data Shapley values of the source samples.
 
     Parameters
@@ -76,7 +76,11 @@ class DataShapley:
     distributed : None (automatic under torchrun / an initialised process group), True (required)
         or False. Permutation p runs on rank p % world_size; marginals are all-reduced every
         `check_every` permutations and the convergence check runs on the reduced values, so the
-        values equal a single-process run with the same seed (see `_sharded`).
+        values equal a single-process run with the same seed (see `sharded.py`).
+
+    At least one stopping rule is required (max_permutations, convergence_tol or max_time).
+    result.stderr is the standard error of each value over the permutations (TMC marginals of a
+    truncated tail are 0, as in the original); result.counts the permutations averaged.
     """
 
     def __init__(self, model: Any = "logistic", method: str = "tmc", *, loss: str = "cross_entropy",
@@ -100,7 +104,6 @@ class DataShapley:
         self.max_permutations = check_optional_positive_int(max_permutations, "max_permutations")
         self.convergence_tol = check_optional_positive_float(convergence_tol, "convergence_tol")
         self.check_every = check_positive_int(check_every, "check_every")
-        self.max_time = check_optional_positive_float(max_time, "max_time")
         self.refit_steps = check_positive_int(refit_steps, "refit_steps")
         self.refit_lr = check_positive_float(refit_lr, "refit_lr")
         self.refit_optimizer = check_choice(refit_optimizer, "refit_optimizer", ("adam", "sgd"))
@@ -114,49 +117,46 @@ class DataShapley:
         self.n_classes = check_optional_positive_int(n_classes, "n_classes")
         self.dtype = check_dtype(dtype)
         self.keep_marginals = check_bool(keep_marginals, "keep_marginals")
-        self.device = resolve_device(device)
-        self.seed = check_seed(seed)
-        self.progress = check_bool(progress, "progress")
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        if self.max_permutations is None and self.convergence_tol is None and self.max_time is None:
+            raise ValueError("max_permutations: DataShapley needs a stopping rule: set max_permutations, "
+                             "convergence_tol or max_time (all three are None, so it would run forever)")
 
-    def params(self) -> dict[str, Any]:
-        keys = (
-            "method", "loss", "metric", "tolerance", "truncation_patience", "max_permutations",
-            "convergence_tol", "check_every", "max_time", "refit_steps", "refit_lr", "refit_optimizer",
-            "weight_decay", "g_learning_rate", "hidden_dim", "batched", "batch_permutations", "chunk_size",
-            "batch_engine", "n_classes", "keep_marginals", "seed")
-        return settings_of(self, keys)
+    @property
+    def name(self) -> str:  # the result's method name says which estimator ran
+        return "tmc_shapley" if self.method == "tmc" else "g_shapley"
 
     # ------------------------------------------------------------------------------------------
-    def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any) -> ValuationResult:
-        t_start = time.perf_counter()
-        budget = Budget(self.max_time, None)
-        ctx = dist_context(self.distributed, self.device)
+    def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
+        ctx = context_for(self.distributed, run.device)
         try:
-            return self._fit(ctx, budget, t_start, x_source, y_source, x_target, y_target)
+            return self._fit_ctx(ctx, run, x_source, y_source, x_target, y_target)
         finally:
             ctx.close()                       # only if fit() initialised the process group
 
-    def _fit(self, ctx, budget, t_start, x_source, y_source, x_target, y_target) -> ValuationResult:
+    def _fit_ctx(self, ctx, run: Run, x_source, y_source, x_target, y_target) -> Estimate:
+        t_start = time.perf_counter()
+        budget = run.budget
         data = prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
-                              device=ctx.device_for(self.device), dtype=self.dtype, flatten=isinstance(self.model, str))
+                              device=ctx.device_for(run.device), dtype=self.dtype, flatten=isinstance(self.model, str))
         metric = resolve_metric(self.metric, self.loss, n_classes=data.n_classes, default_cls="accuracy")
         X = data.x_source
         N = data.n_source
-        seed = self.seed if self.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-        seed = ctx.broadcast_object(seed)     # a drawn seed must be the same on every rank
+        seed = run.seed = ctx.broadcast_object(run.seed)     # a drawn seed must be the same on every rank
         seed_everything(seed)
         module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
         timings: dict[str, float] = {"setup": 0.0}
-        info: dict[str, Any] = {"seed": seed, "n_source": N, "metric": metric, "engine": (
+        info: dict[str, Any] = {"n_source": N, "metric": metric, "engine": (
             grid.engine if self.batched else "sequential")}
 
-        bar = progress_bar(self.progress and ctx.is_main, self.max_permutations,
-                           "TMC-Shapley" if self.method == "tmc" else "G-Shapley")
+        run.show_progress = run.show_progress and ctx.is_main
+        bar = run.progress(self.max_permutations, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
+                           unit="perm")
         driver = make_driver(ctx, N, seed, max_permutations=self.max_permutations,
                                    convergence_tol=self.convergence_tol, check_every=self.check_every,
                                    budget=budget, on_complete=bar.update)
@@ -173,13 +173,13 @@ class DataShapley:
 
         mem = driver.marginals()
         n_done = len(mem)
-        values = mem.mean(0) if n_done else np.zeros(N)
-        if n_done == 0:
-            warnings.warn("DataShapley: the budget ran out before one permutation was completed; "
-                          "values are all zero", RuntimeWarning, stacklevel=2)
+        if n_done:
+            values = mem.mean(0)
+            stderr = mem.std(0, ddof=1) / np.sqrt(n_done) if n_done > 1 else None
+        else:
+            values, stderr = np.zeros(N), None
+        stopped = stopped or driver.stop_reason()
         info.update({
-            "stopped_by": stopped or driver.stop_reason(),
-            "iterations_done": n_done,
             "permutations_done": n_done,
             "permutations_started": driver.issued,
             "convergence_error": driver.last_error,
@@ -190,10 +190,10 @@ class DataShapley:
             info["mean_refits_per_permutation"] = float(np.mean(refits))
             info["truncated_fraction"] = float(np.mean([driver.stats[i][1] for i in used]))
         timings["valuation"] = time.perf_counter() - t_start - timings["setup"]
-        timings["total"] = time.perf_counter() - t_start
-        return ValuationResult(values=values, method="tmc_shapley" if self.method == "tmc" else "g_shapley",
-                               params=self.params(), timings=timings, n_snapshots=n_done,
-                               snapshots=mem.T.copy() if self.keep_marginals else None, info=info)
+        return Estimate(values=values, stderr=stderr, counts=np.full(N, n_done, dtype=np.int64),
+                        status={"max_time": "stopped", "converged": "converged"}.get(stopped, "completed"),
+                        stop_reason=stopped, progress=f"{n_done} permutations",
+                        info=info, timings=timings, snapshots=mem.T.copy() if self.keep_marginals else None)
 
     # ------------------------------------------------------------------------------------------
     def _run_tmc(self, refitter, grid, theta0, data, driver, info, timings, t_start):

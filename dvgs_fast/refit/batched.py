@@ -30,8 +30,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
-from ._models import Refitter, check_model_output, init_params, make_model, score_outputs
-from ._tmc import PermState, PermutationDriver
+from dvgs_fast.refit.models import Refitter, check_model_output, init_params, make_model, score_outputs
 
 
 class GridTrainer:
@@ -189,96 +188,6 @@ class GridTrainer:
         return out
 
 
-# ---------------------------------------------------------------------------------------------
-# batched TMC-Shapley
-# ---------------------------------------------------------------------------------------------
-
-def tmc_batched(grid: GridTrainer, X, Y, Xt, Yt, *, driver: PermutationDriver, make_state,
-                n_slots: int, chunk: int) -> str | None:
-    budget = driver.budget
-    N = X.shape[0]
-    slots: list[PermState] = []
-    rows_cache: dict[int, torch.Tensor] = {}
-    while True:
-        while len(slots) < n_slots and driver.can_issue():
-            idx, perm = driver.issue()
-            st = make_state(idx, perm)
-            slots.append(st)
-            rows_cache[idx] = perm.to(X.device)
-        if not slots:
-            return None
-        if budget.time_up():
-            return "max_time"
-        # slots whose whole chunk lies before class coverage need no models at all
-        busy = [s for s in slots if s.pos + chunk >= s.cover_len]
-        for s in slots:
-            if s not in busy:
-                for _ in range(chunk):
-                    if s.done:
-                        break
-                    s.feed(None)
-        scores = None
-        if busy:
-            L = min(N, max(s.pos + chunk for s in busy))
-            rows = torch.stack([rows_cache[s.index][:L] for s in busy])  # [P, L]
-            Xp, Yp = X[rows], Y[rows]
-            ks = torch.tensor([[min(s.pos + j + 1, N) for j in range(chunk)] for s in busy], device=X.device)
-            M = (torch.arange(L, device=X.device).view(1, 1, L) < ks.unsqueeze(-1)).to(X.dtype)
-            params = grid.train(Xp, Yp, M)
-            scores = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()  # [P, C]
-        for p, s in enumerate(busy):
-            for j in range(chunk):
-                if s.done:
-                    break
-                s.feed(scores[p, j] if s.needs_refit() else None)
-        for s in slots:
-            if s.done:
-                driver.complete(s.index, s.marg, s.refits, s.truncated)
-                rows_cache.pop(s.index, None)
-        slots = [s for s in slots if not s.done]
-        if driver.converged_at is not None:
-            return None
-
-
-# ---------------------------------------------------------------------------------------------
-# batched G-Shapley
-# ---------------------------------------------------------------------------------------------
-
-def gshapley_batched(grid: GridTrainer, init_fn, X, Y, Xt, Yt, *, lr: float, driver: PermutationDriver,
-                     n_slots: int) -> str | None:
-    """P permutations at once; their SGD trajectories advance in lock-step."""
-    from ._models import stack_params
-    budget = driver.budget
-    N = X.shape[0]
-    while driver.can_issue():
-        if budget.time_up():
-            return "max_time"
-        group = []
-        while len(group) < n_slots and driver.can_issue():
-            group.append(driver.issue())
-        idxs = [g[0] for g in group]
-        perms = torch.stack([g[1] for g in group]).to(X.device)  # [P, N]
-        params = stack_params([init_fn(i) for i in idxs])
-        P = len(group)
-        marg = np.zeros((P, N), dtype=np.float64)
-        prev = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()
-        perms_np = perms.cpu().numpy()
-        ar = np.arange(P)
-        for t in range(N):
-            rows = perms[:, t]
-            params = grid.sgd_step(params, X[rows], Y[rows], lr)
-            new = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()
-            marg[ar, perms_np[:, t]] = new - prev
-            prev = new
-            if budget.time_up():
-                return "max_time"
-        for p, i in enumerate(idxs):
-            driver.complete(i, marg[p], N, False)
-        if driver.converged_at is not None:
-            return None
-    return None
-
-
 def one_epoch_scores(grid: GridTrainer, inits: dict[str, torch.Tensor], X, Y, Xt, Yt, perms: torch.Tensor,
                      lrs: torch.Tensor) -> torch.Tensor:
     """Final target score after one SGD epoch (batch size 1) for B members with their own lr."""
@@ -306,9 +215,9 @@ def loo_batched_scores(grid: GridTrainer, X, Y, Xt, Yt, left_out: torch.Tensor) 
 def build_refit_grid(est, X: torch.Tensor, data, metric):
     """The refit model, its trainer, its fixed initial weights and the batched grid over them,
     set up the same way for leave-one-out and Data Shapley (`est` holds their shared settings:
-    model, hidden_dim, device, dtype, batch_engine, refit_*, weight_decay)."""
+    model, hidden_dim, dtype, batch_engine, refit_*, weight_decay)."""
     module = make_model(est.model, int(np.prod(X.shape[1:])), data.out_dim, hidden_dim=est.hidden_dim)
-    module = module.to(device=est.device, dtype=est.dtype)
+    module = module.to(device=X.device, dtype=est.dtype)
     check_model_output(module, X, data.out_dim)
     if est.batch_engine == "linear" and not isinstance(module, nn.Linear):
         raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear")

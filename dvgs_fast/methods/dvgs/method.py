@@ -54,14 +54,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import _validation as V
-from .._io import atomic_write_bytes
-from .._utils import build_model, iter_chunks, make_optimizer, reset_parameters, seed_everything
-from ..result import ValuationResult
-from .fast import FastScorer
-from .reference import ReferenceScorer
-from ._values_store import ValuesStore
-from .sources import SourceRows, as_source, is_chunked_input, is_source_view
+from dvgs_fast import _validation as V
+from dvgs_fast._io import atomic_write_bytes
+from dvgs_fast._utils import build_model, iter_chunks, make_optimizer, reset_parameters, seed_everything
+from dvgs_fast.distributed import context_for
+from dvgs_fast.methods.base import Estimate, Run, Valuation
+from dvgs_fast.result import stats_from_sums
+from dvgs_fast.methods.dvgs.fast import FastScorer
+from dvgs_fast.methods.dvgs.reference import ReferenceScorer
+from dvgs_fast.methods.dvgs._values_store import ValuesStore
+from dvgs_fast.methods.dvgs.sources import SourceRows, as_source, is_chunked_input, is_source_view
 
 SIMILARITIES = ("cosine", "dot", "projection", "distance")
 BACKENDS = ("fast", "reference")
@@ -71,7 +73,7 @@ _SNAP_NAME = "dvgs_snapshots.npy"
 _EPS = 1e-8
 
 
-class DVGS:
+class DVGS(Valuation):
     """Data Valuation by Gradient Similarity.
 
     >>> res = DVGS(model, loss="cross_entropy", epochs=100).fit(x_source, y_source, x_target, y_target)
@@ -94,6 +96,8 @@ class DVGS:
     backend           "fast" (default) or "reference" (torch.func per-sample gradients).
     device            None: where tensor inputs live, else CUDA when available, else CPU.
     seed              makes the run reproducible (int); None draws one (stored in result.info).
+    max_time          wall-clock budget in seconds, checked after every snapshot; a run stopped by
+                      it returns the mean over the snapshots taken, with status "stopped".
     progress          tqdm bar over epochs with the snapshot count.
     checkpoint_dir    save state after every snapshot and epoch (model, optimizer, RNG states,
                       counters; the per-sample sums are a memory-mapped file there); a rerun
@@ -108,10 +112,16 @@ class DVGS:
     keep_snapshots    keep every snapshot: result.snapshots is a memory-mapped [N, K] array
                       (in checkpoint_dir, else an anonymous temporary file). Distributed: only
                       this rank's rows (result.info["shard"]) are filled.
+
+    result.stderr is each value's standard error over all snapshots of all restarts (NaN with
+    fewer than two); result.counts the number of snapshots averaged.
     distributed       None: automatic (a torchrun launch with WORLD_SIZE > 1, or an initialised
                       process group); True: require it; False: run alone even under torchrun.
                       Source chunks are split across ranks; see the module docstring.
     """
+
+    name = "dvgs"
+    requires_labels = False      # autoencoders: y = x when both label sets are None
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 100, restarts: int = 1, lr: float = 1e-3, optimizer: str = "adam",
@@ -119,7 +129,7 @@ class DVGS:
                  source_batch_size: int = 1024, similarity: str = "cosine", grad_params: Any = None,
                  class_weight: Any = None, backend: str = "fast", device: Any = None, seed: int | None = None,
                  progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-                 keep_snapshots: bool = False, distributed: bool | None = None):
+                 keep_snapshots: bool = False, distributed: bool | None = None, max_time: float | None = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
                              f"got {type(model).__name__}")
@@ -151,48 +161,28 @@ class DVGS:
         if isinstance(class_weight, str) and class_weight != "balanced":
             raise ValueError(f"class_weight: expected None, 'balanced' or a sequence of weights, got {class_weight!r}")
         self.class_weight = class_weight
-        self.device = None if device is None else V.resolve_device(device)
-        if seed is not None:
-            seed = V.check_positive_int(seed, "seed", allow_zero=True)
-        self.seed = seed
-        self.progress = bool(progress)
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.keep_snapshots = bool(keep_snapshots)
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     # ------------------------------------------------------------------------------------------
-    def settings(self) -> dict:
-        """The run's settings, JSON-serialisable (goes into ValuationResult.params)."""
-        cw = self.class_weight
-        if cw is not None and not isinstance(cw, str):
-            cw = [float(v) for v in np.asarray(cw.detach().cpu() if isinstance(cw, torch.Tensor) else cw).ravel()]
-        return {"loss": self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", repr(self.loss)),
-                "epochs": self.epochs, "restarts": self.restarts, "lr": self.lr, "optimizer": self.optimizer,
-                "weight_decay": self.weight_decay, "compute_every": self.compute_every,
-                "target_batch_size": self.target_batch_size, "source_batch_size": self.source_batch_size,
-                "similarity": self.similarity, "grad_params": self.grad_params, "class_weight": cw,
-                "backend": self.backend, "seed": self.seed}
-
-    def fit(self, x_source: Any, y_source: Any = None, x_target: Any = None, y_target: Any = None) -> ValuationResult:
-        """Train on the target set, scoring the source set; returns the data values."""
+    def _fit(self, x_source, y_source, x_target, y_target, base_run: Run) -> Estimate:
+        """Train on the target set, scoring the source set."""
         t_start = time.perf_counter()
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
-        ctx = _dist_context(self, x_source, y_source, x_target, y_target)
+        ctx = context_for(self.distributed, base_run.device)
         try:
-            run = _prepare(self, x_source, y_source, x_target, y_target, ctx)
+            run = _prepare(self, x_source, y_source, x_target, y_target, ctx, base_run)
             timings["setup"] = time.perf_counter() - t_start
-            with torch.enable_grad():         # also when fit() is called under torch.no_grad()
-                values, k_done, snaps, info = _train_and_score(self, run, timings)
+            est = _train_and_score(self, run, timings, base_run)
         finally:
             ctx.close()                       # only if fit() initialised the process group
-        timings["total"] = time.perf_counter() - t_start
-        params = self.settings()
-        info.update({"seed": run.seed, "device": str(run.device), "n_source": run.n_source,
-                     "n_target": run.n_target, **run.scorer.describe()})
-        return ValuationResult(values=values, method="dvgs", params=params, timings=timings,
-                               n_snapshots=k_done, snapshots=snaps, info=info)
+        est.info.update({"n_source": run.n_source, "n_target": run.n_target, **run.scorer.describe()})
+        est.timings = timings
+        return est
 
 
 # ============================================================================== losses
@@ -225,40 +215,8 @@ class _Run:
     """Everything fit() derives from its arguments before training starts."""
 
 
-def _tensor_device(*xs) -> torch.device | None:
-    devs = {x.device for x in xs if isinstance(x, torch.Tensor)}
-    return next(iter(devs)) if devs else None
-
-
-def _dist_context(cfg: DVGS, *xs):
-    from ..distributed import DistContext
-    if cfg.distributed is False:
-        return DistContext()
-    in_dev = _tensor_device(*xs)
-    dev = cfg.device or (in_dev if (in_dev is not None and in_dev.type != "cpu") else V.resolve_device(None))
-    ctx = DistContext.from_env(device=dev)
-    if cfg.distributed and not ctx.enabled:
-        raise ValueError("distributed: True needs a process group with more than one process: launch with "
-                         "torchrun --nproc_per_node=K (WORLD_SIZE > 1) or initialise torch.distributed first")
-    return ctx
-
-
-def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Run:
-    if x_target is None:
-        raise ValueError("x_target: is required (the clean target set the model is trained on)")
-    V.check_devices({"x_source": x_source, "y_source": y_source, "x_target": x_target, "y_target": y_target})
-    in_dev = _tensor_device(x_source, y_source, x_target, y_target)
-    if cfg.device is not None:
-        device = cfg.device
-        if in_dev is not None and in_dev.type != "cpu" and in_dev != device:
-            raise ValueError(f"device: {device} was requested but the inputs are on {in_dev}; "
-                             f"move them or pass device={str(in_dev)!r}")
-    else:
-        device = in_dev if (in_dev is not None and in_dev.type != "cpu") else V.resolve_device(None)
-    if ctx is None:
-        from ..distributed import DistContext
-        ctx = DistContext()
-    device = ctx.device_for(device)      # distributed: a bare 'cuda' is this rank's GPU
+def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx, base_run: Run) -> _Run:
+    device = ctx.device_for(base_run.device)      # distributed: a bare 'cuda' is this rank's GPU
 
     if is_chunked_input(x_source):
         # Out of core (sources.py): a GctxReader, torch Dataset or iterator factory, streamed
@@ -312,9 +270,9 @@ def _prepare(cfg: DVGS, x_source, y_source, x_target, y_target, ctx=None) -> _Ru
         if seed is None:
             seed = int(ckpt["seed"])
     if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
+        seed = base_run.seed
     seed = ctx.broadcast_object(seed)    # a drawn seed must be the same on every rank
-    run.seed = seed
+    run.seed = base_run.seed = seed
     run.gen = seed_everything(seed)
 
     model = build_model(cfg.model, "model")
@@ -422,7 +380,9 @@ def _fingerprint(cfg: DVGS, run: _Run) -> str:
     """Hash of everything that determines the values: settings, data and the initial model."""
     h = hashlib.blake2b(digest_size=16)
     s = cfg.settings()
-    s.pop("source_batch_size")       # chunking does not change the values beyond rounding
+    for k in ("source_batch_size",   # chunking does not change the values beyond rounding
+              "max_time", "checkpoint_dir", "distributed", "device"):   # a resume may change these
+        s.pop(k)
     s["seed"] = run.seed
     s["keep_snapshots"] = cfg.keep_snapshots    # resuming must find the snapshot file it wrote
     if run.ctx.enabled:                 # a rank's rows depend on the number of ranks and the chunk size
@@ -498,7 +458,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
+def _train_and_score(cfg: DVGS, run: _Run, timings: dict, base_run: Run) -> Estimate:
     from tqdm.auto import tqdm
 
     model, device, scorer = run.model, run.device, run.scorer
@@ -533,6 +493,7 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                       f"{cfg.source_batch_size} than there are ranks ({ctx.world_size}); some ranks have "
                       f"nothing to score. Lower source_batch_size to spread the scoring.", RuntimeWarning,
                       stacklevel=3)
+    stopped = None
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     xs, ys = run.xs, run.ys
 
@@ -597,6 +558,13 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                         t0 = time.perf_counter()
                         save(pos=bi + 1, rng_shuffle=epoch_rng)
                         timings["checkpoint"] += time.perf_counter() - t0
+                    # Every rank decides alike (rank 0's clock), so all stop after the same snapshot.
+                    if (step - 1) % cfg.compute_every == 0 and base_run.budget.max_time is not None:
+                        stopped = ctx.broadcast_object(base_run.budget.exhausted())
+                        if stopped:
+                            break
+                if stopped:
+                    break
                 pos = 0
                 epoch += 1
                 if epoch == cfg.epochs:
@@ -609,14 +577,19 @@ def _train_and_score(cfg: DVGS, run: _Run, timings: dict):
                 bar.update(1)
                 if epoch == 0:
                     break                       # restart finished: go reset for the next one
+            if stopped:
+                break
     finally:
         bar.close()
-    sums = np.array(store.sums_after(k))
+    sums = np.array(store.sums_after(k))          # [2, N]: sum of similarities and of their squares
     if ctx.enabled:                     # zeros outside each rank's rows: the sum is exact
         sums = ctx.all_reduce_sum(sums)
-    values = sums / max(k, 1)
+    counts = np.full(run.n_source, k, dtype=np.int64)
+    values, stderr = stats_from_sums(sums[0], sums[1], counts)
     store.flush()
-    info = {"steps": step}
+    info = {"steps": step, "snapshots": k, "snapshots_planned": n_total}
     if ctx.enabled:
         info.update({"world_size": ctx.world_size, "rank": ctx.rank, "shard": [lo, hi]})
-    return values, k, snaps, info
+    return Estimate(values=values, stderr=stderr, counts=counts, status="stopped" if stopped else "completed",
+                    stop_reason=stopped, info=info,
+                    snapshots=None if snaps is None else snaps[:, :k], progress=f"{k} of {n_total} snapshots")

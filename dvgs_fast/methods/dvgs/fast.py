@@ -31,9 +31,9 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .. import ops
-from ._hooks import ForwardRecorder
-from .reference import SampleLoss, per_sample_grads
+from dvgs_fast import ops
+from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
+from dvgs_fast.methods.dvgs.reference import SampleLoss, per_sample_grads
 
 
 def _is_plain_linear(m: nn.Module) -> bool:

@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _validation as V
-from ._utils import build_model, seed_everything
-from .ops.sinkhorn import sinkhorn, sinkhorn_reference
-from .result import ValuationResult
+from dvgs_fast import _validation as V
+from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast.methods.base import Estimate, Run, Valuation
+from dvgs_fast.ops.sinkhorn import sinkhorn, sinkhorn_reference
 
 BACKENDS = ("fast", "reference")
 _LOG_EPS = 1e-8  # the original's cross-entropy: -log(softmax + 1e-8)
@@ -82,7 +82,7 @@ def lossval_batch_loss(out: torch.Tensor, y: torch.Tensor, x_batch: torch.Tensor
     return weighted * batch_ot(x_batch, x_target, w, backend=backend, **ot_kwargs) ** 2
 
 
-class LossVal:
+class LossVal(Valuation):
     """LossVal data valuation.
 
     >>> res = LossVal(model, loss="cross_entropy", epochs=30).fit(x_source, y_source, x_target, y_target)
@@ -93,17 +93,25 @@ class LossVal:
     loss         "cross_entropy" (integer labels) or "mse".
     epochs, lr, batch_size   training of model and weights together with Adam(lr) over shuffled
                  source mini-batches (the last one may be smaller).
-    device       None: CUDA when available, else CPU.
+    device       None: where tensor inputs live, else CUDA when available, else CPU.
     seed         makes the run reproducible (shuffling, and the model when given as a factory).
+    max_time     wall-clock budget in seconds, checked after every mini-batch; a stopped run
+                 returns the weights so far with status "stopped" (counts: the epochs in which
+                 each weight was updated, 0 = never).
     progress     tqdm bar over epochs.
     backend      "fast" (dvgs_fast.ops.sinkhorn) or "reference" (dense PyTorch Sinkhorn).
     blur, scaling, diameter_factor   the Sinkhorn settings of the original (0.05, 0.5, 1.1).
+
+    result.stderr is NaN (one weight per sample, nothing averaged); result.counts is the number
+    of epochs in which the sample's weight was trained.
     """
+
+    name = "lossval"
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str = "cross_entropy", epochs: int = 30,
                  lr: float = 0.01, batch_size: int = 128, device: Any = None, seed: int | None = None,
                  progress: bool = True, backend: str = "fast", blur: float = 0.05, scaling: float = 0.5,
-                 diameter_factor: float = 1.1):
+                 diameter_factor: float = 1.1, max_time: float | None = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
                              f"got {type(model).__name__}")
@@ -112,41 +120,32 @@ class LossVal:
         self.epochs = V.check_positive_int(epochs, "epochs")
         self.lr = V.check_positive_float(lr, "lr")
         self.batch_size = V.check_positive_int(batch_size, "batch_size")
-        self.device = None if device is None else V.resolve_device(device)
-        if seed is not None:
-            seed = V.check_positive_int(seed, "seed", allow_zero=True)
-        self.seed = seed
-        self.progress = bool(progress)
         self.backend = V.check_choice(backend, "backend", BACKENDS)
         self.blur = V.check_positive_float(blur, "blur")
         self.scaling = V.check_positive_float(scaling, "scaling")
         if not self.scaling < 1:
             raise ValueError(f"scaling: must be in (0, 1), got {scaling!r}")
         self.diameter_factor = V.check_positive_float(diameter_factor, "diameter_factor")
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
-    def settings(self) -> dict:
-        return {"loss": self.loss, "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "backend": self.backend, "blur": self.blur, "scaling": self.scaling,
-                "diameter_factor": self.diameter_factor, "seed": self.seed}
-
-    def fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any = None) -> ValuationResult:
-        """Train model and weights on the source set; returns the final weights as values."""
-        from tqdm.auto import tqdm
-
+    def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
+        """Train model and weights on the source set; the final weights are the values."""
         t0 = time.perf_counter()
-        run = self._prepare(x_source, y_source, x_target, y_target)
-        model, xs, ys, xt, dev = run["model"], run["xs"], run["ys"], run["xt"], run["device"]
+        prep = self._prepare(x_source, y_source, x_target, y_target, run)
+        model, xs, ys, xt, dev = prep["model"], prep["xs"], prep["ys"], prep["xt"], run.device
         n = xs.shape[0]
         weights = nn.Parameter(torch.ones(n, dtype=xs.dtype, device=dev))
         opt = torch.optim.Adam([*model.parameters(), weights], lr=self.lr)
         ot_kw = dict(blur=self.blur, scaling=self.scaling, diameter_factor=self.diameter_factor)
-        gen = run["gen"]
+        gen = prep["gen"]
+        counts = np.zeros(n, dtype=np.int64)
+        stopped = None
         t_setup = time.perf_counter() - t0
         epoch_times, losses = [], []
         steps = 0
         model.train()
-        bar = tqdm(range(self.epochs), disable=not self.progress, desc="LossVal", unit="epoch")
-        for _ in bar:
+        bar = run.progress(self.epochs, "LossVal", unit="epoch")
+        for _ in range(self.epochs):
             te = time.perf_counter()
             perm = torch.randperm(n, generator=gen).to(dev)
             total = 0.0
@@ -161,25 +160,30 @@ class LossVal:
                 opt.step()
                 total += float(loss.detach())
                 steps += 1
+                counts[idx.cpu().numpy()] += 1
+                stopped = run.budget.exhausted()
+                if stopped:
+                    break
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             epoch_times.append(time.perf_counter() - te)
             losses.append(total)
-            bar.set_postfix(loss=f"{total:.4g}")
+            bar.set_postfix(loss=f"{total:.4g}", refresh=False)
+            bar.update(1)
+            if stopped:
+                break
+        bar.close()
         values = weights.detach().cpu().to(torch.float64).numpy()
-        t_total = time.perf_counter() - t0
-        info = {"seed": run["seed"], "device": str(dev), "n_source": n, "n_target": int(xt.shape[0]),
-                "steps": steps, "epoch_losses": losses, "epoch_times": epoch_times}
+        info = {"n_source": n, "n_target": int(xt.shape[0]), "steps": steps, "epochs_done": len(losses),
+                "epoch_losses": losses, "epoch_times": epoch_times}
         timings = {"setup": t_setup, "train": float(sum(epoch_times)),
-                   "per_epoch": float(np.median(epoch_times)), "total": t_total}
-        return ValuationResult(values=values, method="lossval", params=self.settings(), timings=timings,
-                               n_snapshots=steps, info=info)
+                   "per_epoch": float(np.median(epoch_times)) if epoch_times else 0.0}
+        return Estimate(values=values, counts=counts, status="stopped" if stopped else "completed",
+                        stop_reason=stopped, info=info, timings=timings,
+                        progress=f"{len(losses)} of {self.epochs} epochs")
 
     # ------------------------------------------------------------------------------------------
-    def _prepare(self, x_source, y_source, x_target, y_target) -> dict:
-        if x_target is None:
-            raise ValueError("x_target: is required (the clean target set)")
-        V.check_devices({"x_source": x_source, "y_source": y_source, "x_target": x_target, "y_target": y_target})
+    def _prepare(self, x_source, y_source, x_target, y_target, run: Run) -> dict:
         xs = V.as_float_tensor(x_source, "x_source")
         xt = V.as_float_tensor(x_target, "x_target")
         V.check_same_features(xs, xt, "x_source", "x_target")
@@ -189,11 +193,8 @@ class LossVal:
         if y_target is not None:
             yt = V.as_labels(y_target, "y_target", loss=self.loss)
             V.check_same_length(xt, yt, "x_target", "y_target")
-        in_dev = next(iter(V.tensor_device_of(x_source, x_target)), None)
-        device = self.device or (in_dev if in_dev is not None and in_dev.type != "cpu" else V.resolve_device(None))
-
-        seed = self.seed if self.seed is not None else int(np.random.SeedSequence().generate_state(1)[0])
-        gen = seed_everything(seed)
+        device = run.device
+        gen = seed_everything(run.seed)
         model = build_model(self.model, "model")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
@@ -229,5 +230,4 @@ class LossVal:
         elif out[0].numel() != ys[0].numel():
             raise ValueError(f"y_source: the model outputs {tuple(out.shape[1:])} per sample but targets have "
                              f"shape {tuple(ys.shape[1:])}")
-        return {"model": model, "xs": xs, "ys": ys, "xt": xt.reshape(xt.shape[0], -1), "device": device,
-                "seed": seed, "gen": gen}
+        return {"model": model, "xs": xs, "ys": ys, "xt": xt.reshape(xt.shape[0], -1), "gen": gen}

@@ -338,7 +338,7 @@ class GctxSource(Source):
         return _prefetched(self._read_blocks(start, stop), depth=1)
 
     def _read_blocks(self, start, stop):
-        from ..datasets.lincs import MATRIX_PATH, _apply, _open
+        from dvgs_fast.datasets.lincs import MATRIX_PATH, _apply, _open
         r = self.reader
         stats = r.stats()
         block = max(r.chunk_size, 1)
@@ -443,7 +443,7 @@ class IteratorSource(Source):
 def is_chunked_input(x: Any) -> bool:
     """Whether `x` is one of the chunked source kinds (not an in-memory array)."""
     from torch.utils.data import Dataset
-    from ..datasets.lincs import GctxReader
+    from dvgs_fast.datasets.lincs import GctxReader
     if isinstance(x, (torch.Tensor, np.ndarray, list, tuple)):
         return False
     return isinstance(x, (Source, SourceRows, GctxReader, Dataset)) or callable(x)
@@ -452,7 +452,7 @@ def is_chunked_input(x: Any) -> bool:
 def as_source(x: Any, y: Any = None) -> Source:
     """Wrap a chunked source input (see the module docstring); y_source, if given, in memory."""
     from torch.utils.data import Dataset
-    from ..datasets.lincs import GctxReader
+    from dvgs_fast.datasets.lincs import GctxReader
     if isinstance(x, SourceRows):
         x = x.source
     if isinstance(x, Source):

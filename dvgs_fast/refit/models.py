@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from .._utils import build_model
+from dvgs_fast._utils import build_model
 
 
 def make_model(spec: Any, in_dim: int, out_dim: int, *, hidden_dim: int = 100, name: str = "model") -> nn.Module:

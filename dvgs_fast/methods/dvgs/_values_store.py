@@ -1,9 +1,11 @@
-"""Per-sample running sums of DVGS similarities in a memory-mapped float64 file.
+"""Per-sample running sums of DVGS similarities and of their squares (for the standard error)
+in a memory-mapped float64 file.
 
 The sums live on disk (in ``checkpoint_dir``, else an unlinked temporary file), so an
 N-sample run needs O(batch) memory for them, and they are written as snapshots are computed.
 
-Crash safety at snapshot granularity: the file holds two slots ``[2, N]``. After ``k`` completed
+Crash safety at snapshot granularity: the file holds two slots ``[2, 2, N]`` (slot, [sum, sum of
+squares], sample). After ``k`` completed
 snapshots the valid sums are in slot ``k % 2``; snapshot ``k`` reads slot ``k % 2`` and writes
 ``sums + similarity`` into slot ``(k + 1) % 2``. A run killed in the middle of snapshot ``k``
 leaves slot ``k % 2`` untouched, and the checkpoint (written atomically after the snapshot and
@@ -51,7 +53,8 @@ def _open(directory: Path | None, name: str, dtype, shape, resume: bool, fortran
 
 
 class ValuesStore:
-    """Running sums [N] (float64, double-buffered on disk) and optional snapshots [N, K]."""
+    """Running sums and sums of squares [2, N] (float64, double-buffered on disk) and optional
+    snapshots [N, K]."""
 
     def __init__(self, n: int, directory: str | os.PathLike | None = None, *, resume: bool = False,
                  n_snapshots: int = 0, keep_snapshots: bool = False, snapshot_dtype=np.float32,
@@ -61,7 +64,7 @@ class ValuesStore:
         if resume and self.directory is not None and not (self.directory / sums_name).exists():
             raise ValueError(f"checkpoint_dir: {self.directory} has a checkpoint but no {sums_name}; "
                              f"delete the checkpoint to start over")
-        self.sums = _open(self.directory, sums_name, np.float64, (2, self.n), resume)
+        self.sums = _open(self.directory, sums_name, np.float64, (2, 2, self.n), resume)
         if not resume:
             self.sums[0] = 0.0
         self.snapshots = None
@@ -70,18 +73,17 @@ class ValuesStore:
                                    resume, fortran_order=True)
 
     def add(self, k: int, a: int, b: int, sim: np.ndarray) -> None:
-        """Snapshot k's similarities of rows [a, b): sums_{k+1} = sums_k + sim (float64)."""
+        """Snapshot k's similarities of rows [a, b): sums_{k+1} = sums_k + (sim, sim²) (float64)."""
         sim = np.asarray(sim)
-        np.add(self.sums[k % 2, a:b], sim.astype(np.float64, copy=False), out=self.sums[(k + 1) % 2, a:b])
+        s64 = sim.astype(np.float64, copy=False)
+        np.add(self.sums[k % 2, 0, a:b], s64, out=self.sums[(k + 1) % 2, 0, a:b])
+        np.add(self.sums[k % 2, 1, a:b], s64 * s64, out=self.sums[(k + 1) % 2, 1, a:b])
         if self.snapshots is not None:
             self.snapshots[a:b, k] = sim
 
     def sums_after(self, k: int) -> np.ndarray:
+        """[2, N]: per-sample sum of the k snapshots' similarities and of their squares."""
         return self.sums[k % 2]
-
-    def values(self, k: int) -> np.ndarray:
-        """Mean similarity after k snapshots, as an in-memory float64 array."""
-        return np.asarray(self.sums[k % 2]) / max(k, 1)
 
     def flush(self) -> None:
         self.sums.flush()

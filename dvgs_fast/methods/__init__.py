@@ -1,0 +1,30 @@
+"""Every valuation method, one module or package each, all subclasses of `Valuation`:
+
+    Method(model_or_factory, ..., device=None, seed=None, max_time=None, progress=True)
+        .fit(x_source, y_source, x_target, y_target) -> dvgs_fast.ValuationResult
+
+Imported lazily so that `import dvgs_fast` stays quick.
+"""
+from __future__ import annotations
+
+_LAZY = {
+    "Valuation": ("dvgs_fast.methods.base", "Valuation"),
+    "DVGS": ("dvgs_fast.methods.dvgs", "DVGS"),
+    "LossVal": ("dvgs_fast.methods.lossval", "LossVal"),
+    "DVRL": ("dvgs_fast.methods.dvrl", "DVRL"),
+    "DataShapley": ("dvgs_fast.methods.shapley", "DataShapley"),
+    "LeaveOneOut": ("dvgs_fast.methods.loo", "LeaveOneOut"),
+    "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dvgs_fast.methods' has no attribute {name!r}")
