@@ -7,7 +7,7 @@
 // each extra iteration.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -28,7 +28,7 @@ template <typename T>
 class CudaEngine final : public SoftminEngine<T> {
  public:
   CudaEngine(const at::Tensor& x, const at::Tensor& y, int64_t p)
-      : pts_{x.contiguous(), y.contiguous()}, p_(p), stream_(at::cuda::getCurrentCUDAStream()) {
+      : pts_{x.contiguous(), y.contiguous()}, p_(p), stream_(c10::cuda::getCurrentCUDAStream()) {
     residual_ = at::zeros({1}, x.options().dtype(at::kLong));
     lse_ = at::empty({std::max(x.size(0), y.size(0))}, x.options().dtype(at::kDouble));
   }
