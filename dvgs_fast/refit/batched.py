@@ -23,7 +23,6 @@ refilled with the next permutation, so the grid stays full.
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from torch.func import vmap
 
 from dvgs_fast.refit.models import Refitter, check_model_output, init_params, make_model, score_outputs
+from dvgs_fast.refit.optim import run_optimizer
 
 
 class GridTrainer:
@@ -110,28 +110,13 @@ class GridTrainer:
                     gb = gb + r.weight_decay * b
             return gW, gb
 
-        lr = r.lr
-        if r.optimizer == "sgd":
-            for _ in range(r.steps):
-                gW, gb = grads(W, b)
-                W = W - lr * gW
-                if b is not None:
-                    b = b - lr * gb
-        else:
-            b1, b2, eps = 0.9, 0.999, 1e-8
-            mW, vW = torch.zeros_like(W), torch.zeros_like(W)
-            mb, vb = (torch.zeros_like(b), torch.zeros_like(b)) if b is not None else (None, None)
-            for t in range(1, r.steps + 1):
-                gW, gb = grads(W, b)
-                c1, c2 = 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)
-                step = lr / c1
-                mW = b1 * mW + (1.0 - b1) * gW
-                vW = b2 * vW + (1.0 - b2) * (gW * gW)
-                W = W - step * mW / (vW.sqrt() / c2 + eps)
-                if b is not None:
-                    mb = b1 * mb + (1.0 - b1) * gb
-                    vb = b2 * vb + (1.0 - b2) * (gb * gb)
-                    b = b - step * mb / (vb.sqrt() / c2 + eps)
+        def grad_fn(ps):
+            gW, gb = grads(ps["weight"], ps.get("bias"))
+            return {"weight": gW} if gb is None else {"weight": gW, "bias": gb}
+
+        return run_optimizer(r.optimizer, {"weight": W} if b is None else {"weight": W, "bias": b}, grad_fn,
+                             steps=r.steps, lr=r.lr)
+
         out = {"weight": W}
         if b is not None:
             out["bias"] = b

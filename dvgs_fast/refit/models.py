@@ -4,7 +4,7 @@ The refit procedure is a *pure function* of (initial weights, rows, labels, row 
 
     params = train(theta0, x, y, w)        # `steps` full-batch steps, loss = sum(w * l) / sum(w)
 
-with a hand-written Adam / SGD update (no torch.optim state objects), so that
+with the functional Adam / SGD of refit/optim.py (no torch.optim state objects), so that
 
 * every refit starts from the same initial weights theta0 (drawn once from the seed) and is a
   deterministic function of the training subset -- marginal contributions are not polluted by
@@ -20,14 +20,14 @@ its buffers, which keeps refits deterministic. Use models without train-time ran
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad
 
 from dvgs_fast._utils import build_model
+from dvgs_fast.refit.optim import run_optimizer
 
 
 def make_model(spec: Any, in_dim: int, out_dim: int, *, hidden_dim: int = 100, name: str = "model") -> nn.Module:
@@ -113,26 +113,7 @@ class Refitter:
         return self._run(self._grad, params, x, y, w)
 
     def _run(self, grad_fn, params, x, y, w):
-        lr = self.lr
-        if self.optimizer == "sgd":
-            for _ in range(self.steps):
-                g = grad_fn(params, x, y, w)
-                params = {k: p - lr * g[k] for k, p in params.items()}
-            return params
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        m = {k: torch.zeros_like(p) for k, p in params.items()}
-        v = {k: torch.zeros_like(p) for k, p in params.items()}
-        for t in range(1, self.steps + 1):
-            g = grad_fn(params, x, y, w)
-            c1, c2 = 1.0 - b1 ** t, math.sqrt(1.0 - b2 ** t)
-            step = lr / c1
-            new = {}
-            for k, p in params.items():
-                m[k] = b1 * m[k] + (1.0 - b1) * g[k]
-                v[k] = b2 * v[k] + (1.0 - b2) * (g[k] * g[k])
-                new[k] = p - step * m[k] / (v[k].sqrt() / c2 + eps)
-            params = new
-        return params
+        return run_optimizer(self.optimizer, params, lambda ps: grad_fn(ps, x, y, w), steps=self.steps, lr=self.lr)
 
     def sgd_step(self, params, x_row, y_row, lr, functional: bool = False):
         """One SGD step on a single sample (G-Shapley)."""
@@ -142,11 +123,6 @@ class Refitter:
     # -- scoring ------------------------------------------------------------------------------
     def score(self, params, x_target: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
         return score_outputs(self.forward(params, x_target), y_target, self.metric)
-
-    def score_batched(self, params, x_target, y_target) -> torch.Tensor:
-        """params batched along dim 0 -> scores [B]."""
-        out = vmap(self.forward, in_dims=(0, None))(params, x_target)
-        return score_outputs(out, y_target, self.metric)
 
 
 def score_outputs(out: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:
@@ -201,10 +177,3 @@ def chance_score(y_target: torch.Tensor, metric: str, n_classes: int | None) -> 
 
 def stack_params(params_list: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([p[k] for p in params_list]) for k in params_list[0]}
-
-
-def expand_params(params: dict[str, torch.Tensor], *shape: int) -> dict[str, torch.Tensor]:
-    return {k: v.expand(*shape, *v.shape) for k, v in params.items()}
-
-
-TrainFn = Callable[..., dict]
