@@ -381,7 +381,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if noise is None:
         noise = parse_noise(preset["noise"])
     n_source = settings.get("n_source", preset["n_source"])
-    n_target = settings.get("n_target", preset["n_target"])
+    # An explicit --n-target is used as given; only the out-of-core LINCS run sizes its default
+    # from the file (None), so it must see whether the user set it.
+    n_target = settings.get("n_target", None if lincs_gctx is not None else preset["n_target"])
     data = split(loaded, n_source, n_target, settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
     t_load = time.perf_counter() - t0
     status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
