@@ -323,11 +323,11 @@ def test_unreadable_gctx(tmp_path, capsys):
     _assert_one_line_error(rc, err, str(missing), "not found")
 
 
-def test_method_not_implemented_says_so(tmp_path, capsys, monkeypatch):
+def test_method_with_missing_optional_package_says_so(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(_methods.METHODS, "lossval",
-                        ("dvgs_fast._not_written_yet", "LossVal", {}, "placeholder"))
+                        ("some_optional_pkg_not_installed.sub", "LossVal", {}, "placeholder"))
     rc, _, err = _run(["run", "--method", "lossval", "--out", str(tmp_path / "o"), "--no-progress"], capsys)
-    _assert_one_line_error(rc, err, "not implemented yet")
+    _assert_one_line_error(rc, err, "needs the package 'some_optional_pkg_not_installed'", "pip install")
 
 
 def test_info_lists_methods_and_datasets(capsys):

@@ -203,7 +203,7 @@ def _info() -> int:
             load_class(name)
             state = "available"
         except NotAvailable as exc:
-            state = "not implemented yet" if "not implemented" in str(exc) else one_line(exc)
+            state = one_line(exc)
         print(f"  {name:<8} {cls_name:<16} {state:<20} {desc}")
     try:
         root = resolve_data_root(None)
@@ -350,7 +350,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     overwrite = bool(settings.get("overwrite"))
     if main_rank:
         _check_out(out, overwrite)
-    load_class(method)                 # "not implemented yet" before loading any data
+    load_class(method)                 # a missing optional package fails before loading any data
     # --dataset lincs --data-root FILE.gctx (or a folder with one): the paper's LINCS run, out of core.
     lincs_gctx = None
     if spec.kind == "lincs" and spec.path is None and "data_root" in settings:

@@ -8,7 +8,6 @@ per-dataset default it does not take is left out.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -29,44 +28,22 @@ _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 
 
 class NotAvailable(CLIError):
-    pass
+    """The method needs an optional package that is not installed."""
 
 
 def load_class(name: str):
-    """The method's class, or NotAvailable with a one-line reason."""
+    """The method's class, or NotAvailable naming the missing optional package."""
     if name not in METHODS:
         raise CLIError(f"--method: unknown method {name!r}; choose one of {', '.join(METHODS)}")
     mod_name, cls_name, _, _ = METHODS[name]
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing == mod_name or (mod_name.startswith(missing + ".") and missing.startswith("dvgs_fast")):
-            raise NotAvailable(f"--method {name}: {cls_name} is not implemented yet in this version of "
-                               f"dvgs_fast; available now: {', '.join(available_methods()) or 'none'}") from None
+        missing = (exc.name or "").split(".")[0]
+        if missing == "dvgs_fast":
+            raise                      # our own module missing is a packaging bug, not a user error
         raise NotAvailable(f"--method {name}: {cls_name} needs the package {missing!r}: pip install {missing}") from None
-    cls = getattr(mod, cls_name, None)
-    if cls is None:
-        raise NotAvailable(f"--method {name}: {cls_name} is not implemented yet in this version of dvgs_fast")
-    return cls
-
-
-def available_methods() -> list[str]:
-    out = []
-    for name, (mod_name, cls_name, _, _) in METHODS.items():
-        spec = importlib.util.find_spec(mod_name) if _parent_importable(mod_name) else None
-        if spec is not None:
-            out.append(name)
-    return out
-
-
-def _parent_importable(mod_name: str) -> bool:
-    parent = mod_name.rpartition(".")[0]
-    try:
-        importlib.import_module(parent)
-        return True
-    except ImportError:
-        return False
+    return getattr(mod, cls_name)
 
 
 @dataclass
