@@ -10,11 +10,16 @@ import torch
 from torch import nn
 
 
+def draw_seed() -> int:
+    """A fresh seed from the OS entropy pool (for runs given seed=None; stored in result.info)."""
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
+
 def seed_everything(seed: int | None) -> torch.Generator:
     """Seed python, numpy and torch; return a torch.Generator for explicit sampling."""
     g = torch.Generator()
     if seed is None:
-        seed = int(np.random.SeedSequence().generate_state(1)[0])
+        seed = draw_seed()
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

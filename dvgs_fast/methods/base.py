@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dvgs_fast import _validation as V
+from dvgs_fast._utils import draw_seed
 from dvgs_fast.result import ValuationResult
 
 # Constructor parameters that are not settings of the result (they do not change the values).
@@ -106,10 +107,6 @@ class Run:
 def derive_seed(seed: int, *salt: int) -> int:
     """A 63-bit seed derived from (seed, *salt): different salts give independent streams."""
     return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def draw_seed() -> int:
-    return int(np.random.SeedSequence().generate_state(1)[0])
 
 
 class Valuation(abc.ABC):
