@@ -23,6 +23,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
               "Data Shapley (TMC; [method] method = \"gshapley\" for G-Shapley)"),
     "loo": ("dvgs_fast.methods.loo", "LeaveOneOut", {}, "leave-one-out"),
     "random": ("dvgs_fast.methods.random", "RandomValuation", {}, "random values (baseline)"),
+    "knn_shapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley", {}, "exact KNN-Shapley (Jia et al. 2019)"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

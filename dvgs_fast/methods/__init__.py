@@ -15,6 +15,7 @@ _LAZY = {
     "DataShapley": ("dvgs_fast.methods.shapley", "DataShapley"),
     "LeaveOneOut": ("dvgs_fast.methods.loo", "LeaveOneOut"),
     "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
+    "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
 }
 
 __all__ = list(_LAZY)
