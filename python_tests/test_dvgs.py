@@ -109,7 +109,7 @@ def test_sequence_inputs_and_shared_layer():
     ys, yt = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 3, (16,), generator=g)
     fast, _ = _assert_equal_backends(_SeqNet(), xs, ys, xt, yt)
     assert set(fast.info["linear_ghost"]) == {"emb", "shared", "head"}
-    assert fast.info["per_layer_func"] == ["norm"]
+    assert fast.info["ghost_layers"] == ["norm"] and fast.info["per_layer_func"] == []
 
 
 def test_conv_net():
@@ -121,7 +121,7 @@ def test_conv_net():
                         nn.Conv2d(4, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.ReLU(),
                         nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     fast, _ = _assert_equal_backends(net, xs, ys, xt, yt)
-    assert fast.info["per_layer_func"] == ["0", "1", "3", "4"]
+    assert fast.info["ghost_layers"] == ["0", "1", "3", "4"] and fast.info["per_layer_func"] == []
 
 
 @pytest.mark.parametrize("grad_params", [["5"], ["0.weight"], ["0.bias", "3"], ["1"], "3.bias"])
@@ -162,7 +162,7 @@ def test_fallback_routes_and_inplace_relu():
     wrapped = nn.Sequential(_ToLong(), model)
     fast, _ = _assert_equal_backends(wrapped, xs, ys, xt, yt)
     assert fast.info["linear_ghost"] == ["1.out"]
-    assert fast.info["per_layer_func"] == ["1.emb"]
+    assert fast.info["ghost_layers"] == ["1.emb"]
     # tied l1/l2 weight -> both modules; the bare parameter on a container
     assert sorted(fast.info["reference_route_params"]) == ["1.l1.bias", "1.l1.weight", "1.l2.bias", "1.scale"]
 

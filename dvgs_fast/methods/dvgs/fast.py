@@ -6,12 +6,18 @@ gradient vector is never assembled:
 
 * nn.Linear: `ops.linear_ghost_stats` from the layer's input a_i and output gradient d_i
   (the weight gradient d_i a_i^T is never formed);
-* any other leaf module owning selected parameters (norm affine, conv, embedding, ...): that
-  module's own per-sample gradients via torch.func (vmap over samples of the vjp of the module
-  alone, with the recorded output gradient as cotangent), reduced by `ops.per_sample_grad_stats`;
-* everything else (parameters on non-leaf modules, parameters shared between modules, modules
-  whose call could not be recorded): the reference route (vmap(grad) of the whole model) for
-  those parameters only.
+* Conv1d/Conv2d, Embedding, LayerNorm/RMSNorm/GroupNorm/InstanceNorm and eval-mode BatchNorm
+  affines: the ghost routes of ghost_layers.py (unfolded convolution in linear_ghost_stats'
+  sequence form, gathered embedding rows, per-channel reductions of δ·x̂ and δ);
+* any other leaf module owning selected parameters: that module's own per-sample gradients via
+  torch.func (vmap over samples of the vjp of the module alone, with the recorded output
+  gradient as cotangent), reduced by `ops.per_sample_grad_stats` ("per_layer_func");
+* everything else (parameters on non-leaf modules, parameters shared between modules, recurrent
+  layers, modules whose call could not be recorded): the reference route (vmap(grad) of the
+  whole model) for those parameters only.
+
+`describe()` (stored in result.info) names the route of every layer; when some layer takes one
+of the two slower torch.func routes, a `SlowRouteWarning` names them once per scorer.
 
 Inputs and output gradients of all routed layers come from ONE batched forward and ONE
 backward of sum_i loss_i: with samples independent, d(sum_j loss_j)/d out_i is sample i's own δ.
@@ -24,6 +30,7 @@ parameters runs its own forward and so draws its own masks.
 """
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import torch
@@ -33,7 +40,12 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dvgs_fast import ops
 from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
+from dvgs_fast.methods.dvgs.ghost_layers import describe_conv, ghost_kind, ghost_module_stats
 from dvgs_fast.methods.dvgs.reference import SampleLoss, per_sample_grads
+
+
+class SlowRouteWarning(UserWarning):
+    """Some layers have no ghost route: their per-sample gradients are formed by torch.func."""
 
 
 def _is_plain_linear(m: nn.Module) -> bool:
@@ -42,14 +54,18 @@ def _is_plain_linear(m: nn.Module) -> bool:
 
 
 class FastScorer:
-    """score(x, y, target) -> similarity [N]; same contract as ReferenceScorer."""
+    """score(x, y, target) -> similarity [N]; same contract as ReferenceScorer.
+
+    ``stats(x, y, G)`` gives the raw per-sample (dot, sqnorm). Methods that run their own
+    forward/backward (In-Run Data Shapley) use ``recorder()``, ``grad_outputs(rec)`` and
+    ``stats_from_record(...)`` to get the same statistics from their training step."""
 
     name = "fast"
 
     def __init__(self, model: nn.Module, names: list[str], sample_loss: SampleLoss, similarity: str,
-                 eps: float = 1e-8):
+                 eps: float = 1e-8, owner: str = "DVGS"):
         self.model, self.names, self.sample_loss = model, list(names), sample_loss
-        self.similarity, self.eps = similarity, eps
+        self.similarity, self.eps, self.owner = similarity, eps, owner
 
         params = dict(model.named_parameters())
         name_of = {id(p): n for n, p in params.items()}
@@ -60,6 +76,7 @@ class FastScorer:
                 n_owners[id(p)] += 1
 
         self.linear: list[tuple[nn.Module, str | None, str | None]] = []
+        self.ghost: list[tuple[nn.Module, str, str | None, str | None]] = []
         self.generic: list[tuple[nn.Module, list[tuple[str, str]]]] = []
         self.fallback: list[str] = []
         for m in model.modules():
@@ -67,17 +84,31 @@ class FastScorer:
             if not own:
                 continue
             full = [(local, name_of[id(p)]) for local, p in own]
+            d = dict(full)
+            kind = ghost_kind(m)
             if any(n_owners[id(p)] > 1 for _, p in own):
                 self.fallback += [n for _, n in full]      # tied weights: contributions add up
             elif _is_plain_linear(m):
-                d = dict(full)
                 self.linear.append((m, d.get("weight"), d.get("bias")))
+            elif kind is not None and set(d) <= {"weight", "bias"}:
+                self.ghost.append((m, kind, d.get("weight"), d.get("bias")))
+            elif isinstance(m, nn.RNNBase):
+                # Fused recurrent kernels: the per-layer vjp would need per-leaf batch dims
+                # (h_n is [layers, N, H]); the whole-model route handles them (reference.py).
+                self.fallback += [n for _, n in full]
             elif next(m.children(), None) is None:
                 self.generic.append((m, full))
             else:
                 self.fallback += [n for _, n in full]      # its forward runs children: not per-layer
         self.fallback = list(dict.fromkeys(self.fallback))   # a tied weight is listed once
-        self._routed = [m for m, _, _ in self.linear] + [m for m, _ in self.generic]
+        self._routed = ([m for m, _, _ in self.linear] + [m for m, *_ in self.ghost]
+                        + [m for m, _ in self.generic])
+        self._module_name = {id(m): n for n, m in model.named_modules()}
+        self._param_owner = {name_of[id(p)]: self._module_name[id(m)]
+                             for m in model.modules() for p in m.parameters(recurse=False) if id(p) in name_of}
+        self._ghost_form: dict[str, str] = {}
+        self._runtime_fallback: list[str] = []       # routed layers whose calls could not be split
+        self._warned = False
 
     # ------------------------------------------------------------------------------------------
     def target(self, G: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -88,46 +119,111 @@ class FastScorer:
         dot, sq = self.stats(x, y, target[0])
         return ops.similarity(dot, sq, target[1], self.similarity, self.eps)
 
+    def recorder(self) -> ForwardRecorder:
+        """Context manager recording the routed layers' calls during one batched forward."""
+        return ForwardRecorder(self._routed)
+
+    def grad_outputs(self, rec: ForwardRecorder) -> list[torch.Tensor]:
+        """The recorded outputs whose gradients (the layers' δ) the routes need, in order."""
+        return [c.output for m in self._usable(rec) for c in rec.calls[m]]
+
+    def _usable(self, rec: ForwardRecorder) -> list[nn.Module]:
+        return [m for m in self._routed if m not in rec.unsupported and rec.calls[m]]
+
+    def coupling_layers(self) -> list[str]:
+        """BatchNorm layers that would normalise with batch statistics right now: they couple the
+        samples of a batched forward, so no layer's δ or input is per-sample any more."""
+        return [f"{n} ({type(m).__name__})" for n, m in self.model.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
+
     def stats(self, x: torch.Tensor, y: torch.Tensor, G: dict[str, torch.Tensor]):
         n = x.shape[0]
-        with ForwardRecorder(self._routed) as rec:
+        coupled = self.coupling_layers()
+        if coupled:
+            # Every parameter takes the reference route (each sample normalised on its own).
+            if not self._warned:
+                self._warned = True
+                self._runtime_fallback.extend(self.names)
+                warnings.warn(f"{self.owner} fast backend: {', '.join(coupled)} normalise with batch statistics, "
+                              f"which couples the samples of a batch; every parameter takes the per-sample "
+                              f"torch.func route (slower). Use eval-mode BatchNorm with running statistics, "
+                              f"or GroupNorm/LayerNorm.", SlowRouteWarning, stacklevel=3)
+            g = per_sample_grads(self.model, self.names, x, y, self.sample_loss)
+            return ops.per_sample_grad_stats([g[nm] for nm in self.names], [G[nm] for nm in self.names])
+        with self.recorder() as rec:
             out = self.model(x)
         loss = self.sample_loss(out, y).sum()
-
-        usable = [m for m in self._routed if m not in rec.unsupported and rec.calls[m]]
-        outputs = [c.output for m in usable for c in rec.calls[m]]
+        outputs = self.grad_outputs(rec)
         deltas = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ()
-        it = iter(deltas)
-        delta_of = {m: [next(it) for _ in rec.calls[m]] for m in usable}
-
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        dot = torch.zeros(n, dtype=acc, device=x.device)
-        sq = torch.zeros(n, dtype=acc, device=x.device)
-        leftover = list(self.fallback)      # + routed modules whose calls could not be used
-
-        for m, w_name, b_name in self.linear:
-            res = self._linear_stats(m, rec.calls[m] if m in delta_of else None, delta_of.get(m), n,
-                                     G.get(w_name) if w_name else None, G.get(b_name) if b_name else None)
-            if res is None:
-                leftover += [nm for nm in (w_name, b_name) if nm]
-            elif res is not False:
-                dot += res[0]
-                sq += res[1]
-        for m, full in self.generic:
-            res = self._module_stats(m, full, rec.calls[m] if m in delta_of else None, delta_of.get(m), n, G)
-            if res is None:
-                leftover += [nm for _, nm in full]
-            elif res is not False:
-                dot += res[0]
-                sq += res[1]
-        del rec, outputs, deltas, delta_of, out, loss
-        leftover = list(dict.fromkeys(leftover))
+        del out, loss, outputs
+        dot, sq, leftover = self.stats_from_record(rec, deltas, n, G, x.dtype, x.device)
+        del rec, deltas
         if leftover:
             g = per_sample_grads(self.model, leftover, x, y, self.sample_loss)
             d_, s_ = ops.per_sample_grad_stats([g[nm] for nm in leftover], [G[nm] for nm in leftover])
             dot += d_
             sq += s_
         return dot, sq
+
+    def stats_from_record(self, rec: ForwardRecorder, deltas, n: int, G: dict[str, torch.Tensor],
+                          dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(dot, sq, leftover): the routed layers' statistics from a recorded forward and the
+        gradients at `grad_outputs(rec)` (in that order); `leftover` lists the parameters that
+        must still take the whole-model reference route."""
+        it = iter(deltas)
+        delta_of = {m: [next(it) for _ in rec.calls[m]] for m in self._usable(rec)}
+        # float64 when the model is (token-id inputs are integers: look at G as well)
+        wide = dtype == torch.float64 or any(G[nm].dtype == torch.float64 for nm in self.names if nm in G)
+        acc = torch.float64 if wide else torch.float32
+        dot = torch.zeros(n, dtype=acc, device=device)
+        sq = torch.zeros(n, dtype=acc, device=device)
+        leftover = list(self.fallback)      # + routed modules whose calls could not be used
+
+        def add(res, names):
+            if res is None:
+                leftover.extend(nm for nm in names if nm)
+                self._runtime_fallback.extend(nm for nm in names if nm)
+            elif res is not False:
+                dot.add_(res[0])
+                sq.add_(res[1])
+
+        for m, w_name, b_name in self.linear:
+            calls = rec.calls[m] if m in delta_of else None
+            add(self._linear_stats(m, calls, delta_of.get(m), n, G.get(w_name) if w_name else None,
+                                   G.get(b_name) if b_name else None), (w_name, b_name))
+        for m, kind, w_name, b_name in self.ghost:
+            if m not in delta_of:
+                add(None, (w_name, b_name))
+                continue
+            res = ghost_module_stats(kind, m, rec.calls[m], delta_of[m], n,
+                                     G.get(w_name) if w_name else None, G.get(b_name) if b_name else None)
+            if kind.startswith("conv") and w_name:
+                self._ghost_form[self._module_name[id(m)]] = describe_conv(m, rec.calls[m])
+            add(res, (w_name, b_name))
+        for m, full in self.generic:
+            add(self._module_stats(m, full, rec.calls[m] if m in delta_of else None, delta_of.get(m), n, G),
+                [nm for _, nm in full])
+        leftover = list(dict.fromkeys(leftover))
+        self._warn_slow(leftover)
+        return dot, sq, leftover
+
+    def _warn_slow(self, leftover: list[str]) -> None:
+        if self._warned:
+            return
+        self._warned = True
+        layers = self.slow_layers(leftover)
+        if layers:
+            warnings.warn(f"{self.owner} fast backend: no ghost route for {', '.join(layers)}; their per-sample "
+                          f"gradients are formed with torch.func (slower; result.info['slow_route_layers'])",
+                          SlowRouteWarning, stacklevel=4)
+
+    def slow_layers(self, leftover: list[str] | None = None) -> list[str]:
+        """'name (Type)' of every layer whose parameters take a torch.func route."""
+        mods = dict(self.model.named_modules())
+        names = [self._module_name[id(m)] for m, _ in self.generic]
+        names += [self._param_owner.get(p, p) for p in (leftover if leftover is not None else self.fallback)]
+        names = list(dict.fromkeys(names))
+        return [f"{n or '<model>'} ({type(mods[n]).__name__})" if n in mods else n for n in names]
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
@@ -193,8 +289,23 @@ class FastScorer:
         return ops.per_sample_grad_stats([total[local] for local, _ in full], [G[nm] for _, nm in full])
 
     def describe(self) -> dict:
-        name_of = {id(m): n for n, m in self.model.named_modules()}
+        """Which route each layer took (for result.info)."""
+        name_of = self._module_name
+        ref = list(dict.fromkeys(self.fallback + self._runtime_fallback))
+        routes = {}
+        for m, _, _ in self.linear:
+            routes[name_of[id(m)]] = "linear_ghost"
+        for m, kind, _, _ in self.ghost:
+            nm = name_of[id(m)]
+            routes[nm] = f"{kind}_ghost" + (f" ({self._ghost_form[nm]})" if nm in self._ghost_form else "")
+        for m, _ in self.generic:
+            routes[name_of[id(m)]] = "per_layer_func"
+        for p in ref:
+            routes[self._param_owner.get(p, p)] = "reference"
         return {"backend": "fast",
                 "linear_ghost": [name_of[id(m)] for m, _, _ in self.linear],
+                "ghost_layers": [name_of[id(m)] for m, *_ in self.ghost],
                 "per_layer_func": [name_of[id(m)] for m, _ in self.generic],
-                "reference_route_params": list(self.fallback)}
+                "reference_route_params": ref,
+                "routes": routes,
+                "slow_route_layers": self.slow_layers(ref)}

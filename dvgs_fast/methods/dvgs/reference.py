@@ -5,9 +5,16 @@ Every source sample's loss gradient is formed explicitly with torch.func
 mask per sample), the selected parameters' gradients are concatenated into one vector per
 sample and compared with the target gradient by torch's own similarity functions. Memory and
 time are O(N_chunk * n_params); this is the correctness and speed baseline for the fast scorer.
+
+Recurrent layers (nn.RNN/GRU/LSTM) called without an initial state create it with
+`new_zeros`, an unbatched tensor that the fused GRU kernel then updates in place with batched
+values, which vmap refuses ("output with shape [1, H] doesn't match the broadcast shape
+[N, 1, H]"). While per-sample gradients are taken, such calls get the same zero state made from
+the (batched) input instead (`_batched_rnn_state`): identical values, and vmap can batch it.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -34,7 +41,44 @@ def per_sample_grads(model: nn.Module, names: list[str], x: torch.Tensor, y: tor
         out = functional_call(model, ({**fixed, **p_chosen}, buffers), (x_i.unsqueeze(0),))
         return sample_loss(out, y_i.unsqueeze(0)).sum()
 
-    return vmap(grad(loss_of_one), in_dims=(None, 0, 0), randomness="different")(chosen, x, y)
+    with _batched_rnn_state(model):
+        return vmap(grad(loss_of_one), in_dims=(None, 0, 0), randomness="different")(chosen, x, y)
+
+
+def _zero_state(m: nn.RNNBase, x: torch.Tensor):
+    """The zero initial state nn.RNNBase would create, but derived from x (so batched under vmap)."""
+    layers = m.num_layers * (2 if m.bidirectional else 1)
+    if x.dim() == 3:
+        col = torch.zeros_like(x[:, 0, :1] if m.batch_first else x[0, :, :1])     # [B, 1]
+        shape = (layers, col.shape[0])
+        base = col.unsqueeze(0)                                                    # [1, B, 1]
+    else:                                                                          # unbatched [T, d]
+        base = torch.zeros_like(x[:1, :1])                                         # [1, 1]
+        shape = (layers,)
+    h_size = m.proj_size if getattr(m, "proj_size", 0) > 0 else m.hidden_size
+    h = base.expand(*shape, h_size).clone()
+    if isinstance(m, nn.LSTM):
+        return h, base.expand(*shape, m.hidden_size).clone()
+    return h
+
+
+@contextlib.contextmanager
+def _batched_rnn_state(model: nn.Module):
+    def pre_hook(m, args, kwargs):
+        if len(args) >= 2 or kwargs.get("hx") is not None or not args:
+            return None
+        x = args[0]
+        if not isinstance(x, torch.Tensor):
+            return None                     # a PackedSequence: leave it to the module
+        return (x, _zero_state(m, x)), {k: v for k, v in kwargs.items() if k != "hx"}
+
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True)
+               for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def torch_similarity(g: torch.Tensor, G: torch.Tensor, kind: str, eps: float = 1e-8) -> torch.Tensor:
