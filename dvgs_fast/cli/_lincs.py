@@ -1,8 +1,10 @@
 """``dvgs-fast run --dataset lincs --data-root PATH.gctx``: the LINCS experiment of the DVGS
 paper, out of core.
 
-* ``--data-root`` names a ``.gctx`` file, or a folder holding exactly one (an error lists them
-  when there are several). A data folder with the bundled demo file
+* ``--data-root`` (or the original script's ``--data``) names a ``.gctx`` file, or a folder
+  holding exactly one (an error lists them when there are several), or the folder the original's
+  ``lincs_setup.sh`` fills (Level 4 and Level 5 files side by side: the Level 5 file
+  ``level5*.gctx`` is used, as in the paper). A data folder with the bundled demo file
   (``lincs/modzs_n272x978.gctx``) keeps the small in-memory demonstration run instead.
 * Landmark genes (978), z-scored per gene over the file (one streaming pass), missing -> 0.
 * Target: ``--n-target`` samples (default min(5000, n/4)), drawn at random, or spread evenly
@@ -11,8 +13,11 @@ paper, out of core.
 * Source: every sample of the file (the target samples are valued too), streamed from the
   file for every snapshot (``dvgs_fast.methods.dvgs.sources.GctxSource``), never loaded whole;
   ``--n-source N`` values the first N samples only.
-* Model: autoencoder 978 -> 256 -> 64 -> 256 -> 978 (Mish), MSE; DVGS defaults of the original
-  (500 epochs, target batch 512, Adam 1e-3) unless set.
+* Model: the paper's autoencoder (the original code's ``AE``), 978 -> 256 -> 64 -> 256 -> 978 (Mish)
+  by default, or as the original script's flags say (``--num_layers 2 --hidden_channels 500
+  --latent_channels 64 --do 0.2``: 978-500-500-64-500-500-978 with dropout 0.2), MSE; DVGS
+  defaults of the original (500 epochs, target batch 512, Adam 1e-3) unless set
+  (``--epochs``, ``--lr``, ``--compute_every``, ``--target_batch_size``, ``--source_batch_size``).
 * No labels and, by default, no corruption: metrics.json holds value statistics only. With
   ``--noise feature:S`` the source rows get Gaussian noise of per-sample strength U(0, S)
   (generated per fixed block of rows as they stream, so it is the same at every pass) and the
@@ -55,6 +60,9 @@ def find_gctx(arg: str) -> Path | None:
     found = sorted(p.glob("*.gctx"))
     if len(found) == 1:
         return found[0]
+    level5 = [f for f in found if f.name.lower().startswith("level5")]
+    if len(found) > 1 and len(level5) == 1:
+        return level5[0]            # the original's lincs_setup.sh folder: Level 4 and Level 5 files
     if len(found) > 1:
         raise CLIError(f"--data-root: {p} holds {len(found)} .gctx files ({', '.join(f.name for f in found)}); "
                        f"name one: --data-root {p / found[0].name}")

@@ -37,7 +37,7 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "dataset": (("--dataset", "-d"), C.text, "NAME",
                 "digits | breast_cancer | adult | blog | cifar10 | lincs | lincs:FILE.gctx | csv:FILE.csv "
                 "(default: digits)"),
-    "data_root": (("--data-root",), C.text, "DIR",
+    "data_root": (("--data-root", "--data"), C.text, "DIR",
                   "folder with the data files (default: $DVGS_FAST_DATA, else ../shared/data)"),
     "download": (("--download",), C.flag, None, "fetch missing public data files (checksum-verified) into the cache"),
     "label_column": (("--label-column",), C.text, "NAME", "csv: the label column (default: the last one)"),
@@ -53,11 +53,22 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "model": (("--model",), C.text, "KIND",
               "auto | mlp | logistic | convnet | autoencoder (default: auto = MLP for tabular data, conv net "
               "for images, autoencoder for lincs; logistic for the refitting methods dshap and loo)"),
-    "hidden": (("--hidden",), C.pos_int, "N", "hidden width of the model (default: 100; autoencoder 256)"),
-    "dropout": (("--dropout",), C.fraction, "P", "dropout of the model (default per dataset)"),
+    "hidden": (("--hidden", "--hidden-channels", "--hidden_channels"), C.pos_int, "N",
+               "hidden width of the model (default: 100; autoencoder 256)"),
+    "num_layers": (("--num-layers", "--num_layers"), C.pos_int, "N",
+                   "hidden layers of the mlp (default 2) or of each side of the autoencoder (default 1)"),
+    "latent": (("--latent-channels", "--latent_channels"), C.pos_int, "N",
+               "code width of the autoencoder (default: 64)"),
+    "dropout": (("--dropout", "--do"), C.fraction, "P", "dropout of the model (default per dataset)"),
     "epochs": (("--epochs",), C.pos_int, "N", "training epochs of the method"),
     "restarts": (("--restarts",), C.pos_int, "N", "model restarts (DVGS)"),
     "lr": (("--lr",), C.pos_float, "LR", "learning rate of the method"),
+    "compute_every": (("--compute-every", "--compute_every"), C.pos_int, "N",
+                      "DVGS: a similarity snapshot every N target steps (default: 1)"),
+    "target_batch_size": (("--target-batch-size", "--target_batch_size"), C.pos_int, "N",
+                          "DVGS: target mini-batch size (default per dataset)"),
+    "source_batch_size": (("--source-batch-size", "--source_batch_size"), C.pos_int, "N",
+                          "DVGS: source rows scored at a time (bounds memory; values do not depend on it)"),
     "max_time": (("--max-time",), C.pos_float, "SECONDS", "time budget for budgeted methods (dshap, loo, ...)"),
     "device": (("--device",), C.text, "DEV", "cpu | cuda | cuda:N (default: cuda when available)"),
     "seed": (("--seed",), C.nonneg_int, "N", "seed of the split, the noise and the method (default: 0)"),
@@ -72,7 +83,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
 # Options that only make sense on the command line.
 CLI_ONLY = ("config", "debug")
 # Options passed to the method's constructor when it has a parameter of that name.
-METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", "max_time": "--max-time"}
+METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", "max_time": "--max-time",
+                  "compute_every": "--compute-every", "target_batch_size": "--target-batch-size",
+                  "source_batch_size": "--source-batch-size"}
 REMOVAL_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 
 
@@ -398,8 +411,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     hidden = settings.get("hidden", M.default_hidden(kind))
     dropout = settings.get("dropout", preset["dropout"])
     n_out = data.n_classes if data.task == "classification" else 0
-    model_factory = M.factory(kind, data.sample_shape, n_out, hidden=hidden, dropout=dropout)
-    model_desc = M.describe(kind, data.sample_shape, n_out, hidden, dropout)
+    arch = M.arch_options(settings)     # --num-layers / --latent-channels (the original LINCS flags)
+    model_factory = M.factory(kind, data.sample_shape, n_out, hidden=hidden, dropout=dropout, **arch)
+    model_desc = M.describe(kind, data.sample_shape, n_out, hidden, dropout, **arch)
     explicit = {k: (_flag_of(k), settings[k]) for k in METHOD_OPTIONS if k in settings}
     defaults: dict[str, Any] = {"seed": seed, "progress": progress}
     if device is not None:
