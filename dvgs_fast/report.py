@@ -13,6 +13,7 @@ import html
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,21 +55,80 @@ class RunReport:
     extra: dict[str, Any] = field(default_factory=dict)   # more JSON for metrics.json
     notes: list[str] = field(default_factory=list)
     command: str = ""
+    # How complete the values are (dvgs_fast.result.ValuationResult): stderr / counts per sample,
+    # the status and, for a "stopped" run, what stopped it and how far it got.
+    stderr: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    status: str = "completed"
+    stopped_by: str | None = None
+    progress: str = ""
+    class_names: list[str] | None = None         # label code -> the data's own label (values.csv)
+    curves_skipped: str | None = None            # why there are no removal curves, when asked for
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
+        if self.counts is not None:
+            self.counts = np.asarray(self.counts).astype(np.int64, copy=False).reshape(-1)
+        if self.stderr is not None:
+            self.stderr = np.asarray(self.stderr, dtype=np.float64).reshape(-1)
 
     @property
     def n(self) -> int:
         return int(self.values.shape[0])
+
+    @property
+    def valued(self) -> np.ndarray:
+        """Samples that were evaluated at least once; the others hold a placeholder value."""
+        if self.counts is None:
+            return np.ones(self.n, dtype=bool)
+        return self.counts > 0
+
+    @property
+    def n_valued(self) -> int:
+        return int(self.valued.sum())
+
+    def _label(self, code: Any) -> str:
+        c = int(code)
+        if self.class_names is not None and 0 <= c < len(self.class_names):
+            return str(self.class_names[c])
+        return str(c)
+
+
+def status_banner(rep: RunReport) -> str | None:
+    """One paragraph that a report opens with when its values are incomplete (None otherwise).
+
+    A budget that ends a run early must never hide: the banner says what stopped it, how far it
+    got, how many samples were valued and what the metrics below are computed over."""
+    partial = rep.n_valued < rep.n
+    if rep.status != "stopped" and not partial:
+        return None
+    parts = []
+    if rep.status == "stopped":
+        how = f" by {rep.stopped_by}" if rep.stopped_by and rep.stopped_by != "stopped" else ""
+        parts.append(f"STOPPED EARLY: {rep.method} was stopped{how}"
+                     f"{' after ' + rep.progress if rep.progress else ''}.")
+    if partial:
+        parts.append(f"Only {rep.n_valued} of {rep.n} samples were valued; the other "
+                     f"{rep.n - rep.n_valued} hold a placeholder (counts == 0 in {VALUES_CSV}), and every "
+                     f"metric below is computed over the {rep.n_valued} valued samples only.")
+        if rep.curves_skipped:
+            parts.append(rep.curves_skipped)
+    else:
+        parts.append(f"All {rep.n} samples were valued, but by a run cut short: its values are less "
+                     f"reliable than a completed run's (raise --max-time or the iteration count).")
+    return " ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
 # files
 # ---------------------------------------------------------------------------------------------
 def write_values_csv(rep: RunReport, path: Path) -> Path:
-    """One row per source sample: index, source_row, value, rank (1 = lowest), label, corrupted / noise_sigma."""
-    cols = ["index", "source_row", "value", "rank"]
+    """One row per source sample: index, source_row, (cid), value, stderr, counts, rank (1 = lowest),
+    label, corrupted / noise_sigma.
+
+    stderr is empty where the method has no notion of spread (NaN); counts 0 marks a sample that
+    was never valued (a run stopped by its budget): its value is a placeholder and its rank empty."""
+    cols = ["index", "source_row", "value", "stderr", "counts", "rank"]
     if rep.sample_ids is not None:
         cols.insert(2, "cid")
     if rep.labels is not None:
@@ -77,18 +137,24 @@ def write_values_csv(rep: RunReport, path: Path) -> Path:
         cols.append("corrupted")
     if rep.sigma is not None:
         cols.append("noise_sigma")
-    ranks = np.empty(rep.n, dtype=np.int64)
-    ranks[np.argsort(rep.values, kind="stable")] = np.arange(1, rep.n + 1)
+    valued = rep.valued
+    ranks = np.zeros(rep.n, dtype=np.int64)            # 0 = not ranked (never valued)
+    idx = np.flatnonzero(valued)
+    ranks[idx[np.argsort(rep.values[idx], kind="stable")]] = np.arange(1, idx.size + 1)
+    counts = np.ones(rep.n, dtype=np.int64) if rep.counts is None else rep.counts
+    stderr = np.full(rep.n, np.nan) if rep.stderr is None else rep.stderr
     rows = np.arange(rep.n) if rep.source_rows is None else np.asarray(rep.source_rows)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
     for i in range(rep.n):
-        r: list[Any] = [i, int(rows[i]), repr(float(rep.values[i])), int(ranks[i])]
+        se = float(stderr[i])
+        r: list[Any] = [i, int(rows[i]), repr(float(rep.values[i])), repr(se) if math.isfinite(se) else "",
+                        int(counts[i]), int(ranks[i]) if ranks[i] else ""]
         if rep.sample_ids is not None:
             r.insert(2, str(rep.sample_ids[i]))
         if rep.labels is not None:
-            r.append(int(rep.labels[i]))
+            r.append(rep._label(rep.labels[i]))
         if rep.is_corrupted is not None:
             r.append(int(bool(rep.is_corrupted[i])))
         if rep.sigma is not None:
@@ -96,6 +162,16 @@ def write_values_csv(rep: RunReport, path: Path) -> Path:
         w.writerow(r)
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def write_values_early(rep: RunReport, out_dir: str | Path) -> Path:
+    """values.csv alone, right after the valuation (the report comes later): an interrupt during
+    the evaluation keeps the values."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p = write_values_csv(rep, out_dir / VALUES_CSV)
+    _usual_permissions([p])
+    return p
 
 
 def _jsonable(obj: Any) -> Any:
@@ -119,7 +195,8 @@ def _jsonable(obj: Any) -> Any:
 
 def metrics_document(rep: RunReport) -> dict[str, Any]:
     doc = {"method": rep.method, "dataset": rep.dataset, "noise": rep.noise, **rep.sizes,
-           "metrics": rep.metrics, "timings": rep.timings, "settings": rep.settings,
+           "status": rep.status, "stopped_by": rep.stopped_by, "progress": rep.progress or None,
+           "n_valued": rep.n_valued, "banner": status_banner(rep), "metrics": rep.metrics, "timings": rep.timings, "settings": rep.settings,
            "method_settings": rep.method_settings, "notes": rep.notes, "command": rep.command}
     doc.update(rep.extra)
     return _jsonable(doc)
@@ -160,16 +237,24 @@ def make_plots(rep: RunReport, plots_dir: Path) -> list[Path]:
     plots_dir.mkdir(parents=True, exist_ok=True)
     out: list[Path] = []
     tag = f"{rep.method} on {rep.dataset}"
-    if rep.is_corrupted is not None:
-        out.append(plot_discovery_curve({rep.method: rep.values}, rep.is_corrupted, plots_dir / "discovery.png",
+    # Unvalued samples (a budget-stopped run) hold placeholders: plot the valued ones only.
+    ok = rep.valued
+    if not ok.any():
+        return out
+    if ok.sum() < rep.n:
+        tag += f", {int(ok.sum())} of {rep.n} valued"
+    v = rep.values[ok]
+    bad = None if rep.is_corrupted is None else np.asarray(rep.is_corrupted, dtype=bool)[ok]
+    if bad is not None and bad.any() and not bad.all():
+        out.append(plot_discovery_curve({rep.method: v}, bad, plots_dir / "discovery.png",
                                         title=f"Corrupted-sample discovery: {tag}"))
-        out.append(plot_value_histogram(rep.values, rep.is_corrupted, plots_dir / "values_hist.png",
+        out.append(plot_value_histogram(v, bad, plots_dir / "values_hist.png",
                                         title=f"Values of clean vs corrupted samples: {tag}"))
     else:
-        out.append(plot_value_histogram(rep.values, np.zeros(rep.n, dtype=bool), plots_dir / "values_hist.png",
+        out.append(plot_value_histogram(v, np.zeros(v.shape[0], dtype=bool), plots_dir / "values_hist.png",
                                         title=f"Data values: {tag}"))
     if rep.sigma is not None:
-        out.append(_plot_values_vs_noise(rep.values, rep.sigma, plots_dir / "values_vs_noise.png",
+        out.append(_plot_values_vs_noise(v, np.asarray(rep.sigma)[ok], plots_dir / "values_vs_noise.png",
                                          rep.metrics.get("noise_spearman")))
     if rep.curves:
         # Curves carry their method name in .label (solid = remove high, dashed = remove low).
@@ -200,14 +285,22 @@ def summary_rows(rep: RunReport) -> tuple[list[str], list[list[str]]]:
     """Header and one row: method, dataset, noise, n, AUROC, AUPRC, k-means F1, (Spearman), time."""
     m = rep.metrics
     head = ["method", "dataset", "noise", "n", "AUROC", "AUPRC", "k-means F1"]
-    row = [rep.method, rep.dataset, rep.noise, str(rep.n), _fmt(m.get("auroc")), _fmt(m.get("auprc")),
+    n = str(rep.n) if rep.n_valued == rep.n else f"{rep.n_valued} of {rep.n} valued"
+    row = [rep.method, rep.dataset, rep.noise, n, _fmt(m.get("auroc")), _fmt(m.get("auprc")),
            _fmt(m.get("kmeans_f1"))]
     if "noise_spearman" in m:
         head.append("Spearman")
         row.append(_fmt(m.get("noise_spearman")))
-    head.append("time (s)")
-    row.append(_fmt(rep.timings.get("valuation"), 1))
+    head += ["time (s)", "status"]
+    row += [_fmt(rep.timings.get("valuation"), 1), status_text(rep.status, rep.stopped_by)]
     return head, [row]
+
+
+def status_text(status: str, stopped_by: str | None) -> str:
+    """"completed", "converged" or "stopped (max_time)"."""
+    if status == "stopped" and stopped_by and stopped_by != "stopped":
+        return f"stopped ({stopped_by})"
+    return status
 
 
 def text_table(head: list[str], rows: list[list[str]]) -> str:
@@ -219,7 +312,13 @@ def text_table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(rep: RunReport) -> str:
-    return text_table(*summary_rows(rep))
+    """The printed summary: the banner of an incomplete run (if any) above the one-row table."""
+    table = text_table(*summary_rows(rep))
+    banner = status_banner(rep)
+    if banner is None:
+        return table
+    import textwrap
+    return "\n".join(["!" * 78, *textwrap.wrap(banner, 78), "!" * 78, table])
 
 
 def _md_table(head: list[str], rows: list[list[str]]) -> str:
@@ -233,7 +332,7 @@ _METRIC_LABELS = {
     "auroc": "detection AUROC (low value = corrupted)", "auprc": "detection AUPRC",
     "kmeans_f1": "k-means F1 (OpenDataVal)", "discovery_auc": "discovery curve AUC",
     "noise_spearman": "Spearman(value, -noise sigma)", "n_corrupted": "corrupted samples",
-    "n": "samples valued", "value_mean": "value mean", "value_std": "value std",
+    "n": "samples scored (valued)", "n_unvalued": "samples never valued (not scored)", "value_mean": "value mean", "value_std": "value std",
     "value_min": "value min", "value_max": "value max",
 }
 
@@ -278,13 +377,14 @@ def lowest_rows(rep: RunReport, k: int = 10) -> tuple[list[str], list[list[str]]
         head.append("corrupted")
     if rep.sigma is not None:
         head.append("noise sigma")
-    order = np.argsort(rep.values, kind="stable")[:k]
+    idx = np.flatnonzero(rep.valued)             # an unvalued sample's placeholder is not "low"
+    order = idx[np.argsort(rep.values[idx], kind="stable")][:k]
     rows = []
     for r, i in enumerate(order, 1):
         row = [str(r), str(int(i)), str(int(rep.source_rows[i]) if rep.source_rows is not None else int(i)),
                f"{rep.values[i]:.4g}"]
         if rep.labels is not None:
-            row.append(str(int(rep.labels[i])))
+            row.append(rep._label(rep.labels[i]))
         if rep.is_corrupted is not None:
             row.append("yes" if rep.is_corrupted[i] else "no")
         if rep.sigma is not None:
@@ -301,7 +401,11 @@ def _title(rep: RunReport) -> str:
 
 
 def render_markdown(rep: RunReport, plots: list[Path], plots_rel: str = PLOTS_DIR) -> str:
-    parts = [f"# {_title(rep)}", "", _md_table(*summary_rows(rep)), ""]
+    parts = [f"# {_title(rep)}", ""]
+    banner = status_banner(rep)
+    if banner is not None:
+        parts += [f"> **{banner}**", ""]
+    parts += [_md_table(*summary_rows(rep)), ""]
     if rep.notes:
         parts += ["Notes:", *[f"- {n}" for n in rep.notes], ""]
     parts += ["## Metrics", "", _md_table(["metric", "value"], metric_rows(rep)), ""]
@@ -320,7 +424,8 @@ max-width:60em;padding:0 1em;color:#222}h1{font-size:1.5em}h2{font-size:1.2em;ma
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{display:inline-block;margin:.5em}img{max-width:100%;height:auto;border:1px solid #eee}
-.note{color:#555}code{background:#f6f6f6;padding:0 .2em}"""
+.note{color:#555}code{background:#f6f6f6;padding:0 .2em}
+.banner{background:#fff3cd;border:2px solid #d9534f;color:#7a1f1c;font-weight:600;padding:.7em 1em;margin:1em 0}"""
 
 
 def _html_table(head: list[str], rows: list[list[str]]) -> str:
@@ -336,8 +441,11 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
 def render_html(rep: RunReport, plots: list[Path]) -> str:
     title = html.escape(_title(rep))
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{title}</title>", f"<style>{_CSS}</style></head><body>", f"<h1>{title}</h1>",
-             _html_table(*summary_rows(rep))]
+             f"<title>{title}</title>", f"<style>{_CSS}</style></head><body>", f"<h1>{title}</h1>"]
+    banner = status_banner(rep)
+    if banner is not None:
+        parts.append(f'<div class="banner" role="alert">{html.escape(banner)}</div>')
+    parts.append(_html_table(*summary_rows(rep)))
     if rep.notes:
         parts.append("<ul>" + "".join(f'<li class="note">{html.escape(n)}</li>' for n in rep.notes) + "</ul>")
     parts += ["<h2>Metrics</h2>", _html_table(["metric", "value"], metric_rows(rep))]
@@ -365,6 +473,96 @@ def clear_previous(out_dir: Path) -> None:
             p.unlink()
 
 
+INCOMPLETE_MARK = "INCOMPLETE.txt"
+STAGE_SUFFIX = ".incomplete"
+
+
+class StagedOutput:
+    """An output folder that is complete or clearly marked as not.
+
+    Everything is written into ``<out>.incomplete`` beside ``out`` (same parent, so the final
+    rename is atomic), which holds an ``INCOMPLETE.txt`` saying so from the start; ``finish()``
+    removes the mark and renames the folder to ``out``. A run that is killed leaves the
+    ``.incomplete`` folder, never a half-written ``out``; one that is interrupted after its values
+    were written keeps them there (``kept()`` says where).
+
+    A stale ``.incomplete`` folder of an earlier run (it has the mark) is replaced: rerunning the
+    same command recomputes the same values. A folder of that name without the mark is not ours
+    and is refused. ``out`` itself may exist only when ``overwrite``: then only the files a report
+    writes are replaced in it (others are kept).
+    """
+
+    def __init__(self, out: str | Path, overwrite: bool, names: tuple[str, ...] = ()):
+        self.out = Path(out)
+        self.stage = self.out.with_name(self.out.name + STAGE_SUFFIX)
+        self.overwrite = overwrite
+        self.names = names              # extra report files/folders to replace in an existing out
+        self.replaced_stale = False
+
+    def open(self, description: str = "") -> Path:
+        import datetime as _dt
+        import shutil
+        if self.stage.exists():
+            if not (self.stage.is_dir() and (self.stage / INCOMPLETE_MARK).is_file()):
+                raise ValueError(f"--out: {self.stage} exists and is not an unfinished dvgs-fast output "
+                                 f"folder (no {INCOMPLETE_MARK}); move it away or choose another --out")
+            shutil.rmtree(self.stage)
+            self.replaced_stale = True
+        self.stage.mkdir(parents=True)
+        atomic_write_text(self.stage / INCOMPLETE_MARK,
+                          f"This folder holds an unfinished dvgs-fast run (started "
+                          f"{_dt.datetime.now().isoformat(timespec='seconds')}).\n"
+                          f"When the run finishes it is renamed to {self.out.name}; if it is still here, "
+                          f"the run was interrupted or killed. {VALUES_CSV}, if present, holds its values "
+                          f"(complete for the valuation; the report files are missing or partial).\n"
+                          + (f"command: {description}\n" if description else ""))
+        return self.stage
+
+    def has_values(self) -> bool:
+        # values.csv of a run, values/METHOD-seedN.csv of a comparison
+        return self.stage.is_dir() and any(p.suffix == ".csv" for p in self.stage.rglob("*.csv"))
+
+    def abandon(self) -> str | None:
+        """After a failure: a line saying where the kept values are, or None (then the folder,
+        holding nothing of value, is removed)."""
+        import shutil
+        if not self.stage.is_dir():
+            return None
+        if self.has_values():
+            return (f"the run did not finish; its values are kept in {self.stage} (marked incomplete by "
+                    f"{INCOMPLETE_MARK}; the report files are missing)")
+        shutil.rmtree(self.stage, ignore_errors=True)
+        return None
+
+    def finish(self) -> Path:
+        import shutil
+        (self.stage / INCOMPLETE_MARK).unlink(missing_ok=True)
+        if self.out.is_dir() and any(self.out.iterdir()):
+            if not self.overwrite:   # checked before the run; someone created it meanwhile
+                raise ValueError(f"--out: {self.out} appeared during the run; the report is in {self.stage}")
+            clear_previous(self.out)
+            for name in self.names:
+                p = self.out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            for entry in self.stage.iterdir():
+                dest = self.out / entry.name
+                if entry.is_dir() and dest.is_dir():      # plots/: merge (old report plots are cleared)
+                    for f in entry.iterdir():
+                        os.replace(f, dest / f.name)
+                    entry.rmdir()
+                else:
+                    os.replace(entry, dest)
+            self.stage.rmdir()
+        else:
+            if self.out.is_dir():
+                self.out.rmdir()                          # an empty folder the user made
+            os.replace(self.stage, self.out)
+        return self.out
+
+
 def write_report(rep: RunReport, out_dir: str | Path) -> dict[str, Any]:
     """Write every file of the report into ``out_dir``; returns {kind: path(s)}."""
     out_dir = Path(out_dir)
@@ -386,7 +584,6 @@ def write_report(rep: RunReport, out_dir: str | Path) -> dict[str, Any]:
 def _usual_permissions(paths: list[Path]) -> None:
     """Atomic writes go through mkstemp, which makes files private (0600); a report is meant to
     be shared like any file the user writes, so give it the permissions the umask asks for."""
-    import os
     mask = os.umask(0)
     os.umask(mask)
     for p in paths:

@@ -60,6 +60,23 @@ def fraction(v: Any) -> float:
     return f
 
 
+def seed_list(v: Any) -> list[int]:
+    """'0,1,2' (or a TOML list [0, 1, 2]) -> [0, 1, 2]: distinct integers >= 0."""
+    items = v.split(",") if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ValueError(f"expected a comma-separated list of seeds such as 0,1,2, got {v!r}")
+    out = []
+    for it in items:
+        try:
+            out.append(nonneg_int(it.strip() if isinstance(it, str) else it))
+        except ValueError:
+            raise ValueError(f"expected a comma-separated list of seeds (integers >= 0) such as 0,1,2, "
+                             f"got {v!r}") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"a seed is repeated in {v!r}")
+    return out
+
+
 def text(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError(f"expected a string, got {v!r}")

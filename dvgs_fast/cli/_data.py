@@ -100,6 +100,21 @@ class Noise:
         return "no corruption"
 
 
+def parse_target(text: str) -> Path:
+    """--target csv:FILE.csv (or a path ending in .csv): a clean target set of the user's own."""
+    if not isinstance(text, str) or not text.strip():
+        raise CLIError(f"--target: expected csv:FILE.csv, got {text!r}")
+    t = text.strip()
+    kind, sep, rest = t.partition(":")
+    if sep and kind.lower() == "csv":
+        if not rest:
+            raise CLIError("--target: csv: needs a file name, e.g. --target csv:clean.csv")
+        return Path(rest).expanduser()
+    if t.lower().endswith(".csv"):
+        return Path(t).expanduser()
+    raise CLIError(f"--target: expected csv:FILE.csv (a clean set with the columns of --dataset), got {text!r}")
+
+
 def parse_noise(text: str) -> Noise:
     if not isinstance(text, str):
         raise CLIError(f"--noise: expected label:RATE, feature:SIGMA or none, got {text!r}")
@@ -161,6 +176,7 @@ class Loaded:
     heldout_idx: np.ndarray | None = None
     notes: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None   # label code -> the file's own label (csv)
 
 
 def _cli_hint(msg: str) -> str:
@@ -242,19 +258,87 @@ def _load_lincs(spec: DatasetSpec, root: Path | None) -> Loaded:
     return Loaded(X, None, 0, "lincs", f"lincs ({path.name})", files=[str(path)])
 
 
-def _load_csv(path: Path, label_column: str | None) -> Loaded:
+_DELIMITERS = ",;\t|"
+_DELIM_NAMES = {",": "','", ";": "';'", "\t": "tab", "|": "'|'"}
+
+
+@dataclass
+class CsvTable:
+    """A CSV file as read: float64 features, the label column's cells, and where they came from."""
+
+    path: Path
+    header: list[str]
+    label_name: str
+    feature_names: list[str]
+    X: np.ndarray               # [rows, features] float64
+    labels: list[str]           # canonical label text per row (numbers as numbers: 1 == 1.0)
+    lines: np.ndarray           # file line number of each row (for messages)
+    delimiter: str
+
+
+def _sniff_delimiter(path: Path, sample: str) -> str:
+    """The delimiter of a CSV file: csv.Sniffer over the first lines, else the candidate that
+    splits the header into the most fields; an error saying what was seen when none does."""
+    try:
+        return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS).delimiter
+    except csv.Error:
+        pass
+    first = next((ln for ln in sample.splitlines() if ln.strip()), "")
+    counts = {d: first.count(d) for d in _DELIMITERS}
+    best = max(counts, key=counts.get)
+    if counts[best] == 0:
+        shown = first if len(first) <= 60 else first[:57] + "..."
+        raise CLIError(f"{path}: found no delimiter (',', ';', tab or '|') in the header line {shown!r}; "
+                       f"a CSV needs a header of feature columns and a label column")
+    return best
+
+
+def _canonical_label(text: str) -> str:
+    """Label cells that are numbers compare as numbers: '1', '1.0' and ' 1 ' are one class."""
+    t = text.strip()
+    try:
+        f = float(t)
+    except ValueError:
+        return t
+    if not math.isfinite(f):
+        return t
+    return str(int(f)) if f.is_integer() and abs(f) < 2 ** 53 else repr(f)
+
+
+def _line_list(lines, limit: int = 8) -> str:
+    shown = ", ".join(str(int(x)) for x in lines[:limit])
+    return shown + (f", ... ({len(lines)} rows)" if len(lines) > limit else "")
+
+
+def read_csv_table(path: Path | None, label_column: str | None, *, flag: str = "--dataset") -> CsvTable:
+    """Read a CSV with a header: delimiter detected, features numeric, labels non-blank."""
     if path is None or not path.is_file():
-        raise CLIError(f"--dataset csv:{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        raise CLIError(f"{flag} csv:{path}: file not found")
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
+            sample = fh.read(65536)
+            delim = _sniff_delimiter(path, sample)
+            fh.seek(0)
+            rd = csv.reader(fh, delimiter=delim)
+            rows, lines = [], []
+            for r in rd:
+                if r and any(c.strip() for c in r):
+                    rows.append(r)
+                    lines.append(rd.line_num)
+    except OSError as exc:
+        raise CLIError(f"{flag} csv:{path}: cannot read it: {one_line(exc)}") from None
     if len(rows) < 2:
         raise CLIError(f"{path}: needs a header line and at least one data row")
     header = [h.strip() for h in rows[0]]
-    body = rows[1:]
+    body, body_lines = rows[1:], lines[1:]
     width = len(header)
-    for i, r in enumerate(body, 2):
+    seen = f"delimiter {_DELIM_NAMES[delim]}"
+    if width < 2:
+        raise CLIError(f"{path}: the header {rows[0]!r} has one column ({seen}); a CSV needs feature columns "
+                       f"and a label column separated by ',', ';', tab or '|'")
+    for r, ln in zip(body, body_lines):
         if len(r) != width:
-            raise CLIError(f"{path}:{i}: {len(r)} fields but the header has {width}")
+            raise CLIError(f"{path}:{ln}: {len(r)} fields but the header has {width} ({seen})")
     if label_column is None:
         li = width - 1
     elif label_column in header:
@@ -262,31 +346,99 @@ def _load_csv(path: Path, label_column: str | None) -> Loaded:
     else:
         raise CLIError(f"--label-column: {label_column!r} is not a column of {path} (columns: "
                        f"{', '.join(header[:10])}{', ...' if width > 10 else ''})")
-    if width < 2:
-        raise CLIError(f"{path}: needs at least one feature column besides the label column")
     feat_cols = [j for j in range(width) if j != li]
     X = np.empty((len(body), len(feat_cols)), dtype=np.float64)
     for k, j in enumerate(feat_cols):
-        try:
-            X[:, k] = [float(r[j]) for r in body]
-        except ValueError as exc:
-            raise CLIError(f"{path}: column {header[j]!r} is not numeric ({exc}); convert it or drop it") from None
-    if not np.all(np.isfinite(X)):
-        raise CLIError(f"{path}: features contain NaN/Inf values")
+        col = X[:, k]
+        for i, r in enumerate(body):
+            try:
+                col[i] = float(r[j])
+            except ValueError:
+                cell = r[j].strip()
+                what = "is blank" if not cell else f"is not a number ({cell[:30]!r})"
+                raise CLIError(f"{path}:{body_lines[i]}: column {header[j]!r} {what}; features must be numeric "
+                               f"(convert the column, fill the cell, or drop the row/column)") from None
+        bad = ~np.isfinite(col)
+        if bad.any():
+            ln = np.asarray(body_lines)[bad]
+            raise CLIError(f"{path}: column {header[j]!r} holds NaN/Inf on line(s) {_line_list(ln)}; "
+                           f"fill or drop those rows")
     raw = [r[li].strip() for r in body]
-    classes = sorted(set(raw), key=_natural_key)
+    blank = [ln for v, ln in zip(raw, body_lines) if not v]
+    if blank:
+        raise CLIError(f"{path}: the label column {header[li]!r} is blank on line(s) {_line_list(blank)}; "
+                       f"fill in the labels or drop those rows")
+    return CsvTable(path=path, header=header, label_name=header[li], feature_names=[header[j] for j in feat_cols],
+                    X=X, labels=[_canonical_label(v) for v in raw], lines=np.asarray(body_lines), delimiter=delim)
+
+
+def _load_csv(path: Path, label_column: str | None) -> Loaded:
+    return _csv_loaded(read_csv_table(path, label_column))
+
+
+def _classes(tables: list[CsvTable]) -> list[str]:
+    classes = sorted({v for t in tables for v in t.labels}, key=_natural_key)
+    t0 = tables[0]
     if len(classes) < 2:
-        raise CLIError(f"{path}: label column {header[li]!r} has only one class")
-    if len(classes) > max(50, len(raw) // 5):
-        raise CLIError(f"{path}: label column {header[li]!r} has {len(classes)} distinct values; the csv "
+        raise CLIError(f"{t0.path}: label column {t0.label_name!r} has only one class ({classes[0]!r})")
+    n = sum(len(t.labels) for t in tables)
+    if len(classes) > max(50, n // 5):
+        raise CLIError(f"{t0.path}: label column {t0.label_name!r} has {len(classes)} distinct values; the csv "
                        f"dataset expects class labels (pick another column with --label-column)")
+    return classes
+
+
+def _csv_loaded(tab: CsvTable, classes: list[str] | None = None, scale_with: np.ndarray | None = None) -> Loaded:
+    classes = _classes([tab]) if classes is None else classes
     code = {c: i for i, c in enumerate(classes)}
-    y = np.array([code[v] for v in raw], dtype=np.int64)
+    y = np.array([code[v] for v in tab.labels], dtype=np.int64)
     from ..datasets.base import scale_features
-    Xs, _ = scale_features(X, "minmax")
-    notes = [f"label column {header[li]!r}: classes {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}"]
-    return Loaded(np.asarray(Xs, dtype=np.float32), y, len(classes), "csv", f"csv ({path.name})",
-                  notes=notes, files=[str(path)])
+    if scale_with is None:
+        Xs, _ = scale_features(tab.X, "minmax")
+    else:
+        Xs = _minmax_like(tab.X, scale_with)
+    notes = [f"label column {tab.label_name!r}: classes {', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}"]
+    if tab.delimiter != ",":
+        notes.append(f"{tab.path.name}: delimiter {_DELIM_NAMES[tab.delimiter]} (detected)")
+    ld = Loaded(np.asarray(Xs, dtype=np.float32), y, len(classes), "csv", f"csv ({tab.path.name})",
+                notes=notes, files=[str(tab.path)])
+    ld.class_names = list(classes)
+    return ld
+
+
+def _minmax_like(X: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Min-max scale X with the column range of ref (constant columns -> 0), as scale_features."""
+    lo = ref.min(axis=0)
+    rng = ref.max(axis=0) - lo
+    return np.where(rng > 0, (X - lo) / np.where(rng > 0, rng, 1.0), 0.0)
+
+
+def load_csv_pair(src_path: Path, tgt_path: Path, label_column: str | None) -> tuple[Loaded, Loaded]:
+    """The user's data and their clean target set (--target csv:FILE): same columns, one class
+    coding over both files, min-max scaling fitted on both (so neither leaves [0, 1])."""
+    src = read_csv_table(src_path, label_column)
+    tgt = read_csv_table(tgt_path, src.label_name if label_column is None else label_column, flag="--target")
+    if label_column is None and tgt.header[-1] != src.label_name:
+        raise CLIError(f"--target: the label column of {src_path} is its last column {src.label_name!r}, but "
+                       f"{tgt_path} ends with {tgt.header[-1]!r}; give both files the same columns (or name the "
+                       f"label with --label-column)")
+    if set(tgt.header) != set(src.header) or len(tgt.header) != len(src.header):
+        missing = [h for h in src.header if h not in tgt.header]
+        extra = [h for h in tgt.header if h not in src.header]
+        raise CLIError(f"--target: {tgt_path} must have the columns of {src_path}"
+                       f"{'; missing: ' + ', '.join(missing[:8]) if missing else ''}"
+                       f"{'; not in the data: ' + ', '.join(extra[:8]) if extra else ''}")
+    order = [tgt.feature_names.index(f) for f in src.feature_names]   # same names, maybe reordered
+    tgt.X = tgt.X[:, order]
+    tgt.feature_names = list(src.feature_names)
+    classes = _classes([src, tgt])
+    both = np.concatenate([src.X, tgt.X], axis=0)
+    ld_src = _csv_loaded(src, classes, both)
+    ld_tgt = _csv_loaded(tgt, classes, both)
+    only_tgt = sorted(set(tgt.labels) - set(src.labels), key=_natural_key)
+    if only_tgt:
+        ld_src.notes.append(f"--target: classes {', '.join(only_tgt[:10])} occur only in {tgt_path.name}")
+    return ld_src, ld_tgt
 
 
 def _natural_key(s: str):
@@ -318,6 +470,8 @@ class RunData:
     sigma: np.ndarray | None
     notes: list[str]
     files: list[str]
+    class_names: list[str] | None = None
+    target_file: str | None = None     # --target: the clean target came from this file
 
     @property
     def n_source(self) -> int:
@@ -390,10 +544,62 @@ def split_and_corrupt(ld: Loaded, n_source: int, n_target: int, n_test: int | No
         from ..datasets import add_feature_noise
         xs, sigma = add_feature_noise(xs, noise.level, np.random.default_rng([seed, 3]))
         xs = np.asarray(xs, dtype=np.float32)
-    return RunData(name=ld.name, preset=ld.preset,
+    return RunData(name=ld.name, preset=ld.preset, class_names=ld.class_names,
                    task="classification" if ld.y is not None else "reconstruction",
                    n_classes=ld.n_classes, x_source=np.asarray(xs, dtype=np.float32), y_source=ys,
                    y_source_clean=y_clean, x_target=np.asarray(xt, dtype=np.float32), y_target=yt,
                    x_test=np.asarray(xte, dtype=np.float32), y_test=yte, idx_source=np.asarray(src),
                    noise=noise, is_corrupted=is_corrupted, sigma=sigma, notes=list(ld.notes),
                    files=list(ld.files))
+
+
+def split_with_target(ld: Loaded, tgt: Loaded, n_source: int | None, n_target: int | None, n_test: int | None,
+                      noise: Noise, seed: int, *, max_test: int | None = None) -> RunData:
+    """--target csv:FILE: the target is the user's clean file (all of it, or --n-target rows of it
+    drawn at random); the source is every row of --dataset (or --n-source rows drawn at random,
+    the rest then available as a test set for the removal curves)."""
+    n, nt = int(ld.X.shape[0]), int(tgt.X.shape[0])
+    n_src = n if n_source is None else n_source
+    if n_src > n:
+        raise CLIError(f"--n-source: {ld.name} has {n} rows, fewer than --n-source {n_src}")
+    if n_target is not None and n_target > nt:
+        raise CLIError(f"--n-target: the --target file has {nt} rows, fewer than --n-target {n_target}")
+    left = n - n_src
+    if n_test is None:
+        n_test = left if max_test is None else min(left, max_test)
+    elif n_test > left:
+        raise CLIError(f"--n-test: only {left} rows of {ld.name} are left after --n-source {n_src}, fewer than "
+                       f"--n-test {n_test} (with --target the test set comes from the rows not valued)")
+    rng = np.random.default_rng([seed, 1])
+    if n_src == n:
+        src, tst = np.arange(n), np.arange(0)
+    else:
+        perm = rng.permutation(n)
+        src, tst = np.sort(perm[:n_src]), np.sort(perm[n_src:n_src + n_test])
+    tg = np.arange(nt) if n_target is None else np.sort(rng.permutation(nt)[:n_target])
+    xs, ys = ld.X[src], ld.y[src]
+    y_clean = ys.copy()
+    notes = list(ld.notes) + [n for n in tgt.notes if not n.startswith("label column")]
+    notes.append(f"target: {'all ' if n_target is None else ''}{len(tg)} rows of {tgt.files[0]} (--target), "
+                 f"source: {'every row' if n_src == n else f'{n_src} random rows'} of {ld.files[0]}")
+    is_corrupted = sigma = None
+    if noise.kind == "label":
+        from ..datasets import flip_labels
+        ys, is_corrupted = flip_labels(ys, noise.level, np.random.default_rng([seed, 2]), n_classes=ld.n_classes)
+        if not is_corrupted.any():
+            raise CLIError(f"--noise label:{noise.level:g} flips no label of {n_src} source samples; "
+                           f"raise the rate or --n-source")
+    elif noise.kind == "feature":
+        from ..datasets import add_feature_noise
+        xs, sigma = add_feature_noise(xs, noise.level, np.random.default_rng([seed, 3]))
+    else:
+        notes.append("no corruption injected (--noise none, the default with --target): there is no ground "
+                     "truth, so no detection metrics; the lowest values in values.csv are the rows that "
+                     "agree least with the target set")
+    return RunData(name=ld.name, preset=ld.preset, task="classification", n_classes=ld.n_classes,
+                   x_source=np.asarray(xs, dtype=np.float32), y_source=ys, y_source_clean=y_clean,
+                   x_target=np.asarray(tgt.X[tg], dtype=np.float32), y_target=tgt.y[tg],
+                   x_test=np.asarray(ld.X[tst], dtype=np.float32), y_test=ld.y[tst], idx_source=src,
+                   noise=noise, is_corrupted=is_corrupted, sigma=sigma, notes=notes,
+                   files=list(ld.files) + list(tgt.files), class_names=ld.class_names,
+                   target_file=tgt.files[0])

@@ -19,6 +19,7 @@ import shlex
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,8 +33,9 @@ PROG = "dvgs-fast"
 # dest -> (flags, converter, metavar, help). Defaults are None everywhere: a None means "not given
 # on the command line", so the config file and the per-dataset defaults can fill it in.
 RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
-    "method": (("--method", "-m"), C.text, "NAME",
-               "dvgs | lossval | dvrl | dshap | loo | random (default: dvgs)"),
+    "method": (("--method", "-m"), C.text, "NAME[,NAME...]",
+               "dvgs | lossval | dvrl | dshap | loo | random | ... (see dvgs-fast info; default: dvgs); "
+               "several, comma-separated, compare them on the same split in one report"),
     "dataset": (("--dataset", "-d"), C.text, "NAME",
                 "digits | breast_cancer | adult | blog | cifar10 | lincs | lincs:FILE.gctx | csv:FILE.csv "
                 "(default: digits)"),
@@ -41,6 +43,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
                   "folder with the data files (default: $DVGS_FAST_DATA, else ../shared/data)"),
     "download": (("--download",), C.flag, None, "fetch missing public data files (checksum-verified) into the cache"),
     "label_column": (("--label-column",), C.text, "NAME", "csv: the label column (default: the last one)"),
+    "target": (("--target",), C.text, "csv:FILE.csv",
+               "with --dataset csv:FILE: your own clean target set (same columns); every row of --dataset is "
+               "then valued against it, with no injected noise unless --noise is given"),
     "noise": (("--noise",), C.text, "SPEC",
               "label:RATE (flip labels), feature:SIGMA (per-sample Gaussian noise) or none "
               "(default: label:0.2; lincs: feature:3.0)"),
@@ -69,9 +74,12 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
                           "DVGS: target mini-batch size (default per dataset)"),
     "source_batch_size": (("--source-batch-size", "--source_batch_size"), C.pos_int, "N",
                           "DVGS: source rows scored at a time (bounds memory; values do not depend on it)"),
-    "max_time": (("--max-time",), C.pos_float, "SECONDS", "time budget for budgeted methods (dshap, loo, ...)"),
+    "max_time": (("--max-time",), C.pos_float, "SECONDS",
+                 "wall-time budget of the method (default: none; dshap and dvrl 600)"),
     "device": (("--device",), C.text, "DEV", "cpu | cuda | cuda:N (default: cuda when available)"),
     "seed": (("--seed",), C.nonneg_int, "N", "seed of the split, the noise and the method (default: 0)"),
+    "seeds": (("--seeds",), C.seed_list, "LIST",
+              "several seeds, e.g. 0,1,2,3,4: repeat the run per seed and report mean +- 2 sd (a comparison)"),
     "threads": (("--threads",), C.pos_int, "N",
                 "CPU threads for torch and the evaluation's BLAS/OpenMP (default: torch's default; 1 is "
                 "fastest for the small default models on a busy machine)"),
@@ -111,6 +119,24 @@ exit codes: 0 done, 2 bad arguments / missing or unreadable data, 1 unexpected e
 """
 
 
+_COMPARE_EPILOG = """\
+examples:
+  dvgs-fast compare --method dvgs,lossval,dshap,loo,random --seeds 0,1,2
+  dvgs-fast compare --dataset adult --method dvgs,dvrl,dshap --seeds 0,1,2,3,4 --max-time 120
+  dvgs-fast run --method dvgs,random            # the same as compare
+
+per-method settings in a config file (TOML):
+  [method.dshap]
+  max_time = 300
+  [method.dvgs]
+  restarts = 3
+
+Options a method does not take (--epochs for dshap) apply to the others. Every method sees the same
+split and corruption for a given seed. Values of each run are written as soon as it ends
+(values/METHOD-seedN.csv), so an interrupted comparison keeps what it finished.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``error: ...`` and exit code 2, no usage dump."""
 
@@ -131,22 +157,31 @@ def _argtype(conv):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Fast data valuation: find mislabeled or noisy training samples.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
-    sub = p.add_subparsers(dest="command", metavar="{run,info}")
+    sub = p.add_subparsers(dest="command", metavar="{run,compare,info}")
     r = sub.add_parser("run", help="value a dataset and write a report",
                        description="Value the samples of a dataset with a data valuation method, score the values "
                                    "against the known corruption, and write values.csv, metrics.json, plots, "
                                    "report.md and report.html into --out. Without options: DVGS on the bundled "
                                    "digits data with 20% flipped labels (under a minute on 2 CPU cores).",
                        epilog=_RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for dest, (flags, conv, metavar, help_) in RUN_OPTIONS.items():
-        if conv is C.flag:
-            r.add_argument(*flags, dest=dest, action="store_const", const=True, default=None, help=help_)
-        else:
-            r.add_argument(*flags, dest=dest, type=_argtype(conv), metavar=metavar, default=None, help=help_)
-    r.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML file with defaults for any option above (top level or [run]) and a [method] "
-                        "table of keyword arguments for the method; flags override it")
-    r.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
+    c = sub.add_parser("compare", help="several methods (and seeds) on the same split, one report side by side",
+                       description="Run every --method (comma-separated) on the same split for every seed of "
+                                   "--seeds, score them alike and write one report: detection AUROC/AUPRC, "
+                                   "k-means F1 (or Spearman for feature noise) as mean +- 2 sd over the seeds, "
+                                   "removal curves overlaid, wall and CPU time, and each run's status. Same "
+                                   "options as run; `run --method a,b` or `run --seeds 0,1,2` does the same.",
+                       epilog=_COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for q in (r, c):
+        for dest, (flags, conv, metavar, help_) in RUN_OPTIONS.items():
+            if conv is C.flag:
+                q.add_argument(*flags, dest=dest, action="store_const", const=True, default=None, help=help_)
+            else:
+                q.add_argument(*flags, dest=dest, type=_argtype(conv), metavar=metavar, default=None, help=help_)
+        q.add_argument("--config", metavar="FILE.toml", default=None,
+                       help="TOML file with defaults for any option above (top level or [run]) and a [method] "
+                            "table of keyword arguments for the method ([method.NAME] per method); flags "
+                            "override it")
+        q.add_argument("--debug", action="store_true", help="show the traceback of unexpected errors")
     sub.add_parser("info", help="build information, methods and datasets")
     return p
 
@@ -171,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help(sys.stderr)
-            raise CLIError(f"a command is needed: {PROG} run (value a dataset) or {PROG} info")
+            raise CLIError(f"a command is needed: {PROG} run (value a dataset), {PROG} compare (several "
+                           f"methods side by side) or {PROG} info")
         if args.command == "info":
             return _info()
         return _run_with_threads(args, argv)
@@ -329,24 +365,80 @@ def _launch_rank() -> int:
         return 0
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
-    t_start = time.perf_counter()
-    settings, table, source = _merge(args)
+# Methods whose natural end can be hours away on a CPU get a default time budget when neither the
+# command line nor the config sets one, printed at the start (never silently): Data Shapley (TMC)
+# runs until its convergence rule holds, which takes thousands of permutations (the DVGS paper
+# reports 515-775 GPU minutes on 1000 samples), and DVRL's 2000 outer iterations take ~0.5 s each
+# on 2 CPU cores. Ten minutes gives both enough iterations for stable values at the sizes the
+# command line defaults to (dshap: hundreds of batched permutations; DVRL: ~1000 iterations on
+# Adult, past where its values settle) and still answers within a coffee break; the result then
+# says status "stopped" and the report opens with a banner.
+DEFAULT_MAX_TIME = {"dvrl": 600.0, "dshap": 600.0}
+
+
+@dataclass
+class Plan:
+    """Everything decided before any data is loaded (all checks that need no data are done)."""
+
+    settings: dict[str, Any]
+    table: dict[str, Any]
+    methods: list[str]
+    seeds: list[int]
+    compare: bool                      # several methods or seeds: one side-by-side report
+    spec: Any
+    target_path: Path | None
+    noise: Any                         # explicit --noise (None: the dataset's default)
+    model_choice: str
+    device: str | None
+    out: Path
+    overwrite: bool
+    root: Path | None
+    lincs_gctx: Path | None
+    main_rank: bool
+    progress: bool
+    status: Any
+    command: str = ""
+
+
+def _method_list(text: str) -> list[str]:
+    from ._methods import METHODS
+    names = [t.strip().lower() for t in str(text).split(",")]
+    if not names or any(not t for t in names):
+        raise CLIError(f"--method: expected a name or a comma-separated list (dvgs,dshap,loo), got {text!r}")
+    for name in names:
+        if name not in METHODS:
+            raise CLIError(f"--method: unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise CLIError(f"--method: {text!r} names a method twice")
+    return names
+
+
+def _plan(args: argparse.Namespace, argv: list[str]) -> Plan:
+    settings, table, _ = _merge(args)
     # Under torchrun every rank loads the same data (same seed) and runs the method (DVGS and
     # dshap split their work across the ranks); only rank 0 evaluates, prints and writes --out.
     main_rank = _launch_rank() == 0
     status = _Status(bool(settings.get("no_progress")) or not main_rank)
     progress = not settings.get("no_progress") and main_rank
 
-    from ._data import PRESETS, parse_dataset, parse_noise, resolve_data_root
-    from ._methods import METHODS, load_class
+    from ._data import parse_dataset, parse_noise, parse_target, resolve_data_root
+    from ._methods import load_class
     from ._models import MODEL_CHOICES
 
-    # ---- everything that can be checked without loading data ------------------------------------
-    method = settings.get("method", "dvgs").lower()
-    if method not in METHODS:
-        raise CLIError(f"--method: unknown method {settings.get('method')!r}; choose one of {', '.join(METHODS)}")
+    methods = _method_list(settings.get("method", "dvgs"))
+    if "seed" in settings and "seeds" in settings:
+        raise CLIError("--seeds: give either --seed N or --seeds LIST, not both")
+    seeds = settings.get("seeds", [settings.get("seed", 0)])
+    compare = getattr(args, "command", "run") == "compare" or len(methods) > 1 or "seeds" in settings
     spec = parse_dataset(settings.get("dataset", "digits"))
+    target_path = None
+    if "target" in settings:
+        target_path = parse_target(settings["target"])
+        if spec.kind != "csv":
+            raise CLIError(f"--target: a target file needs your own data, --dataset csv:FILE.csv (with "
+                           f"--dataset {spec.label} the target is drawn from the dataset itself)")
+        if not target_path.is_file():
+            raise CLIError(f"--target csv:{target_path}: file not found")
     noise = parse_noise(settings["noise"]) if "noise" in settings else None
     model_choice = settings.get("model", "auto")
     if model_choice not in MODEL_CHOICES:
@@ -358,12 +450,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             device = str(resolve_device(device))
         except ValueError as exc:
             raise CLIError(f"--device: {one_line(exc).removeprefix('device: ')}") from None
-    seed = settings.get("seed", 0)
-    out = Path(settings["out"]).expanduser() if "out" in settings else _default_out(method, spec.label)
+    label = methods[0] if not compare else ("compare-" + "-".join(methods))[:60]
+    out = Path(settings["out"]).expanduser() if "out" in settings else _default_out(label, spec.label)
     overwrite = bool(settings.get("overwrite"))
     if main_rank:
         _check_out(out, overwrite)
-    load_class(method)                 # a missing optional package fails before loading any data
+        from ..report import INCOMPLETE_MARK, STAGE_SUFFIX
+        stage = out.with_name(out.name + STAGE_SUFFIX)
+        if stage.exists() and not (stage / INCOMPLETE_MARK).is_file():
+            raise CLIError(f"--out: {stage} (where the run writes until it finishes) exists and is not an "
+                           f"unfinished dvgs-fast run; move it away or choose another --out")
+    for m in methods:
+        load_class(m)                  # a missing optional package fails before loading any data
+    _method_tables(table, methods)     # a misplaced [method] table fails before loading data
     # --dataset lincs --data-root FILE.gctx (or a folder with one): the paper's LINCS run, out of core.
     lincs_gctx = None
     if spec.kind == "lincs" and spec.path is None and "data_root" in settings:
@@ -378,36 +477,83 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         root = resolve_data_root(settings.get("data_root"))
     elif "data_root" in settings:
         root = resolve_data_root(settings["data_root"])
+    return Plan(settings=settings, table=table, methods=methods, seeds=list(seeds), compare=compare, spec=spec,
+                target_path=target_path, noise=noise, model_choice=model_choice, device=device, out=out,
+                overwrite=overwrite, root=root, lincs_gctx=lincs_gctx, main_rank=main_rank, progress=progress,
+                status=status, command=" ".join(shlex.quote(a) for a in [PROG, *argv]))
 
-    # ---- data ------------------------------------------------------------------------------------
+
+def _method_tables(table: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """The config's [method] table per method: [method.NAME] sub-tables, or (one method only) a
+    flat [method] table."""
+    from ._methods import METHODS
+    per = {k: v for k, v in table.items() if k in METHODS and isinstance(v, dict)}
+    flat = {k: v for k, v in table.items() if k not in per}
+    for k in per:
+        if k not in methods:
+            raise CLIError(f"[method.{k}]: {k} is not among --method {','.join(methods)}")
+    if flat and len(methods) > 1:
+        raise CLIError(f"[method] {next(iter(flat))}: with several methods, put each method's settings in its "
+                       f"own table, [method.{methods[0]}]")
+    return {m: {**flat, **per.get(m, {})} for m in methods}
+
+
+def _load_data(plan: Plan, seed: int):
+    """(RunData, noise, preset, seconds) for one seed: loaded, split and corrupted."""
     from . import _data as D
+    status, settings, spec, root = plan.status, plan.settings, plan.spec, plan.root
     t0 = time.perf_counter()
     status(f"loading {spec.label}" + (f" from {root}" if root is not None else ""))
     split = D.split_and_corrupt
-    if lincs_gctx is not None:
+    target = None
+    if plan.lincs_gctx is not None:
         from . import _lincs
-        status(f"reading {lincs_gctx} (z-score statistics: one pass over the file)")
-        loaded, preset, split = _lincs.load(lincs_gctx, settings.get("target_balance_by")), _lincs.PRESET, _lincs.split
+        status(f"reading {plan.lincs_gctx} (z-score statistics: one pass over the file)")
+        loaded, preset, split = (_lincs.load(plan.lincs_gctx, settings.get("target_balance_by")), _lincs.PRESET,
+                                 _lincs.split)
+    elif plan.target_path is not None:
+        loaded, target = D.load_csv_pair(spec.path, plan.target_path, settings.get("label_column"))
+        preset = D.PRESETS[loaded.preset]
     else:
         loaded = D.load(spec, root, download=bool(settings.get("download")), label_column=settings.get("label_column"))
-        preset = PRESETS[loaded.preset]
+        preset = D.PRESETS[loaded.preset]
+    noise = plan.noise
     if noise is None:
-        noise = parse_noise(preset["noise"])
-    n_source = settings.get("n_source", preset["n_source"])
-    # An explicit --n-target is used as given; only the out-of-core LINCS run sizes its default
-    # from the file (None), so it must see whether the user set it.
-    n_target = settings.get("n_target", None if lincs_gctx is not None else preset["n_target"])
-    data = split(loaded, n_source, n_target, settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
-    t_load = time.perf_counter() - t0
-    status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
-           f"{noise.describe()}")
-    for note in data.notes:
-        status(f"note: {note}")
+        # Your own target file means your own data: nothing is corrupted on purpose unless asked.
+        noise = D.parse_noise("none" if target is not None else preset["noise"])
+    if target is not None:
+        data = D.split_with_target(loaded, target, settings.get("n_source"), settings.get("n_target"),
+                                   settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
+    else:
+        n_source = settings.get("n_source", preset["n_source"])
+        # An explicit --n-target is used as given; only the out-of-core LINCS run sizes its default
+        # from the file (None), so it must see whether the user set it.
+        n_target = settings.get("n_target", None if plan.lincs_gctx is not None else preset["n_target"])
+        data = split(loaded, n_source, n_target, settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
+    return data, noise, preset, time.perf_counter() - t0
 
-    # ---- model and method ------------------------------------------------------------------------
+
+def _accepted_params(method: str) -> set[str] | None:
+    """Names the method's constructor takes (None: it takes any keyword)."""
+    import inspect
+    from ._methods import load_class
+    try:
+        params = inspect.signature(load_class(method)).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def _build_method(plan: Plan, method: str, data, preset: dict[str, Any], seed: int,
+                  table: dict[str, Any], *, skip_foreign: bool = False):
+    """(Built, model description, budget line or None). skip_foreign: an explicit option this
+    method does not take is left out (compare: --epochs is for the methods that have epochs)."""
     from . import _models as M
     from ._methods import build
-    kind = M.resolve_kind(model_choice, data.task, data.sample_shape, method)
+    settings = plan.settings
+    kind = M.resolve_kind(plan.model_choice, data.task, data.sample_shape, method)
     hidden = settings.get("hidden", M.default_hidden(kind))
     dropout = settings.get("dropout", preset["dropout"])
     n_out = data.n_classes if data.task == "classification" else 0
@@ -415,86 +561,191 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     model_factory = M.factory(kind, data.sample_shape, n_out, hidden=hidden, dropout=dropout, **arch)
     model_desc = M.describe(kind, data.sample_shape, n_out, hidden, dropout, **arch)
     explicit = {k: (_flag_of(k), settings[k]) for k in METHOD_OPTIONS if k in settings}
-    defaults: dict[str, Any] = {"seed": seed, "progress": progress}
-    if device is not None:
-        explicit["device"] = ("--device", device)
+    if skip_foreign:
+        accepted = _accepted_params(method)
+        if accepted is not None:
+            explicit = {k: v for k, v in explicit.items() if k in accepted}
+    defaults: dict[str, Any] = {"seed": seed, "progress": plan.progress}
+    if plan.device is not None:
+        explicit["device"] = ("--device", plan.device)
     if data.task == "reconstruction":
         defaults["loss"] = "mse"
     if method == "dvgs":
         defaults.update(preset["dvgs"])
+    budget = None
+    if "max_time" not in explicit and "max_time" not in table and method in DEFAULT_MAX_TIME:
+        defaults["max_time"] = DEFAULT_MAX_TIME[method]
+        budget = (f"{method}: time budget {DEFAULT_MAX_TIME[method]:g} s (the default for {method}; "
+                  f"--max-time SECONDS to change it)")
     built = build(method, model_factory, model_desc, explicit=explicit, defaults=defaults, table=table)
+    return built, model_desc, budget
 
-    # ---- valuation -------------------------------------------------------------------------------
-    status(f"valuing with {method}: {model_desc}")
-    t0 = time.perf_counter()
+
+def _value(plan: Plan, method: str, built, data):
+    """(result, wall seconds, CPU seconds, the method's warnings as one-line notes)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             result = built.method.fit(data.x_source, data.y_source, data.x_target, data.y_target)
         except ValueError as exc:
             raise CLIError(f"{method}: {one_line(exc)}") from None
-    t_value = time.perf_counter() - t0
-    if not main_rank:
-        return 0
+    t_value, c_value = time.perf_counter() - t0, time.process_time() - c0
+    notes: list[str] = []
     # The method's own warnings (a budget that ran out, ...) belong in the report, once each.
     for w in caught:
         if issubclass(w.category, (UserWarning, RuntimeWarning)):
             msg = f"warning: {one_line(w.message)}"
+            if msg not in notes:
+                notes.append(msg)
+    values = np.asarray(result.values, dtype=np.float64)
+    valued = np.asarray(result.counts) > 0
+    if values.shape != (data.n_source,) or not np.all(np.isfinite(values[valued])):
+        raise CLIError(f"{method}: returned {values.shape} values, {int((~np.isfinite(values)).sum())} "
+                       f"not finite, for {data.n_source} source samples")
+    return result, t_value, c_value, notes
+
+
+def _score(values: np.ndarray, counts: np.ndarray, data, seed: int, *, label: str, want_curves: bool,
+           progress: bool, status=None):
+    """(metrics, removal curves, why the curves were skipped or None, notes).
+
+    Metrics are computed over the valued samples only (counts > 0): a budget-stopped run's
+    unvalued samples hold placeholders, and scoring them would measure the budget, not the method.
+    Removal curves retrain on the data ranked by value, which needs every sample ranked."""
+    from ..evaluate import remove_curve, summarize
+    valued = np.asarray(counts) > 0
+    k, n = int(valued.sum()), int(values.shape[0])
+    notes: list[str] = []
+    bad = None if data.is_corrupted is None else np.asarray(data.is_corrupted, dtype=bool)[valued]
+    if bad is not None and (bad.all() or not bad.any()):
+        notes.append(f"the {k} valued samples hold {int(bad.sum())} corrupted ones: detection metrics need "
+                     f"both kinds, so they are not computed")
+        bad = None
+    sigma = None if data.sigma is None else np.asarray(data.sigma)[valued]
+    if k:
+        metrics = summarize(values[valued], bad, sigma, random_state=seed)
+    else:
+        metrics = {"n": 0}
+    if k < n:
+        metrics["n_unvalued"] = n - k
+    curves, skipped = [], None
+    if (want_curves and data.task == "classification" and data.n_test > 0
+            and np.unique(data.y_test).size > 1):
+        if k < n:
+            skipped = (f"Removal curves were skipped: they retrain on the data ranked by value, and {n - k} "
+                       f"samples have no value.")
+        else:
+            if status is not None:
+                status("removal curves (retraining a logistic regression per point)")
+            for mode in ("high", "low"):
+                c = remove_curve(values, data.x_source.reshape(data.n_source, -1), data.y_source,
+                                 data.x_test.reshape(data.n_test, -1), data.y_test, mode=mode,
+                                 fractions=REMOVAL_FRACTIONS, seed=seed, label=label, progress=progress)
+                curves.append(c)
+                metrics[f"remove_{mode}"] = {"fractions": c.fractions.tolist(), "scores": c.scores.tolist(),
+                                             "metric": c.metric}
+    return metrics, curves, skipped, notes
+
+
+def _versions() -> dict[str, str]:
+    import dvgs_fast
+    import torch
+    return {"dvgs_fast": getattr(dvgs_fast, "__version__", _version()), "torch": torch.__version__,
+            "python": sys.version.split()[0]}
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    t_start = time.perf_counter()
+    plan = _plan(args, argv)
+    if plan.compare:
+        from ._compare import run_compare
+        return run_compare(plan, t_start)
+    method, seed, status = plan.methods[0], plan.seeds[0], plan.status
+    settings = plan.settings
+
+    # ---- data, model and method ------------------------------------------------------------------
+    data, noise, preset, t_load = _load_data(plan, seed)
+    status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
+           f"{noise.describe()}")
+    for note in data.notes:
+        status(f"note: {note}")
+    built, model_desc, budget = _build_method(plan, method, data, preset, seed,
+                                              _method_tables(plan.table, [method])[method])
+    if budget is not None and plan.main_rank:
+        print(f"{PROG}: {budget}", file=sys.stderr, flush=True)     # even with --no-progress
+        data.notes.append(budget)
+
+    from ..report import RunReport, StagedOutput, summary_table, write_report, write_values_early
+    stage = StagedOutput(plan.out, plan.overwrite) if plan.main_rank else None
+    if stage is not None:
+        try:
+            stage.open(plan.command)
+        except (ValueError, OSError) as exc:
+            raise CLIError(one_line(exc)) from None
+        if stage.replaced_stale:
+            status(f"note: replaced {stage.stage}, left by an earlier run that did not finish")
+    try:
+        # ---- valuation ---------------------------------------------------------------------------
+        status(f"valuing with {method}: {model_desc}")
+        result, t_value, c_value, wnotes = _value(plan, method, built, data)
+        if not plan.main_rank:
+            return 0
+        for msg in wnotes:
             if msg not in data.notes:
                 data.notes.append(msg)
                 print(f"{PROG}: {msg}", file=sys.stderr, flush=True)   # even with --no-progress
+        import torch
+        values = np.asarray(result.values, dtype=np.float64)
+        run_settings = {"seed": seed, "device": result.info.get("device", plan.device or "auto"),
+                        "threads": torch.get_num_threads(), "model": model_desc, "data_files": data.files}
+        if args.config:
+            run_settings["config"] = str(args.config)
+        rep = RunReport(
+            method=method, dataset=data.name, noise=noise.label, noise_description=noise.describe(),
+            values=values, source_rows=data.idx_source, sample_ids=getattr(data, "sample_ids", None),
+            labels=data.y_source, is_corrupted=data.is_corrupted, sigma=data.sigma,
+            stderr=result.stderr, counts=result.counts, status=result.status,
+            stopped_by=result.info.get("stopped_by") if result.status == "stopped" else None,
+            progress=str(result.info.get("progress", "")), class_names=data.class_names,
+            timings={"load": t_load, "valuation": t_value, "valuation_cpu": c_value},
+            sizes={"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
+            settings=run_settings, method_settings={k: v for k, v in built.kwargs.items() if k != "progress"},
+            notes=data.notes, command=plan.command)
+        # The values are safe on disk before the (interruptible) evaluation starts.
+        write_values_early(rep, stage.stage)
 
-    # ---- evaluation ------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    from ..evaluate import remove_curve, summarize
-    values = np.asarray(result.values, dtype=np.float64)
-    if values.shape != (data.n_source,) or not np.all(np.isfinite(values)):
-        raise CLIError(f"{method}: returned {values.shape} values, {int((~np.isfinite(values)).sum())} "
-                       f"not finite, for {data.n_source} source samples")
-    metrics = summarize(values, data.is_corrupted, data.sigma, random_state=seed)
-    curves = []
-    if (not settings.get("no_curves") and data.task == "classification" and data.n_test > 0
-            and np.unique(data.y_test).size > 1):
-        status("removal curves (retraining a logistic regression per point)")
-        for mode in ("high", "low"):
-            c = remove_curve(values, data.x_source.reshape(data.n_source, -1), data.y_source,
-                             data.x_test.reshape(data.n_test, -1), data.y_test, mode=mode,
-                             fractions=REMOVAL_FRACTIONS, seed=seed, label=method, progress=progress)
-            curves.append(c)
-            metrics[f"remove_{mode}"] = {"fractions": c.fractions.tolist(), "scores": c.scores.tolist(),
-                                         "metric": c.metric}
-    t_eval = time.perf_counter() - t0
+        # ---- evaluation --------------------------------------------------------------------------
+        t0 = time.perf_counter()
+        metrics, curves, skipped, snotes = _score(values, result.counts, data, seed, label=method,
+                                                  want_curves=not settings.get("no_curves"),
+                                                  progress=plan.progress, status=status)
+        rep.notes.extend(snotes)
+        rep.metrics, rep.curves, rep.curves_skipped = metrics, curves, skipped
+        if skipped:
+            rep.notes.append(skipped)
+        rep.timings["evaluation"] = time.perf_counter() - t0
 
-    # ---- report ----------------------------------------------------------------------------------
-    import dvgs_fast
-    import torch
-    from ..report import RunReport, clear_previous, summary_table, write_report
-    run_settings = {"seed": seed, "device": result.info.get("device", device or "auto"),
-                    "threads": torch.get_num_threads(), "model": model_desc, "data_files": data.files}
-    if args.config:
-        run_settings["config"] = str(args.config)
-    rep = RunReport(
-        method=method, dataset=data.name, noise=noise.label, noise_description=noise.describe(),
-        values=values, source_rows=data.idx_source, sample_ids=getattr(data, "sample_ids", None),
-        labels=data.y_source, is_corrupted=data.is_corrupted,
-        sigma=data.sigma, metrics=metrics, curves=curves,
-        timings={"load": t_load, "valuation": t_value, "evaluation": t_eval},
-        sizes={"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
-        settings=run_settings,
-        method_settings={k: v for k, v in built.kwargs.items() if k != "progress"},
-        notes=data.notes, command=" ".join(shlex.quote(a) for a in [PROG, *argv]),
-        extra={"method_timings": result.timings, "method_info": result.info,
-               "status": result.status, "counts": {"valued": int((result.counts > 0).sum()), "median": float(np.median(result.counts))},
-               "versions": {"dvgs_fast": getattr(dvgs_fast, "__version__", _version()), "torch": torch.__version__,
-                            "python": sys.version.split()[0]},
-               "created": _dt.datetime.now().isoformat(timespec="seconds")})
-    if overwrite and out.is_dir():
-        clear_previous(out)
-    rep.timings["total"] = time.perf_counter() - t_start   # up to the report (which takes ~1 s)
-    write_report(rep, out)
+        # ---- report ------------------------------------------------------------------------------
+        rep.extra = {"method_timings": result.timings, "method_info": result.info,
+                     "counts": {"valued": int((result.counts > 0).sum()),
+                                "median": float(np.median(result.counts))},
+                     "versions": _versions(), "created": _dt.datetime.now().isoformat(timespec="seconds")}
+        rep.timings["total"] = time.perf_counter() - t_start   # up to the report (which takes ~1 s)
+        write_report(rep, stage.stage)
+        try:
+            stage.finish()
+        except (ValueError, OSError) as exc:
+            raise CLIError(one_line(exc)) from None
+    except BaseException:
+        if stage is not None:
+            kept = stage.abandon()
+            if kept:
+                print(f"{PROG}: {kept}", file=sys.stderr, flush=True)
+        raise
 
     print(summary_table(rep))
     t = rep.timings
     print(f"total {t['total']:.1f} s (load {t['load']:.1f}, valuation {t['valuation']:.1f}, "
-          f"evaluation {t['evaluation']:.1f}); report: {out / 'report.html'}")
+          f"evaluation {t['evaluation']:.1f}); report: {plan.out / 'report.html'}")
     return 0
