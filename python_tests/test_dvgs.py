@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS, ValuationResult
-from dvgs_fast.methods.dvgs import method as dvgs_method
+from dvgs_fast.methods.dvgs import checkpoint as dvgs_checkpoint
+from dvgs_fast.methods.dvgs import loop as dvgs_loop
 
 ATOL = RTOL = 1e-5
 
@@ -197,7 +198,7 @@ def test_scoring_mode_leaves_model_unchanged():
     net.train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    with dvgs_method._ScoringMode(net, torch.device("cpu"), 123):
+    with dvgs_loop.ScoringMode(net, torch.device("cpu"), 123):
         assert not net[1].training and net[2].training
         net(torch.randn(5, 4))
         net[1].running_mean.add_(1.0)
@@ -322,7 +323,7 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_aft
     kw = {"epochs": 3, "restarts": 2, "keep_snapshots": True, "seed": 21}
     full = _run(net, *data, "fast", **kw)
 
-    real_save = dvgs_method._save_checkpoint
+    real_save = dvgs_checkpoint.write_state
     calls = {"n": 0}
 
     def dying_save(path, state):
@@ -331,10 +332,10 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_aft
         if calls["n"] == kill_after:
             raise _Interrupt
 
-    monkeypatch.setattr(dvgs_method, "_save_checkpoint", dying_save)
+    monkeypatch.setattr(dvgs_checkpoint, "write_state", dying_save)
     with pytest.raises(_Interrupt):
         _run(net, *data, "fast", checkpoint_dir=tmp_path, **kw)
-    monkeypatch.setattr(dvgs_method, "_save_checkpoint", real_save)
+    monkeypatch.setattr(dvgs_checkpoint, "write_state", real_save)
     resumed = _run(net, *data, "fast", checkpoint_dir=tmp_path, **kw)
     np.testing.assert_array_equal(resumed.values, full.values)
     np.testing.assert_array_equal(np.asarray(resumed.snapshots), np.asarray(full.snapshots))

@@ -9,6 +9,7 @@ from torch import nn
 
 from dvgs_fast import DVGS
 from dvgs_fast.methods.dvgs import fast as dvgs_fast_mod
+from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, read_state
 from dvgs_fast.methods.dvgs.sources import (DatasetSource, GctxSource, IteratorSource, TensorSource, as_source)
 
 LINCS = "lincs/modzs_n272x978.gctx"
@@ -190,7 +191,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, kind, kill
     with pytest.raises(_Killed):
         DVGS(_mlp(), checkpoint_dir=tmp_path, **kw).fit(src(), y(), xt, yt)
     monkeypatch.setattr(dvgs_fast_mod.FastScorer, "score", real)
-    ck = torch.load(tmp_path / "dvgs_checkpoint.pt", weights_only=False)
+    ck = read_state(CheckpointFiles(tmp_path))
     assert ck["k"] == kill_at // 4                     # resumes from the last completed snapshot
     assert (tmp_path / "dvgs_sums.npy").exists()
     res = DVGS(_mlp(), checkpoint_dir=tmp_path, **kw).fit(src(), y(), xt, yt)

@@ -9,8 +9,11 @@ squares], sample). After ``k`` completed
 snapshots the valid sums are in slot ``k % 2``; snapshot ``k`` reads slot ``k % 2`` and writes
 ``sums + similarity`` into slot ``(k + 1) % 2``. A run killed in the middle of snapshot ``k``
 leaves slot ``k % 2`` untouched, and the checkpoint (written atomically after the snapshot and
-the following optimizer step, see method.py) says which ``k`` is complete. So no copy of the
-sums is ever put in the checkpoint itself.
+the following optimizer step, see loop.py) says which ``k`` is complete. So no copy of the
+sums is ever put in the checkpoint itself, only the checksum of slot ``k % 2``
+(:meth:`ValuesStore.slot_digest`; the files are written in place, so their checksum is taken
+when the state is saved) and of every completed snapshot column (:meth:`column_digest`), which
+checkpoint.py verifies on resume.
 
 ``keep_snapshots`` keeps every snapshot in a column-major ``[N, K]`` ``.npy`` memmap beside it
 (one snapshot = one contiguous column write).
@@ -22,6 +25,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from dvgs_fast.methods.dvgs._digest import digest_of_array
 
 SUMS_NAME = "dvgs_sums.npy"
 SNAP_NAME = "dvgs_snapshots.npy"
@@ -38,16 +43,39 @@ def _anonymous(prefix: str, dtype, shape, fortran_order=False) -> np.memmap:
     return mm
 
 
+class StoreFileError(ValueError):
+    """A sums/snapshots file of a checkpoint is missing, unreadable, truncated or of another run."""
+
+
+def _open_existing(path: Path, dtype, shape, fortran_order: bool) -> np.memmap:
+    """Open a .npy file written by an earlier run for update, after checking its header and its
+    size: np.memmap would silently zero-extend a file truncated by a crash."""
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            got_shape, got_fortran, got_dtype = read(fh)
+            offset = fh.tell()
+    except (OSError, ValueError) as exc:
+        raise StoreFileError(f"{path.name} is unreadable ({type(exc).__name__}: {exc})") from None
+    if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or bool(got_fortran) != fortran_order:
+        raise StoreFileError(f"{path.name} holds a {tuple(got_shape)} {got_dtype} array, this run needs "
+                             f"{tuple(shape)} {np.dtype(dtype)}")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise StoreFileError(f"{path.name} has {size} bytes, {expected} expected (truncated or overwritten)")
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
 def _open(directory: Path | None, name: str, dtype, shape, resume: bool, fortran_order=False) -> np.memmap:
     if directory is None:
         return _anonymous(name.split(".")[0] + "_", dtype, shape, fortran_order)
     path = Path(directory) / name
-    if resume and path.exists():
-        mm = np.lib.format.open_memmap(path, mode="r+")
-        if mm.shape != tuple(shape) or mm.dtype != np.dtype(dtype):
-            raise ValueError(f"checkpoint_dir: {path} has shape {mm.shape} / {mm.dtype}, expected "
-                             f"{tuple(shape)} / {np.dtype(dtype)}; delete the checkpoint to start over")
-        return mm
+    if resume:
+        if not path.exists():
+            raise StoreFileError(f"the state names {name} but the file is missing")
+        return _open_existing(path, dtype, shape, fortran_order)
     Path(directory).mkdir(parents=True, exist_ok=True)
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran_order)
 
@@ -61,9 +89,6 @@ class ValuesStore:
                  sums_name: str = SUMS_NAME, snap_name: str = SNAP_NAME):
         self.n = int(n)
         self.directory = None if directory is None else Path(directory)
-        if resume and self.directory is not None and not (self.directory / sums_name).exists():
-            raise ValueError(f"checkpoint_dir: {self.directory} has a checkpoint but no {sums_name}; "
-                             f"delete the checkpoint to start over")
         self.sums = _open(self.directory, sums_name, np.float64, (2, 2, self.n), resume)
         if not resume:
             self.sums[0] = 0.0
@@ -85,10 +110,18 @@ class ValuesStore:
         """[2, N]: per-sample sum of the k snapshots' similarities and of their squares."""
         return self.sums[k % 2]
 
+    def slot_digest(self, k: int) -> str:
+        """Checksum of the sums after k snapshots (slot k % 2), recorded in the saved state."""
+        return digest_of_array(self.sums[k % 2])
+
+    def column_digest(self, j: int) -> str:
+        """Checksum of kept snapshot j (one contiguous column), once all its rows are written."""
+        return digest_of_array(self.snapshots[:, j])
+
     def flush(self) -> None:
         self.sums.flush()
         if self.snapshots is not None:
             self.snapshots.flush()
 
 
-__all__ = ["ValuesStore", "SUMS_NAME", "SNAP_NAME"]
+__all__ = ["ValuesStore", "StoreFileError", "SUMS_NAME", "SNAP_NAME"]

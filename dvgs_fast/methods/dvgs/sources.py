@@ -24,6 +24,14 @@ range); :meth:`Source.probe` does the cheap up-front check of the first rows.
 A *sub-range* of any source is ``source.slice(start, stop)`` (for sharding across ranks), and
 ``source.iter_batches(size)`` / ``source.iter_chunks(start, stop, size)`` stream it.
 
+A streamed (callable) source must yield the same rows on every pass: one that yields fewer or
+more rows than it did when counted raises :class:`SourceLengthError` (a ValueError with both
+counts; DVGS adds which snapshot's pass it was) before a short batch reaches the caller.
+
+``source.identity()`` is what a DVGS checkpoint fingerprint records of the data: the content
+hash of an in-memory or streamed (callable, Dataset) source, computed block by block; the path,
+size and modification time of a GCTX file (hashing a multi-GB file per run would cost a pass).
+
 Cost to know about: with a chunked source, each snapshot pass re-reads the whole source, so a
 huge file makes DVGS IO-bound (bench/bench_lincs_scale.py quantifies it).
 """
@@ -35,6 +43,8 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
 
 Batch = tuple[int, int, torch.Tensor, "torch.Tensor | None"]
 
@@ -48,6 +58,15 @@ def _to_tensor(a: Any) -> torch.Tensor:
     if arr.ndim and not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)      # (which would also turn a 0-d label into shape [1])
     return torch.from_numpy(arr) if arr.dtype.kind != "U" else torch.as_tensor(arr)
+
+
+class SourceLengthError(ValueError):
+    """A pass over a streamed source yielded another number of rows than the source has."""
+
+    def __init__(self, got: int, expected: int, more: bool):
+        self.got, self.expected, self.more = int(got), int(expected), bool(more)
+        super().__init__(f"x_source: the stream yielded {self.got} rows on this pass, but {self.expected} when "
+                         f"it was counted; a streamed source must yield the same rows on every pass")
 
 
 def _check_finite(x: torch.Tensor, a: int, b: int, what: str = "x_source") -> None:
@@ -93,11 +112,10 @@ def _rebatch(pieces: Iterator[tuple[int, Any, Any]], start: int, stop: int, size
                 buf_x, buf_y, have = [], [], 0
         if off + n >= stop:
             break
+    if pos + have < stop:            # checked before the short batch is handed out
+        raise ValueError(f"x_source: the source ended at row {pos + have}, expected {stop} rows")
     if have:
         yield _emit(pos, buf_x, buf_y)
-        pos += have
-    if pos < stop:
-        raise ValueError(f"x_source: the source ended at row {pos}, expected {stop} rows")
 
 
 def _emit(pos, buf_x, buf_y):
@@ -193,14 +211,16 @@ class Source:
         return type(self).__name__
 
     def identity(self) -> bytes:
-        """Cheap bytes identifying the data, for checkpoint fingerprints."""
-        h = hashlib.blake2b(digest_size=16)
+        """Bytes identifying the data, for checkpoint fingerprints. This fallback (for source
+        classes that define nothing better) hashes the description, the length and every row,
+        in one pass; subclasses with a cheaper exact identity override it."""
+        h = new_hash()
         h.update(self.describe().encode())
         h.update(repr(self.length).encode())
-        _, _, x, y = self.probe()
-        h.update(x.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        if y is not None:
-            h.update(y.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for _, _, x, y in self.iter_chunks(0, None, 4096, validate=False):
+            update_with_tensor(h, x)
+            if y is not None:
+                update_with_tensor(h, y)
         return h.digest()
 
     # ---- public API ------------------------------------------------------------------------
@@ -275,6 +295,9 @@ class SliceSource(Source):
     def describe(self) -> str:
         return f"{self.parent.describe()}[{self.start}:{self.stop}]"
 
+    def identity(self) -> bytes:
+        return source_identity(self.parent) + repr((self.start, self.stop)).encode()
+
     def iter_chunks(self, start=0, stop=None, size=1024, validate=True):
         stop = self.length if stop is None else min(int(stop), self.length)
         for a, b, x, y in self.parent.iter_chunks(self.start + int(start), self.start + stop, size, validate):
@@ -282,7 +305,7 @@ class SliceSource(Source):
 
 
 class TensorSource(Source):
-    """In-memory rows (a tensor, optionally labels)."""
+    """In-memory rows (a tensor, optionally labels): DVGS's source for array inputs."""
 
     chunked = False
 
@@ -296,12 +319,20 @@ class TensorSource(Source):
     def describe(self) -> str:
         return f"TensorSource{tuple(self.x.shape)}"
 
+    def identity(self) -> bytes:
+        h = new_hash()                       # block by block: no copy of the whole source
+        update_with_tensor(h, self.x)
+        if self.y is not None:
+            update_with_tensor(h, self.y)
+        return h.digest()
+
     def iter_chunks(self, start=0, stop=None, size=1024, validate=False):
         # Checked once up front (as_float_tensor), so no per-batch validation.
         stop = self.length if stop is None else min(int(stop), self.length)
+        y = self.y if self._y_extra is None else self._y_extra
         for a in range(int(start), stop, int(size)):
             b = min(a + int(size), stop)
-            yield a, b, self.x[a:b], (None if self.y is None else self.y[a:b])
+            yield a, b, self.x[a:b], (None if y is None else y[a:b])
 
 
 class GctxSource(Source):
@@ -367,6 +398,8 @@ class DatasetSource(Source):
     def describe(self) -> str:
         return f"DatasetSource({type(self.ds).__name__}, n={self._n})"
 
+    # identity(): the base class's content hash (one pass over the items)
+
     def _items(self, a, b):
         get_many = getattr(self.ds, "__getitems__", None)
         return list(get_many(list(range(a, b)))) if get_many is not None else [self.ds[i] for i in range(a, b)]
@@ -391,6 +424,7 @@ class IteratorSource(Source):
 
     def __init__(self, factory: Callable[[], Any], n: int | None = None):
         self.factory, self._n = factory, n
+        self._digest: bytes | None = None      # content hash, taken in the counting pass
 
     @property
     def length(self) -> int | None:
@@ -425,19 +459,58 @@ class IteratorSource(Source):
             off += int(x.shape[0])
 
     def count(self) -> int:
-        """Length by one pass over the chunks (checking them), when not given."""
-        if self._n is None:
+        """Length by one pass over the chunks (checking and hashing them), when not given."""
+        if self._n is None or self._digest is None:
             n = 0
-            for off, x, _ in self._stream():
+            h = new_hash()
+            for off, x, y in self._stream():
                 _check_finite(x, off, off + int(x.shape[0]))
+                update_with_tensor(h, x)
+                if y is not None:
+                    update_with_tensor(h, y)
                 n = off + int(x.shape[0])
             if n == 0:
                 raise ValueError("x_source: the iterator yielded no rows")
-            self._n = n
+            if self._n is not None and n != self._n:
+                raise SourceLengthError(n, self._n, more=n > self._n)
+            self._n, self._digest = n, h.digest()
         return self._n
 
+    def identity(self) -> bytes:
+        self.count()
+        h = new_hash()
+        h.update(self.describe().encode())
+        h.update(repr(self._n).encode())
+        h.update(self._digest)
+        return h.digest()
+
     def _pieces(self, start, stop):
-        return self._stream()
+        """The stream, checked against the counted length: a pass that ends early raises before
+        its last rows are used; a pass that reaches the end of the source is read to the stream's
+        end first, so extra rows raise too (instead of being silently ignored)."""
+        n = len(self)
+        it = self._stream()
+        end = 0
+        for off, x, y in it:
+            end = off + int(x.shape[0])
+            if end >= n and stop == n:
+                end += sum(int(c.shape[0]) for _, c, _ in it)     # rows beyond the counted end
+                if end != n:
+                    raise SourceLengthError(end, n, more=True)
+            yield off, x, y
+        if end < n:
+            raise SourceLengthError(end, n, more=False)
+
+
+def source_identity(src: Source) -> bytes:
+    """A source's identity including in-memory labels attached with ``with_labels``."""
+    out = src.identity()
+    y = src._y_extra
+    if y is not None:
+        h = new_hash()
+        update_with_tensor(h, y)
+        out += h.digest()
+    return out
 
 
 def is_chunked_input(x: Any) -> bool:
@@ -446,15 +519,13 @@ def is_chunked_input(x: Any) -> bool:
     from dvgs_fast.datasets.lincs import GctxReader
     if isinstance(x, (torch.Tensor, np.ndarray, list, tuple)):
         return False
-    return isinstance(x, (Source, SourceRows, GctxReader, Dataset)) or callable(x)
+    return isinstance(x, (Source, GctxReader, Dataset)) or callable(x)
 
 
 def as_source(x: Any, y: Any = None) -> Source:
     """Wrap a chunked source input (see the module docstring); y_source, if given, in memory."""
     from torch.utils.data import Dataset
     from dvgs_fast.datasets.lincs import GctxReader
-    if isinstance(x, SourceRows):
-        x = x.source
     if isinstance(x, Source):
         src = x
     elif isinstance(x, GctxReader):
@@ -474,122 +545,4 @@ def as_source(x: Any, y: Any = None) -> Source:
 
 
 __all__ = ["Source", "SliceSource", "TensorSource", "GctxSource", "DatasetSource", "IteratorSource",
-           "as_source", "is_chunked_input"]
-
-
-# ---------------------------------------------------------------------------------------------
-# tensor-like views for the training loop
-# ---------------------------------------------------------------------------------------------
-class SourceRows:
-    """A source seen as a read-only [N, ...] "tensor" that the DVGS loop slices in order.
-
-    ``rows[a:b]`` returns rows a..b-1 as a tensor (of ``dtype``). Consecutive slices of one size
-    from one start continue a single streaming pass over the source (one file open, blocks read
-    once); any other slice starts a new pass there. ``rows.labels`` is the matching view of the
-    labels (None when the source has none), served from the batch ``rows`` fetched last.
-    """
-
-    is_source_view = True
-
-    def __init__(self, source: Source, dtype: torch.dtype = torch.float32):
-        self.source = source
-        self.dtype = dtype
-        self.n = len(source)
-        _, _, x, y = source.probe(2)
-        self._sample_shape = tuple(int(s) for s in x.shape[1:])
-        self._has_y = y is not None
-        self._it = None
-        self._next = None           # (start, size) the running pass serves next
-        self._last: Batch | None = None
-        self._probe = (x, y)
-        self.labels = _LabelRows(self) if self._has_y else None
-
-    # tensor-like bits used by DVGS's preparation
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.n, *self._sample_shape))
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def dim(self) -> int:
-        return 1 + len(self._sample_shape)
-
-    def to(self, dtype: torch.dtype) -> "SourceRows":
-        self.dtype = dtype
-        return self
-
-    def __len__(self) -> int:
-        return self.n
-
-    def identity(self) -> bytes:
-        out = self.source.identity()
-        y = getattr(self.source, "_y_extra", None)
-        if y is not None:
-            out += hashlib.blake2b(y.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
-                                   digest_size=16).digest()
-        return out
-
-    def _fetch(self, a: int, b: int) -> Batch:
-        if self._last is not None and self._last[0] == a and self._last[1] == b:
-            return self._last
-        size = b - a
-        if self._it is None or self._next != (a, size):
-            self._it = self.source.iter_chunks(a, self.n, size)
-        batch = next(self._it, None)
-        if batch is None or batch[0] != a or batch[1] != b:
-            # the pass ended or would cut differently (a short last slice): read exactly [a, b)
-            self._it = None
-            batch = next(self.source.iter_chunks(a, b, size))
-        self._next = (b, size)
-        self._last = batch
-        return batch
-
-    def __getitem__(self, key) -> torch.Tensor:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("a chunked source can only be read by contiguous row ranges")
-        a, b, _ = key.indices(self.n)
-        if b <= a:
-            return torch.empty((0, *self._sample_shape), dtype=self.dtype)
-        x = self._fetch(a, b)[2]
-        return x.to(self.dtype)
-
-    def reset(self) -> None:
-        self._it, self._next, self._last = None, None, None
-
-
-class _LabelRows:
-    """Labels of a :class:`SourceRows` (same slices)."""
-
-    is_source_view = True
-
-    def __init__(self, rows: SourceRows):
-        self.rows = rows
-        self.dtype = rows._probe[1].dtype if rows._probe[1] is not None else None
-        self._cast = None
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.rows.n, *self.rows._probe[1].shape[1:]))
-
-    def is_floating_point(self) -> bool:
-        return bool(self.rows._probe[1].is_floating_point())
-
-    def to(self, dtype: torch.dtype) -> "_LabelRows":
-        self._cast = dtype
-        self.dtype = dtype
-        return self
-
-    def __getitem__(self, key) -> torch.Tensor:
-        a, b, _ = key.indices(self.rows.n)
-        y = self.rows._fetch(a, b)[3]
-        if self._cast is not None:
-            y = y.to(self._cast)
-        elif not y.is_floating_point():
-            y = y.long()
-        return y
-
-
-def is_source_view(x: Any) -> bool:
-    return getattr(x, "is_source_view", False)
+           "SourceLengthError", "as_source", "is_chunked_input", "source_identity"]
