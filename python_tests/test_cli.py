@@ -352,3 +352,13 @@ def test_adult_paper_settings_reach_quality_bar(data_root, tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert m["method_settings"]["restarts"] == 3 and m["method_settings"]["epochs"] == 100
     assert m["metrics"]["auroc"] >= 0.85, m["metrics"]
+
+
+def test_explicit_n_target_is_never_replaced(data_file, tmp_path, capsys):
+    """--n-target 5000 equals the LINCS preset; it used to be replaced silently by n/4 (68 here).
+    Given explicitly it is used as given: on a 272-sample file that leaves nothing to value."""
+    path = data_file("lincs/modzs_n272x978.gctx")
+    rc, _, err = _run(["run", "--dataset", "lincs", "--data-root", str(path), "--n-target", "5000", "--epochs", "1",
+                       "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    _assert_one_line_error(rc, err, "--n-target 5000")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.incomplete").exists()
