@@ -1,7 +1,7 @@
 // CUDA glue of linear_ghost_stats: GEMMs in cuBLAS (shared driver), row pass in
 // cuda/kernels/linear_ghost_stats_kernel.cu.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -18,7 +18,7 @@ void reduce_typed(const at::Tensor& P, const at::Tensor& Q, const at::Tensor& A,
       P.const_data_ptr<T>(), Q.const_data_ptr<T>(), P.size(1), A.const_data_ptr<T>(), A.size(1),
       D.const_data_ptr<T>(), D.size(1), gb.defined() ? gb.const_data_ptr<T>() : nullptr, P.size(0),
       pq.mutable_data_ptr<T>(), a2.mutable_data_ptr<T>(), d2.mutable_data_ptr<T>(),
-      at::cuda::getCurrentCUDAStream());
+      c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "linear_ghost_stats: CUDA launch failed: ", cudaGetErrorString(err));
 }
 

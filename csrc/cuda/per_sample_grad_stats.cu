@@ -1,7 +1,7 @@
 // CUDA glue of per_sample_grad_stats: validates, lays out each gradient tensor, and calls
 // the torch-free launchers in cuda/kernels/per_sample_grad_stats_kernel.cu.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cuda(at::TensorList gra
   const int64_t n = check_grad_stats_inputs(grads, target, "per_sample_grad_stats");
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const auto out_type = stats_out_type(grads);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   std::vector<at::Tensor> storages, targets;
   std::vector<RowLayout> layouts;
