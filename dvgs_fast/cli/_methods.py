@@ -24,6 +24,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "loo": ("dvgs_fast.methods.loo", "LeaveOneOut", {}, "leave-one-out"),
     "random": ("dvgs_fast.methods.random", "RandomValuation", {}, "random values (baseline)"),
     "knn_shapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley", {}, "exact KNN-Shapley (Jia et al. 2019)"),
+    "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

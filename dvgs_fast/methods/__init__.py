@@ -16,6 +16,7 @@ _LAZY = {
     "LeaveOneOut": ("dvgs_fast.methods.loo", "LeaveOneOut"),
     "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
     "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
+    "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
 }
 
 __all__ = list(_LAZY)

@@ -1,0 +1,213 @@
+"""What the training-based gradient methods (In-Run Data Shapley, TracIn) share: input checks,
+per-sample losses, the selected parameters, the optimizer's update map, and the result sums.
+
+Both train the model on the SOURCE set (unlike DVGS, which trains on the target) and credit
+each source sample with inner products ⟨∇ℓ(z_i; θ), v⟩ against a target-derived vector v, which
+the DVGS scorers (fast: ghost statistics; reference: torch.func per-sample gradients) give.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvgs_fast import _validation as V
+from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast.result import stats_from_sums
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+BACKENDS = ("fast", "reference")
+
+
+def make_sample_loss(loss: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-sample losses [N]: cross-entropy (mean over any extra output dims), squared error
+    (mean over the output's elements), or the user's callable."""
+    if loss == "cross_entropy":
+        def per_sample(out, y):
+            return F.cross_entropy(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
+    elif loss == "mse":
+        def per_sample(out, y):
+            return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
+    else:
+        per_sample = loss
+    return per_sample
+
+
+def check_common(loss: Any, optimizer: Any, backend: Any, grad_params: Any, model: Any):
+    """Constructor checks shared by both methods; returns (optimizer, backend, grad_params)."""
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
+                         f"got {type(model).__name__}")
+    if not callable(loss):
+        V.check_choice(loss, "loss", V.LOSSES)
+    optimizer = V.check_choice(optimizer.lower() if isinstance(optimizer, str) else optimizer, "optimizer",
+                               OPTIMIZERS)
+    backend = V.check_choice(backend, "backend", BACKENDS)
+    if grad_params is not None:
+        if isinstance(grad_params, str):
+            grad_params = [grad_params]
+        grad_params = list(grad_params)
+        if not grad_params or not all(isinstance(g, str) for g in grad_params):
+            raise ValueError(f"grad_params: expected None or a non-empty list of parameter names, got {grad_params!r}")
+    return optimizer, backend, grad_params
+
+
+@dataclass
+class Prepared:
+    model: nn.Module
+    names: list[str]
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xt: torch.Tensor
+    yt: torch.Tensor
+    sample_loss: Callable
+    dtype: torch.dtype
+    shuffle: torch.Generator          # seeded from the run's seed (the global RNG is seeded too)
+
+
+def _labels(y, x, name: str, loss: Any) -> torch.Tensor | None:
+    if y is None:
+        if loss == "cross_entropy":
+            raise ValueError(f"{name}: labels are required for loss='cross_entropy'")
+        return None
+    if loss in V.LOSSES:
+        t = V.as_labels(y, name, loss=loss)
+    else:
+        t = y.detach() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise ValueError(f"{name}: is empty (0 labels)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN/Inf")
+    V.check_same_length(x, t, "x_source" if name == "y_source" else "x_target", name)
+    return t
+
+
+def resolve_grad_params(model: nn.Module, grad_params: list[str] | None) -> list[str]:
+    """Parameter names selected by exact names or module-name prefixes (None: all trainable)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters")
+    if grad_params is None:
+        return [n for n, _ in params]
+    all_named = dict(model.named_parameters())
+    names: list[str] = []
+    for entry in grad_params:
+        hit = [n for n in all_named if n == entry or n.startswith(entry + ".")]
+        if not hit:
+            raise ValueError(f"grad_params: {entry!r} names no parameter of the model "
+                             f"(parameters: {', '.join(list(all_named)[:20])}{', ...' if len(all_named) > 20 else ''})")
+        frozen = [n for n in hit if not all_named[n].requires_grad]
+        if frozen:
+            raise ValueError(f"grad_params: {frozen[0]!r} does not require grad")
+        names += [n for n in hit if n not in names]
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    return sorted(names, key=order.__getitem__)
+
+
+def prepare(method, x_source, y_source, x_target, y_target, device: torch.device, seed: int) -> Prepared:
+    """Validate the four inputs, seed, build the model (a factory's initialisation is seeded),
+    check its output against the labels (before any training)."""
+    xs = V.as_float_tensor(x_source, "x_source")
+    xt = V.as_float_tensor(x_target, "x_target")
+    V.check_same_features(xs, xt, "x_source", "x_target")
+    ys = _labels(y_source, xs, "y_source", method.loss)
+    yt = _labels(y_target, xt, "y_target", method.loss)
+    if (ys is None) != (yt is None):
+        raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
+                         f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
+    shuffle = seed_everything(seed)
+    model = build_model(method.model, "model")
+    names = resolve_grad_params(model, method.grad_params)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    model.to(device)
+    xs, xt = xs.to(device=device, dtype=dtype), xt.to(device=device, dtype=dtype)
+    if ys is not None:
+        ys, yt = ys.to(device), yt.to(device)
+        if ys.is_floating_point():
+            ys, yt = ys.to(dtype), yt.to(dtype)
+    else:                                            # autoencoder: the target is the input
+        ys, yt = xs, xt
+    sample_loss = make_sample_loss(method.loss)
+    # One eval-mode forward on two target samples: output/label mismatches fail now, not mid-run.
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(xt[:2])
+    except Exception as exc:
+        raise ValueError(f"x_target: the model cannot run on samples of shape {tuple(xt.shape[1:])} "
+                         f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"model: must return a tensor, returned {type(out).__name__}")
+    if method.loss == "cross_entropy":
+        if out.dim() < 2:
+            raise ValueError(f"model: cross_entropy needs outputs [N, n_classes], got shape {tuple(out.shape)}")
+        k = int(out.shape[1])
+        for y, name in ((ys, "y_source"), (yt, "y_target")):
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= k:
+                raise ValueError(f"{name}: labels must be in [0, {k}) (the model has {k} outputs), "
+                                 f"found range [{lo}, {hi}]")
+    try:
+        with torch.no_grad():
+            per = sample_loss(out, yt[:2])
+    except Exception as exc:
+        raise ValueError(f"y_target: the loss cannot compare the model output {tuple(out.shape)} with targets "
+                         f"{tuple(yt[:2].shape)} ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(per, torch.Tensor) or tuple(per.shape) != (out.shape[0],):
+        raise ValueError(f"loss: must return one loss per sample (shape [N]), got "
+                         f"{tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__}")
+    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle)
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    return [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def update_map(opt: torch.optim.Optimizer, kind: str, params: dict[str, nn.Parameter], names: list[str],
+               lr: float) -> dict[str, torch.Tensor | float]:
+    """P: how this step's mean-batch gradient is credited with moving each selected parameter,
+    Δθ = -P ⊙ ∇L_B, from the optimizer's state before step().
+
+    sgd:        P = lr (exact: that is the update).
+    adam/adamw: P = lr / (sqrt(v_t / (1 - β2^t)) + eps), the preconditioned update direction: the
+                gradient scaled by the same denominator torch.optim.Adam divides by at this step
+                (v_t includes this step's gradient). Adam spreads a gradient over this and later
+                steps through the momentum, with weights (1-β1)β1^k that sum to one; it is
+                credited here once, whole, at the step it was computed (with this step's
+                preconditioner and target gradient). On the first step this is exactly Adam's update.
+                Weight decay is credited to no sample.
+    Must be called after the gradients are in p.grad and before opt.step()."""
+    if kind == "sgd":
+        return {n: lr for n in names}
+    group = opt.param_groups[0]
+    _, b2 = group["betas"]
+    eps, wd = group["eps"], group["weight_decay"]
+    out = {}
+    for n in names:
+        p = params[n]
+        st = opt.state.get(p, {})
+        t = int(st["step"]) + 1 if "step" in st else 1
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        if kind == "adam" and wd != 0:
+            g = g + wd * p.detach()                    # Adam's L2 term enters the moments
+        v_prev = st.get("exp_avg_sq")
+        v = (1 - b2) * g * g if v_prev is None else b2 * v_prev + (1 - b2) * g * g
+        out[n] = lr / ((v / (1 - b2 ** t)).sqrt() + eps)
+    return out
+
+
+def finish_sums(s1: np.ndarray, s2: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(values, stderr) for values that are SUMS of per-step contributions.
+
+    stderr = counts * (standard error of the mean contribution) = sqrt(counts * var), the spread
+    of a sum of `counts` contributions drawn like the observed ones; NaN with fewer than two."""
+    _, se = stats_from_sums(s1, s2, counts)
+    return s1.copy(), se * counts
