@@ -198,3 +198,18 @@ def test_compare_config_tables(tmp_path, capsys):
     rc, _, err = _run(["compare", "--method", "random,loo", "--config", str(other), "--out", str(tmp_path / "o"),
                        *BASE], capsys)
     assert rc == 2 and "[method.dshap]" in err
+
+
+def test_per_method_model_in_config(tmp_path, capsys):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[method.lossval]\nmodel = "logistic"\nepochs = 2\n')
+    out = tmp_path / "c"
+    rc, _, err = _run(["compare", "--method", "random,lossval", "--config", str(cfg), "--no-curves",
+                       "--out", str(out), *BASE], capsys)
+    assert rc == 0, err
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["models"]["lossval"].startswith("linear 64-10") and doc["models"]["random"].startswith("MLP")
+    cfg.write_text('[method.lossval]\nmodel = "transformer"\n')
+    rc, _, err = _run(["compare", "--method", "random,lossval", "--config", str(cfg), "--out", str(tmp_path / "d"),
+                       *BASE], capsys)
+    assert rc == 2 and "[method] model" in err

@@ -553,7 +553,17 @@ def _build_method(plan: Plan, method: str, data, preset: dict[str, Any], seed: i
     from . import _models as M
     from ._methods import build
     settings = plan.settings
-    kind = M.resolve_kind(plan.model_choice, data.task, data.sample_shape, method)
+    choice = plan.model_choice
+    table = dict(table)
+    if "model" in table and "model" not in settings:
+        # [method.NAME] model = "logistic": a per-method --model (a comparison's refitting
+        # methods may need a cheaper model than the gradient methods). With --model as well,
+        # build() refuses the table entry (two explicit choices).
+        if not (isinstance(table["model"], str) and table["model"] in M.MODEL_CHOICES):
+            raise CLIError(f"[method] model: expected one of {', '.join(M.MODEL_CHOICES)} (the model's kind, as "
+                           f"--model), got {table['model']!r}")
+        choice = table.pop("model")
+    kind = M.resolve_kind(choice, data.task, data.sample_shape, method)
     hidden = settings.get("hidden", M.default_hidden(kind))
     dropout = settings.get("dropout", preset["dropout"])
     n_out = data.n_classes if data.task == "classification" else 0
