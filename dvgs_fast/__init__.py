@@ -18,6 +18,7 @@ _LAZY = {
     "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
     "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
+    "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
 }
 
 __all__ = ["build_info", "ops", "ValuationResult", *_LAZY]

@@ -25,6 +25,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "random": ("dvgs_fast.methods.random", "RandomValuation", {}, "random values (baseline)"),
     "knn_shapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley", {}, "exact KNN-Shapley (Jia et al. 2019)"),
     "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
+    "tracin": ("dvgs_fast.methods.tracin", "TracIn", {}, "TracIn-CP (Pruthi et al. 2020)"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

@@ -60,13 +60,15 @@ def check_common(loss: Any, optimizer: Any, backend: Any, grad_params: Any, mode
 class Prepared:
     model: nn.Module
     names: list[str]
-    xs: torch.Tensor
-    ys: torch.Tensor
+    xs: torch.Tensor | None           # in-memory source rows (None: a chunked source, see `source`)
+    ys: torch.Tensor | None           # their targets (the rows themselves for autoencoders)
     xt: torch.Tensor
     yt: torch.Tensor
     sample_loss: Callable
     dtype: torch.dtype
     shuffle: torch.Generator          # seeded from the run's seed (the global RNG is seeded too)
+    source: Any = None                # dvgs sources.Source over the same rows (in memory or streamed)
+    source_labels: bool = True        # False: autoencoder, a row's target is the row
 
 
 def _labels(y, x, name: str, loss: Any) -> torch.Tensor | None:
@@ -108,62 +110,92 @@ def resolve_grad_params(model: nn.Module, grad_params: list[str] | None) -> list
     return sorted(names, key=order.__getitem__)
 
 
-def prepare(method, x_source, y_source, x_target, y_target, device: torch.device, seed: int) -> Prepared:
-    """Validate the four inputs, seed, build the model (a factory's initialisation is seeded),
-    check its output against the labels (before any training)."""
-    xs = V.as_float_tensor(x_source, "x_source")
-    xt = V.as_float_tensor(x_target, "x_target")
-    V.check_same_features(xs, xt, "x_source", "x_target")
-    ys = _labels(y_source, xs, "y_source", method.loss)
-    yt = _labels(y_target, xt, "y_target", method.loss)
-    if (ys is None) != (yt is None):
-        raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
-                         f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
-    shuffle = seed_everything(seed)
-    model = build_model(method.model, "model")
-    names = resolve_grad_params(model, method.grad_params)
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    model.to(device)
-    xs, xt = xs.to(device=device, dtype=dtype), xt.to(device=device, dtype=dtype)
-    if ys is not None:
-        ys, yt = ys.to(device), yt.to(device)
-        if ys.is_floating_point():
-            ys, yt = ys.to(dtype), yt.to(dtype)
-    else:                                            # autoencoder: the target is the input
-        ys, yt = xs, xt
-    sample_loss = make_sample_loss(method.loss)
-    # One eval-mode forward on two target samples: output/label mismatches fail now, not mid-run.
+def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss: Any, set_name: str) -> None:
+    """One eval-mode forward on (at most) two rows: output/label mismatches fail now, not mid-run."""
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(xt[:2])
+            out = model(x)
     except Exception as exc:
-        raise ValueError(f"x_target: the model cannot run on samples of shape {tuple(xt.shape[1:])} "
+        raise ValueError(f"x_{set_name}: the model cannot run on samples of shape {tuple(x.shape[1:])} "
                          f"({type(exc).__name__}: {exc})") from exc
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"model: must return a tensor, returned {type(out).__name__}")
-    if method.loss == "cross_entropy":
+    if loss == "cross_entropy":
         if out.dim() < 2:
             raise ValueError(f"model: cross_entropy needs outputs [N, n_classes], got shape {tuple(out.shape)}")
         k = int(out.shape[1])
-        for y, name in ((ys, "y_source"), (yt, "y_target")):
-            lo, hi = int(y.min()), int(y.max())
-            if lo < 0 or hi >= k:
-                raise ValueError(f"{name}: labels must be in [0, {k}) (the model has {k} outputs), "
-                                 f"found range [{lo}, {hi}]")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= k:
+            raise ValueError(f"y_{set_name}: labels must be in [0, {k}) (the model has {k} outputs), "
+                             f"found range [{lo}, {hi}]")
     try:
         with torch.no_grad():
-            per = sample_loss(out, yt[:2])
+            per = sample_loss(out, y)
     except Exception as exc:
-        raise ValueError(f"y_target: the loss cannot compare the model output {tuple(out.shape)} with targets "
-                         f"{tuple(yt[:2].shape)} ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"y_{set_name}: the loss cannot compare the model output {tuple(out.shape)} with targets "
+                         f"{tuple(y.shape)} ({type(exc).__name__}: {exc})") from exc
     if not isinstance(per, torch.Tensor) or tuple(per.shape) != (out.shape[0],):
         raise ValueError(f"loss: must return one loss per sample (shape [N]), got "
                          f"{tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__}")
-    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle)
+
+
+def prepare(method, x_source, y_source, x_target, y_target, device: torch.device, seed: int,
+            chunked_ok: bool = False) -> Prepared:
+    """Validate the four inputs, seed, build the model (a factory's initialisation is seeded),
+    check its output against the labels of both sets (before any training).
+
+    chunked_ok: x_source may be a chunked source (a GctxReader, torch Dataset or iterator
+    factory, see dvgs/sources.py); then only `source` is set (xs, ys None)."""
+    from dvgs_fast.methods.dvgs.prepare import cast_labels
+    from dvgs_fast.methods.dvgs.sources import TensorSource, as_source, is_chunked_input
+
+    chunked = is_chunked_input(x_source)
+    if chunked and not chunked_ok:
+        raise ValueError(f"x_source: {type(method).__name__} needs the source in memory (an array or tensor), "
+                         f"got {type(x_source).__name__}")
+    xs = None if chunked else V.as_float_tensor(x_source, "x_source")
+    source = as_source(x_source, y_source) if chunked else None
+    xt = V.as_float_tensor(x_target, "x_target")
+    V.check_same_features(source if chunked else xs, xt, "x_source", "x_target")
+    yt = _labels(y_target, xt, "y_target", method.loss)
+    if chunked:
+        source_labels = yt is not None and source.has_labels
+        if yt is not None and not source_labels:
+            raise ValueError("y_source: is None but y_target is given; a chunked source yields (x, y) chunks, "
+                             "or pass y_source as an array")
+        ys = None
+    else:
+        ys = _labels(y_source, xs, "y_source", method.loss)
+        source_labels = ys is not None
+        if (ys is None) != (yt is None):
+            raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
+                             f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
+    if not source_labels and method.loss == "cross_entropy":
+        raise ValueError("y_source: labels are required for loss='cross_entropy'")
+    shuffle = seed_everything(seed)
+    model = build_model(method.model, "model")
+    names = resolve_grad_params(model, method.grad_params)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    model.to(device)
+    xt = xt.to(device=device, dtype=dtype)
+    yt = xt if yt is None else cast_labels(yt, dtype).to(device)     # autoencoder: the target is the input
+    sample_loss = make_sample_loss(method.loss)
+    if not chunked:
+        xs = xs.to(device=device, dtype=dtype)
+        ys = xs if ys is None else cast_labels(ys, dtype).to(device)
+        source = TensorSource(xs, ys if source_labels else None)
+        x_probe, y_probe = xs[:2], ys[:2]
+    else:
+        _, _, x_probe, y_probe = source.probe(2)
+        x_probe = x_probe.to(device=device, dtype=dtype)
+        y_probe = x_probe if not source_labels else cast_labels(y_probe, dtype).to(device)
+    _probe(model, xt[:2], yt[:2], sample_loss, method.loss, "target")
+    _probe(model, x_probe, y_probe, sample_loss, method.loss, "source")
+    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels)
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:
