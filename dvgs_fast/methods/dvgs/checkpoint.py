@@ -273,12 +273,14 @@ def compare(saved: dict, now: dict, files: CheckpointFiles) -> None:
     if saved == now:
         return
     s0, s1 = saved.get("settings", {}), now["settings"]
+    what = []
     changed = [f"{k}: {s0.get(k)!r} -> {s1.get(k)!r}" for k in sorted(set(s0) | set(s1)) if s0.get(k) != s1.get(k)]
     if changed:
-        what = "settings differ (" + "; ".join(changed[:4]) + (", ..." if len(changed) > 4 else "") + ")"
-    else:
-        parts = [k for k in now if k != "settings" and saved.get(k) != now[k]]
-        what = "the " + " and the ".join(parts or ["fingerprint"]) + " differ"
+        what.append("settings differ (" + "; ".join(changed[:4]) + ("; ..." if len(changed) > 4 else "") + ")")
+    parts = [k for k in now if k != "settings" and saved.get(k) != now[k]]
+    if parts:
+        what.append("the " + " and the ".join(parts) + (" differs" if len(parts) == 1 else " differ"))
+    what = " and ".join(what) or "the fingerprint differs"
     raise files.error(f"holds a checkpoint of another run: {what}")
 
 

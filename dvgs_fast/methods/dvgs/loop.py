@@ -101,7 +101,7 @@ class _DivergenceWatch:
     def observe(self, loss: torch.Tensor, step: int) -> None:
         if not self.lazy:
             if not bool(torch.isfinite(loss)):
-                self._raise(step, float(loss))
+                self._raise(step, float(loss.detach()))
             return
         bad = ~torch.isfinite(loss.detach())
         self.first = torch.where(bad & (self.first == self._NONE), torch.full_like(self.first, step), self.first)
@@ -182,14 +182,18 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                 y = x if not spec.source_labels else cast_labels(y, dtype).to(device, non_blocking=True)
                 sim = scorer.score(x, y, target).detach().cpu().numpy()
                 if not np.isfinite(sim).all():
-                    i = a + int(np.flatnonzero(~np.isfinite(sim))[0])
-                    raise ValueError(f"x_source: the similarity of source row {i} is not finite at snapshot {k} "
-                                     f"({where(step)}): its loss gradient overflowed; rescale the inputs or "
-                                     f"lower lr (now {cfg.lr:g})")
+                    bad = np.flatnonzero(~np.isfinite(sim))
+                    if len(bad) == len(sim) and len(sim) > 1:      # every row: the model, not the data
+                        raise ValueError(f"lr: training diverged: no similarity of source rows {a}:{b} is finite "
+                                         f"at snapshot {k}, at {where(step)} (the gradients overflow); lower lr "
+                                         f"(now {cfg.lr:g})")
+                    raise ValueError(f"x_source: the similarity of source row {a + int(bad[0])} is not finite at "
+                                     f"snapshot {k}, at {where(step)} ({len(bad)} of rows {a}:{b}): its loss gradient "
+                                     f"overflowed; rescale the inputs or lower lr (now {cfg.lr:g})")
                 store.add(k, a, b, sim)
         except SourceLengthError as exc:
             raise ValueError(f"x_source: the stream yielded {'more' if exc.more else 'fewer'} rows on the pass of "
-                             f"snapshot {k} ({where(step)}): {exc.got} rows, but {exc.expected} when it was "
+                             f"snapshot {k}, at {where(step)}: {exc.got} rows, but {exc.expected} when it was "
                              f"counted; a streamed source must yield the same rows on every pass") from None
         if snaps is not None and spec.files is not None:
             snap_digests.append(store.column_digest(k))
