@@ -1,471 +1,268 @@
-// CPU kernels of the sinkhorn op: the soft-C-transform (softmin) and its barycentric gradient,
-// computed on the fly, never storing an N x M cost matrix. Memory is O((N + M) d).
+// CPU engine of the sinkhorn op: the soft-C-transform (softmin) and its barycentric gradient,
+// with the pairwise costs computed tile by tile, never as an N x M matrix (memory O((N + M) d)).
 //
 // One softmin row i is  -eps * LSE_j( h_j - C(x_i, y_j) / eps ).  For p = 2 the cost is expanded,
-// C_ij / eps = (|x_i|^2 + |y_j|^2) / (2 eps) - x_i.y_j / eps, so the work per pair is one dot
-// product plus one exp: the |y_j|^2 term is folded into h_j and the |x_i|^2 term leaves the LSE.
-// The dot products are computed like a small GEMM: a group of R rows of x against a "panel" of
-// W columns of y stored [d][W] (one vector load per k, R broadcasts), and the result goes
-// straight into an online log-sum-exp kept per lane (W running maxima and sums per row), so no
-// horizontal reduction happens inside the loop and each pair costs a single exp:
-//   d = arg - m;  s = d > 0 ? s * exp(-d) + 1 : s + exp(d);  m = max(m, arg).
-// Columns are walked in blocks that stay in L2 while all row groups of a chunk use them; chunks
-// of rows run in parallel (at::parallel_for). Clouds are centred on their joint bounding box
-// first (costs are translation-invariant; smaller |x| means less cancellation above).
+// C_ij / eps = (|x_i|^2 + |y_j|^2) / (2 eps) - x_i.y_j / eps: the |y_j|^2 term is folded into the
+// column offset h_j, the |x_i|^2 term leaves the LSE, and what remains per pair is a dot product.
+// Rows are walked in chunks of 48 points, columns in tiles of up to 128 points; for each tile:
+//   1. S = X_chunk Y_tile^T by a register-blocked matrix-multiply micro-kernel (cpu/sinkhorn_simd.h:
+//      MR rows x 16 columns of accumulators, FMA-bound), into an L1/L2-resident buffer;
+//   2. the rows' online log-sum-exp over the tile (max sweep, then one exp2 per pair), and for the
+//      fused passes also the columns' (each dot product serves both directions);
+//   3. rows or columns whose tile maximum is 2^40 (float; 2^80 double) below their running maximum
+//      skip the exp2 sweep: at the small temperatures of the end of the schedule, most do.
+// All log-domain quantities are pre-scaled by log2(e) (exp2 is cheaper than exp). Clouds are
+// centred on their joint bounding box first (costs are translation-invariant; smaller |x| means
+// less cancellation in |x|^2 + |y|^2 - 2 x.y).
 //
-// The Sinkhorn loop needs four softmins per iteration (x<-y, y<-x, x<-x, y<-y). Two fused passes
-// (pair_group_impl) halve the dot products: x<-y and y<-x come from one evaluation of each pair
-// (a row LSE and a column LSE at once), and x<-x / y<-y only visit the upper triangle of their
-// symmetric cost. Per iteration that is N M + N^2 / 2 + M^2 / 2 dot products instead of
-// (N + M)^2. The single-direction pass (lse_chunk_impl) serves the gradient.
+// Per Sinkhorn iteration the loop needs four softmins (x<-y, y<-x, x<-x, y<-y). Two fused passes
+// serve them: x<-y and y<-x from one evaluation of each pair, and x<-x / y<-y from the upper
+// triangle of their symmetric cost only: N M + N^2 / 2 + M^2 / 2 dot products per iteration.
 //
-// Vector code uses GCC vector extensions (64-byte vectors) and a polynomial exp, compiled three
-// times: AVX-512, AVX2+FMA and baseline x86-64, chosen at run time (DVGS_FAST_CPU_ISA=avx512 |
-// avx2 | generic forces a lower one, for testing).
+// Small problems (LossVal: a batch of 128 against a few thousand targets, d up to ~1000): when
+// every tile of a call fits in a memory budget (DVGS_FAST_SINKHORN_CACHE_MB, default 64 MB) and
+// d >= 16, the first pass keeps its tiles of dot products and later passes reuse them. That trades
+// the O(N + M) memory bound for d times fewer flops per later pass, only where the memory is small.
+//
+// Vector code is compiled three times: AVX-512, AVX2+FMA and baseline x86-64, chosen at run time
+// (DVGS_FAST_CPU_ISA=avx512 | avx2 | generic forces a lower one, for tests and benchmarks).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
 
+#include "cpu/sinkhorn_simd.h"
 #include "ops/sinkhorn.h"
-
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // 64-byte vectors only ever cross always_inline calls
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define DVGS_SINKHORN_X86 1
-#define DVGS_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
-#define DVGS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define DVGS_SINKHORN_X86 0
-#endif
-#define DVGS_INLINE inline __attribute__((always_inline))
 
 namespace dvgs_fast {
 namespace sinkhorn {
 namespace {
 
+using simd::kTC;
+using simd::kTP;
+using simd::kTR;
+using simd::kW;
+
+constexpr double kLog2e = 1.4426950408889634074;
+constexpr double kLn2 = 0.69314718055994530942;
+
 // ----------------------------------------------------------------------------------------
-// 64-byte vectors and the element-wise maths the kernels need.
+// One pass: every row chunk against the column panels it needs.
+//   kCross: rows = one cloud, columns = the other; every pair once, both directions.
+//   kSelf:  rows = columns = one cloud; chunk k only visits panels from its own first one on
+//           (costs are symmetric): the panels inside the chunk in the row direction only, the
+//           later ones in both. A point's LSE is then its row part merged with its column part.
+//   kRows:  the row direction only (the gradient's first sweep).
+// Chunks are dealt to a fixed number of groups (chunk k to group k mod n_groups), each with its
+// own column state, merged in group order afterwards: results do not depend on the thread count.
 // ----------------------------------------------------------------------------------------
+enum class Kind { kCross, kSelf, kRows };
+
 template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr int W = 16;
-  // Running-max start and padding-column offset: finite, so no inf - inf can appear, and the
-  // padding offset is far below anything a real column produces.
-  static constexpr float kInit = -1e37f;
-  static constexpr float kPad = -1e30f;
-};
-template <>
-struct Vec<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t I __attribute__((vector_size(64)));
-  static constexpr int W = 8;
-  static constexpr double kInit = -1e300;
-  static constexpr double kPad = -1e200;
-};
-constexpr int kMaxW = 16;   // points per panel, float (double: 8); point arrays are padded to it
-constexpr int kRB = 64;     // rows per parallel work item (multiple of every R below)
-constexpr int64_t kBlockBytes = 192 * 1024;  // column block kept in L2 while a chunk's rows use it
-
-template <typename V, typename S>
-DVGS_INLINE V splat(S s) {
-  return V{} + s;
-}
-
-// mask ? a : b lane-wise, with bit operations (GCC and Clang both accept these on their vector
-// extensions, unlike a ternary with a vector condition).
-template <typename V, typename I>
-DVGS_INLINE V vselect(I mask, V a, V b) {
-  return (V)(((I)a & mask) | ((I)b & ~mask));
-}
-
-// exp(x), branch-free: x = k ln2 + r (Cody-Waite), e^r by its Taylor polynomial (|r| <= ln2/2:
-// degree 7 for float, 13 for double, both under one ulp of truncation error), 2^k built in the
-// exponent bits. k is read from the bits of x log2(e) + 1.5 * 2^mant (the float rounding does
-// the round-to-nearest). Inputs below the smallest normal result give exactly 0.
-DVGS_INLINE Vec<float>::V vexp(Vec<float>::V x) {
-  using V = Vec<float>::V;
-  using I = Vec<float>::I;
-  const I under = x < -87.0f;
-  x = vselect(under, splat<V>(-87.0f), x);
-  x = vselect<V, I>(x > 88.0f, splat<V>(88.0f), x);
-  const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23
-  const V t = x * 1.44269504088896341f + shifter;
-  const V k = t - shifter;
-  V r = x - k * 0.693145751953125f;
-  r = r - k * 1.428606765330187045e-06f;
-  V p = splat<V>(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const I ki = (I)t - (I)shifter;
-  const V scale = (V)((ki + 127) << 23);
-  const V res = p * scale;
-  return (V)((I)res & ~under);
-}
-
-DVGS_INLINE Vec<double>::V vexp(Vec<double>::V x) {
-  using V = Vec<double>::V;
-  using I = Vec<double>::I;
-  const I under = x < -708.0;
-  x = vselect(under, splat<V>(-708.0), x);
-  x = vselect<V, I>(x > 709.0, splat<V>(709.0), x);
-  const V shifter = splat<V>(6755399441055744.0);  // 1.5 * 2^52
-  const V t = x * 1.4426950408889634074 + shifter;
-  const V k = t - shifter;
-  V r = x - k * 6.93147180369123816490e-01;
-  r = r - k * 1.90821492927058770002e-10;
-  V p = splat<V>(1.0 / 6227020800.0);  // 1/13!
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const I ki = (I)t - (I)shifter;
-  const V scale = (V)((ki + 1023) << 52);
-  const V res = p * scale;
-  return (V)((I)res & ~under);
-}
-
-// 1/sqrt(x) for x > 0: bit-trick seed then Newton steps (3 for float, 4 for double) -- plain
-// arithmetic, so it vectorises without -fno-math-errno. Only used by p = 1.
-DVGS_INLINE Vec<float>::V vrsqrt(Vec<float>::V x) {
-  using V = Vec<float>::V;
-  using I = Vec<float>::I;
-  V y = (V)(0x5f3759df - ((I)x >> 1));
-  const V hx = x * 0.5f;
-  for (int it = 0; it < 3; ++it) y = y * (1.5f - hx * y * y);
-  return y;
-}
-DVGS_INLINE Vec<double>::V vrsqrt(Vec<double>::V x) {
-  using V = Vec<double>::V;
-  using I = Vec<double>::I;
-  V y = (V)(0x5fe6eb50c7b537a9LL - ((I)x >> 1));
-  const V hx = x * 0.5;
-  for (int it = 0; it < 4; ++it) y = y * (1.5 - hx * y * y);
-  return y;
-}
-
-// One step of the per-lane online log-sum-exp (one exp per element).
-template <typename T>
-DVGS_INLINE void lse_update(typename Vec<T>::V& m, typename Vec<T>::V& s, typename Vec<T>::V arg) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  const V diff = arg - m;
-  const I gt = diff > T(0);
-  const V e = vexp(vselect(gt, -diff, diff));
-  s = vselect(gt, s * e + T(1), s + e);
-  m = vselect(gt, arg, m);
-}
-
-// ----------------------------------------------------------------------------------------
-// Kernels on one chunk of rows [lo, hi) of the "rows" cloud against every column.
-// ----------------------------------------------------------------------------------------
-template <typename T>
-struct Ctx {
-  int64_t d = 0;
-  const T* rows = nullptr;    // centred rows cloud [n_pad][d]
-  const T* rsq = nullptr;     // |row|^2 [n_pad]
-  const T* panels = nullptr;  // columns cloud packed [n_panels][d][W]
-  const T* csq = nullptr;     // |col|^2 [n_panels * W]
-  const T* cols = nullptr;    // centred columns cloud [n_pad][d] (gradient pass)
-  const T* hh = nullptr;      // per-column offset [n_panels * W]: see the file comment
-  int64_t n_panels = 0;
-  T inv_eps = 0;
+struct Pass {
+  Kind kind = Kind::kCross;
+  int64_t d = 0, n_rows = 0, n_chunks = 0, n_panels = 0, n_groups = 1;
+  const T* rows = nullptr;    // centred rows cloud [n_chunks * 48][d] (zero padding)
+  const T* rsq = nullptr;     // |row|^2, padded
+  const T* panels = nullptr;  // centred columns cloud packed [n_panels][d][16]
+  const T* csq = nullptr;     // |col|^2 [n_panels * 16]
+  const T* hc = nullptr;      // column offsets (log2 units) [n_panels * 16], kPad on padding
+  const T* hr = nullptr;      // row offsets for the column direction [n_chunks * 48]
+  T c = 0;                    // log2(e) / eps
+  T* cache = nullptr;         // kept dot-product tiles, or null
+  const int64_t* cache_off = nullptr;  // per chunk: where its tiles start in cache
+  bool cache_ready = false;   // tiles already computed by an earlier pass
+  T* row_m = nullptr;         // [n_rows] running max (log2 units) of each row's terms
+  double* row_s = nullptr;    // [n_rows] sum of 2^(term - max)
+  T* col_m = nullptr;         // [n_groups][n_panels * 16]
+  T* col_s = nullptr;
 };
 
-// t[r] = -C(x_r, y_j) / eps for a group of R rows against one panel of W columns, up to the
-// terms that only depend on one point (for p = 2 the dot product x.y / eps; the |x|^2 and |y|^2
-// parts live in the per-point offsets). For p = 1 also hands back 1/dist (0 where geomloss's
-// clamp at 1e-8 kills the gradient).
-template <typename T, int P, int R>
-DVGS_INLINE void panel_terms(const Ctx<T>& c, const T* xr, const T* rsq, int64_t pj, typename Vec<T>::V* t,
-                             typename Vec<T>::V* inv_dist) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  constexpr int W = Vec<T>::W;
-  const int64_t d = c.d;
-  const T* pan = c.panels + pj * d * W;
-  V acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = V{};
-  for (int64_t k = 0; k < d; ++k) {
-    const V yv = *reinterpret_cast<const V*>(pan + k * W);
-    for (int r = 0; r < R; ++r) acc[r] += xr[r * d + k] * yv;
-  }
-  if constexpr (P == 2) {
-    for (int r = 0; r < R; ++r) t[r] = acc[r] * c.inv_eps;
-  } else {
-    const V cs = *reinterpret_cast<const V*>(c.csq + pj * W);
-    for (int r = 0; r < R; ++r) {
-      const V sq = (cs + rsq[r]) - acc[r] * T(2);
-      const I small = sq <= T(1e-8);  // geomloss: sqrt(clamp_min(sq, 1e-8))
-      const V sqc = vselect(small, splat<V>(T(1e-8)), sq);
-      const V rs = vrsqrt(sqc);
-      t[r] = -(sqc * rs) * c.inv_eps;
-      if (inv_dist) inv_dist[r] = (V)((I)rs & ~small);
+// p = 1: S[r][j] (dot products) -> -|x_r - y_j| (geomloss's sqrt(clamp_min(sq, 1e-8))), into out.
+template <typename T, int B>
+DVGS_INLINE void to_neg_dist(const T* S, int nc, const T* rsq, const T* csq, T* out) {
+  using V = typename simd::VT<T, B>::V;
+  constexpr int L = simd::VT<T, B>::L;
+  const V lo = simd::splat<V>(T(1e-8));
+  for (int r = 0; r < kTR; ++r)
+    for (int j = 0; j < nc; j += L) {
+      const int64_t o = static_cast<int64_t>(r) * nc + j;
+      V sq = (simd::vload<V>(csq + j) + rsq[r]) - simd::vload<V>(S + o) * T(2);
+      sq = simd::vmax(sq, lo);
+      simd::vstore(out + o, -(sq * simd::vrsqrt<B>(sq)));
     }
+}
+
+// One tile of a chunk: panels [t0, t1) against the chunk's rows (not a lambda: a lambda would
+// be compiled apart from the target-attributed caller, for the baseline instruction set).
+template <typename T, int B, int P>
+DVGS_INLINE void tile_pass(const Pass<T>& q, int64_t lo, int nr, int64_t pb, T* cached, int64_t t0, int64_t t1,
+                           bool both, T* m, double* s, T* col_m, T* col_s, T* buf) {
+  const int nc = static_cast<int>((t1 - t0) * kW);
+  T* S = buf;
+  if (cached != nullptr) S = cached + (t0 - pb) * kW * kTR;
+  if (cached == nullptr || !q.cache_ready) simd::dot_tile<T, B>(q.rows + lo * q.d, q.d, q.panels + t0 * q.d * kW, nc, S);
+  if constexpr (P == 1) {
+    to_neg_dist<T, B>(S, nc, q.rsq + lo, q.csq + t0 * kW, buf);
+    S = buf;
+  }
+  simd::lse_rows<T, B>(S, nc, nr, q.hc + t0 * kW, q.c, m, s);
+  if (both) simd::lse_cols<T, B>(S, nc, nr, q.hr + lo, q.c, col_m + t0 * kW, col_s + t0 * kW);
+}
+
+template <typename T, int B, int P>
+DVGS_INLINE void chunk_pass(const Pass<T>& q, int64_t ch, T* col_m, T* col_s, T* buf) {
+  const int64_t lo = ch * kTR, hi = std::min(q.n_rows, lo + kTR);
+  const int nr = static_cast<int>(hi - lo);
+  T m[kTR];
+  double s[kTR];
+  for (int r = 0; r < kTR; ++r) {
+    m[r] = simd::Consts<T>::kInit;
+    s[r] = 0;
+  }
+  int64_t pb = 0, pboth = 0;  // panels [pb, pboth): row direction only (the self pass's diagonal)
+  if (q.kind == Kind::kSelf) {
+    pb = lo / kW;
+    pboth = std::min(q.n_panels, (hi + kW - 1) / kW);
+  }
+  T* cached = q.cache != nullptr ? q.cache + q.cache_off[ch] : nullptr;
+  if (pboth > pb) tile_pass<T, B, P>(q, lo, nr, pb, cached, pb, pboth, false, m, s, col_m, col_s, buf);
+  const bool both = q.kind != Kind::kRows;
+  for (int64_t t0 = std::max(pb, pboth); t0 < q.n_panels; t0 += kTP)
+    tile_pass<T, B, P>(q, lo, nr, pb, cached, t0, std::min(q.n_panels, t0 + kTP), both, m, s, col_m, col_s, buf);
+  for (int r = 0; r < nr; ++r) {
+    q.row_m[lo + r] = m[r];
+    q.row_s[lo + r] = s[r];
   }
 }
 
-// lse[i - lo] = LSE_j arg_ij for rows lo <= i < hi (hi - lo <= kRB, lo a multiple of R).
-template <typename T, int P, int R>
-DVGS_INLINE void lse_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, double* lse) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::W;
-  const int64_t d = c.d;
-  const int64_t ng = (hi - lo + R - 1) / R;
-  V ms[kRB], ss[kRB];
-  for (int64_t i = 0; i < ng * R; ++i) {
-    ms[i] = splat<V>(Vec<T>::kInit);
-    ss[i] = V{};
+template <typename T, int B, int P>
+DVGS_INLINE void group_pass(const Pass<T>& q, int64_t g) {
+  alignas(64) T buf[kTR * kTC];
+  const int64_t mp = q.n_panels * kW;
+  T* cm = q.col_m != nullptr ? q.col_m + g * mp : nullptr;
+  T* cs = q.col_s != nullptr ? q.col_s + g * mp : nullptr;
+  if (q.kind != Kind::kRows) {
+    std::fill(cm, cm + mp, simd::Consts<T>::kInit);
+    std::fill(cs, cs + mp, T(0));
   }
-  const int64_t cb = std::max<int64_t>(1, kBlockBytes / (d * W * static_cast<int64_t>(sizeof(T))));
-  for (int64_t pb = 0; pb < c.n_panels; pb += cb) {
-    const int64_t pe = std::min(pb + cb, c.n_panels);
-    for (int64_t g = 0; g < ng; ++g) {
-      const int64_t r0 = lo + g * R;
-      const T* xr = c.rows + r0 * d;
-      V m[R], s[R], t[R];
-      for (int r = 0; r < R; ++r) {
-        m[r] = ms[g * R + r];
-        s[r] = ss[g * R + r];
-      }
-      for (int64_t pj = pb; pj < pe; ++pj) {
-        panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, nullptr);
-        const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
-        for (int r = 0; r < R; ++r) lse_update<T>(m[r], s[r], hv + t[r]);
-      }
-      for (int r = 0; r < R; ++r) {
-        ms[g * R + r] = m[r];
-        ss[g * R + r] = s[r];
-      }
-    }
-  }
-  for (int64_t i = 0; i < hi - lo; ++i) {  // combine the W lanes of each row, in double
-    double mx = -std::numeric_limits<double>::infinity();
-    for (int l = 0; l < W; ++l) mx = std::max(mx, static_cast<double>(ms[i][l]));
-    double tot = 0;
-    for (int l = 0; l < W; ++l) tot += static_cast<double>(ss[i][l]) * std::exp(static_cast<double>(ms[i][l]) - mx);
-    lse[i] = mx + std::log(tot);
-  }
+  for (int64_t ch = g; ch < q.n_chunks; ch += q.n_groups) chunk_pass<T, B, P>(q, ch, cm, cs, buf);
 }
 
-// grad[i] = sum_j P_ij grad_1 C(x_i, y_j) with P_ij = exp(arg_ij - lse_i) (lse from the pass
-// above): for p = 2, x_i - sum_j P_ij y_j; for p = 1, sum_j P_ij (x_i - y_j) / |x_i - y_j|.
-// Normalised by sum_j P_ij (1 up to rounding). work: R * d scratch.
-template <typename T, int P, int R>
-DVGS_INLINE void grad_chunk_impl(const Ctx<T>& c, int64_t lo, int64_t hi, const double* lse, T* grad, T* work) {
-  using V = typename Vec<T>::V;
-  constexpr int W = Vec<T>::W;
-  const int64_t d = c.d;
-  const int64_t ng = (hi - lo + R - 1) / R;
-  for (int64_t g = 0; g < ng; ++g) {
-    const int64_t r0 = lo + g * R;
-    const T* xr = c.rows + r0 * d;
-    V lr[R], S[R], A[R], t[R], invd[R];
-    for (int r = 0; r < R; ++r) {
-      lr[r] = splat<V>(static_cast<T>(r0 + r < hi ? lse[r0 + r - lo] : 0.0));
-      S[r] = V{};
-      A[r] = V{};
-    }
-    std::fill(work, work + R * d, T(0));
-    for (int64_t pj = 0; pj < c.n_panels; ++pj) {
-      panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, P == 1 ? invd : nullptr);
-      const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
-      for (int r = 0; r < R; ++r) {
-        const V w = vexp(hv + t[r] - lr[r]);
-        S[r] += w;
-        V wc = w;
+// ----------------------------------------------------------------------------------------
+// Gradient of one softmin with respect to its row points, for one chunk of rows:
+//   grad[i] = sum_j P_ij grad_1 C(x_i, y_j),  P_ij = 2^(a_ij - lse_i)  (lse from a kRows pass)
+// for p = 2, x_i - sum_j P_ij y_j; for p = 1, sum_j P_ij (x_i - y_j) / |x_i - y_j|. Normalised by
+// sum_j P_ij (1 up to rounding). Weights below 2^-kSkip (at most a 2^-40 share each) are left out
+// of the weighted sum of the y_j: at the final temperature almost all are.
+// ----------------------------------------------------------------------------------------
+template <typename T>
+struct GradPass {
+  Pass<T> p;                // rows / panels / hc / c of the softmin
+  const T* cols = nullptr;  // centred columns cloud, row-major [.][d]
+  const T* lse = nullptr;   // [n_rows] row LSE (log2 units)
+  T* grad = nullptr;        // [n_rows][d]
+};
+
+template <typename T, int B, int P>
+DVGS_INLINE void grad_chunk(const GradPass<T>& g, int64_t ch, T* buf, T* acc) {
+  using V = typename simd::VT<T, B>::V;
+  constexpr int L = simd::VT<T, B>::L;
+  const Pass<T>& q = g.p;
+  const int64_t d = q.d, lo = ch * kTR, hi = std::min(q.n_rows, lo + kTR);
+  const int nr = static_cast<int>(hi - lo);
+  const T* x = q.rows + lo * d;
+  std::fill(acc, acc + kTR * d, T(0));
+  double S[kTR] = {}, A[kTR] = {};
+  alignas(64) T w[kTC];
+  const T tiny = static_cast<T>(std::exp2(-static_cast<double>(simd::Consts<T>::kSkip)));
+  const V cv = simd::splat<V>(q.c);
+  for (int64_t t0 = 0; t0 < q.n_panels; t0 += kTP) {
+    const int64_t t1 = std::min(q.n_panels, t0 + kTP);
+    const int nc = static_cast<int>((t1 - t0) * kW);
+    simd::dot_tile<T, B>(x, d, q.panels + t0 * d * kW, nc, buf);
+    if constexpr (P == 1) to_neg_dist<T, B>(buf, nc, q.rsq + lo, q.csq + t0 * kW, buf);
+    const T* hc = q.hc + t0 * kW;
+    for (int r = 0; r < nr; ++r) {
+      const T* row = buf + static_cast<int64_t>(r) * nc;
+      const V lv = simd::splat<V>(g.lse[lo + r]);
+      V sv = V{};
+      for (int j = 0; j < nc; j += L) {
+        const V wv = simd::vexp2<B>((simd::vload<V>(row + j) * cv + simd::vload<V>(hc + j)) - lv);
+        sv += wv;
+        simd::vstore(w + j, wv);
+      }
+      S[r] += simd::hsum(sv);
+      T* ar = acc + r * d;
+      for (int j = 0; j < nc; ++j) {
+        if (!(w[j] > tiny)) continue;
+        T wj = w[j];
         if constexpr (P == 1) {
-          wc = w * invd[r];
-          A[r] += wc;
+          const T dist = -row[j];
+          wj = dist > T(1.0001e-4) ? wj / dist : T(0);  // clamped (sq <= 1e-8): no gradient
+          A[r] += static_cast<double>(wj);
         }
-        T* acc = work + r * d;
-        for (int l = 0; l < W; ++l) {
-          const T wl = wc[l];
-          if (wl == T(0)) continue;  // most far-away columns underflow to exactly 0
-          const T* yj = c.cols + (pj * W + l) * d;
-          for (int64_t k = 0; k < d; ++k) acc[k] += wl * yj[k];
-        }
+        const T* yj = g.cols + (t0 * kW + j) * d;
+        for (int64_t k = 0; k < d; ++k) ar[k] += wj * yj[k];
       }
     }
-    for (int r = 0; r < R && r0 + r < hi; ++r) {
-      double s = 0, a = 0;
-      for (int l = 0; l < W; ++l) {
-        s += static_cast<double>(S[r][l]);
-        a += static_cast<double>(A[r][l]);
-      }
-      if constexpr (P == 2) a = s;
-      const T inv_s = static_cast<T>(1.0 / s);
-      const T as = static_cast<T>(a / s);
-      const T* x = xr + r * d;
-      const T* acc = work + r * d;
-      T* out = grad + (r0 + r) * d;
-      for (int64_t k = 0; k < d; ++k) out[k] = x[k] * as - acc[k] * inv_s;
-    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const double a = P == 2 ? S[r] : A[r];
+    const T inv_s = static_cast<T>(1.0 / S[r]);
+    const T as = static_cast<T>(a / S[r]);
+    const T* xr = x + r * d;
+    const T* ar = acc + r * d;
+    T* out = g.grad + (lo + r) * d;
+    for (int64_t k = 0; k < d; ++k) out[k] = xr[k] * as - ar[k] * inv_s;
   }
 }
 
-// Both directions of one pass at once. Rows (chunks of kRB) against column panels, each pairwise
-// term t computed once and used twice: for the row's LSE over columns (lane-wise online update
-// as above) and for the column's LSE over rows (a per-panel running max and sum, updated once
-// per group of R rows: R + 1 exps for R x W pairs).
-//   cross (SELF = false): rows = one cloud, columns = the other; every pair is visited once.
-//   self  (SELF = true):  rows = columns = one cloud; chunk k only visits panels from its own
-//     first one on (costs are symmetric), the panels inside the chunk in the row direction only,
-//     the later ones in both. A point's LSE is then its row part merged with its column part.
-// Work is split into a fixed number of groups of chunks (chunk k in group k mod n_groups), each
-// with its own column state, merged in group order afterwards: the result does not depend on
-// the number of threads.
-template <typename T>
-struct PairCtx {
-  Ctx<T> c;                 // rows / columns clouds, column offsets c.hh, 1/eps
-  const T* hrow = nullptr;  // row offsets for the column direction [n_pad] (kPad past n_rows)
-  int64_t n_rows = 0, n_groups = 1;
-  T* colst = nullptr;       // [n_groups][n_panels][2][W]: running max, running sum per column lane
-  double* row_m = nullptr;  // [n_rows] each row's (max, sum) over the columns it visited
-  double* row_s = nullptr;
-};
-
-template <typename T, int P, int R, bool SELF>
-DVGS_INLINE void pair_group_impl(const PairCtx<T>& q, int64_t grp) {
-  using V = typename Vec<T>::V;
-  using I = typename Vec<T>::I;
-  constexpr int W = Vec<T>::W;
-  const Ctx<T>& c = q.c;
-  const int64_t d = c.d, n = q.n_rows;
-  const int64_t n_chunks = (n + kRB - 1) / kRB;
-  V* colst = reinterpret_cast<V*>(q.colst) + grp * c.n_panels * 2;
-  const int64_t cb = std::max<int64_t>(1, kBlockBytes / (d * W * static_cast<int64_t>(sizeof(T))));
-  V ms[kRB], ss[kRB];
-  for (int64_t ch = grp; ch < n_chunks; ch += q.n_groups) {
-    const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
-    const int64_t ng = (hi - lo + R - 1) / R;
-    for (int64_t i = 0; i < ng * R; ++i) {
-      ms[i] = splat<V>(Vec<T>::kInit);
-      ss[i] = V{};
-    }
-    const int64_t p0 = SELF ? lo / W : 0;
-    const int64_t p_both = SELF ? std::min(c.n_panels, (hi + W - 1) / W) : 0;  // first two-way panel
-    for (int64_t pb = p0; pb < c.n_panels; pb += cb) {
-      const int64_t pe = std::min(pb + cb, c.n_panels);
-      for (int64_t g = 0; g < ng; ++g) {
-        const int64_t r0 = lo + g * R;
-        const T* xr = c.rows + r0 * d;
-        V m[R], s[R], t[R], hr[R];
-        for (int r = 0; r < R; ++r) {
-          m[r] = ms[g * R + r];
-          s[r] = ss[g * R + r];
-          hr[r] = splat<V>(q.hrow[r0 + r]);
-        }
-        for (int64_t pj = pb; pj < pe; ++pj) {
-          panel_terms<T, P, R>(c, xr, c.rsq + r0, pj, t, nullptr);
-          const V hv = *reinterpret_cast<const V*>(c.hh + pj * W);
-          for (int r = 0; r < R; ++r) lse_update<T>(m[r], s[r], hv + t[r]);
-          if (!SELF || pj >= p_both) {
-            V ac[R];
-            for (int r = 0; r < R; ++r) ac[r] = hr[r] + t[r];
-            V mx = ac[0];
-            for (int r = 1; r < R; ++r) mx = vselect<V, I>(ac[r] > mx, ac[r], mx);
-            V& cm = colst[2 * pj];
-            V& cs = colst[2 * pj + 1];
-            const V mn = vselect<V, I>(mx > cm, mx, cm);
-            V sum = cs * vexp(cm - mn);
-            for (int r = 0; r < R; ++r) sum += vexp(ac[r] - mn);
-            cs = sum;
-            cm = mn;
-          }
-        }
-        for (int r = 0; r < R; ++r) {
-          ms[g * R + r] = m[r];
-          ss[g * R + r] = s[r];
-        }
-      }
-    }
-    for (int64_t i = 0; i < hi - lo; ++i) {  // the W lanes of each row -> one (max, sum), in double
-      double mx = -std::numeric_limits<double>::infinity();
-      for (int l = 0; l < W; ++l) mx = std::max(mx, static_cast<double>(ms[i][l]));
-      double tot = 0;
-      for (int l = 0; l < W; ++l) tot += static_cast<double>(ss[i][l]) * std::exp(static_cast<double>(ms[i][l]) - mx);
-      q.row_m[lo + i] = mx;
-      q.row_s[lo + i] = tot;
-    }
-  }
+template <typename T, int B, int P>
+DVGS_INLINE void grad_range(const GradPass<T>& g, int64_t c0, int64_t c1) {
+  alignas(64) T buf[kTR * kTC];
+  std::vector<T> acc(static_cast<size_t>(kTR * g.p.d));
+  for (int64_t ch = c0; ch < c1; ++ch) grad_chunk<T, B, P>(g, ch, buf, acc.data());
 }
 
 // ----------------------------------------------------------------------------------------
 // Instruction-set variants and the run-time choice between them.
 // ----------------------------------------------------------------------------------------
 template <typename T>
-using LseFn = void (*)(const Ctx<T>&, int64_t, int64_t, double*);
+using GroupFn = void (*)(const Pass<T>&, int64_t);
 template <typename T>
-using GradFn = void (*)(const Ctx<T>&, int64_t, int64_t, const double*, T*, T*);
-template <typename T>
-using PairFn = void (*)(const PairCtx<T>&, int64_t);
-
-template <typename T, int P, bool SELF>
-void pair_generic(const PairCtx<T>& q, int64_t g) {
-  pair_group_impl<T, P, 4, SELF>(q, g);
-}
+using GradFn = void (*)(const GradPass<T>&, int64_t, int64_t);
 
 template <typename T, int P>
-void lse_generic(const Ctx<T>& c, int64_t lo, int64_t hi, double* out) {
-  lse_chunk_impl<T, P, 4>(c, lo, hi, out);
+void group_generic(const Pass<T>& q, int64_t g) {
+  group_pass<T, 16, P>(q, g);
 }
 template <typename T, int P>
-void grad_generic(const Ctx<T>& c, int64_t lo, int64_t hi, const double* lse, T* g, T* w) {
-  grad_chunk_impl<T, P, 4>(c, lo, hi, lse, g, w);
+void grad_generic(const GradPass<T>& q, int64_t c0, int64_t c1) {
+  grad_range<T, 16, P>(q, c0, c1);
 }
 #if DVGS_SINKHORN_X86
 template <typename T, int P>
-DVGS_TARGET_AVX2 void lse_avx2(const Ctx<T>& c, int64_t lo, int64_t hi, double* out) {
-  lse_chunk_impl<T, P, 4>(c, lo, hi, out);
+DVGS_TARGET_AVX2 void group_avx2(const Pass<T>& q, int64_t g) {
+  group_pass<T, 32, P>(q, g);
 }
 template <typename T, int P>
-DVGS_TARGET_AVX2 void grad_avx2(const Ctx<T>& c, int64_t lo, int64_t hi, const double* lse, T* g, T* w) {
-  grad_chunk_impl<T, P, 4>(c, lo, hi, lse, g, w);
-}
-template <typename T, int P, bool SELF>
-DVGS_TARGET_AVX2 void pair_avx2(const PairCtx<T>& q, int64_t g) {
-  pair_group_impl<T, P, 4, SELF>(q, g);
-}
-template <typename T, int P, bool SELF>
-DVGS_TARGET_AVX512 void pair_avx512(const PairCtx<T>& q, int64_t g) {
-  pair_group_impl<T, P, 8, SELF>(q, g);
+DVGS_TARGET_AVX2 void grad_avx2(const GradPass<T>& q, int64_t c0, int64_t c1) {
+  grad_range<T, 32, P>(q, c0, c1);
 }
 template <typename T, int P>
-DVGS_TARGET_AVX512 void lse_avx512(const Ctx<T>& c, int64_t lo, int64_t hi, double* out) {
-  lse_chunk_impl<T, P, 8>(c, lo, hi, out);
+DVGS_TARGET_AVX512 void group_avx512(const Pass<T>& q, int64_t g) {
+  group_pass<T, 64, P>(q, g);
 }
 template <typename T, int P>
-DVGS_TARGET_AVX512 void grad_avx512(const Ctx<T>& c, int64_t lo, int64_t hi, const double* lse, T* g, T* w) {
-  grad_chunk_impl<T, P, 8>(c, lo, hi, lse, g, w);
+DVGS_TARGET_AVX512 void grad_avx512(const GradPass<T>& q, int64_t c0, int64_t c1) {
+  grad_range<T, 64, P>(q, c0, c1);
 }
 #endif
 
@@ -493,26 +290,35 @@ Isa best_isa() {
 
 template <typename T>
 struct Kernels {
-  LseFn<T> lse = nullptr;
+  GroupFn<T> group = nullptr;
   GradFn<T> grad = nullptr;
-  PairFn<T> cross = nullptr, self = nullptr;
 };
 
 template <typename T, int P>
 Kernels<T> pick_kernels(Isa isa) {
-  Kernels<T> k{&lse_generic<T, P>, &grad_generic<T, P>, &pair_generic<T, P, false>, &pair_generic<T, P, true>};
+  Kernels<T> k{&group_generic<T, P>, &grad_generic<T, P>};
 #if DVGS_SINKHORN_X86
-  if (isa == Isa::kAvx2)
-    k = {&lse_avx2<T, P>, &grad_avx2<T, P>, &pair_avx2<T, P, false>, &pair_avx2<T, P, true>};
-  else if (isa == Isa::kAvx512)
-    k = {&lse_avx512<T, P>, &grad_avx512<T, P>, &pair_avx512<T, P, false>, &pair_avx512<T, P, true>};
+  if (isa == Isa::kAvx2) k = {&group_avx2<T, P>, &grad_avx2<T, P>};
+  else if (isa == Isa::kAvx512) k = {&group_avx512<T, P>, &grad_avx512<T, P>};
 #endif
   return k;
 }
 
-// ----------------------------------------------------------------------------------------
-// The CPU engine: prepared (centred, padded, packed) clouds + the two passes.
-// ----------------------------------------------------------------------------------------
+// Bytes of dot-product tiles a call may keep (see the file comment); read per call.
+int64_t cache_budget_bytes() {
+  const char* env = std::getenv("DVGS_FAST_SINKHORN_CACHE_MB");
+  double mb = 64.0;
+  if (env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const double v = std::strtod(env, &end);
+    if (end != env && v >= 0) mb = v;
+  }
+  return static_cast<int64_t>(mb * 1024.0 * 1024.0);
+}
+// Below this many features recomputing a dot product costs about what re-reading it from memory
+// does (bench/bench_sinkhorn.py measures both paths), so the cache is not worth its memory.
+constexpr int64_t kCacheMinD = 16;
+
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // at::parallel_for over [0, n_tasks) only when the pass is big enough to pay for waking the
@@ -520,29 +326,39 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 template <typename F>
 void parallel_tasks(int64_t n_tasks, int64_t total_pairs, int64_t d, const F& fn) {
   constexpr int64_t kMinParallelWork = int64_t(1) << 21;
-  if (n_tasks <= 1 || total_pairs * (d + 16) < kMinParallelWork) {
+  if (n_tasks <= 1 || total_pairs * (d + 16) < kMinParallelWork || at::get_num_threads() <= 1) {
     fn(0, n_tasks);
     return;
   }
   at::parallel_for(0, n_tasks, 1, fn);
 }
 
+// ----------------------------------------------------------------------------------------
+// The CPU engine: prepared (centred, padded, packed) clouds + the passes.
+// ----------------------------------------------------------------------------------------
 template <typename T>
 class CpuEngine final : public SoftminEngine<T> {
  public:
+  static constexpr bool kCentres = true;
+
   CpuEngine(const at::Tensor& x, const at::Tensor& y, const at::Tensor& center, int64_t p) : p_(p) {
     d_ = x.size(1);
     prepare(kX, x, center);
     prepare(kY, y, center);
     const auto opts = x.options().dtype(c10::CppTypeToScalarType<T>::value);
-    const int64_t max_pad = std::max(round_up(n_[kX], kMaxW), round_up(n_[kY], kMaxW));
+    const int64_t max_pad = std::max(n_chunks_[kX], n_chunks_[kY]) * kTR;
     hh_ = at::empty({max_pad}, opts);
     hr_ = at::empty({max_pad}, opts);
-    lse_.resize(static_cast<size_t>(std::max(n_[kX], n_[kY])));
-    row_m_.resize(lse_.size());
-    row_s_.resize(lse_.size());
+    lse_.resize(static_cast<size_t>(max_pad));
+    row_m_.resize(static_cast<size_t>(max_pad));
+    row_s_.resize(static_cast<size_t>(max_pad));
     const Isa isa = best_isa();
     k_ = p_ == 2 ? pick_kernels<T, 2>(isa) : pick_kernels<T, 1>(isa);
+    // The cross pass puts the larger cloud on the rows: rows are what runs in parallel.
+    cross_rows_ = n_[kY] > n_[kX] ? kY : kX;
+    const Side cr = cross_rows_, cc = other(cr);
+    const int64_t elems = n_chunks_[cr] * n_panels_[cc] * kW * kTR + self_cache_elems(kX) + self_cache_elems(kY);
+    use_cache_ = d_ >= kCacheMinD && elems * static_cast<int64_t>(sizeof(T)) <= cache_budget_bytes();
   }
 
   int64_t size(Side s) const override { return n_[s]; }
@@ -550,57 +366,35 @@ class CpuEngine final : public SoftminEngine<T> {
   // Single direction (rows against cols); the loop uses the fused passes below.
   void softmin(Side rows, Side cols, const T* logw, const T* pot, double eps, const T* prev, T* out,
                bool track_residual) override {
-    Ctx<T> c = context(rows, cols, eps);
-    c.hh = offsets(hh_, cols, logw, pot, eps);
-    const int64_t n = n_[rows];
-    const int64_t n_chunks = (n + kRB - 1) / kRB;
+    Pass<T> q = pass(Kind::kRows, rows, cols, eps);
+    q.hc = offsets(hh_, cols, logw, pot, eps);
+    run(q);
     double* lse = lse_.data();
-    const LseFn<T> fn = k_.lse;
-    parallel_tasks(n_chunks, n * n_[cols], d_, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
-        fn(c, lo, hi, lse + lo);
-      }
-    });
+    for (int64_t i = 0; i < n_[rows]; ++i) lse[i] = row_m_[i] + std::log2(row_s_[i]);
     finish(rows, lse, eps, prev, out, track_residual);
   }
 
   void softmin_cross(const T* logw_x, const T* pot_x, const T* prev_x, T* out_x, const T* logw_y, const T* pot_y,
                      const T* prev_y, T* out_y, double eps, bool track_residual) override {
-    // The larger cloud gives the rows: rows are what runs in parallel.
-    if (n_[kY] > n_[kX]) {
-      cross(kY, logw_y, pot_y, prev_y, out_y, kX, logw_x, pot_x, prev_x, out_x, eps, track_residual);
+    if (cross_rows_ == kY) {
+      cross(kY, logw_y, pot_y, prev_y, out_y, logw_x, pot_x, prev_x, out_x, eps, track_residual);
     } else {
-      cross(kX, logw_x, pot_x, prev_x, out_x, kY, logw_y, pot_y, prev_y, out_y, eps, track_residual);
+      cross(kX, logw_x, pot_x, prev_x, out_x, logw_y, pot_y, prev_y, out_y, eps, track_residual);
     }
   }
 
   void softmin_self(Side s, const T* logw, const T* pot, double eps, const T* prev, T* out,
                     bool track_residual) override {
-    constexpr int W = Vec<T>::W;
-    PairCtx<T> q;
-    q.c = context(s, s, eps);
-    q.c.hh = offsets(hh_, s, logw, pot, eps);
-    q.hrow = q.c.hh;
-    const int64_t n = n_[s];
-    run_pairs(q, n, k_.self);
+    Pass<T> q = pass(Kind::kSelf, s, s, eps);
+    q.hc = offsets(hh_, s, logw, pot, eps);
+    q.hr = q.hc;
+    Cache& cache = self_cache_[s];
+    attach_cache(q, cache, [&](int64_t ch) { return (n_panels_[s] - ch * kTR / kW) * kW * kTR; });
+    run(q);
+    cache.ready = cache.data.defined();
     // A point's LSE = its row part (later columns) merged with its column part (earlier rows).
-    const V* colst = reinterpret_cast<const V*>(colst_.template data_ptr<T>());
-    const int64_t np = q.c.n_panels, G = q.n_groups;
-    double* lse = lse_.data();
-    at::parallel_for(0, n, 4096, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) {
-        const int64_t pj = j / W, l = j % W;
-        double mx = row_m_[j];
-        for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(colst[(g * np + pj) * 2][l]));
-        double tot = row_s_[j] * std::exp(row_m_[j] - mx);
-        for (int64_t g = 0; g < G; ++g)
-          tot += static_cast<double>(colst[(g * np + pj) * 2 + 1][l]) *
-                 std::exp(static_cast<double>(colst[(g * np + pj) * 2][l]) - mx);
-        lse[j] = mx + std::log(tot);
-      }
-    });
-    finish(s, lse, eps, prev, out, track_residual);
+    merge_columns(q, n_[s], /*with_rows=*/true);
+    finish(s, lse_.data(), eps, prev, out, track_residual);
   }
 
   double take_residual() override {
@@ -610,57 +404,125 @@ class CpuEngine final : public SoftminEngine<T> {
   }
 
   void softmin_grad(Side rows, Side cols, const T* logw, const T* pot, double eps, T* grad) override {
-    Ctx<T> c = context(rows, cols, eps);
-    c.hh = offsets(hh_, cols, logw, pot, eps);
-    const int64_t n = n_[rows];
-    const int64_t n_chunks = (n + kRB - 1) / kRB;
-    double* lse = lse_.data();
-    const LseFn<T> lfn = k_.lse;
-    const GradFn<T> gfn = k_.grad;
-    const int64_t d = d_;
-    parallel_tasks(n_chunks, 2 * n * n_[cols], d, [&](int64_t c0, int64_t c1) {
-      std::vector<T> work(static_cast<size_t>(8 * d));
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const int64_t lo = ch * kRB, hi = std::min(n, lo + kRB);
-        lfn(c, lo, hi, lse + lo);
-        gfn(c, lo, hi, lse + lo, grad, work.data());
-      }
-    });
+    Pass<T> q = pass(Kind::kRows, rows, cols, eps);
+    q.hc = offsets(hh_, cols, logw, pot, eps);
+    run(q);
+    // the row LSEs, rounded to T exactly like the terms they will be compared with
+    at::Tensor lse = at::empty({n_[rows]}, hh_.options());
+    T* l = lse.template data_ptr<T>();
+    for (int64_t i = 0; i < n_[rows]; ++i) l[i] = static_cast<T>(row_m_[i] + std::log2(row_s_[i]));
+    GradPass<T> g;
+    g.p = q;
+    g.cols = rows_[cols].template data_ptr<T>();
+    g.lse = l;
+    g.grad = grad;
+    const GradFn<T> fn = k_.grad;
+    parallel_tasks(q.n_chunks, 2 * n_[rows] * n_[cols], d_, [&](int64_t c0, int64_t c1) { fn(g, c0, c1); });
   }
 
  private:
-  using V = typename Vec<T>::V;
+  struct Cache {
+    at::Tensor data;
+    std::vector<int64_t> off;
+    bool ready = false;
+  };
+
+  static Side other(Side s) { return s == kX ? kY : kX; }
+
+  int64_t self_cache_elems(Side s) const {
+    int64_t e = 0;
+    for (int64_t ch = 0; ch < n_chunks_[s]; ++ch) e += (n_panels_[s] - ch * kTR / kW) * kW * kTR;
+    return e;
+  }
 
   void prepare(Side s, const at::Tensor& pts, const at::Tensor& center) {
-    constexpr int W = Vec<T>::W;
     const int64_t n = pts.size(0), d = d_;
     n_[s] = n;
-    const int64_t n_pad = round_up(n, kMaxW);
-    n_panels_[s] = (n + W - 1) / W;
+    n_chunks_[s] = (n + kTR - 1) / kTR;
+    n_panels_[s] = (n + kW - 1) / kW;
+    const int64_t n_pad = n_chunks_[s] * kTR;  // >= n_panels * 16: whole panels stay inside
     const auto opts = pts.options();
     rows_[s] = at::zeros({n_pad, d}, opts);
     rows_[s].narrow(0, 0, n).copy_(pts - center);
-    rsq_[s] = at::zeros({n_pad}, opts);  // n_pad >= n_panels * W: whole-vector loads stay inside
+    rsq_[s] = at::zeros({n_pad}, opts);
     rsq_[s].narrow(0, 0, n).copy_(rows_[s].narrow(0, 0, n).to(at::kDouble).square().sum(1));
-    // panels[pj][k][l] = point pj * W + l, coordinate k
-    panels_[s] = rows_[s].narrow(0, 0, n_panels_[s] * W).view({n_panels_[s], W, d}).transpose(1, 2).contiguous();
+    // panels[pj][k][l] = point pj * 16 + l, coordinate k
+    panels_[s] = rows_[s].narrow(0, 0, n_panels_[s] * kW).view({n_panels_[s], kW, d}).transpose(1, 2).contiguous();
   }
 
-  Ctx<T> context(Side rows, Side cols, double eps) const {
-    Ctx<T> c;
-    c.d = d_;
-    c.rows = rows_[rows].template data_ptr<T>();
-    c.rsq = rsq_[rows].template data_ptr<T>();
-    c.panels = panels_[cols].template data_ptr<T>();
-    c.csq = rsq_[cols].template data_ptr<T>();
-    c.cols = rows_[cols].template data_ptr<T>();
-    c.n_panels = n_panels_[cols];
-    c.inv_eps = static_cast<T>(1.0 / eps);
-    return c;
+  Pass<T> pass(Kind kind, Side rows, Side cols, double eps) {
+    Pass<T> q;
+    q.kind = kind;
+    q.d = d_;
+    q.n_rows = n_[rows];
+    q.n_chunks = n_chunks_[rows];
+    q.n_panels = n_panels_[cols];
+    q.n_groups = std::min<int64_t>(q.n_chunks, 8);
+    q.rows = rows_[rows].template data_ptr<T>();
+    q.rsq = rsq_[rows].template data_ptr<T>();
+    q.panels = panels_[cols].template data_ptr<T>();
+    q.csq = rsq_[cols].template data_ptr<T>();
+    q.c = static_cast<T>(kLog2e / eps);
+    q.row_m = row_m_.data();
+    q.row_s = row_s_.data();
+    if (kind != Kind::kRows) {
+      const int64_t need = q.n_groups * q.n_panels * kW;
+      if (!col_m_.defined() || col_m_.numel() < need) {
+        col_m_ = at::empty({need}, hh_.options());
+        col_s_ = at::empty({need}, hh_.options());
+      }
+      q.col_m = col_m_.template data_ptr<T>();
+      q.col_s = col_s_.template data_ptr<T>();
+    }
+    return q;
   }
 
-  // Per-point offsets of cloud s: log w_j + pot_j / eps (- |p_j|^2 / (2 eps) for p = 2), in
-  // double then rounded; kPad on the padding points so they never count.
+  template <typename Size>
+  void attach_cache(Pass<T>& q, Cache& cache, const Size& chunk_elems) {
+    if (!use_cache_) return;
+    if (!cache.data.defined()) {
+      cache.off.resize(static_cast<size_t>(q.n_chunks));
+      int64_t total = 0;
+      for (int64_t ch = 0; ch < q.n_chunks; ++ch) {
+        cache.off[ch] = total;
+        total += chunk_elems(ch);
+      }
+      cache.data = at::empty({total}, hh_.options());
+      cache.ready = false;
+    }
+    q.cache = cache.data.template data_ptr<T>();
+    q.cache_off = cache.off.data();
+    q.cache_ready = cache.ready;
+  }
+
+  void run(const Pass<T>& q) {
+    const GroupFn<T> fn = k_.group;
+    parallel_tasks(q.n_groups, q.n_rows * q.n_panels * kW, d_, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) fn(q, g);
+    });
+  }
+
+  // lse_[j] (log2 units) for the n column points: the groups' column states merged in group
+  // order (and with the point's own row state for the self pass), in double.
+  void merge_columns(const Pass<T>& q, int64_t n, bool with_rows) {
+    const int64_t mp = q.n_panels * kW, G = q.n_groups;
+    const T* cm = q.col_m;
+    const T* cs = q.col_s;
+    double* lse = lse_.data();
+    for (int64_t j = 0; j < n; ++j) {
+      double mx = with_rows ? static_cast<double>(row_m_[j]) : -std::numeric_limits<double>::infinity();
+      for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(cm[g * mp + j]));
+      double tot = with_rows ? row_s_[j] * std::exp2(static_cast<double>(row_m_[j]) - mx) : 0.0;
+      for (int64_t g = 0; g < G; ++g) {
+        const double s = static_cast<double>(cs[g * mp + j]);
+        if (s != 0) tot += s * std::exp2(static_cast<double>(cm[g * mp + j]) - mx);
+      }
+      lse[j] = mx + std::log2(tot);
+    }
+  }
+
+  // Per-point offsets of cloud s, log2 units: log2(e) (log w_j + pot_j / eps (- |p_j|^2 / (2 eps)
+  // for p = 2)), in double then rounded; kPad on the padding points so they never count.
   const T* offsets(at::Tensor& buf, Side s, const T* logw, const T* pot, double eps) const {
     T* h = buf.template data_ptr<T>();
     const T* sq = rsq_[s].template data_ptr<T>();
@@ -670,68 +532,38 @@ class CpuEngine final : public SoftminEngine<T> {
       double v = static_cast<double>(logw[j]);
       if (pot != nullptr) v += static_cast<double>(pot[j]) / eps;
       if (half_sq) v -= 0.5 * static_cast<double>(sq[j]) / eps;
-      h[j] = static_cast<T>(v);
+      h[j] = static_cast<T>(v * kLog2e);
     }
-    for (int64_t j = m; j < buf.numel(); ++j) h[j] = Vec<T>::kPad;
+    for (int64_t j = m; j < buf.numel(); ++j) h[j] = simd::Consts<T>::kPad;
     return h;
   }
 
-  // Fused pass over row chunks in a fixed number of groups; fills row_m_/row_s_ and colst_.
-  void run_pairs(PairCtx<T>& q, int64_t n_rows, PairFn<T> fn) {
-    constexpr int W = Vec<T>::W;
-    const int64_t n_chunks = (n_rows + kRB - 1) / kRB;
-    q.n_rows = n_rows;
-    q.n_groups = std::min<int64_t>(n_chunks, 16);
-    const int64_t need = q.n_groups * q.c.n_panels * 2 * W;
-    if (!colst_.defined() || colst_.numel() < need) colst_ = at::empty({need}, hh_.options());
-    T* cs = colst_.template data_ptr<T>();
-    for (int64_t i = 0; i < q.n_groups * q.c.n_panels; ++i) {
-      std::fill(cs + (2 * i) * W, cs + (2 * i + 1) * W, Vec<T>::kInit);
-      std::fill(cs + (2 * i + 1) * W, cs + (2 * i + 2) * W, T(0));
-    }
-    q.colst = cs;
-    q.row_m = row_m_.data();
-    q.row_s = row_s_.data();
-    parallel_tasks(q.n_groups, n_rows * q.c.n_panels * W, d_, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) fn(q, g);
-    });
-  }
-
-  void cross(Side rs, const T* logw_r, const T* pot_r, const T* prev_r, T* out_r, Side cs, const T* logw_c,
-             const T* pot_c, const T* prev_c, T* out_c, double eps, bool track_residual) {
-    constexpr int W = Vec<T>::W;
-    PairCtx<T> q;
-    q.c = context(rs, cs, eps);
-    q.c.hh = offsets(hh_, cs, logw_c, pot_c, eps);  // rows' softmin runs over the columns' potential
-    q.hrow = offsets(hr_, rs, logw_r, pot_r, eps);
-    const int64_t n = n_[rs], m = n_[cs];
-    run_pairs(q, n, k_.cross);
+  void cross(Side rs, const T* logw_r, const T* pot_r, const T* prev_r, T* out_r, const T* logw_c, const T* pot_c,
+             const T* prev_c, T* out_c, double eps, bool track_residual) {
+    const Side cs = other(rs);
+    Pass<T> q = pass(Kind::kCross, rs, cs, eps);
+    q.hc = offsets(hh_, cs, logw_c, pot_c, eps);  // rows' softmin runs over the columns' potential
+    q.hr = offsets(hr_, rs, logw_r, pot_r, eps);
+    const int64_t np = n_panels_[cs];
+    attach_cache(q, cross_cache_, [&](int64_t) { return np * kW * kTR; });
+    run(q);
+    cross_cache_.ready = cross_cache_.data.defined();
     double* lse = lse_.data();
-    for (int64_t i = 0; i < n; ++i) lse[i] = row_m_[i] + std::log(row_s_[i]);
+    for (int64_t i = 0; i < n_[rs]; ++i) lse[i] = row_m_[i] + std::log2(row_s_[i]);
     finish(rs, lse, eps, prev_r, out_r, track_residual);
-    const V* colst = reinterpret_cast<const V*>(colst_.template data_ptr<T>());
-    const int64_t np = q.c.n_panels, G = q.n_groups;
-    for (int64_t j = 0; j < m; ++j) {  // merge the groups' column states, in group order
-      const int64_t pj = j / W, l = j % W;
-      double mx = -std::numeric_limits<double>::infinity();
-      for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(colst[(g * np + pj) * 2][l]));
-      double tot = 0;
-      for (int64_t g = 0; g < G; ++g)
-        tot += static_cast<double>(colst[(g * np + pj) * 2 + 1][l]) *
-               std::exp(static_cast<double>(colst[(g * np + pj) * 2][l]) - mx);
-      lse[j] = mx + std::log(tot);
-    }
+    merge_columns(q, n_[cs], /*with_rows=*/false);
     finish(cs, lse, eps, prev_c, out_c, track_residual);
   }
 
   // out = -eps * LSE (+ |p|^2 / 2 for p = 2: the row constant of the expanded cost), averaged
-  // with prev when given (geomloss's symmetric update), tracking the largest change.
+  // with prev when given (geomloss's symmetric update), tracking the largest change. lse in log2
+  // units.
   void finish(Side s, const double* lse, double eps, const T* prev, T* out, bool track_residual) {
     const T* sq = rsq_[s].template data_ptr<T>();
     const bool half_sq = p_ == 2;
     double r = 0;
     for (int64_t i = 0, n = n_[s]; i < n; ++i) {
-      const T nv = static_cast<T>(-eps * lse[i] + (half_sq ? 0.5 * static_cast<double>(sq[i]) : 0.0));
+      const T nv = static_cast<T>(-eps * kLn2 * lse[i] + (half_sq ? 0.5 * static_cast<double>(sq[i]) : 0.0));
       if (prev != nullptr) {
         r = std::max(r, std::abs(static_cast<double>(nv) - static_cast<double>(prev[i])));
         out[i] = T(0.5) * (prev[i] + nv);
@@ -743,94 +575,23 @@ class CpuEngine final : public SoftminEngine<T> {
   }
 
   int64_t p_, d_ = 0;
-  int64_t n_[2] = {0, 0}, n_panels_[2] = {0, 0};
-  at::Tensor rows_[2], rsq_[2], panels_[2], hh_, hr_, colst_;
-  std::vector<double> lse_, row_m_, row_s_;
+  int64_t n_[2] = {0, 0}, n_chunks_[2] = {0, 0}, n_panels_[2] = {0, 0};
+  at::Tensor rows_[2], rsq_[2], panels_[2], hh_, hr_, col_m_, col_s_;
+  std::vector<double> lse_, row_s_;
+  std::vector<T> row_m_;
+  Side cross_rows_ = kX;
+  bool use_cache_ = false;
+  Cache cross_cache_, self_cache_[2];
   double residual_ = 0;
   Kernels<T> k_;
 };
-
-Options make_options(double blur, int64_t p, double scaling, std::optional<double> diameter, bool debias,
-                     std::optional<int64_t> max_iter, std::optional<double> tol) {
-  Options o;
-  o.blur = blur;
-  o.p = p;
-  o.scaling = scaling;
-  o.diameter = diameter;
-  o.debias = debias;
-  o.max_iter = max_iter;
-  o.tol = tol;
-  return o;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cpu(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, double blur, int64_t p,
-    double scaling, std::optional<double> diameter, bool debias, std::optional<int64_t> max_iter,
-    std::optional<double> tol) {
-  const Options o = make_options(blur, p, scaling, diameter, debias, max_iter, tol);
-  check_forward_inputs(x, y, a, b, o);
-  auto [box_diam, center] = bounding_box(x, y);
-  double diam = o.diameter.value_or(box_diam);
-  if (!(diam > 0)) diam = o.blur;  // every point at one place: any start scale will do
-  const std::vector<double> eps_list = epsilon_schedule(p, diam, blur, scaling);
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  const at::Tensor la = log_weights(ac).contiguous(), lb = log_weights(bc).contiguous();
-  ForwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_cpu", [&] {
-    CpuEngine<scalar_t> E(x, y, center, p);
-    r = run_sinkhorn<scalar_t>(E, ac, bc, la, lb, eps_list, o);
-  });
-  return {r.cost, r.f, r.g, r.n_iter, r.state_x, r.state_y};
-}
-
-std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cpu(const at::Tensor& wx, const at::Tensor& wy,
-                                                         const at::Tensor& x, const at::Tensor& y,
-                                                         const at::Tensor& a, const at::Tensor& b,
-                                                         const at::Tensor& state_x, const at::Tensor& state_y,
-                                                         double eps, int64_t p, bool debias, bool need_x,
-                                                         bool need_y) {
-  check_backward_inputs(wx, wy, x, y, a, b, state_x, state_y, eps, p);
-  const at::Tensor la = log_weights(a.contiguous()).contiguous(), lb = log_weights(b.contiguous()).contiguous();
-  const at::Tensor sx = state_x.contiguous(), sy = state_y.contiguous();
-  at::Tensor gx = at::zeros_like(x, at::MemoryFormat::Contiguous), gy = at::zeros_like(y, at::MemoryFormat::Contiguous);
-  if (!need_x && !need_y) return {gx, gy};
-  const at::Tensor center = bounding_box(x, y).second;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward_cpu", [&] {
-    using T = scalar_t;
-    CpuEngine<T> E(x, y, center, p);
-    const int64_t n = x.size(0), m = y.size(0);
-    // d f_ba[i]/dx_i uses the softmin over y with g_ab (state_y[0]); d f_aa[i]/dx_i the one
-    // over x with f_aa (state_x[1]); symmetrically for y.
-    if (need_x) {
-      at::Tensor G = at::empty_like(gx);
-      E.softmin_grad(kX, kY, lb.data_ptr<T>(), sy.data_ptr<T>(), eps, G.data_ptr<T>());
-      if (debias) {
-        at::Tensor G2 = at::empty_like(gx);
-        E.softmin_grad(kX, kX, la.data_ptr<T>(), sx.data_ptr<T>() + n, eps, G2.data_ptr<T>());
-        G.sub_(G2);
-      }
-      gx = G.mul_(wx.unsqueeze(1));
-    }
-    if (need_y) {
-      at::Tensor G = at::empty_like(gy);
-      E.softmin_grad(kY, kX, la.data_ptr<T>(), sx.data_ptr<T>(), eps, G.data_ptr<T>());
-      if (debias) {
-        at::Tensor G2 = at::empty_like(gy);
-        E.softmin_grad(kY, kY, lb.data_ptr<T>(), sy.data_ptr<T>() + m, eps, G2.data_ptr<T>());
-        G.sub_(G2);
-      }
-      gy = G.mul_(wy.unsqueeze(1));
-    }
-  });
-  return {gx, gy};
-}
 
 }  // namespace
 }  // namespace sinkhorn
 
 TORCH_LIBRARY_IMPL(dvgs_fast, CPU, m) {
-  m.impl("sinkhorn", &sinkhorn::sinkhorn_cpu);
-  m.impl("sinkhorn_backward", &sinkhorn::sinkhorn_backward_cpu);
+  m.impl("sinkhorn", &sinkhorn::forward<sinkhorn::CpuEngine>);
+  m.impl("sinkhorn_backward", &sinkhorn::backward<sinkhorn::CpuEngine>);
 }
 
 }  // namespace dvgs_fast

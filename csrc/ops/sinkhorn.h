@@ -1,7 +1,9 @@
-// Shared pieces of the sinkhorn op: input checks, the epsilon-scaling schedule and the
-// device-agnostic Sinkhorn loop. The CPU (cpu/sinkhorn.cpp) and CUDA (cuda/sinkhorn.cu)
-// implementations only provide a SoftminEngine: the soft-C-transform between two of the
-// point clouds, computed on the fly (never an N x M matrix).
+// Shared pieces of the sinkhorn op: input checks, the epsilon-scaling schedule, the
+// device-agnostic Sinkhorn loop and the host-side assembly of both ops (forward() and
+// backward() at the end, templated on the engine). The CPU (cpu/sinkhorn.cpp) and CUDA
+// (cuda/sinkhorn.cu) files only provide a SoftminEngine: the soft-C-transform between two of
+// the point clouds, computed on the fly (never an N x M matrix), and register
+// forward<TheirEngine> / backward<TheirEngine> for their dispatch key.
 //
 // Semantics follow geomloss's SamplesLoss("sinkhorn", backend="tensorized") for the same
 // arguments (balanced OT, no reach), so LossVal reproduces the original:
@@ -13,9 +15,12 @@
 //   * weights are used as given (unnormalised masses allowed), log(0) is clamped to -1e5.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -180,6 +185,98 @@ ForwardResult run_sinkhorn(SoftminEngine<T>& E, const at::Tensor& a, const at::T
   r.state_x = sx[cur].clone();
   r.state_y = sy[cur].clone();
   return r;
+}
+
+// ------------------------------------------------------------------------------------------
+// Host-side assembly, written once for every device. An engine is a class template E<T>
+// (T = float or double) deriving from SoftminEngine<T>, constructed as E<T>(x, y, center, p)
+// on the inputs' device, with `static constexpr bool kCentres`: true when it wants the centre
+// of the joint bounding box (then always computed; CPU), false when it takes an undefined
+// tensor (the box is then only computed for a missing diameter, saving a device sync; CUDA).
+// ------------------------------------------------------------------------------------------
+inline Options make_options(double blur, int64_t p, double scaling, std::optional<double> diameter, bool debias,
+                            std::optional<int64_t> max_iter, std::optional<double> tol) {
+  Options o;
+  o.blur = blur;
+  o.p = p;
+  o.scaling = scaling;
+  o.diameter = diameter;
+  o.debias = debias;
+  o.max_iter = max_iter;
+  o.tol = tol;
+  return o;
+}
+
+// The sinkhorn op (schema in ops/sinkhorn.cpp).
+template <template <typename> class Engine>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, double blur, int64_t p,
+    double scaling, std::optional<double> diameter, bool debias, std::optional<int64_t> max_iter,
+    std::optional<double> tol) {
+  const Options o = make_options(blur, p, scaling, diameter, debias, max_iter, tol);
+  check_forward_inputs(x, y, a, b, o);
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor center;
+  double diam = o.diameter.value_or(0.0);
+  if (Engine<float>::kCentres || !o.diameter.has_value()) {
+    auto box = bounding_box(x, y);
+    center = box.second;
+    if (!o.diameter.has_value()) diam = box.first;
+  }
+  if (!(diam > 0)) diam = o.blur;  // every point at one place: any start scale will do
+  const std::vector<double> eps_list = epsilon_schedule(p, diam, blur, scaling);
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const at::Tensor la = log_weights(ac).contiguous(), lb = log_weights(bc).contiguous();
+  ForwardResult r;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn", [&] {
+    Engine<scalar_t> E(x, y, center, p);
+    r = run_sinkhorn<scalar_t>(E, ac, bc, la, lb, eps_list, o);
+  });
+  return {r.cost, r.f, r.g, r.n_iter, r.state_x, r.state_y};
+}
+
+// The sinkhorn_backward op: grad_x[i] = wx[i] * d(f_ba - f_aa)[i] / dx_i, and the same for y.
+template <template <typename> class Engine>
+std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& wx, const at::Tensor& wy, const at::Tensor& x,
+                                            const at::Tensor& y, const at::Tensor& a, const at::Tensor& b,
+                                            const at::Tensor& state_x, const at::Tensor& state_y, double eps,
+                                            int64_t p, bool debias, bool need_x, bool need_y) {
+  check_backward_inputs(wx, wy, x, y, a, b, state_x, state_y, eps, p);
+  const c10::DeviceGuard guard(x.device());
+  at::Tensor gx = at::zeros_like(x, at::MemoryFormat::Contiguous), gy = at::zeros_like(y, at::MemoryFormat::Contiguous);
+  if (!need_x && !need_y) return {gx, gy};
+  const at::Tensor la = log_weights(a.contiguous()).contiguous(), lb = log_weights(b.contiguous()).contiguous();
+  const at::Tensor sx = state_x.contiguous(), sy = state_y.contiguous();
+  at::Tensor center;
+  if (Engine<float>::kCentres) center = bounding_box(x, y).second;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward", [&] {
+    using T = scalar_t;
+    Engine<T> E(x, y, center, p);
+    const int64_t n = x.size(0), m = y.size(0);
+    // d f_ba[i]/dx_i uses the softmin over y with g_ab (state_y[0]); d f_aa[i]/dx_i the one
+    // over x with f_aa (state_x[1]); symmetrically for y.
+    if (need_x) {
+      at::Tensor G = at::empty_like(gx);
+      E.softmin_grad(kX, kY, lb.data_ptr<T>(), sy.data_ptr<T>(), eps, G.data_ptr<T>());
+      if (debias) {
+        at::Tensor G2 = at::empty_like(gx);
+        E.softmin_grad(kX, kX, la.data_ptr<T>(), sx.data_ptr<T>() + n, eps, G2.data_ptr<T>());
+        G.sub_(G2);
+      }
+      gx = G.mul_(wx.unsqueeze(1));
+    }
+    if (need_y) {
+      at::Tensor G = at::empty_like(gy);
+      E.softmin_grad(kY, kX, la.data_ptr<T>(), sx.data_ptr<T>(), eps, G.data_ptr<T>());
+      if (debias) {
+        at::Tensor G2 = at::empty_like(gy);
+        E.softmin_grad(kY, kY, lb.data_ptr<T>(), sy.data_ptr<T>() + m, eps, G2.data_ptr<T>());
+        G.sub_(G2);
+      }
+      gy = G.mul_(wy.unsqueeze(1));
+    }
+  });
+  return {gx, gy};
 }
 
 }  // namespace sinkhorn
