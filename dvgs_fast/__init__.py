@@ -19,6 +19,7 @@ _LAZY = {
     "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
     "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
+    "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
 }
 
 __all__ = ["build_info", "ops", "ValuationResult", *_LAZY]

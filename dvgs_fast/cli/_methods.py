@@ -26,6 +26,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "knn_shapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley", {}, "exact KNN-Shapley (Jia et al. 2019)"),
     "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
     "tracin": ("dvgs_fast.methods.tracin", "TracIn", {}, "TracIn-CP (Pruthi et al. 2020)"),
+    "data_oob": ("dvgs_fast.methods.data_oob", "DataOOB", {}, "Data-OOB: out-of-bag scores of bootstrap refits"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

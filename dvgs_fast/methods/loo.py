@@ -10,9 +10,15 @@ Points are evaluated in a seeded random order, so a run stopped by `max_time` / 
 evaluated a uniform random subset; points not evaluated get value 0 and `counts` 0 (never
 valued), and the result's status is "stopped". stderr is NaN: one refit difference per point.
 
-Default metric: 'neg_log_loss' for classification. With deterministic refits a discrete metric
-such as accuracy leaves most leave-one-out differences at exactly 0 (the original's default,
-still available with metric='accuracy').
+With a scikit-learn estimator as `model`, every refit is a fitted clone (`dvgs_fast.refit.sklearn`):
+the full model and each leave-one-out model are fit on the rows (a random_state left at None is set
+from the seed, the same for every refit, so that differences come from the left-out point),
+`n_jobs` of them in parallel with joblib; the torch refit settings are then ignored.
+
+Default metric: 'neg_log_loss' for classification ('accuracy' for an sklearn estimator without
+predict_proba). With deterministic refits a discrete metric such as accuracy leaves most
+leave-one-out differences at exactly 0 (the original's default, still available with
+metric='accuracy').
 """
 from __future__ import annotations
 
@@ -25,13 +31,15 @@ import torch
 from dvgs_fast import _validation as V
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.refit.batched import build_refit_grid, loo_batched_scores
+from dvgs_fast.refit.sklearn import SklearnRefit, is_sklearn_estimator
 
 
 class LeaveOneOut(Valuation):
     """Leave-one-out data values.
 
     Parameters mirror `DataShapley`'s refit settings; `max_points` / `max_time` are the budgets
-    (`batch_size` LOO models are trained together when `batched`).
+    (`batch_size` LOO models are trained together when `batched`). `model` may also be a
+    scikit-learn estimator; its refits run on `n_jobs` joblib workers (None: in this process).
     """
 
     name = "loo"
@@ -40,9 +48,9 @@ class LeaveOneOut(Valuation):
                  refit_steps: int = 100, refit_lr: float = 0.1, refit_optimizer: str = "adam",
                  weight_decay: float = 0.0, hidden_dim: int = 100, batched: bool = True, batch_size: int = 64,
                  batch_engine: str = "auto", max_points: int | None = None, max_time: float | None = None,
-                 n_classes: int | None = None, dtype: str = "float32", device: Any = None,
-                 seed: int | None = None, progress: bool = True):
-        self.model = V.check_model_spec(model)
+                 n_classes: int | None = None, dtype: str = "float32", n_jobs: int | None = None,
+                 device: Any = None, seed: int | None = None, progress: bool = True):
+        self.model = model if is_sklearn_estimator(model) else V.check_model_spec(model)
         self.loss = V.check_choice(loss, "loss", V.LOSSES)
         if metric is not None:
             V.check_choice(metric, "metric", V.CLASSIFICATION_METRICS + V.REGRESSION_METRICS)
@@ -58,11 +66,16 @@ class LeaveOneOut(Valuation):
         self.max_points = V.check_optional_positive_int(max_points, "max_points")
         self.n_classes = V.check_optional_positive_int(n_classes, "n_classes")
         self.dtype = V.check_dtype(dtype)
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
+            raise ValueError(f"n_jobs: expected None or a non-zero integer (-1 = all cores), got {n_jobs!r}")
+        self.n_jobs = n_jobs
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
+        if is_sklearn_estimator(self.model):
+            return self._fit_sklearn(x_source, y_source, x_target, y_target, run)
         t0 = time.perf_counter()
         data = V.prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
                                 device=run.device, dtype=self.dtype, flatten=isinstance(self.model, str))
@@ -122,4 +135,54 @@ class LeaveOneOut(Valuation):
                         progress=f"{done} of {N} points",
                         info={"metric": metric, "full_score": full, "points_done": done,
                               "engine": grid.engine if self.batched else "sequential"},
+                        timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})
+
+    def _fit_sklearn(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
+        """Leave-one-out refits of clones of an sklearn estimator, in rounds of `batch_size` points
+        spread over `n_jobs` joblib workers (the budget is checked between rounds)."""
+        t0 = time.perf_counter()
+        data = V.prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
+                                device=torch.device("cpu"), dtype=torch.float64, flatten=True)
+        has_proba = hasattr(self.model, "predict_proba")
+        metric = V.resolve_metric(self.metric, self.loss, n_classes=data.n_classes,
+                                  default_cls="neg_log_loss" if has_proba else "accuracy")
+        N = data.n_source
+        if N < 2:
+            raise ValueError(f"x_source: leave-one-out needs at least 2 source samples (leaving the only one out "
+                             f"leaves nothing to train on), got {N}")
+        X, Y, Xt, Yt = (t.numpy() for t in (data.x_source, data.y_source, data.x_target, data.y_target))
+        refit = SklearnRefit(self.model, classification=data.classification, n_classes=data.n_classes,
+                             metric=metric, seed=run.seed % (2 ** 32), n_jobs=self.n_jobs)
+        full = refit.fit_score(X, Y, Xt, Yt)
+        order = torch.randperm(N, generator=torch.Generator().manual_seed(run.seed)).numpy()
+        t_setup = time.perf_counter() - t0
+        values = np.zeros(N, dtype=np.float64)
+        counts = np.zeros(N, dtype=np.int64)
+        budget = run.budget
+        budget.max_iterations = self.max_points
+        done, stopped = 0, None
+        total = N if self.max_points is None else min(N, self.max_points)
+        everyone = np.arange(N)
+        bar = run.progress(total, "Leave-one-out", unit="point")
+        try:
+            while done < N:
+                stopped = budget.exhausted(done)
+                if stopped:
+                    break
+                step = min(self.batch_size, N - done)
+                if self.max_points is not None:
+                    step = min(step, self.max_points - done)
+                idx = order[done:done + step]
+                scores = refit.fit_score_many(X, Y, Xt, Yt, [np.delete(everyone, i) for i in idx])
+                values[idx] = full - scores
+                counts[idx] = 1
+                done += step
+                bar.update(step)
+        finally:
+            bar.close()
+        return Estimate(values=values, counts=counts,
+                        status="stopped" if stopped else "completed",
+                        stop_reason={"max_iterations": "max_points"}.get(stopped, stopped),
+                        progress=f"{done} of {N} points",
+                        info={"metric": metric, "full_score": full, "points_done": done, "engine": "sklearn"},
                         timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})

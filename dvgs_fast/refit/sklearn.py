@@ -24,6 +24,7 @@ API (used by LeaveOneOut, DataShapley, DataOOB and DVRL's predictor)::
     r.fit_score_many(x, y, xt, yt, row_sets, seeds=None) -> np.ndarray [len(row_sets)], in
                                              parallel over `n_jobs` joblib workers
     r.map(fn, arg_tuples) -> list            # fn(*args) for each, in parallel (fn must pickle)
+    r.workers() -> int                       # processes `map` uses (1 for n_jobs None / 1)
 
 Metrics (the same names as the torch path, `dvgs_fast.refit.models.score_outputs`):
 classification 'accuracy' | 'neg_log_loss' | 'auc' (binary); regression 'neg_mse' | 'neg_mae' |
@@ -140,7 +141,7 @@ class SklearnRefit:
             else:
                 raise ValueError(f"sample_weight: {type(self.estimator).__name__}.fit takes no sample_weight and "
                                  f"the weights are not integer multiplicities")
-        x = x.reshape(x.shape[0], -1)
+        x = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         if self.classification:
             y = y.astype(np.int64, copy=False)
             k = self._n_classes(y)
@@ -252,16 +253,27 @@ class SklearnRefit:
         seeds = [None] * len(row_sets) if seeds is None else list(seeds)
         if len(seeds) != len(row_sets):
             raise ValueError(f"seeds: {len(seeds)} seeds for {len(row_sets)} row sets")
-        res = self.map(_fit_score_task, [(self, x, y, xt, yt, r, s) for r, s in zip(row_sets, seeds)])
-        return np.asarray(res, dtype=np.float64)
+        # one task per worker, not per refit: the arrays are pickled once per task
+        parts = [p for p in np.array_split(np.arange(len(row_sets)), max(1, min(len(row_sets), self.workers())))
+                 if len(p)]
+        res = self.map(_fit_score_chunk, [(self, x, y, xt, yt, [row_sets[i] for i in p], [seeds[i] for i in p])
+                                          for p in parts])
+        return np.asarray([v for chunk in res for v in chunk], dtype=np.float64)
+
+    def workers(self) -> int:
+        """How many processes `map` uses (joblib.effective_n_jobs; 1 for n_jobs=None)."""
+        if self.n_jobs in (None, 1):
+            return 1
+        from joblib import effective_n_jobs
+        return int(effective_n_jobs(self.n_jobs))
 
 
-def _fit_score_task(refit: SklearnRefit, x, y, xt, yt, rows, seed) -> float:
-    return refit.fit_score(x, y, xt, yt, rows=rows, seed=seed)
+def _fit_score_chunk(refit: SklearnRefit, x, y, xt, yt, row_sets, seeds) -> list[float]:
+    return [refit.fit_score(x, y, xt, yt, rows=r, seed=s) for r, s in zip(row_sets, seeds)]
 
 
 def _as_2d(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1)
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
 
 
 def _takes_sample_weight(est: Any) -> bool:

@@ -15,6 +15,10 @@ Differences from the original code, all documented in `params`/`info`:
   issue's "5 in a row"; the original code's `counter > 5` is `truncation_patience=6`);
 * G-Shapley's first point gets (score after its step - score of the fresh model); the original
   code leaves it at 0.
+
+A scikit-learn estimator as `model` (TMC only) refits a fitted clone per prefix
+(`dvgs_fast.refit.sklearn`, a random_state left at None is set from the seed, the same for every
+refit); the permutations of a round run in parallel on `n_jobs` joblib workers (`sklearn_tmc.py`).
 """
 from __future__ import annotations
 
@@ -33,9 +37,11 @@ from dvgs_fast.distributed import context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.shapley.batched import gshapley_batched, tmc_batched
 from dvgs_fast.methods.shapley.sharded import make_driver
+from dvgs_fast.methods.shapley.sklearn_tmc import tmc_sklearn
 from dvgs_fast.methods.shapley.tmc import PermState, cover_length, gshapley_sequential, tmc_sequential
 from dvgs_fast.refit.batched import build_refit_grid, one_epoch_scores
 from dvgs_fast.refit.models import chance_score, fresh_params, stack_params
+from dvgs_fast.refit.sklearn import SklearnRefit, is_sklearn_estimator
 
 METHODS = ("tmc", "gshapley")
 ENGINES = ("auto", "vmap", "linear")
@@ -46,10 +52,11 @@ class DataShapley(Valuation):
 
     Parameters
     ----------
-    model : 'logistic' | 'mlp' | nn.Module | zero-argument factory
+    model : 'logistic' | 'mlp' | nn.Module | zero-argument factory | scikit-learn estimator
         The refit model. 'logistic' = one nn.Linear (softmax regression / linear regression),
         'mlp' = Linear-ReLU-Linear with `hidden_dim` units. A module's current weights are the
-        initial weights of every TMC refit; a factory is called once after seeding.
+        initial weights of every TMC refit; a factory is called once after seeding. An sklearn
+        estimator (TMC only) is cloned and fit per prefix; the torch refit settings are ignored.
     method : 'tmc' (TMC-Shapley) or 'gshapley' (G-Shapley).
     loss : 'cross_entropy' (classification, integer labels) or 'mse' (regression).
     metric : target-set score; classification 'accuracy' (default, as the original) | 'auc' |
@@ -68,6 +75,8 @@ class DataShapley(Valuation):
     batch_permutations : permutations in flight in the batched path (TMC slots / G-Shapley group).
     chunk_size : consecutive prefixes per permutation trained together in the batched TMC path.
     batch_engine : 'auto' (hand-derived GEMMs for a linear model, vmap otherwise) | 'vmap' | 'linear'.
+    n_jobs : joblib workers for an sklearn estimator: the `batch_permutations` permutations of a
+        round run in parallel (None: in this process; -1: all cores).
     dtype : 'float32' (default) or 'float64'. Both paths run the same arithmetic; they differ only in
         summation order, so in float64 they agree to ~1e-12 and discrete scores (accuracy) agree
         exactly; in float32 a refit whose target prediction sits within float32 rounding of the
@@ -91,10 +100,17 @@ class DataShapley(Valuation):
                  g_learning_rate: float | None = None, hidden_dim: int = 100, batched: bool = True,
                  batch_permutations: int = 16, chunk_size: int = 32, batch_engine: str = "auto",
                  n_classes: int | None = None, dtype: str = "float32", keep_marginals: bool = False,
-                 device: Any = None, seed: int | None = None, progress: bool = True,
+                 n_jobs: int | None = None, device: Any = None, seed: int | None = None, progress: bool = True,
                  distributed: bool | None = None):
-        self.model = check_model_spec(model)
+        sk = is_sklearn_estimator(model)
+        self.model = model if sk else check_model_spec(model)
         self.method = check_choice(method, "method", METHODS)
+        if sk and self.method != "tmc":
+            raise ValueError(f"method: {method!r} trains a torch model by SGD steps; a scikit-learn estimator "
+                             f"supports method='tmc' only")
+        if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):
+            raise ValueError(f"n_jobs: expected None or a non-zero integer (-1 = all cores), got {n_jobs!r}")
+        self.n_jobs = n_jobs
         self.loss = check_choice(loss, "loss", ("cross_entropy", "mse"))
         if metric is not None:
             check_choice(metric, "metric", ("accuracy", "auc", "neg_log_loss", "neg_mse", "neg_mae", "r2"))
@@ -142,17 +158,23 @@ class DataShapley(Valuation):
     def _fit_ctx(self, ctx, run: Run, x_source, y_source, x_target, y_target) -> Estimate:
         t_start = time.perf_counter()
         budget = run.budget
+        sk = is_sklearn_estimator(self.model)   # sklearn refits run on the CPU, in float64
         data = prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
-                              device=ctx.device_for(run.device), dtype=self.dtype, flatten=isinstance(self.model, str))
+                              device=torch.device("cpu") if sk else ctx.device_for(run.device),
+                              dtype=torch.float64 if sk else self.dtype, flatten=sk or isinstance(self.model, str))
         metric = resolve_metric(self.metric, self.loss, n_classes=data.n_classes, default_cls="accuracy")
         X = data.x_source
         N = data.n_source
         seed = run.seed = ctx.broadcast_object(run.seed)     # a drawn seed must be the same on every rank
         seed_everything(seed)
-        module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
+        if sk:
+            refit = SklearnRefit(self.model, classification=data.classification, n_classes=data.n_classes,
+                                 metric=metric, seed=seed % (2 ** 32), n_jobs=self.n_jobs)
+        else:
+            module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
         timings: dict[str, float] = {"setup": 0.0}
         info: dict[str, Any] = {"n_source": N, "metric": metric, "engine": (
-            grid.engine if self.batched else "sequential")}
+            "sklearn" if sk else grid.engine if self.batched else "sequential")}
 
         run.show_progress = run.show_progress and ctx.is_main
         bar = run.progress(self.max_permutations, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
@@ -161,7 +183,9 @@ class DataShapley(Valuation):
                                    convergence_tol=self.convergence_tol, check_every=self.check_every,
                                    budget=budget, on_complete=bar.update)
         try:
-            if self.method == "tmc":
+            if sk:
+                stopped = self._run_tmc_sklearn(refit, data, driver, info, timings, t_start)
+            elif self.method == "tmc":
                 stopped = self._run_tmc(refitter, grid, theta0, data, driver, info, timings, t_start)
             else:
                 stopped = self._run_gshapley(refitter, grid, module, data, driver, info, timings, t_start, seed)
@@ -219,6 +243,21 @@ class DataShapley(Valuation):
             return tmc_batched(grid, X, Y, Xt, Yt, driver=driver, make_state=make_state,
                                n_slots=self.batch_permutations, chunk=self.chunk_size)
         return tmc_sequential(refitter, theta0, X, Y, Xt, Yt, driver=driver, make_state=make_state)
+
+    def _run_tmc_sklearn(self, refit, data, driver, info, timings, t_start):
+        X, Y, Xt, Yt = (t.numpy() for t in (data.x_source, data.y_source, data.x_target, data.y_target))
+        full = refit.fit_score(X, Y, Xt, Yt)
+        chance = chance_score(data.y_target, refit.metric, data.n_classes)
+        y_np, required = (Y, np.unique(Yt)) if data.classification else (None, None)
+        info.update({"full_score": full, "chance_score": chance})
+        timings["setup"] = time.perf_counter() - t_start
+
+        def make_state(idx, perm):
+            return PermState(idx, perm, cover_length(perm.numpy(), y_np, required), chance, full,
+                             self.tolerance, self.truncation_patience)
+
+        return tmc_sklearn(refit, X, Y, Xt, Yt, driver=driver, make_state=make_state,
+                           n_parallel=self.batch_permutations)
 
     def _run_gshapley(self, refitter, grid, module, data, driver, info, timings, t_start, seed):
         X, Y, Xt, Yt = data.x_source, data.y_source, data.x_target, data.y_target
