@@ -94,7 +94,7 @@ class _Flat(nn.Module):
 
 # Methods that retrain the model from scratch many times (every permutation prefix / every left-out
 # sample): their own default, and the only affordable choice on a CPU, is a linear model.
-REFIT_METHODS = ("dshap", "loo")
+REFIT_METHODS = ("dshap", "loo", "data_oob")
 
 
 def resolve_kind(choice: str, task: str, sample_shape: tuple[int, ...], method: str = "dvgs") -> str:
