@@ -527,3 +527,22 @@ def test_pretrain_trains_in_place():
     before = copy.deepcopy(model.state_dict())
     DVGS(xs, ys, xt, yt, model).pretrain_(_ce, batch_size=16, epochs=2, use_cuda=False, verbose=False)
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_memmap_run_interrupted_before_its_end_resumes_with_the_same_uid(tmp_path):
+    xs, ys, xt, yt = _classification(seed=12)
+    kw = dict(lr=1e-3, num_epochs=3, target_batch_size=20, compute_every=2, verbose=False, use_cuda=False,
+              storage="memmap", save_dir=tmp_path, uid="job")
+    d = DVGS(xs, ys, xt, yt, Net())
+    d.run(_ce, _ce, seed=21, **kw)
+    done = d.agg(tmp_path / "job", "none").copy()
+    meta = S.read_meta(tmp_path / "job")
+    S.write_meta(tmp_path / "job", **{**meta, "complete": False})        # as if killed before the end
+    with pytest.raises(ValueError, match="interrupted"):
+        d.agg(tmp_path / "job")
+    d2 = DVGS(xs, ys, xt, yt, Net())
+    d2.run(_ce, _ce, **kw)                       # same uid, no seed: the run's own seed is reused
+    assert d2.result.info["seed"] == 21
+    np.testing.assert_array_equal(np.asarray(d2.agg(tmp_path / "job", "none")), done)
+    with pytest.raises(FileExistsError):         # a completed run is never overwritten
+        d2.run(_ce, _ce, **kw)

@@ -6,14 +6,12 @@ original and what differs.
 """
 from __future__ import annotations
 
-import math
 import shutil
-import sys
 import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
