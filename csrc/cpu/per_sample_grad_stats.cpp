@@ -72,7 +72,7 @@ struct Job {
   at::ScalarType dtype;
   at::Tensor target;  // contiguous, accumulation dtype
   int64_t n_chunks;
-  int64_t first_item;
+  int64_t first_chunk;  // this tensor's first partial column
 };
 
 template <typename scalar_t>
@@ -97,6 +97,10 @@ void run_item(const Job& job, int64_t i, int64_t c, double* out_dot, double* out
   *out_sq = s;
 }
 
+// Bytes of one partial buffer: samples are processed in passes that fit it, so the partials
+// stay bounded for any N (720k samples of 1M parameters would otherwise take 2 x 0.35 GB).
+constexpr int64_t kPartialBudget = int64_t(64) << 20;
+
 std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cpu(at::TensorList grads_in, at::TensorList target_in) {
   std::vector<at::Tensor> grads(grads_in.begin(), grads_in.end());
   std::vector<at::Tensor> target(target_in.begin(), target_in.end());
@@ -105,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cpu(at::TensorList grad
 
   std::vector<Job> jobs;
   std::vector<at::Tensor> keep;  // storage of the (rare) contiguous fallbacks
-  int64_t n_items = 0, total = 0;
+  int64_t chunks_per_row = 0, numel_per_row = 0;
   for (size_t k = 0; k < grads.size(); ++k) {
     at::Tensor storage;
     RowLayout L = row_layout_of(grads[k], storage);
@@ -117,48 +121,51 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cpu(at::TensorList grad
     job.dtype = storage.scalar_type();
     job.target = target[k].to(acc_type_of(job.dtype)).contiguous();
     job.n_chunks = (L.numel + kCpuChunk - 1) / kCpuChunk;
-    job.first_item = n_items;
-    n_items += n * job.n_chunks;
-    total += n * L.numel;
+    job.first_chunk = chunks_per_row;
+    chunks_per_row += job.n_chunks;
+    numel_per_row += L.numel;
     jobs.push_back(std::move(job));
   }
 
-  std::vector<double> part_dot(n_items), part_sq(n_items);
-  if (n_items > 0) {
-    // ~32k elements per task amortises the scheduling cost when samples are small.
-    const int64_t grain = std::max<int64_t>(1, kCpuChunk / std::max<int64_t>(1, total / n_items));
-    at::parallel_for(0, n_items, grain, [&](int64_t lo, int64_t hi) {
+  at::Tensor dot = at::zeros({n}, grads[0].options().dtype(at::kDouble));
+  at::Tensor sq = at::zeros({n}, grads[0].options().dtype(at::kDouble));
+  if (chunks_per_row == 0) return {dot.to(out_type), sq.to(out_type)};
+  double* dp = dot.data_ptr<double>();
+  double* sp = sq.data_ptr<double>();
+  const int64_t pass_rows =
+      std::min(n, std::max<int64_t>(1, kPartialBudget / (chunks_per_row * int64_t(sizeof(double)))));
+  // Item (job k, sample i of the pass, chunk c) is at rows * first_chunk(k) + i * n_chunks(k) + c, so
+  // each task walks the jobs in order; its partial sums go to [i, first_chunk(k) + c] of the pass.
+  std::vector<double> part_dot(pass_rows * chunks_per_row), part_sq(pass_rows * chunks_per_row);
+  // ~32k elements per task amortises the scheduling cost when samples are small.
+  const int64_t grain = std::max<int64_t>(1, kCpuChunk / std::max<int64_t>(1, numel_per_row / chunks_per_row));
+  for (int64_t r0 = 0; r0 < n; r0 += pass_rows) {
+    const int64_t rows = std::min(pass_rows, n - r0);
+    at::parallel_for(0, rows * chunks_per_row, grain, [&](int64_t lo, int64_t hi) {
       size_t jk = 0;  // items are visited in increasing order, so the job index only advances
       for (int64_t item = lo; item < hi; ++item) {
-        while (jk + 1 < jobs.size() && item >= jobs[jk + 1].first_item) ++jk;
+        while (jk + 1 < jobs.size() && item >= rows * jobs[jk + 1].first_chunk) ++jk;
         const Job& job = jobs[jk];
-        const int64_t local = item - job.first_item;
+        const int64_t local = item - rows * job.first_chunk;
         const int64_t i = local / job.n_chunks, c = local % job.n_chunks;
+        const int64_t slot = i * chunks_per_row + job.first_chunk + c;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, job.dtype, "per_sample_grad_stats_cpu", [&] {
-          run_item<scalar_t>(job, i, c, &part_dot[item], &part_sq[item]);
+          run_item<scalar_t>(job, r0 + i, c, &part_dot[slot], &part_sq[slot]);
         });
       }
     });
-  }
-
-  at::Tensor dot = at::empty({n}, grads[0].options().dtype(at::kDouble));
-  at::Tensor sq = at::empty({n}, grads[0].options().dtype(at::kDouble));
-  double* dp = dot.data_ptr<double>();
-  double* sp = sq.data_ptr<double>();
-  at::parallel_for(0, n, 1024, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      double d = 0, s = 0;
-      for (const Job& job : jobs) {
-        const int64_t base = job.first_item + i * job.n_chunks;
-        for (int64_t c = 0; c < job.n_chunks; ++c) {
-          d += part_dot[base + c];
-          s += part_sq[base + c];
+    at::parallel_for(0, rows, 1024, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        double d = 0, s = 0;
+        for (int64_t c = 0; c < chunks_per_row; ++c) {  // fixed order: thread-count independent
+          d += part_dot[i * chunks_per_row + c];
+          s += part_sq[i * chunks_per_row + c];
         }
+        dp[r0 + i] = d;
+        sp[r0 + i] = s;
       }
-      dp[i] = d;
-      sp[i] = s;
-    }
-  });
+    });
+  }
   return {dot.to(out_type), sq.to(out_type)};
 }
 

@@ -35,6 +35,9 @@ void ghost_row_reduce_cuda(const at::Tensor& P, const at::Tensor& Q, const at::T
 std::tuple<at::Tensor, at::Tensor> linear_ghost_stats_cuda(const at::Tensor& inputs, const at::Tensor& output_grads,
                                                            const at::Tensor& target_weight,
                                                            const std::optional<at::Tensor>& target_bias) {
+  // Validate first: the dispatcher picks this kernel when ANY argument is on a GPU, and a guard
+  // built from a CPU `inputs` would fail with an internal error instead of the ValueError.
+  check_linear_ghost_inputs(inputs, output_grads, target_weight, target_bias);
   const c10::cuda::CUDAGuard guard(inputs.device());
   return linear_ghost_stats_impl(inputs, output_grads, target_weight, target_bias, &ghost_row_reduce_cuda);
 }

@@ -14,11 +14,11 @@ namespace dvgs_fast {
 namespace {
 
 template <typename T, typename Acc>
-void launch_one(const at::Tensor& storage, const RowLayout& L, const at::Tensor& tgt, at::Tensor& pdot,
-                at::Tensor& psq, int64_t n_cols, int64_t col_offset, cudaStream_t stream) {
+void launch_one(const at::Tensor& storage, const RowLayout& L, const at::Tensor& tgt, int64_t row_begin,
+                int64_t row_count, at::Tensor& pdot, at::Tensor& psq, int64_t col_offset, cudaStream_t stream) {
   const cudaError_t err = cuda::launch_grad_stats_partials<T, Acc>(
-      reinterpret_cast<const T*>(storage.const_data_ptr()), L, tgt.const_data_ptr<Acc>(), kCudaChunk,
-      pdot.mutable_data_ptr<double>(), psq.mutable_data_ptr<double>(), n_cols, col_offset, stream);
+      reinterpret_cast<const T*>(storage.const_data_ptr()), L, tgt.const_data_ptr<Acc>(), kCudaChunk, row_begin,
+      row_count, pdot.mutable_data_ptr<double>(), psq.mutable_data_ptr<double>(), pdot.size(1), col_offset, stream);
   TORCH_CHECK(err == cudaSuccess, "per_sample_grad_stats: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
@@ -40,26 +40,35 @@ std::tuple<at::Tensor, at::Tensor> per_sample_grad_stats_cuda(at::TensorList gra
     targets.push_back(target[k].to(acc_type_of(storage.scalar_type())).contiguous());
     n_cols += (layouts.back().numel + kCudaChunk - 1) / kCudaChunk;
   }
+  n_cols = std::max<int64_t>(n_cols, 1);  // all-empty gradients: one zero column
   auto dopts = grads[0].options().dtype(at::kDouble);
-  at::Tensor pdot = at::zeros({n, std::max<int64_t>(n_cols, 1)}, dopts);
-  at::Tensor psq = at::zeros_like(pdot);
-  int64_t col = 0;
-  for (size_t k = 0; k < grads.size(); ++k) {
-    const RowLayout& L = layouts[k];
-    switch (storages[k].scalar_type()) {
-      case at::kFloat: launch_one<float, float>(storages[k], L, targets[k], pdot, psq, pdot.size(1), col, stream); break;
-      case at::kDouble: launch_one<double, double>(storages[k], L, targets[k], pdot, psq, pdot.size(1), col, stream); break;
-      case at::kHalf: launch_one<__half, float>(storages[k], L, targets[k], pdot, psq, pdot.size(1), col, stream); break;
-      case at::kBFloat16: launch_one<__nv_bfloat16, float>(storages[k], L, targets[k], pdot, psq, pdot.size(1), col, stream); break;
-      default: TORCH_CHECK_VALUE(false, "per_sample_grad_stats: unsupported dtype ", storages[k].scalar_type());
-    }
-    col += (L.numel + kCudaChunk - 1) / kCudaChunk;
-  }
   at::Tensor dot = at::empty({n}, dopts), sq = at::empty({n}, dopts);
-  const cudaError_t err = cuda::launch_reduce_partials(pdot.const_data_ptr<double>(), psq.const_data_ptr<double>(), n,
-                                                       pdot.size(1), dot.mutable_data_ptr<double>(),
-                                                       sq.mutable_data_ptr<double>(), stream);
-  TORCH_CHECK(err == cudaSuccess, "per_sample_grad_stats: CUDA launch failed: ", cudaGetErrorString(err));
+  // Samples go in passes whose partials fit a fixed budget; one buffer pair serves every pass
+  // (passes are ordered on the stream). Zeroed once: columns are rewritten by every pass.
+  const int64_t pass_rows = std::min(n, cuda::grad_stats_rows_per_pass(n_cols, cuda::kGradStatsPartialBudget));
+  at::Tensor pdot = at::zeros({std::max<int64_t>(pass_rows, 1), n_cols}, dopts);
+  at::Tensor psq = at::zeros_like(pdot);
+  for (int64_t r0 = 0; r0 < n; r0 += pass_rows) {
+    const int64_t rows = std::min(pass_rows, n - r0);
+    int64_t col = 0;
+    for (size_t k = 0; k < grads.size(); ++k) {
+      const RowLayout& L = layouts[k];
+      switch (storages[k].scalar_type()) {
+        case at::kFloat: launch_one<float, float>(storages[k], L, targets[k], r0, rows, pdot, psq, col, stream); break;
+        case at::kDouble: launch_one<double, double>(storages[k], L, targets[k], r0, rows, pdot, psq, col, stream); break;
+        case at::kHalf: launch_one<__half, float>(storages[k], L, targets[k], r0, rows, pdot, psq, col, stream); break;
+        case at::kBFloat16:
+          launch_one<__nv_bfloat16, float>(storages[k], L, targets[k], r0, rows, pdot, psq, col, stream);
+          break;
+        default: TORCH_CHECK_VALUE(false, "per_sample_grad_stats: unsupported dtype ", storages[k].scalar_type());
+      }
+      col += (L.numel + kCudaChunk - 1) / kCudaChunk;
+    }
+    const cudaError_t err = cuda::launch_reduce_partials(pdot.const_data_ptr<double>(), psq.const_data_ptr<double>(),
+                                                         rows, n_cols, dot.mutable_data_ptr<double>() + r0,
+                                                         sq.mutable_data_ptr<double>() + r0, stream);
+    TORCH_CHECK(err == cudaSuccess, "per_sample_grad_stats: CUDA launch failed: ", cudaGetErrorString(err));
+  }
   return {dot.to(out_type), sq.to(out_type)};
 }
 

@@ -1,6 +1,12 @@
 // Device code of linear_ghost_stats' row pass. No torch headers: `nvcc -c` checks it anywhere.
 #include "cuda/kernels/linear_ghost_stats_kernel.cuh"
 
+// Launches go through a macro so that the host emulation (python_tests/_stats_cuda_emu.cpp, one
+// std::thread per CUDA thread) can replace them.
+#ifndef DVGS_CUDA_LAUNCH
+#define DVGS_CUDA_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace dvgs_fast {
 namespace cuda {
 namespace {
@@ -51,8 +57,8 @@ cudaError_t launch_ghost_row_reduce(const T* P, const T* Q, int64_t w, const T* 
   if (rows == 0) return cudaSuccess;
   const int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  ghost_row_reduce_kernel<T><<<static_cast<unsigned>(blocks), kWarpsPerBlock * 32, 0, stream>>>(
-      P, Q, w, A, d_in, D, d_out, gb, rows, pq, a2, d2);
+  DVGS_CUDA_LAUNCH(ghost_row_reduce_kernel<T>, static_cast<unsigned>(blocks), kWarpsPerBlock * 32, stream, P, Q,
+                   w, A, d_in, D, d_out, gb, rows, pq, a2, d2);
   return cudaGetLastError();
 }
 

@@ -6,6 +6,12 @@
 
 #include "cuda/kernels/per_sample_grad_stats_kernel.cuh"
 
+// Launches go through a macro so that the host emulation (python_tests/_stats_cuda_emu.cpp, one
+// std::thread per CUDA thread) can replace them.
+#ifndef DVGS_CUDA_LAUNCH
+#define DVGS_CUDA_LAUNCH(kernel, grid, block, stream, ...) kernel<<<grid, block, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace dvgs_fast {
 namespace cuda {
 namespace {
@@ -50,13 +56,13 @@ __device__ __forceinline__ void block_sum2(Acc& a, Acc& b) {
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kThreads)
 grad_stats_partials_kernel(const T* __restrict__ data, RowLayout L, const Acc* __restrict__ target,
-                           int64_t chunk, int64_t n_chunks, double* __restrict__ pdot,
+                           int64_t chunk, int64_t n_chunks, int64_t row_begin, double* __restrict__ pdot,
                            double* __restrict__ psq, int64_t n_cols, int64_t col_offset, bool vec4) {
   const int64_t item = blockIdx.x;
-  const int64_t i = item / n_chunks, c = item - i * n_chunks;
+  const int64_t i = item / n_chunks, c = item - i * n_chunks;  // i: row within this pass
   const int64_t begin = c * chunk;
   const int64_t end = begin + chunk < L.numel ? begin + chunk : L.numel;
-  const T* row = data + i * L.row_stride;
+  const T* row = data + (row_begin + i) * L.row_stride;
   Acc d = 0, s = 0;
   bool done = false;
   if constexpr (std::is_same_v<T, float>) {
@@ -120,16 +126,20 @@ __global__ void reduce_partials_kernel(const double* __restrict__ pdot, const do
 
 template <typename T, typename Acc>
 cudaError_t launch_grad_stats_partials(const T* data, const RowLayout& layout, const Acc* target,
-                                       int64_t chunk, double* partial_dot, double* partial_sq,
-                                       int64_t n_cols, int64_t col_offset, cudaStream_t stream) {
-  if (layout.n_rows == 0 || layout.numel == 0) return cudaSuccess;
+                                       int64_t chunk, int64_t row_begin, int64_t row_count,
+                                       double* partial_dot, double* partial_sq, int64_t n_cols,
+                                       int64_t col_offset, cudaStream_t stream) {
+  if (row_count <= 0 || layout.numel == 0) return cudaSuccess;
+  if (row_begin < 0 || row_begin + row_count > layout.n_rows) return cudaErrorInvalidValue;
   const int64_t n_chunks = (layout.numel + chunk - 1) / chunk;
-  const int64_t n_items = layout.n_rows * n_chunks;
+  const int64_t n_items = row_count * n_chunks;
   if (n_items > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  // 16-byte loads need every row start of the pass 16-byte aligned: an aligned base and a row
+  // stride (and chunk) that are multiples of 4 floats.
   const bool vec4 = sizeof(T) == 4 && chunk % 4 == 0 && layout.row_stride % 4 == 0 &&
                     reinterpret_cast<uintptr_t>(data) % 16 == 0 && reinterpret_cast<uintptr_t>(target) % 16 == 0;
-  grad_stats_partials_kernel<T, Acc><<<static_cast<unsigned>(n_items), kThreads, 0, stream>>>(
-      data, layout, target, chunk, n_chunks, partial_dot, partial_sq, n_cols, col_offset, vec4);
+  DVGS_CUDA_LAUNCH((grad_stats_partials_kernel<T, Acc>), static_cast<unsigned>(n_items), kThreads, stream, data,
+                   layout, target, chunk, n_chunks, row_begin, partial_dot, partial_sq, n_cols, col_offset, vec4);
   return cudaGetLastError();
 }
 
@@ -138,14 +148,16 @@ cudaError_t launch_reduce_partials(const double* partial_dot, const double* part
   if (n_rows == 0) return cudaSuccess;
   constexpr int kWarps = 8;
   const int64_t blocks = (n_rows + kWarps - 1) / kWarps;
-  reduce_partials_kernel<<<static_cast<unsigned>(blocks), kWarps * 32, 0, stream>>>(
-      partial_dot, partial_sq, n_rows, n_cols, out_dot, out_sq);
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  DVGS_CUDA_LAUNCH(reduce_partials_kernel, static_cast<unsigned>(blocks), kWarps * 32, stream, partial_dot,
+                   partial_sq, n_rows, n_cols, out_dot, out_sq);
   return cudaGetLastError();
 }
 
-#define DVGS_INSTANTIATE(T, Acc)                                                                        \
-  template cudaError_t launch_grad_stats_partials<T, Acc>(const T*, const RowLayout&, const Acc*, int64_t, \
-                                                          double*, double*, int64_t, int64_t, cudaStream_t);
+#define DVGS_INSTANTIATE(T, Acc)                                                                           \
+  template cudaError_t launch_grad_stats_partials<T, Acc>(const T*, const RowLayout&, const Acc*, int64_t,    \
+                                                          int64_t, int64_t, double*, double*, int64_t, int64_t, \
+                                                          cudaStream_t);
 DVGS_INSTANTIATE(float, float)
 DVGS_INSTANTIATE(double, double)
 DVGS_INSTANTIATE(__half, float)

@@ -147,9 +147,11 @@ __global__ void __launch_bounds__(kThreads) softmin_kernel(SoftminArgs<T> a) {
     const T pv = a.prev[row];
     a.out[row] = T(0.5) * (pv + nv);
     if (a.residual != nullptr) {
-      double r = static_cast<double>(nv) - static_cast<double>(pv);
-      r = r < 0 ? -r : r;
-      atomicMax(a.residual, static_cast<unsigned long long>(__double_as_longlong(r)));
+      // The integer atomicMax orders doubles correctly only for +0.0 .. +inf: fabs turns a -0.0
+      // (sign bit set: the largest key of all) into +0.0, and a NaN row is skipped, as the CPU's
+      // std::max skips it -- either would otherwise win and end the iterations at once.
+      const double r = fabs(static_cast<double>(nv) - static_cast<double>(pv));
+      if (r == r) atomicMax(a.residual, static_cast<unsigned long long>(__double_as_longlong(r)));
     }
   } else {
     a.out[row] = nv;

@@ -26,8 +26,9 @@ struct SoftminArgs {
   T* out = nullptr;         // [n_rows]
   double eps = 1.0;
   int p = 2;
-  // null, or a device word holding max_i |new_i - prev_i| as the bits of a nonnegative double
-  // (bit order = numeric order for those, so an integer atomicMax works).
+  // null, or a device word holding max_i |new_i - prev_i| (rows giving NaN skipped, as on the CPU)
+  // as the bits of a nonnegative double (bit order = numeric order for those, so an integer
+  // atomicMax works).
   unsigned long long* residual = nullptr;
   double* lse = nullptr;    // null, or [n_rows]: the raw log-sum-exp of each row
 };
