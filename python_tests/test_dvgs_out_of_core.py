@@ -223,3 +223,23 @@ def test_slice_of_a_source_values_that_range():
     make, _ = _factory(xs, ys)
     part = DVGS(_mlp(), **kw).fit(as_source(make).slice(16, 48), None, xt, yt)
     np.testing.assert_array_equal(part.values, mem.values)
+
+
+def test_source_identity_is_hashed_in_blocks():
+    """The fingerprint hashes an in-memory source block by block (no whole copy): the digest is
+    that of the plain bytes, whatever the block size or memory layout, and it sees one changed
+    value."""
+    import hashlib
+    from dvgs_fast.methods.dvgs._digest import update_with_tensor
+    x = torch.randn(301, 7, generator=torch.Generator().manual_seed(0))
+
+    def digest(t, block):
+        h = hashlib.blake2b(digest_size=16)
+        update_with_tensor(h, t, block_bytes=block)
+        return h.hexdigest()
+    plain = hashlib.blake2b(repr(((301, 7), "torch.float32")).encode() + x.numpy().tobytes(), digest_size=16)
+    assert digest(x, 1 << 24) == digest(x, 64) == digest(x.t().contiguous().t(), 100) == plain.hexdigest()
+    y = x.clone()
+    y[300, 6] = torch.nextafter(y[300, 6], torch.tensor(1e9))
+    assert digest(y, 64) != digest(x, 64)
+    assert TensorSource(x).identity() != TensorSource(y).identity()

@@ -156,7 +156,7 @@ def test_kill9_at_seeded_moments_then_resume_bit_for_bit(tmp_path, uninterrupted
     a moment drawn with a fixed seed; the last resume (in this process) equals the
     uninterrupted run bit for bit."""
     rng = np.random.default_rng(20240613)
-    kinds = ["add", "write-mid", "step", "write-after"]
+    kinds = ["add", "step", "write-after", "write-mid"]   # write-mid last: its temporary file is left
     rcs = []
     for kind in kinds:
         # within the first fifth of a run, so the chain never completes the run by itself
@@ -165,7 +165,9 @@ def test_kill9_at_seeded_moments_then_resume_bit_for_bit(tmp_path, uninterrupted
     assert rcs == [-signal.SIGKILL] * len(kinds)
     state = read_state(CheckpointFiles(tmp_path))
     assert state is not None and 0 < state["k"] < uninterrupted.info["snapshots"]
+    assert list(tmp_path.glob(".dvgs_checkpoint.pt.*.tmp"))       # left by the kill before a rename
     _assert_same(run_case(tmp_path), uninterrupted)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))   # cleaned up
 
 
 def test_kill9_after_seeded_delays_then_resume_bit_for_bit(tmp_path, uninterrupted):

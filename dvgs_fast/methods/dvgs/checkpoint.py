@@ -86,6 +86,15 @@ class CheckpointFiles:
     def error(self, what: str) -> CheckpointError:
         return checkpoint_error(self.directory, what)
 
+    def remove_temporaries(self) -> None:
+        """Temporary state files of a process killed mid-write (atomic_write_bytes names them
+        `.<name>.<random>.tmp`); only call while holding the lock, when nobody else writes."""
+        for tmp in self.directory.glob(f".{self.state.name}.*.tmp"):
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+
 
 # ============================================================================== the lock
 class DirLock:

@@ -273,7 +273,8 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
     counts = np.full(spec.n_source, k, dtype=np.int64)
     values, stderr = stats_from_sums(sums[0], sums[1], counts)
     store.flush()
-    info = {"steps": step, "snapshots": k, "snapshots_planned": n_total}
+    # the thread count decides the rounding of some CPU reductions (see the README, reproducibility)
+    info = {"steps": step, "snapshots": k, "snapshots_planned": n_total, "torch_threads": torch.get_num_threads()}
     if ctx.enabled:
         info.update({"world_size": ctx.world_size, "rank": ctx.rank, "shard": [lo, hi]})
     return Estimate(values=values, stderr=stderr, counts=counts, status="stopped" if stopped else "completed",
