@@ -300,7 +300,10 @@ def test_checkpoint_of_an_older_format_is_refused(tmp_path):
     ({}, {"model": case_model(eps=1e-3)}, "the model structure differs"),
     ({}, {"lr": 0.5}, r"settings differ \(lr: 0.01 -> 0.5\)"),
     ({}, {"source_batch_size": 16}, r"settings differ \(source_batch_size: 32 -> 16\)"),
-], ids=["ReLU->Tanh", "dropout p", "LayerNorm eps", "lr", "source_batch_size"])
+    ({"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="none")},
+     {"loss": lambda o, y: nn.functional.cross_entropy(o, y, reduction="none", label_smoothing=0.1)},
+     "the loss differs"),
+], ids=["ReLU->Tanh", "dropout p", "LayerNorm eps", "lr", "source_batch_size", "custom loss"])
 def test_resuming_another_run_is_refused(tmp_path, first, second, match):
     run_case(tmp_path, epochs=1, restarts=1, **first)
     with pytest.raises(ValueError, match=rf"^checkpoint_dir: {tmp_path}: holds a checkpoint of another run: {match}"):
@@ -365,6 +368,20 @@ def test_divergence_names_the_step_and_suggests_a_lower_lr():
                                          r"epoch \d+, step \d+ \(global step \d+\); lower lr \(now 1e\+08\)"):
         DVGS(case_model(p=0.0), optimizer="sgd", lr=1e8, epochs=5, target_batch_size=8, compute_every=10**6,
              progress=False, seed=0).fit(xs * 1e3, ys, xt * 1e3, yt)
+
+
+def test_deferred_divergence_check_names_the_first_bad_step():
+    """The CUDA path records the first non-finite step on the device and reads it at the next
+    synchronisation point (run here on CPU tensors: the logic is device-independent)."""
+    from dvgs_fast.methods.dvgs.loop import _DivergenceWatch, _Position
+    watch = _DivergenceWatch(torch.device("cpu"), _Position(epochs=3, steps_per_epoch=4), lr=0.1, lazy=True)
+    for step, v in enumerate([1.0, 2.0, 3.0, 4.0, 5.0, float("nan"), 7.0, float("inf")]):
+        watch.observe(torch.tensor(v), step)
+        if step == 4:
+            watch.check()                          # nothing bad yet
+    with pytest.raises(ValueError, match=r"^lr: training diverged: the target loss is nan at restart 0, epoch 1, "
+                                         r"step 1 \(global step 5\); lower lr \(now 0.1\)"):
+        watch.check()
 
 
 def test_non_finite_model_output_before_training():

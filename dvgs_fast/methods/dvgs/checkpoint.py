@@ -22,6 +22,7 @@ way out (delete the folder or use another one).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import io
@@ -345,15 +346,28 @@ def model_weights(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _code_identity(code) -> str:
+    """The compiled body of a function (bytecode, constants, names), nested code included: unlike
+    its source text, it does not change with what else stands on a lambda's line."""
+    consts = [_code_identity(c) if inspect.iscode(c) else repr(c) for c in code.co_consts]
+    return repr((code.co_code, consts, code.co_names, code.co_varnames))
+
+
 def callable_identity(fn: Any) -> str:
+    """What a custom loss computes, as far as can be told without running it."""
     if isinstance(fn, str):
         return fn
+    if isinstance(fn, nn.Module):
+        return model_structure(fn)
+    if isinstance(fn, functools.partial):
+        return "partial:" + callable_identity(fn.func) + repr([a for a in fn.args if _plain(a)]) + \
+            repr(sorted((k, v) for k, v in fn.keywords.items() if _plain(v)))
     name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-    try:
-        src = inspect.getsource(fn)
-    except (OSError, TypeError):
-        src = ""
-    return name + "\n" + src
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        defaults = [d for d in (getattr(fn, "__defaults__", None) or ()) if _plain(d)]
+        return name + _code_identity(code) + repr(defaults)
+    return name + _class_source(type(fn))        # a callable object: its class
 
 
 __all__ = ["CheckpointFiles", "CheckpointError", "DirLock", "write_state", "read_state", "open_store",

@@ -93,8 +93,8 @@ class _DivergenceWatch:
 
     _NONE = 1 << 62
 
-    def __init__(self, device: torch.device, where: _Position, lr: float):
-        self.lazy = device.type == "cuda"
+    def __init__(self, device: torch.device, where: _Position, lr: float, lazy: bool | None = None):
+        self.lazy = device.type == "cuda" if lazy is None else lazy
         self.where, self.lr = where, lr
         self.first = torch.full((), self._NONE, dtype=torch.int64, device=device) if self.lazy else None
 
