@@ -228,14 +228,15 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
         # batch by batch each snapshot; checked up front on its first rows, then as it streams.
         source = as_source(x_source, y_source)
         xs = None
+        first = source.probe(2)          # one read of the first rows serves every check below
     else:
         xs = V.as_float_tensor(x_source, "x_source")
-        source = None
+        source = first = None
     xt = V.as_float_tensor(x_target, "x_target")
-    V.check_same_features(source if xs is None else xs, xt, "x_source", "x_target")
+    V.check_same_features(first[2] if xs is None else xs, xt, "x_source", "x_target")
 
     if xs is None:
-        source_labels = y_target is not None and source.has_labels   # no y_target: autoencoder
+        source_labels = y_target is not None and first[3] is not None   # no y_target: autoencoder
         if y_target is not None and not source_labels and is_ce:
             raise ValueError("y_source: labels are required for loss='cross_entropy' (a chunked source "
                              "yields (x, y) chunks, or pass y_source as an array)")
@@ -274,7 +275,7 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
     # The model's output against each set's targets, on at most two rows of each (N = 1 works).
     m = min(2, int(xt.shape[0]))
     out_t = _forward_probe(model, xt[:m], device, "x_target", is_ce)
-    _, _, x_probe, y_probe = source.probe(2)
+    _, _, x_probe, y_probe = first if first is not None else source.probe(2)
     x_probe = x_probe.to(dtype)
     y_probe = cast_labels(y_probe, dtype) if source_labels else None
     out_s = _forward_probe(model, x_probe, device, "x_source", is_ce)
