@@ -52,7 +52,15 @@ def ceilings():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--check", action="store_true",
+                    help="no GPU needed: check that everything this script calls exists, then exit")
     args = ap.parse_args()
+    if args.check:  # run_gpu_check.sh --dry-run: a renamed op must not cost the one device call
+        for name in ("per_sample_grad_stats", "linear_ghost_stats"):
+            assert callable(getattr(ops, name, None)), f"dvgs_fast.ops.{name} is gone"
+        print("roofline.py: ops found; sinkhorn", "found" if hasattr(ops, "sinkhorn") else "absent (skipped)")
+        print("build:", dvgs_fast.build_info())
+        return
     assert torch.cuda.is_available() and dvgs_fast.build_info()["with_cuda"], "needs CUDA kernels and a GPU"
     bw, rates = ceilings()
     rows = []
