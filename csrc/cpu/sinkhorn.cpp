@@ -103,7 +103,8 @@ DVGS_INLINE void to_neg_dist(const T* S, int nc, const T* rsq, const T* csq, T* 
 // be compiled apart from the target-attributed caller, for the baseline instruction set).
 template <typename T, int B, int P>
 DVGS_INLINE void tile_pass(const Pass<T>& q, int64_t lo, int nr, int64_t pb, T* cached, int64_t t0, int64_t t1,
-                           bool both, T* m, double* s, T* col_m, T* col_s, T* buf) {
+                           bool both, typename simd::VT<T, B>::V* rm, typename simd::VT<T, B>::V* rs, T* col_m,
+                           T* col_s, T* buf) {
   const int nc = static_cast<int>((t1 - t0) * kW);
   T* S = buf;
   if (cached != nullptr) S = cached + (t0 - pb) * kW * kTR;
@@ -112,7 +113,7 @@ DVGS_INLINE void tile_pass(const Pass<T>& q, int64_t lo, int nr, int64_t pb, T* 
     to_neg_dist<T, B>(S, nc, q.rsq + lo, q.csq + t0 * kW, buf);
     S = buf;
   }
-  simd::lse_rows<T, B>(S, nc, nr, q.hc + t0 * kW, q.c, m, s);
+  simd::lse_rows<T, B>(S, nc, nr, q.hc + t0 * kW, q.c, rm, rs);
   if (both) simd::lse_cols<T, B>(S, nc, nr, q.hr + lo, q.c, col_m + t0 * kW, col_s + t0 * kW);
 }
 
@@ -120,11 +121,11 @@ template <typename T, int B, int P>
 DVGS_INLINE void chunk_pass(const Pass<T>& q, int64_t ch, T* col_m, T* col_s, T* buf) {
   const int64_t lo = ch * kTR, hi = std::min(q.n_rows, lo + kTR);
   const int nr = static_cast<int>(hi - lo);
-  T m[kTR];
-  double s[kTR];
+  using V = typename simd::VT<T, B>::V;
+  V rm[kTR], rs[kTR];
   for (int r = 0; r < kTR; ++r) {
-    m[r] = simd::Consts<T>::kInit;
-    s[r] = 0;
+    rm[r] = simd::splat<V>(simd::Consts<T>::kInit);
+    rs[r] = V{};
   }
   int64_t pb = 0, pboth = 0;  // panels [pb, pboth): row direction only (the self pass's diagonal)
   if (q.kind == Kind::kSelf) {
@@ -132,14 +133,11 @@ DVGS_INLINE void chunk_pass(const Pass<T>& q, int64_t ch, T* col_m, T* col_s, T*
     pboth = std::min(q.n_panels, (hi + kW - 1) / kW);
   }
   T* cached = q.cache != nullptr ? q.cache + q.cache_off[ch] : nullptr;
-  if (pboth > pb) tile_pass<T, B, P>(q, lo, nr, pb, cached, pb, pboth, false, m, s, col_m, col_s, buf);
+  if (pboth > pb) tile_pass<T, B, P>(q, lo, nr, pb, cached, pb, pboth, false, rm, rs, col_m, col_s, buf);
   const bool both = q.kind != Kind::kRows;
   for (int64_t t0 = std::max(pb, pboth); t0 < q.n_panels; t0 += kTP)
-    tile_pass<T, B, P>(q, lo, nr, pb, cached, t0, std::min(q.n_panels, t0 + kTP), both, m, s, col_m, col_s, buf);
-  for (int r = 0; r < nr; ++r) {
-    q.row_m[lo + r] = m[r];
-    q.row_s[lo + r] = s[r];
-  }
+    tile_pass<T, B, P>(q, lo, nr, pb, cached, t0, std::min(q.n_panels, t0 + kTP), both, rm, rs, col_m, col_s, buf);
+  simd::finish_rows<T, B>(nr, rm, rs, q.row_m + lo, q.row_s + lo);
 }
 
 template <typename T, int B, int P>
@@ -238,6 +236,8 @@ template <typename T>
 using GroupFn = void (*)(const Pass<T>&, int64_t);
 template <typename T>
 using GradFn = void (*)(const GradPass<T>&, int64_t, int64_t);
+template <typename T>
+using MergeFn = void (*)(int64_t, int64_t, int64_t, const T*, const T*, const T*, const double*, double*);
 
 template <typename T, int P>
 void group_generic(const Pass<T>& q, int64_t g) {
@@ -246,6 +246,11 @@ void group_generic(const Pass<T>& q, int64_t g) {
 template <typename T, int P>
 void grad_generic(const GradPass<T>& q, int64_t c0, int64_t c1) {
   grad_range<T, 16, P>(q, c0, c1);
+}
+template <typename T>
+void merge_generic(int64_t n, int64_t G, int64_t st, const T* cm, const T* cs, const T* om, const double* os,
+                   double* out) {
+  simd::merge_states<T, 16>(n, G, st, cm, cs, om, os, out);
 }
 #if DVGS_SINKHORN_X86
 template <typename T, int P>
@@ -256,6 +261,11 @@ template <typename T, int P>
 DVGS_TARGET_AVX2 void grad_avx2(const GradPass<T>& q, int64_t c0, int64_t c1) {
   grad_range<T, 32, P>(q, c0, c1);
 }
+template <typename T>
+DVGS_TARGET_AVX2 void merge_avx2(int64_t n, int64_t G, int64_t st, const T* cm, const T* cs, const T* om,
+                                 const double* os, double* out) {
+  simd::merge_states<T, 32>(n, G, st, cm, cs, om, os, out);
+}
 template <typename T, int P>
 DVGS_TARGET_AVX512 void group_avx512(const Pass<T>& q, int64_t g) {
   group_pass<T, 64, P>(q, g);
@@ -263,6 +273,11 @@ DVGS_TARGET_AVX512 void group_avx512(const Pass<T>& q, int64_t g) {
 template <typename T, int P>
 DVGS_TARGET_AVX512 void grad_avx512(const GradPass<T>& q, int64_t c0, int64_t c1) {
   grad_range<T, 64, P>(q, c0, c1);
+}
+template <typename T>
+DVGS_TARGET_AVX512 void merge_avx512(int64_t n, int64_t G, int64_t st, const T* cm, const T* cs, const T* om,
+                                     const double* os, double* out) {
+  simd::merge_states<T, 64>(n, G, st, cm, cs, om, os, out);
 }
 #endif
 
@@ -292,14 +307,15 @@ template <typename T>
 struct Kernels {
   GroupFn<T> group = nullptr;
   GradFn<T> grad = nullptr;
+  MergeFn<T> merge = nullptr;
 };
 
 template <typename T, int P>
 Kernels<T> pick_kernels(Isa isa) {
-  Kernels<T> k{&group_generic<T, P>, &grad_generic<T, P>};
+  Kernels<T> k{&group_generic<T, P>, &grad_generic<T, P>, &merge_generic<T>};
 #if DVGS_SINKHORN_X86
-  if (isa == Isa::kAvx2) k = {&group_avx2<T, P>, &grad_avx2<T, P>};
-  else if (isa == Isa::kAvx512) k = {&group_avx512<T, P>, &grad_avx512<T, P>};
+  if (isa == Isa::kAvx2) k = {&group_avx2<T, P>, &grad_avx2<T, P>, &merge_avx2<T>};
+  else if (isa == Isa::kAvx512) k = {&group_avx512<T, P>, &grad_avx512<T, P>, &merge_avx512<T>};
 #endif
   return k;
 }
@@ -435,19 +451,42 @@ class CpuEngine final : public SoftminEngine<T> {
     return e;
   }
 
+  // Centred copy of the cloud (rows, zero-padded to whole chunks), its squared norms (summed in
+  // double) and its panel-packed copy, in one sweep of plain loops: at LossVal's sizes a chain of
+  // tensor ops (and their temporaries' page faults) would cost more than the solve.
   void prepare(Side s, const at::Tensor& pts, const at::Tensor& center) {
     const int64_t n = pts.size(0), d = d_;
     n_[s] = n;
     n_chunks_[s] = (n + kTR - 1) / kTR;
     n_panels_[s] = (n + kW - 1) / kW;
     const int64_t n_pad = n_chunks_[s] * kTR;  // >= n_panels * 16: whole panels stay inside
-    const auto opts = pts.options();
-    rows_[s] = at::zeros({n_pad, d}, opts);
-    rows_[s].narrow(0, 0, n).copy_(pts - center);
-    rsq_[s] = at::zeros({n_pad}, opts);
-    rsq_[s].narrow(0, 0, n).copy_(rows_[s].narrow(0, 0, n).to(at::kDouble).square().sum(1));
-    // panels[pj][k][l] = point pj * 16 + l, coordinate k
-    panels_[s] = rows_[s].narrow(0, 0, n_panels_[s] * kW).view({n_panels_[s], kW, d}).transpose(1, 2).contiguous();
+    const auto opts = pts.options().dtype(c10::CppTypeToScalarType<T>::value);
+    rows_[s] = at::empty({n_pad, d}, opts);
+    rsq_[s] = at::empty({n_pad}, opts);
+    panels_[s] = at::empty({n_panels_[s], d, kW}, opts);
+    const at::Tensor src = pts.contiguous();
+    const at::Tensor cen = center.to(src.scalar_type()).contiguous();
+    const T* in = src.template data_ptr<T>();
+    const T* c = cen.template data_ptr<T>();
+    T* rows = rows_[s].template data_ptr<T>();
+    T* sq = rsq_[s].template data_ptr<T>();
+    T* pan = panels_[s].template data_ptr<T>();
+    for (int64_t i = 0; i < n; ++i) {
+      double acc = 0;
+      T* r = rows + i * d;
+      T* p = pan + (i / kW) * d * kW + i % kW;
+      for (int64_t k = 0; k < d; ++k) {
+        const T v = in[i * d + k] - c[k];
+        r[k] = v;
+        p[k * kW] = v;
+        acc += static_cast<double>(v) * static_cast<double>(v);
+      }
+      sq[i] = static_cast<T>(acc);
+    }
+    std::fill(rows + n * d, rows + n_pad * d, T(0));
+    std::fill(sq + n, sq + n_pad, T(0));
+    for (int64_t i = n; i < n_panels_[s] * kW; ++i)
+      for (int64_t k = 0; k < d; ++k) pan[(i / kW) * d * kW + k * kW + i % kW] = T(0);
   }
 
   Pass<T> pass(Kind kind, Side rows, Side cols, double eps) {
@@ -503,22 +542,10 @@ class CpuEngine final : public SoftminEngine<T> {
   }
 
   // lse_[j] (log2 units) for the n column points: the groups' column states merged in group
-  // order (and with the point's own row state for the self pass), in double.
+  // order (and with the point's own row state for the self pass).
   void merge_columns(const Pass<T>& q, int64_t n, bool with_rows) {
-    const int64_t mp = q.n_panels * kW, G = q.n_groups;
-    const T* cm = q.col_m;
-    const T* cs = q.col_s;
-    double* lse = lse_.data();
-    for (int64_t j = 0; j < n; ++j) {
-      double mx = with_rows ? static_cast<double>(row_m_[j]) : -std::numeric_limits<double>::infinity();
-      for (int64_t g = 0; g < G; ++g) mx = std::max(mx, static_cast<double>(cm[g * mp + j]));
-      double tot = with_rows ? row_s_[j] * std::exp2(static_cast<double>(row_m_[j]) - mx) : 0.0;
-      for (int64_t g = 0; g < G; ++g) {
-        const double s = static_cast<double>(cs[g * mp + j]);
-        if (s != 0) tot += s * std::exp2(static_cast<double>(cm[g * mp + j]) - mx);
-      }
-      lse[j] = mx + std::log2(tot);
-    }
+    k_.merge(n, q.n_groups, q.n_panels * kW, q.col_m, q.col_s, with_rows ? row_m_.data() : nullptr,
+             with_rows ? row_s_.data() : nullptr, lse_.data());
   }
 
   // Per-point offsets of cloud s, log2 units: log2(e) (log w_j + pot_j / eps (- |p_j|^2 / (2 eps)

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <algorithm>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DVGS_SINKHORN_X86 1
@@ -261,25 +262,72 @@ DVGS_INLINE void dot_tile(const T* x, int64_t d, const T* pan, int nc, T* S) {
 // 2^kSkip below its running maximum skips the exp2 sweep: at small eps most of a row's tiles do.
 // ------------------------------------------------------------------------------------------
 
-// Row direction: rows [0, nr) of S[.][nc], column offsets hc[0, nc). State per row: running
-// maximum m[r] (T) and sum s[r] (double, of 2^(a - m)).
+// Row direction: rows [0, nr) of S[.][nc], column offsets hc[0, nc). State per row and lane
+// (lane l sees columns l, l + L, ...): running maximum rm[r] and sum rs[r] of 2^(a - max), so a
+// tile costs no horizontal reduction; finish_rows() folds the lanes once per pass.
 template <typename T, int B>
-DVGS_INLINE void lse_rows(const T* S, int nc, int nr, const T* hc, T c, T* m, double* s) {
+DVGS_INLINE void lse_rows(const T* S, int nc, int nr, const T* hc, T c, typename VT<T, B>::V* rm,
+                          typename VT<T, B>::V* rs) {
   using V = typename VT<T, B>::V;
+  using I = typename VT<T, B>::I;
   constexpr int L = VT<T, B>::L;
   const V cv = splat<V>(c);
   for (int r = 0; r < nr; ++r) {
     const T* row = S + static_cast<int64_t>(r) * nc;
     V mx = splat<V>(Consts<T>::kInit);
     for (int j = 0; j < nc; j += L) mx = vmax(mx, vload<V>(row + j) * cv + vload<V>(hc + j));
-    const T mt = hmax<T>(mx);
-    if (mt < m[r] - Consts<T>::kSkip) continue;
-    const T nm = mt > m[r] ? mt : m[r];
-    const V nmv = splat<V>(nm);
+    const V om = rm[r];
+    if (!any_lane<I>(mx >= om - Consts<T>::kSkip)) continue;
+    const V nm = vmax(om, mx);
     V acc = V{};
-    for (int j = 0; j < nc; j += L) acc += vexp2<B>((vload<V>(row + j) * cv + vload<V>(hc + j)) - nmv);
-    s[r] = s[r] * exp2_scalar(static_cast<double>(m[r]) - static_cast<double>(nm)) + hsum(acc);
-    m[r] = nm;
+    for (int j = 0; j < nc; j += L) acc += vexp2<B>((vload<V>(row + j) * cv + vload<V>(hc + j)) - nm);
+    rs[r] = rs[r] * vexp2<B>(om - nm) + acc;
+    rm[r] = nm;
+  }
+}
+
+// One (max, sum) per row from its lanes: m[r] = max of the lane maxima, s[r] = sum of the lane
+// sums rescaled to it (in double).
+template <typename T, int B>
+DVGS_INLINE void finish_rows(int nr, const typename VT<T, B>::V* rm, const typename VT<T, B>::V* rs, T* m,
+                             double* s) {
+  using V = typename VT<T, B>::V;
+  for (int r = 0; r < nr; ++r) {
+    const T mx = hmax<T>(rm[r]);
+    m[r] = mx;
+    s[r] = hsum(rs[r] * vexp2<B>(rm[r] - splat<V>(mx)));
+  }
+}
+
+// Merge n_groups partial column states (cm, cs: [n_groups][stride], as lse_cols leaves them),
+// optionally with one more state per point (om: max, os: sum, e.g. its own row part), into
+// lse2[j] = max + log2(sum) for j < n (log2 units).
+template <typename T, int B>
+DVGS_INLINE void merge_states(int64_t n, int64_t n_groups, int64_t stride, const T* cm, const T* cs, const T* om,
+                              const double* os, double* lse2) {
+  using V = typename VT<T, B>::V;
+  constexpr int L = VT<T, B>::L;
+  for (int64_t j0 = 0; j0 < n; j0 += L) {
+    V mx = splat<V>(Consts<T>::kInit);
+    for (int64_t g = 0; g < n_groups; ++g) mx = vmax(mx, vload<V>(cm + g * stride + j0));
+    const int64_t nl = std::min<int64_t>(L, n - j0);
+    T own_m[L];
+    double own_s[L] = {};
+    if (om != nullptr) {
+      for (int64_t l = 0; l < nl; ++l) {
+        own_m[l] = om[j0 + l];
+        own_s[l] = os[j0 + l];
+        if (own_m[l] > mx[l]) mx[l] = own_m[l];
+      }
+    }
+    V tot = V{};
+    for (int64_t g = 0; g < n_groups; ++g)
+      tot += vload<V>(cs + g * stride + j0) * vexp2<B>(vload<V>(cm + g * stride + j0) - mx);
+    for (int64_t l = 0; l < nl; ++l) {
+      double t = static_cast<double>(tot[l]);
+      if (om != nullptr) t += own_s[l] * exp2_scalar(static_cast<double>(own_m[l]) - static_cast<double>(mx[l]));
+      lse2[j0 + l] = static_cast<double>(mx[l]) + std::log2(t);
+    }
   }
 }
 

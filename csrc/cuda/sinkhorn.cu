@@ -1,14 +1,11 @@
 // CUDA glue of the sinkhorn op: a SoftminEngine over the torch-free launchers in
-// cuda/kernels/sinkhorn_kernel.cu, driven by the shared loop in ops/sinkhorn.h.
-//
-// The loop's bookkeeping (schedule, buffers, averaging) is the CPU's, so both devices compute
-// the same thing; the engine only launches kernels on the current stream. Host syncs: the
-// bounding box (once per call, for the diameter) and, only when tol is given, the residual after
-// each extra iteration.
+// cuda/kernels/sinkhorn_kernel.cu. Everything else -- option checks, schedule, the loop's
+// bookkeeping, the debiased backward -- is ops/sinkhorn.h's forward / backward, shared with the
+// CPU, so both devices compute the same thing; the engine only launches kernels on the current
+// stream. Host syncs: the bounding box (once per call, only when no diameter is given) and, only
+// when tol is given, the residual after each extra iteration.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -27,7 +24,10 @@ void check_launch(cudaError_t err) {
 template <typename T>
 class CudaEngine final : public SoftminEngine<T> {
  public:
-  CudaEngine(const at::Tensor& x, const at::Tensor& y, int64_t p)
+  static constexpr bool kCentres = false;  // the kernels use |x - y| directly: no centring
+
+  // Built by ops/sinkhorn.h's forward / backward under a device guard for x's device.
+  CudaEngine(const at::Tensor& x, const at::Tensor& y, const at::Tensor& /*center*/, int64_t p)
       : pts_{x.contiguous(), y.contiguous()}, p_(p), stream_(c10::cuda::getCurrentCUDAStream()) {
     residual_ = at::zeros({1}, x.options().dtype(at::kLong));
     lse_ = at::empty({std::max(x.size(0), y.size(0))}, x.options().dtype(at::kDouble));
@@ -92,79 +92,12 @@ class CudaEngine final : public SoftminEngine<T> {
   at::Tensor residual_, lse_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_cuda(
-    const at::Tensor& x, const at::Tensor& y, const at::Tensor& a, const at::Tensor& b, double blur, int64_t p,
-    double scaling, std::optional<double> diameter, bool debias, std::optional<int64_t> max_iter,
-    std::optional<double> tol) {
-  Options o;
-  o.blur = blur;
-  o.p = p;
-  o.scaling = scaling;
-  o.diameter = diameter;
-  o.debias = debias;
-  o.max_iter = max_iter;
-  o.tol = tol;
-  check_forward_inputs(x, y, a, b, o);
-  const c10::cuda::CUDAGuard guard(x.device());
-  double diam = o.diameter.has_value() ? *o.diameter : bounding_box(x, y).first;
-  if (!(diam > 0)) diam = o.blur;
-  const std::vector<double> eps_list = epsilon_schedule(p, diam, blur, scaling);
-  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  const at::Tensor la = log_weights(ac).contiguous(), lb = log_weights(bc).contiguous();
-  ForwardResult r;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_cuda", [&] {
-    CudaEngine<scalar_t> E(x, y, p);
-    r = run_sinkhorn<scalar_t>(E, ac, bc, la, lb, eps_list, o);
-  });
-  return {r.cost, r.f, r.g, r.n_iter, r.state_x, r.state_y};
-}
-
-std::tuple<at::Tensor, at::Tensor> sinkhorn_backward_cuda(const at::Tensor& wx, const at::Tensor& wy,
-                                                          const at::Tensor& x, const at::Tensor& y,
-                                                          const at::Tensor& a, const at::Tensor& b,
-                                                          const at::Tensor& state_x, const at::Tensor& state_y,
-                                                          double eps, int64_t p, bool debias, bool need_x,
-                                                          bool need_y) {
-  check_backward_inputs(wx, wy, x, y, a, b, state_x, state_y, eps, p);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor la = log_weights(a.contiguous()).contiguous(), lb = log_weights(b.contiguous()).contiguous();
-  const at::Tensor sx = state_x.contiguous(), sy = state_y.contiguous();
-  at::Tensor gx = at::zeros_like(x, at::MemoryFormat::Contiguous), gy = at::zeros_like(y, at::MemoryFormat::Contiguous);
-  if (!need_x && !need_y) return {gx, gy};
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward_cuda", [&] {
-    using T = scalar_t;
-    CudaEngine<T> E(x, y, p);
-    const int64_t n = x.size(0), m = y.size(0);
-    if (need_x) {
-      at::Tensor G = at::empty_like(gx);
-      E.softmin_grad(kX, kY, lb.data_ptr<T>(), sy.data_ptr<T>(), eps, G.data_ptr<T>());
-      if (debias) {
-        at::Tensor G2 = at::empty_like(gx);
-        E.softmin_grad(kX, kX, la.data_ptr<T>(), sx.data_ptr<T>() + n, eps, G2.data_ptr<T>());
-        G.sub_(G2);
-      }
-      gx = G.mul_(wx.unsqueeze(1));
-    }
-    if (need_y) {
-      at::Tensor G = at::empty_like(gy);
-      E.softmin_grad(kY, kX, la.data_ptr<T>(), sx.data_ptr<T>(), eps, G.data_ptr<T>());
-      if (debias) {
-        at::Tensor G2 = at::empty_like(gy);
-        E.softmin_grad(kY, kY, lb.data_ptr<T>(), sy.data_ptr<T>() + m, eps, G2.data_ptr<T>());
-        G.sub_(G2);
-      }
-      gy = G.mul_(wy.unsqueeze(1));
-    }
-  });
-  return {gx, gy};
-}
-
 }  // namespace
 }  // namespace sinkhorn
 
 TORCH_LIBRARY_IMPL(dvgs_fast, CUDA, m) {
-  m.impl("sinkhorn", &sinkhorn::sinkhorn_cuda);
-  m.impl("sinkhorn_backward", &sinkhorn::sinkhorn_backward_cuda);
+  m.impl("sinkhorn", &sinkhorn::forward<sinkhorn::CudaEngine>);
+  m.impl("sinkhorn_backward", &sinkhorn::backward<sinkhorn::CudaEngine>);
 }
 
 }  // namespace dvgs_fast

@@ -194,6 +194,9 @@ ForwardResult run_sinkhorn(SoftminEngine<T>& E, const at::Tensor& a, const at::T
 // of the joint bounding box (then always computed; CPU), false when it takes an undefined
 // tensor (the box is then only computed for a missing diameter, saving a device sync; CUDA).
 // ------------------------------------------------------------------------------------------
+template <template <typename> class Engine>
+constexpr bool engine_centres = Engine<float>::kCentres && Engine<double>::kCentres;
+
 inline Options make_options(double blur, int64_t p, double scaling, std::optional<double> diameter, bool debias,
                             std::optional<int64_t> max_iter, std::optional<double> tol) {
   Options o;
@@ -218,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::DeviceGuard guard(x.device());
   at::Tensor center;
   double diam = o.diameter.value_or(0.0);
-  if (Engine<float>::kCentres || !o.diameter.has_value()) {
+  if (engine_centres<Engine> || !o.diameter.has_value()) {
     auto box = bounding_box(x, y);
     center = box.second;
     if (!o.diameter.has_value()) diam = box.first;
@@ -248,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& wx, const at::Tens
   const at::Tensor la = log_weights(a.contiguous()).contiguous(), lb = log_weights(b.contiguous()).contiguous();
   const at::Tensor sx = state_x.contiguous(), sy = state_y.contiguous();
   at::Tensor center;
-  if (Engine<float>::kCentres) center = bounding_box(x, y).second;
+  if (engine_centres<Engine>) center = bounding_box(x, y).second;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sinkhorn_backward", [&] {
     using T = scalar_t;
     Engine<T> E(x, y, center, p);
