@@ -49,11 +49,13 @@ def _check(model, x, y, names=None, seed=0, rtol=1e-9):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dot, sq = scorer.stats(x, y, G)
+        dot_only, _ = scorer.stats(x, y, G, need_sq=False)      # the dot-only path (TracIn, In-Run)
     rd, rs = _brute(model, names, x, y, G)
     scale_d, scale_s = float(rd.abs().max()), float(rs.abs().max())
     assert scale_d > 0 and scale_s > 0                      # not trivially equal
     np.testing.assert_allclose(dot.double().numpy(), rd.numpy(), rtol=rtol, atol=rtol * scale_d)
     np.testing.assert_allclose(sq.double().numpy(), rs.numpy(), rtol=rtol, atol=rtol * scale_s)
+    np.testing.assert_allclose(dot_only.double().numpy(), rd.numpy(), rtol=rtol, atol=rtol * scale_d)
     slow = [w for w in caught if issubclass(w.category, SlowRouteWarning)]
     return scorer.describe(), slow
 

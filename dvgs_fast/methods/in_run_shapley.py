@@ -45,7 +45,6 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -128,9 +127,10 @@ class InRunShapley(Valuation):
                   if self.backend == "fast" else None)
         batch_loss = lambda out, y: prep.sample_loss(out, y).mean()     # noqa: E731
 
-        s1 = np.zeros(n)
-        s2 = np.zeros(n)
-        counts = np.zeros(n, dtype=np.int64)
+        # Per-sample sums on the device, float64 (one index_add per step, no host sync).
+        s1 = torch.zeros(n, dtype=torch.float64, device=dev)
+        s2 = torch.zeros(n, dtype=torch.float64, device=dev)
+        counts = torch.zeros(n, dtype=torch.int64, device=dev)
         timings = {"setup": time.perf_counter() - t_start, "target": 0.0, "train": 0.0, "values": 0.0}
         loss_start = self._target_loss(model, batch_loss, xt, yt)
         steps, stopped = 0, None
@@ -157,11 +157,10 @@ class InRunShapley(Valuation):
                     # ---- the training step, recording what the per-sample statistics need
                     contrib = self._step(model, scorer, names, params, trainable, selected, opt, G,
                                          xs[idx], ys[idx], prep.sample_loss, batch_loss, timings)
-                    c = contrib.detach().cpu().numpy().astype(np.float64)
-                    ii = idx.cpu().numpy()
-                    s1[ii] += c
-                    s2[ii] += c * c
-                    counts[ii] += 1
+                    c = contrib.detach().to(torch.float64)
+                    s1.index_add_(0, idx, c)
+                    s2.index_add_(0, idx, c * c)
+                    counts.index_add_(0, idx, torch.ones_like(idx))
                     steps += 1
                     stopped = run.budget.exhausted()
                     if stopped:
@@ -172,7 +171,8 @@ class InRunShapley(Valuation):
         finally:
             bar.close()
         loss_end = self._target_loss(model, batch_loss, xt, yt)
-        values, stderr = T.finish_sums(s1, s2, counts)
+        counts = counts.cpu().numpy()
+        values, stderr = T.finish_sums(s1.cpu().numpy(), s2.cpu().numpy(), counts)
         info = {"n_source": n, "n_target": m, "steps": steps, "steps_planned": self.epochs * steps_per_epoch,
                 "epochs_done": steps // steps_per_epoch, "target_loss_start": loss_start,
                 "target_loss_end": loss_end, "order": self.order}
@@ -227,7 +227,7 @@ class InRunShapley(Valuation):
             v = {nm: P[nm] * g for nm, g in zip(names, Gd)}
 
         if scorer is not None:
-            dot, _, leftover = scorer.stats_from_record(rec, deltas, b, v, xb.dtype, xb.device)
+            dot, _, leftover = scorer.stats_from_record(rec, deltas, b, v, xb.dtype, xb.device, need_sq=False)
             del rec, deltas, outs, out
             if leftover:                             # parameters without a per-layer route
                 with torch.random.fork_rng(devices=[xb.device] if xb.device.type == "cuda" else []):

@@ -40,7 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dvgs_fast import ops
 from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
-from dvgs_fast.methods.dvgs.ghost_layers import describe_conv, ghost_kind, ghost_module_stats
+from dvgs_fast.methods.dvgs.ghost_layers import MATERIALISE, describe_conv, ghost_dot, ghost_kind, ghost_module_stats
 from dvgs_fast.methods.dvgs.reference import SampleLoss, per_sample_grads
 
 
@@ -116,7 +116,7 @@ class FastScorer:
         return G, tsq
 
     def score(self, x: torch.Tensor, y: torch.Tensor, target) -> torch.Tensor:
-        dot, sq = self.stats(x, y, target[0])
+        dot, sq = self.stats(x, y, target[0], need_sq=self.similarity != "dot")
         return ops.similarity(dot, sq, target[1], self.similarity, self.eps)
 
     def recorder(self) -> ForwardRecorder:
@@ -136,7 +136,8 @@ class FastScorer:
         return [f"{n} ({type(m).__name__})" for n, m in self.model.named_modules()
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)]
 
-    def stats(self, x: torch.Tensor, y: torch.Tensor, G: dict[str, torch.Tensor]):
+    def stats(self, x: torch.Tensor, y: torch.Tensor, G: dict[str, torch.Tensor], need_sq: bool = True):
+        """Per-sample (dot, sqnorm) against G; need_sq=False skips the norms (sq is then 0)."""
         n = x.shape[0]
         coupled = self.coupling_layers()
         if coupled:
@@ -156,7 +157,7 @@ class FastScorer:
         outputs = self.grad_outputs(rec)
         deltas = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ()
         del out, loss, outputs
-        dot, sq, leftover = self.stats_from_record(rec, deltas, n, G, x.dtype, x.device)
+        dot, sq, leftover = self.stats_from_record(rec, deltas, n, G, x.dtype, x.device, need_sq)
         del rec, deltas
         if leftover:
             g = per_sample_grads(self.model, leftover, x, y, self.sample_loss)
@@ -166,10 +167,11 @@ class FastScorer:
         return dot, sq
 
     def stats_from_record(self, rec: ForwardRecorder, deltas, n: int, G: dict[str, torch.Tensor],
-                          dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                          dtype: torch.dtype, device, need_sq: bool = True
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(dot, sq, leftover): the routed layers' statistics from a recorded forward and the
         gradients at `grad_outputs(rec)` (in that order); `leftover` lists the parameters that
-        must still take the whole-model reference route."""
+        must still take the whole-model reference route. need_sq=False: dots only (sq partial)."""
         it = iter(deltas)
         delta_of = {m: [next(it) for _ in rec.calls[m]] for m in self._usable(rec)}
         # float64 when the model is (token-id inputs are integers: look at G as well)
@@ -190,15 +192,18 @@ class FastScorer:
         for m, w_name, b_name in self.linear:
             calls = rec.calls[m] if m in delta_of else None
             add(self._linear_stats(m, calls, delta_of.get(m), n, G.get(w_name) if w_name else None,
-                                   G.get(b_name) if b_name else None), (w_name, b_name))
+                                   G.get(b_name) if b_name else None, need_sq), (w_name, b_name))
         for m, kind, w_name, b_name in self.ghost:
             if m not in delta_of:
                 add(None, (w_name, b_name))
                 continue
             res = ghost_module_stats(kind, m, rec.calls[m], delta_of[m], n,
-                                     G.get(w_name) if w_name else None, G.get(b_name) if b_name else None)
+                                     G.get(w_name) if w_name else None, G.get(b_name) if b_name else None, need_sq)
             if kind.startswith("conv") and w_name:
                 self._ghost_form[self._module_name[id(m)]] = describe_conv(m, rec.calls[m])
+            if res is MATERIALISE:            # the norm from materialised per-sample gradients
+                full = [(local, nm) for local, nm in (("weight", w_name), ("bias", b_name)) if nm]
+                res = self._module_stats(m, full, rec.calls[m], delta_of[m], n, G)
             add(res, (w_name, b_name))
         for m, full in self.generic:
             add(self._module_stats(m, full, rec.calls[m] if m in delta_of else None, delta_of.get(m), n, G),
@@ -227,7 +232,7 @@ class FastScorer:
 
     # ------------------------------------------------------------------------------------------
     @staticmethod
-    def _linear_stats(m, calls, deltas, n, G_w, G_b):
+    def _linear_stats(m, calls, deltas, n, G_w, G_b, need_sq=True):
         """(dot, sq) of one Linear; False if it contributes nothing; None -> use the fallback."""
         if not calls:
             return None                                   # not called (weight used some other way?)
@@ -249,6 +254,9 @@ class FastScorer:
             # which is exactly the sequence form [N, T, d] with the calls concatenated along T.
             a = torch.cat([t.reshape(n, -1, t.shape[-1]) for t in ins], dim=1)
             d = torch.cat([t.reshape(n, -1, t.shape[-1]) for t in ds], dim=1)
+        if not need_sq:
+            dot = ghost_dot(a, d, G_w, G_b)
+            return dot, torch.zeros_like(dot)
         if G_w is not None:
             return ops.linear_ghost_stats(a, d, G_w, G_b)
         s = d if d.dim() == 2 else d.sum(1)             # bias only: its gradient is sum_t d_t

@@ -4,11 +4,15 @@ Each route turns what one batched forward/backward records for a layer (its inpu
 gradient δ at its output) into the layer's per-sample (dot, sqnorm) against a target gradient,
 without a per-sample vmap:
 
-* Conv1d / Conv2d: the weight gradient of sample i is Σ_t δ_t a_tᵀ over the output positions t,
-  with a_t the unfolded input patch (C_in/groups · prod(kernel) values). That is exactly the
-  sequence form of ``ops.linear_ghost_stats`` ([N, T, d_in], [N, T, d_out]), which already picks
-  the cheaper of the Gram (T²) and materialised (d_in · d_out) forms for the norm. Grouped
-  convolutions materialise the (small) per-group gradients with one einsum instead.
+* Conv1d / Conv2d: the weight gradient of sample i is Σ_t δ_t a_tᵀ over the output positions t
+  (a_t: the unfolded input patch), the sequence form of ``ops.linear_ghost_stats``. The dot needs
+  no unfolding at all: the layer is linear in its weight, so ⟨g_i, G⟩ = ⟨conv(x_i; G), δ_i⟩, one
+  ordinary batched convolution with G as the kernel. The norm takes the cheaper form by the
+  op's rule: the Gram form Σ (a_t·a_s)(δ_t·δ_s) (T² per sample) for layers with few output
+  positions and many weights; otherwise materialised per-sample gradients, which torch.func's
+  conv batching rule (a grouped convolution) computes faster than an unfold + bmm composition
+  (measured: bench/bench_ghost_methods.py), so those layers keep the per-layer route for the
+  norm ("conv2d_ghost (materialised)" in result.info) and use the ghost dot when no norm is needed.
 * Embedding: sample i's weight gradient scatters its δ rows to the rows of its token ids. The
   dot is Σ_t ⟨δ_t, G[id_t]⟩ (gathered rows); the norm sums δ rows of repeated ids first (one
   index_add over (sample, id) keys), so it never forms a [vocab, dim] tensor per sample.
@@ -61,51 +65,98 @@ def ghost_kind(m: nn.Module) -> str | None:
     return None
 
 
+def ghost_dot(a: torch.Tensor, d: torch.Tensor, G_w: torch.Tensor | None, G_b: torch.Tensor | None) -> torch.Tensor:
+    """dot_i = Σ_t d_tᵀ G a_t (+ Σ_t d_t · g_b) alone, for callers that need no norm (TracIn,
+    In-Run Shapley, similarity "dot"): the norm is the expensive half of a sequence layer
+    (Gram T² or materialised d_in · d_out per sample); the dot is one GEMM with the narrower side."""
+    n = a.shape[0]
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    A = a.reshape(-1, a.shape[-1]).to(acc)
+    D = d.reshape(-1, d.shape[-1]).to(acc)
+    r = torch.zeros(A.shape[0], dtype=acc, device=A.device)
+    if G_w is not None:
+        W = G_w.to(acc)
+        r = (A @ W.t()).mul_(D).sum(1) if W.shape[0] <= W.shape[1] else (D @ W).mul_(A).sum(1)
+    if G_b is not None:
+        r = r + D @ G_b.to(acc)
+    return r.view(n, -1).sum(1)
+
+
 # ------------------------------------------------------------------------------------- conv
-def conv_rows(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, d: torch.Tensor, n: int):
-    """(a [N, T, C_in/g · K], δ [N, T, C_out]) of one conv call, or None if not per-sample."""
+def _conv_input(m, x: torch.Tensor, n: int):
+    """The conv's input padded as its forward pads it (so the rest runs with padding 0), as a
+    2-D image batch (Conv1d: height 1), with the 2-D kernel/dilation/stride; None if unbatched."""
     nd = 1 if isinstance(m, nn.Conv1d) else 2
-    if x.dim() != nd + 2 or x.shape[0] != n or d.shape[0] != n:
+    if x.dim() != nd + 2 or x.shape[0] != n:
         return None                              # unbatched input: dim 0 is channels, not samples
     pad = list(getattr(m, "_reversed_padding_repeated_twice", []))
     if not pad:
         return None
     if any(pad):
         x = F.pad(x, pad, mode="constant" if m.padding_mode == "zeros" else m.padding_mode)
-    if nd == 1:                                  # treat as a 2-D conv over a height-1 image
-        x = x.unsqueeze(2)
-        k, dil, st = (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
-    else:
-        k, dil, st = m.kernel_size, m.dilation, m.stride
-    a = F.unfold(x, k, dilation=dil, padding=0, stride=st)          # [N, C_in·K, T]
-    t = a.shape[-1]
-    dd = d.reshape(n, d.shape[1], -1)                                # [N, C_out, T]
-    if dd.shape[-1] != t:
+    if nd == 1:
+        return x.unsqueeze(2), (1, m.kernel_size[0]), (1, m.dilation[0]), (1, m.stride[0])
+    return x, tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
+
+
+def conv_rows(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, d: torch.Tensor, n: int):
+    """(padded 2-D input, kernel, dilation, stride, δ [N, C_out, T]) of one call, or None."""
+    if d.shape[0] != n:
         return None
-    return a.transpose(1, 2), dd.transpose(1, 2)
+    p = _conv_input(m, x, n)
+    if p is None:
+        return None
+    return (*p, d.reshape(n, d.shape[1], -1))
 
 
-def conv_stats(m, pieces, G_w, G_b):
-    """(dot, sq) for a conv from its calls' (a, δ) rows, concatenated along T (shared layers)."""
-    n = pieces[0][0].shape[0]
-    a = pieces[0][0] if len(pieces) == 1 else torch.cat([p[0] for p in pieces], 1)
-    d = pieces[0][1] if len(pieces) == 1 else torch.cat([p[1] for p in pieces], 1)
-    if m.groups == 1:
+def conv_uses_gram(t: int, k: int, c_out: int) -> bool:
+    """The norm by the Gram form (T² per sample) rather than materialised gradients (K·C_out),
+    the same rule as linear_ghost_stats' sequence form."""
+    return 2 * t * t <= k * c_out
+
+
+def conv_positions(pieces) -> int:
+    return sum(p[4].shape[-1] for p in pieces)
+
+
+def conv_stats(m, pieces, G_w, G_b, need_sq: bool = True):
+    """(dot, sq) for a conv from its calls (a shared layer's calls add up); None when the norm is
+    cheaper from materialised per-sample gradients (see ghost_module_stats).
+
+    Sample i's weight gradient is Σ_t δ_t a_tᵀ (a_t: the unfolded input patch at output position t).
+      dot = <conv(x_i; weight G, no bias), δ_i> + <Σ_t δ_t, g_b>: the layer is linear in its weight,
+            so <∂ℓ/∂W, G> is the directional derivative: ONE ordinary batched convolution with G
+            as the kernel; no unfolding, no per-sample gradient.
+      sq (Gram form, few positions): Σ_{t,s} (a_t·a_s)(δ_t·δ_s) from the unfolded input.
+    The materialised form (many positions, few weights) is what torch.func's conv batching rule
+    computes well (a grouped convolution), so it is left to the per-layer route."""
+    n = pieces[0][4].shape[0]
+    c_out = pieces[0][4].shape[1]
+    k_in = (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    if need_sq and G_w is not None and not (m.groups == 1 and conv_uses_gram(conv_positions(pieces), k_in, c_out)):
+        return None
+    acc = torch.float64 if pieces[0][4].dtype == torch.float64 else torch.float32
+    dot = torch.zeros(n, dtype=acc, device=pieces[0][4].device)
+    sq = torch.zeros_like(dot)
+    s = None
+    for x, k, dil, st, d in pieces:
+        d = d.to(acc)
         if G_w is not None:
-            return ops.linear_ghost_stats(a, d, G_w.reshape(G_w.shape[0], -1), G_b)
-        return ops.per_sample_grad_stats([d.sum(1)], [G_b])
-    # Grouped / depthwise: per-group gradients [N, g, C_out/g, C_in/g·K] are small; form them.
-    g = m.groups
-    grads, targets = [], []
-    if G_w is not None:
-        t = a.shape[1]
-        w = torch.einsum("ntgo,ntgi->ngoi", d.reshape(n, t, g, -1), a.reshape(n, t, g, -1))
-        grads.append(w.reshape(n, G_w.shape[0], -1))
-        targets.append(G_w.reshape(G_w.shape[0], -1))
+            W = G_w.to(acc).reshape(c_out, -1, *k)
+            z = F.conv2d(x.to(acc), W, None, st, 0, dil, m.groups)
+            dot += (z.reshape(n, c_out, -1) * d).sum((1, 2))
+        s = d.sum(2) if s is None else s + d.sum(2)
     if G_b is not None:
-        grads.append(d.sum(1))
-        targets.append(G_b)
-    return ops.per_sample_grad_stats(grads, targets)
+        dot += s @ G_b.to(acc)
+    if not need_sq:
+        return dot, sq
+    if G_w is not None:                          # Gram form over all positions of all calls
+        a = torch.cat([F.unfold(x.to(acc), k, dilation=dil, padding=0, stride=st) for x, k, dil, st, _ in pieces], 2)
+        d = torch.cat([p[4].to(acc) for p in pieces], 2)
+        sq += torch.bmm(a.transpose(1, 2), a).mul_(torch.bmm(d.transpose(1, 2), d)).sum((1, 2))
+    if G_b is not None:
+        sq += s.square().sum(1)
+    return dot, sq
 
 
 # -------------------------------------------------------------------------------- embedding
@@ -120,7 +171,7 @@ def embedding_rows(m: nn.Embedding, ids: torch.Tensor, d: torch.Tensor, n: int):
     return ids, d
 
 
-def embedding_stats(m: nn.Embedding, pieces, G_w):
+def embedding_stats(m: nn.Embedding, pieces, G_w, need_sq: bool = True):
     n = pieces[0][0].shape[0]
     ids = torch.cat([p[0] for p in pieces], 1) if len(pieces) > 1 else pieces[0][0]
     d = torch.cat([p[1] for p in pieces], 1) if len(pieces) > 1 else pieces[0][1]
@@ -129,6 +180,8 @@ def embedding_stats(m: nn.Embedding, pieces, G_w):
     G = (G_w.to_dense() if G_w.is_sparse else G_w).to(acc)
     dim = d.shape[-1]
     dot = (d * G[ids]).reshape(n, -1).sum(1)
+    if not need_sq:
+        return dot, torch.zeros_like(dot)
     # Rows of repeated ids add up before the norm: key (sample, id) -> one summed row each.
     key = torch.arange(n, device=ids.device).unsqueeze(1) * m.num_embeddings + ids
     uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
@@ -198,9 +251,16 @@ def norm_stats(pieces, G_w, G_b):
 
 
 # ------------------------------------------------------------------------------------ driver
-def ghost_module_stats(kind: str, m: nn.Module, calls, deltas, n: int, G_w, G_b):
+MATERIALISE = "materialise"
+
+
+def ghost_module_stats(kind: str, m: nn.Module, calls, deltas, n: int, G_w, G_b, need_sq: bool = True):
     """(dot, sq) of module m's selected weight/bias by its ghost route; False if no call reached
-    the loss; None if some call cannot be split by sample (the caller takes a slower route)."""
+    the loss; None if some call cannot be split by sample (the caller takes a slower route);
+    MATERIALISE when the norm is cheaper from materialised per-sample gradients (the caller's
+    per-layer route forms them)."""
+    if kind in ("conv1d", "conv2d") and need_sq and G_w is not None and describe_conv(m, calls) != "gram":
+        return MATERIALISE                       # decided from the shapes, before touching the data
     pieces = []
     for c, d in zip(calls, deltas):
         if c.output.shape[0] != n:
@@ -225,19 +285,18 @@ def ghost_module_stats(kind: str, m: nn.Module, calls, deltas, n: int, G_w, G_b)
     if not pieces:
         return False
     if kind in ("conv1d", "conv2d"):
-        return conv_stats(m, pieces, G_w, G_b)
+        res = conv_stats(m, pieces, G_w, G_b, need_sq)
+        return MATERIALISE if res is None else res
     if kind == "embedding":
-        return embedding_stats(m, pieces, G_w)
+        return embedding_stats(m, pieces, G_w, need_sq)
     return norm_stats(pieces, G_w, G_b)
 
 
 def describe_conv(m, calls) -> str:
-    """'gram' or 'materialised': which norm form linear_ghost_stats takes (for result.info)."""
-    if m.groups != 1:
-        return "grouped"
+    """'gram' or 'materialised': the conv's norm form (for result.info)."""
     try:
         t = sum(int(c.output[0, 0].numel()) for c in calls) if calls else 0
     except Exception:
         return "?"
-    d_in = m.in_channels * math.prod(m.kernel_size)
-    return "gram" if 2 * t * t <= d_in * m.out_channels else "materialised"
+    k_in = (m.in_channels // m.groups) * math.prod(m.kernel_size)
+    return "gram" if m.groups == 1 and conv_uses_gram(t, k_in, m.out_channels) else "materialised"
