@@ -128,6 +128,7 @@ def _force_per_layer(scorer: FastScorer) -> FastScorer:
         full = [(local, nm) for local, nm in (("weight", w), ("bias", b)) if nm]
         scorer.generic.append((m, full))
     scorer.ghost = []
+    scorer._warned = True        # it is slow on purpose here: no SlowRouteWarning
     return scorer
 
 
