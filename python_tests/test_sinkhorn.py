@@ -169,7 +169,8 @@ def test_default_weights_are_uniform():
 @pytest.mark.parametrize("isa", ["avx2", "generic"])
 def test_cpu_instruction_set_variants_agree(isa, monkeypatch):
     cases = [(clouds(150, 90, 5, seed=1), 2), (clouds(70, 130, 3, seed=2, dtype=torch.float32), 2),
-             (clouds(40, 33, 4, seed=3), 1)]
+             (clouds(40, 33, 4, seed=3), 1), (clouds(128, 200, 40, seed=4, dtype=torch.float32), 2),
+             (clouds(60, 50, 24, seed=5), 1)]
     best = [sinkhorn(*c, p=p) for c, p in cases]
     grads_best = []
     for c, p in cases:
@@ -182,11 +183,78 @@ def test_cpu_instruction_set_variants_agree(isa, monkeypatch):
         assert math.isclose(float(r.cost), float(r0.cost), rel_tol=tol)
         x = c[0].clone().requires_grad_()
         g = torch.autograd.grad(sinkhorn(x, *c[1:], p=p).cost, x)[0]
-        assert rel(g, g0) < (1e-3 if c[0].dtype == torch.float32 else 1e-9)
+        # float32: the debiased gradient is a difference of two barycentres (cancellation); ours is
+        # within ~3e-3 of float64 on these cases, geomloss's float32 within ~1e-2
+        assert rel(g, g0) < (5e-3 if c[0].dtype == torch.float32 else 1e-9)
 
 
-def test_result_independent_of_thread_count():
-    x, y, a, b = clouds(2100, 1500, 3, seed=8)     # several row chunks per group
+# The CPU engine keeps the tiles of dot products of a small call (DVGS_FAST_SINKHORN_CACHE_MB,
+# d >= 16) and recomputes them otherwise; rows / columns far below their running maximum skip
+# their exp2 sweep. Both paths, and heavy skipping, against the float64 reference.
+@pytest.mark.parametrize("cache_mb", ["0", "256"])
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("n,m,d", [(128, 300, 40), (130, 49, 16), (50, 200, 130), (97, 97, 20)])
+def test_dot_product_cache_and_recompute_match_reference(n, m, d, p, cache_mb, monkeypatch):
+    monkeypatch.setenv("DVGS_FAST_SINKHORN_CACHE_MB", cache_mb)
+    x, y, a, b = clouds(n, m, d, seed=n * m + d, weights="ones")
+    leaves = [t.clone().requires_grad_() for t in (x, y, a, b)]
+    out = sinkhorn(*leaves, p=p)
+    grads = torch.autograd.grad(out.cost, leaves)
+    ref_in = [t.clone().requires_grad_() for t in (x, y, a, b)]
+    ref = sinkhorn_reference(*ref_in, p=p)
+    ref_grads = torch.autograd.grad(ref.cost, ref_in)
+    assert math.isclose(float(out.cost), float(ref.cost), rel_tol=1e-10, abs_tol=1e-10)
+    scale = max(1.0, float(ref.f.abs().max()))
+    assert float((out.f - ref.f.detach()).abs().max()) <= 1e-10 * scale
+    for go, gr in zip(grads, ref_grads):
+        assert rel(go, gr) < 1e-8
+
+
+def test_cache_path_is_bitwise_the_recompute_path(monkeypatch):
+    """Same dot products (the micro-kernel's), same sums: the cache changes speed only."""
+    x, y, a, b = clouds(128, 500, 64, seed=21, dtype=torch.float32, weights="ones")
+    monkeypatch.setenv("DVGS_FAST_SINKHORN_CACHE_MB", "0")
+    r0 = sinkhorn(x, y, a, b)
+    monkeypatch.setenv("DVGS_FAST_SINKHORN_CACHE_MB", "256")
+    r1 = sinkhorn(x, y, a, b)
+    assert torch.equal(r0.f, r1.f) and torch.equal(r0.g, r1.g) and float(r0.cost) == float(r1.cost)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_block_skipping_at_small_temperatures(dtype):
+    """Spread-out clouds and a small blur: at the end of the schedule nearly every tile of every
+    row lies far below the row's maximum and is skipped; the result must not move."""
+    x, y, a, b = clouds(700, 650, 3, seed=13, weights="prob")
+    x, y = 8 * x, 8 * y
+    ref = sinkhorn_reference(x, y, a, b, blur=0.01)
+    out = sinkhorn(*(t.to(dtype) for t in (x, y, a, b)), blur=0.01)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert math.isclose(float(out.cost), float(ref.cost), rel_tol=tol)
+    scale = float(ref.f.abs().max())
+    assert float((out.f.double() - ref.f).abs().max()) <= tol * 10 * scale
+
+
+def test_lossval_shapes_match_geomloss_float32():
+    """LossVal's call: a batch of 128 weighted points against unit-mass targets, d up to ~1000,
+    fixed diameter; value and the gradient with respect to the weights."""
+    for m, d in [(120, 30), (300, 978)]:
+        x, y, _, _ = clouds(128, m, d, seed=m + d, dtype=torch.float32)
+        w = (torch.rand(128, generator=torch.Generator().manual_seed(d)) + 0.5).float()
+        b = torch.ones(m)
+        diam = 1.1 * float(torch.cdist(x, y).max())
+        kw = dict(p=2, blur=0.05, scaling=0.5, diameter=diam)
+        w1, w2 = w.clone().requires_grad_(), w.clone().requires_grad_()
+        ref = geomloss_run(x, y, w1, b, **kw)
+        out = sinkhorn(x, y, w2, b, **kw).cost
+        assert math.isclose(float(out), float(ref), rel_tol=1e-4)
+        (g_ref,), (g_out,) = torch.autograd.grad(ref, w1), torch.autograd.grad(out, w2)
+        assert rel(g_out, g_ref) < 1e-3
+
+
+@pytest.mark.parametrize("d,cache_mb", [(3, "64"), (20, "0"), (20, "256")])
+def test_result_independent_of_thread_count(d, cache_mb, monkeypatch):
+    monkeypatch.setenv("DVGS_FAST_SINKHORN_CACHE_MB", cache_mb)
+    x, y, a, b = clouds(2100, 1500, d, seed=8)     # several row chunks per group
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
