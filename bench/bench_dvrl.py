@@ -100,7 +100,7 @@ def run_ours(data, threads: int, **kw):
     return res, {"threads": threads, "auroc": round(detection_auroc(res.values, flipped), 4),
                  "iterations": n, "status": res.status, "cpu_s": round(cpu, 2), "wall_s": round(wall, 2),
                  "cpu_ms_per_iteration": round(1e3 * cpu / max(n, 1), 2), "load_avg_1min": load1,
-                 "convergence_distance": res.info.get("convergence_distance")}
+                 "convergence_distance": res.info.get("convergence_distance"), "threads_used": res.info.get("threads")}
 
 
 def write(what: str, payload: dict, out: str | None):
@@ -113,7 +113,9 @@ def write(what: str, payload: dict, out: str | None):
 # ------------------------------------------------------------------------------ quality
 def quality(args):
     """AUROC per seed x threads at the default settings; Spearman between 1- and 2-thread values."""
-    out = {"machine": machine(), "settings": "DVRL defaults", "datasets": {}}
+    out = {"machine": machine(), "datasets": {},
+           "settings": ("DVRL defaults, num_threads forced to the thread count" if args.force_threads else
+                        "DVRL defaults; torch.set_num_threads(t) before fit (num_threads=None: DVRL picks)")}
     for name in args.datasets:
         data = load(name)
         rows, spear = [], []
@@ -121,7 +123,9 @@ def quality(args):
         for seed in args.seeds:
             vals = {}
             for threads in args.threads:
-                res, row = run_ours(data, threads, seed=seed)
+                extra = {"num_threads": threads} if args.force_threads else {}
+                res, row = run_ours(data, threads, seed=seed, **extra)
+                row["forced"] = bool(args.force_threads)
                 row["seed"] = seed
                 rows.append(row)
                 vals[threads] = res.values
@@ -260,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--iterations", type=int, default=None)
     ap.add_argument("--inner", type=int, default=100)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--force-threads", action="store_true", help="quality: pass the thread count as num_threads")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
     args.threads = [int(t) for t in args.threads.split(",")]
