@@ -7,28 +7,24 @@ Data: real UCI Adult from ../shared/data (or $DVGS_FAST_DATA): make_split(seed=0
 training rows, flip_labels(rate=0.2, seed=0) -- the configuration of bench_dvgs.py. Skipped with
 a reason when the data folder is absent (AUROC on generated data would mean nothing).
 
-Each benchmark runs once (`benchmark.pedantic(rounds=1, iterations=1)`); `extra_info` holds the
-flipped-label detection AUROC, how far a budgeted run got, the method's own timings and the peak
-RSS above the level before the call (bench/_memory.py). DVGS (fast engine, quick; reference
-engine, slow) runs in the same session with the bench_dvgs.py settings, for the side-by-side table.
-Batched TMC-Shapley is compared with the sequential reference on the *same permutations*
-(same seed); the maximum absolute difference of the values goes into extra_info.
-Threads: 1 intra-op thread unless DVGS_BENCH_THREADS says otherwise.
+Each benchmark runs once at 1 pinned thread, CPU and wall time and load average recorded
+(bench/_timing.py); `extra_info` holds the flipped-label detection AUROC, how far a budgeted run
+got, the method's own timings and the peak RSS above the level before the call (bench/_memory.py).
+DVGS (fast engine, quick; reference engine, slow) runs in the same session with the bench_dvgs.py
+settings, for the side-by-side table. Batched TMC-Shapley and batched leave-one-out are compared
+with their sequential references in one test each, interleaved, on the *same permutations* (same
+seed); the maximum absolute difference of the values goes into extra_info.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
-import torch
 from torch import nn
 
 from _memory import peak_memory
+from _timing import Comparison, record
 
-torch.set_num_threads(int(os.environ.get("DVGS_BENCH_THREADS", "1")))
-
-_SAME_SESSION: dict[str, object] = {}
 
 
 # ------------------------------------------------------------------------------ data
@@ -55,127 +51,131 @@ def adult_mlp() -> nn.Module:
                          nn.Linear(100, 100), nn.Dropout(0.25), nn.Mish(), nn.Linear(100, 2))
 
 
-def _run(benchmark, group, make, **info):
+INFO_KEYS = ("stopped_by", "iterations_done", "permutations_done", "mean_refits_per_permutation",
+             "convergence_error", "points_done", "engine", "metric", "full_score", "g_learning_rate")
+
+
+def _facts(res, peak) -> dict:
     from dvgs_fast.evaluate import detection_auroc
-    xs, ys, xt, yt, flipped = adult()
-    benchmark.group = group
-    holder = {}
-
-    def once():
-        res, peak = peak_memory(lambda: make().fit(xs, ys, xt, yt))
-        holder["res"], holder["peak"] = res, peak
-        return res
-
-    res = benchmark.pedantic(once, rounds=1, iterations=1, warmup_rounds=0)
-    ex = benchmark.extra_info
-    ex.update(info)
-    ex["auroc"] = round(detection_auroc(res.values, flipped), 4)
-    ex["peak_rss_extra_mb"] = round(holder["peak"] / 2**20, 1)
-    ex["threads"] = torch.get_num_threads()
-    ex["method"] = res.method
-    ex["timings"] = {k: round(v, 3) for k, v in res.timings.items()}
-    for key in ("stopped_by", "iterations_done", "permutations_done", "mean_refits_per_permutation",
-                "convergence_error", "points_done", "engine", "metric", "full_score", "g_learning_rate"):
+    flipped = adult()[4]
+    out = {"auroc": round(detection_auroc(res.values, flipped), 4), "peak_rss_extra_mb": round(peak / 2**20, 1),
+           "timings": {k: round(v, 3) for k, v in res.timings.items() if isinstance(v, (int, float))}}
+    for key in INFO_KEYS:
         if key in res.info:
             v = res.info[key]
-            ex[key] = round(v, 4) if isinstance(v, float) else v
+            out[key] = round(v, 4) if isinstance(v, float) else v
+    return out
+
+
+def _runner(make, holder, key):
+    xs, ys, xt, yt, _ = adult()
+
+    def run():
+        res, peak = peak_memory(lambda: make().fit(xs, ys, xt, yt))
+        holder[key] = (res, peak)
+        return res.values
+    return run
+
+
+def _run(benchmark, group, impl, make, method, **info):
+    """One method, one round."""
+    holder = {}
+    cmp = Comparison({impl: _runner(make, holder, impl)}, warmup=0).run(benchmark, 1, f"{group}, 1 thread(s)")
+    res, peak = holder[impl]
+    record(benchmark, cmp, None, threads=1, method=method, **info, **_facts(res, peak))
     return res
+
+
+def _pair(benchmark, group, make_fast, make_ref, method, names):
+    """Batched vs sequential on the same seed, interleaved, one round each."""
+    holder = {}
+    fast, ref = names
+    cmp = Comparison({fast: _runner(make_fast, holder, fast), ref: _runner(make_ref, holder, ref)}, warmup=0).run(
+        benchmark, 1, f"{group}, 1 thread(s)")
+    (rf, pf), (rr, pr) = holder[fast], holder[ref]
+    record(benchmark, cmp, ref, threads=1, method=method, batched=_facts(rf, pf), sequential=_facts(rr, pr),
+           auroc=_facts(rf, pf)["auroc"], max_abs_diff=float(np.abs(rf.values - rr.values).max()))
+    return rf, rr
 
 
 # ------------------------------------------------------------------------------ quick subset
 def test_random(benchmark):
     from dvgs_fast import RandomValuation
-    _run(benchmark, "baselines adult: random", lambda: RandomValuation(seed=0, progress=False))
+    _run(benchmark, "baselines adult: random", "RandomValuation", lambda: RandomValuation(seed=0, progress=False),
+         "random")
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "sequential"])
-def test_loo(benchmark, batched):
+def test_loo(benchmark):
     from dvgs_fast import LeaveOneOut
-    res = _run(benchmark, "baselines adult: leave-one-out (logistic, 100 Adam steps per refit)",
-               lambda: LeaveOneOut(batched=batched, seed=0, progress=False), batched=batched)
-    _SAME_SESSION[f"loo_{batched}"] = (benchmark.stats.stats.median, res.values)
-    if not batched and "loo_True" in _SAME_SESSION:
-        t_b, v_b = _SAME_SESSION["loo_True"]
-        benchmark.extra_info["speedup_batched_vs_sequential"] = round(benchmark.stats.stats.median / t_b, 2)
-        benchmark.extra_info["max_abs_diff_vs_batched"] = float(np.abs(v_b - res.values).max())
+    _pair(benchmark, "baselines adult: leave-one-out (logistic, 100 Adam steps per refit)",
+          lambda: LeaveOneOut(batched=True, seed=0, progress=False),
+          lambda: LeaveOneOut(batched=False, seed=0, progress=False), "loo",
+          ("LeaveOneOut(batched=True)", "LeaveOneOut(batched=False) (sequential reference)"))
 
 
 def test_tmc_batched_budget(benchmark):
     """TMC-Shapley, the original settings (accuracy, tolerance 0.01), 32 permutations."""
     from dvgs_fast import DataShapley
-    res = _run(benchmark, "baselines adult: TMC-Shapley batched, 32 permutations",
-               lambda: DataShapley(max_permutations=32, seed=0, progress=False))
+    res = _run(benchmark, "baselines adult: TMC-Shapley batched, 32 permutations", "DataShapley(batched=True)",
+               lambda: DataShapley(max_permutations=32, seed=0, progress=False), "dshap")
     refits = res.info["mean_refits_per_permutation"] * res.info["permutations_done"]
-    benchmark.extra_info["ms_per_refit"] = round(1e3 * res.timings["valuation"] / refits, 3)
-    _SAME_SESSION["tmc_ms_per_refit_batched"] = 1e3 * res.timings["valuation"] / refits
+    benchmark.extra_info["ms_per_refit_wall"] = round(1e3 * res.timings["valuation"] / refits, 3)
 
 
-def _tmc_same_perms(benchmark, n_perm, batched):
+def _tmc_same_perms(benchmark, n_perm):
     from dvgs_fast import DataShapley
-    res = _run(benchmark, f"baselines adult: TMC-Shapley, the same {n_perm} permutations",
-               lambda: DataShapley(max_permutations=n_perm, batched=batched, seed=0, progress=False),
-               batched=batched)
-    refits = res.info["mean_refits_per_permutation"] * res.info["permutations_done"]
-    benchmark.extra_info["ms_per_refit"] = round(1e3 * res.timings["valuation"] / refits, 3)
-    key = f"tmc{n_perm}"
-    if batched:
-        _SAME_SESSION[key] = (res.timings["valuation"], res.values)
-    elif key in _SAME_SESSION:
-        t_b, v_b = _SAME_SESSION[key]
-        benchmark.extra_info["speedup_batched_vs_sequential"] = round(res.timings["valuation"] / t_b, 2)
-        benchmark.extra_info["max_abs_diff_vs_batched"] = float(np.abs(v_b - res.values).max())
-        if "tmc_ms_per_refit_batched" in _SAME_SESSION:
-            benchmark.extra_info["speedup_per_refit_vs_32perm_batched"] = round(
-                1e3 * res.timings["valuation"] / refits / _SAME_SESSION["tmc_ms_per_refit_batched"], 2)
+    _pair(benchmark, f"baselines adult: TMC-Shapley, the same {n_perm} permutations",
+          lambda: DataShapley(max_permutations=n_perm, batched=True, seed=0, progress=False),
+          lambda: DataShapley(max_permutations=n_perm, batched=False, seed=0, progress=False), "dshap",
+          ("DataShapley(batched=True)", "DataShapley(batched=False) (sequential reference)"))
 
 
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "sequential"])
-def test_tmc_same_permutations_4(benchmark, batched):
-    _tmc_same_perms(benchmark, 4, batched)
+def test_tmc_same_permutations_4(benchmark):
+    _tmc_same_perms(benchmark, 4)
 
 
 def test_gshapley(benchmark):
     from dvgs_fast import DataShapley
     _run(benchmark, "baselines adult: G-Shapley batched, 128 permutations (lr searched)",
-         lambda: DataShapley(method="gshapley", max_permutations=128, seed=0, progress=False))
+         'DataShapley(method="gshapley")',
+         lambda: DataShapley(method="gshapley", max_permutations=128, seed=0, progress=False), "gshapley")
 
 
 def test_dvrl_500(benchmark):
     from dvgs_fast import DVRL
-    _run(benchmark, "baselines adult: DVRL, 500 outer iterations (logistic predictor)",
-         lambda: DVRL(n_iterations=500, seed=0, progress=False))
+    _run(benchmark, "baselines adult: DVRL, 500 outer iterations (logistic predictor)", "DVRL",
+         lambda: DVRL(n_iterations=500, seed=0, progress=False), "dvrl")
 
 
 def test_dvgs_fast(benchmark):
     from dvgs_fast import DVGS
-    _run(benchmark, "baselines adult: DVGS fast (MLP, 3 restarts x 100 epochs)",
-         lambda: DVGS(adult_mlp, backend="fast", epochs=100, restarts=3, seed=0, progress=False))
+    _run(benchmark, "baselines adult: DVGS fast (MLP, 3 restarts x 100 epochs)", 'DVGS(backend="fast")',
+         lambda: DVGS(adult_mlp, backend="fast", epochs=100, restarts=3, seed=0, progress=False), "dvgs")
 
 
 # ------------------------------------------------------------------------------ long (slow)
 @pytest.mark.slow
-@pytest.mark.parametrize("batched", [True, False], ids=["batched", "sequential"])
-def test_tmc_same_permutations_16(benchmark, batched):
-    _tmc_same_perms(benchmark, 16, batched)
+def test_tmc_same_permutations_16(benchmark):
+    _tmc_same_perms(benchmark, 16)
 
 
 @pytest.mark.slow
 def test_tmc_batched_10min(benchmark):
     """The original stopping rule (convergence error < 0.1) under a 10-minute budget."""
     from dvgs_fast import DataShapley
-    _run(benchmark, "baselines adult: TMC-Shapley batched, until convergence or 600 s",
-         lambda: DataShapley(max_time=600, seed=0, progress=False))
+    _run(benchmark, "baselines adult: TMC-Shapley batched, until convergence or 600 s", "DataShapley(max_time=600)",
+         lambda: DataShapley(max_time=600, seed=0, progress=False), "dshap")
 
 
 @pytest.mark.slow
 def test_dvrl_2000(benchmark):
     from dvgs_fast import DVRL
-    _run(benchmark, "baselines adult: DVRL, 2000 outer iterations (the original)",
-         lambda: DVRL(n_iterations=2000, seed=0, progress=False))
+    _run(benchmark, "baselines adult: DVRL, 2000 outer iterations (the original)", "DVRL",
+         lambda: DVRL(n_iterations=2000, seed=0, progress=False), "dvrl")
 
 
 @pytest.mark.slow
 def test_dvgs_reference(benchmark):
     from dvgs_fast import DVGS
-    _run(benchmark, "baselines adult: DVGS reference (MLP, 3 restarts x 100 epochs)",
-         lambda: DVGS(adult_mlp, backend="reference", epochs=100, restarts=3, seed=0, progress=False))
+    _run(benchmark, "baselines adult: DVGS reference (MLP, 3 restarts x 100 epochs)", 'DVGS(backend="reference")',
+         lambda: DVGS(adult_mlp, backend="reference", epochs=100, restarts=3, seed=0, progress=False), "dvgs")

@@ -20,6 +20,7 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import pytest
 
+from _timing import Comparison, record
 from dvgs_fast.cli import main
 from dvgs_fast.datasets import default_data_root
 
@@ -48,7 +49,10 @@ def test_cli_adult_paper_settings(benchmark, tmp_path, seed):
         with redirect_stdout(so), redirect_stderr(se):
             return main(args)
 
-    rc = benchmark.pedantic(run, rounds=1, iterations=1)
+    cmp = Comparison({"dvgs-fast run --method dvgs (Adult, paper settings)": run}, threads=int(THREADS),
+                     warmup=0).run(benchmark, 1, f"dvgs-fast run, Adult paper settings, {THREADS} thread(s)")
+    record(benchmark, cmp, None, threads=int(THREADS))
+    rc = next(iter(cmp.results.values()))
     assert rc == 0, se.getvalue()
     m = json.loads((out / "metrics.json").read_text())
     met = m["metrics"]
@@ -56,7 +60,7 @@ def test_cli_adult_paper_settings(benchmark, tmp_path, seed):
         "seed": seed, "threads": int(THREADS), "auroc": met["auroc"], "auprc": met["auprc"],
         "kmeans_f1": met["kmeans_f1"], "discovery_auc": met["discovery_auc"],
         "valuation_s": m["timings"]["valuation"], "total_s": m["timings"]["total"],
-        "n_snapshots": m.get("n_snapshots"), "summary": so.getvalue().strip().splitlines()[:2],
+        "summary": so.getvalue().strip().splitlines()[:2],
     })
     assert m["method_settings"]["restarts"] == 3 and m["method_settings"]["epochs"] == 100
     assert met["auroc"] >= AUROC_BAR, met

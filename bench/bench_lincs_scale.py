@@ -31,10 +31,10 @@ import pytest
 import torch
 from torch import nn
 
+from _timing import Comparison, record
 from _memory import current_rss, peak_memory
 from dvgs_fast import DVGS
 
-torch.set_num_threads(int(os.environ.get("DVGS_BENCH_THREADS", "1")))
 
 DIR = Path(os.environ.get("DVGS_LINCS_DIR", "/tmp"))
 K = int(os.environ.get("DVGS_LINCS_SNAPS", "2"))
@@ -104,44 +104,42 @@ def _stream_only(r) -> float:
     return time.perf_counter() - t0
 
 
-def _bench_stream(benchmark, n):
+def _bench_pair(benchmark, n):
+    """The same DVGS run with the source streamed from the GCTX file and held in memory,
+    interleaved (one round each)."""
     r = reader_for(n)
     xt = _target(r)
     io_s = _stream_only(r)
-    res, peak = benchmark.pedantic(lambda: peak_memory(_fit, r, xt), rounds=1, iterations=1)
-    _report(benchmark, res, peak, n, "gctx",
-            {"read_pass_s": round(io_s, 2), "zscore_stats_pass_s": round(r.zscore_pass_s, 2),
-             "file_gb": round(r.path.stat().st_size / 1e9, 2)})
-
-
-def _bench_memory(benchmark, n):
-    r = reader_for(n)
-    xt = _target(r)
     before = current_rss()
     X = torch.from_numpy(r.to_array())
     data_mb = (current_rss() - before) / 2**20
-    res, peak = benchmark.pedantic(lambda: peak_memory(_fit, X, xt), rounds=1, iterations=1)
-    _report(benchmark, res, peak, n, "memory", {"source_in_memory_mb": round(data_mb, 1)})
+    seen = {}
+
+    def run(src, key):
+        def go():
+            seen[key] = peak_memory(_fit, src, xt)
+            return seen[key][0].values
+        return go
+
+    stream, mem = "DVGS source streamed from GCTX (GctxSource)", "DVGS source held in memory (tensor)"
+    cmp = Comparison({stream: run(r, "gctx"), mem: run(X, "memory")}, warmup=0).run(
+        benchmark, 1, f"lincs-scale N={n}, 1 thread(s)")
+    record(benchmark, cmp, mem, threads=1, n=n)
+    res, peak = seen["gctx"]
+    _report(benchmark, res, peak, n, "gctx",
+            {"read_pass_s": round(io_s, 2), "zscore_stats_pass_s": round(r.zscore_pass_s, 2),
+             "file_gb": round(r.path.stat().st_size / 1e9, 2)})
+    res, peak = seen["memory"]
+    benchmark.extra_info["memory_source"] = {"snapshot_s": round(res.timings["score"] / res.info["snapshots"], 3),
+                                             "peak_rss_mb": round(peak / 2**20, 1),
+                                             "source_in_memory_mb": round(data_mb, 1)}
     del X
 
 
-@pytest.mark.benchmark(group="lincs-scale")
-def test_snapshot_stream_50k(benchmark):
-    _bench_stream(benchmark, 50_000)
-
-
-@pytest.mark.benchmark(group="lincs-scale")
-def test_snapshot_memory_50k(benchmark):
-    _bench_memory(benchmark, 50_000)
+def test_snapshot_50k(benchmark):
+    _bench_pair(benchmark, 50_000)
 
 
 @pytest.mark.slow
-@pytest.mark.benchmark(group="lincs-scale")
-def test_snapshot_stream_720k(benchmark):
-    _bench_stream(benchmark, FULL_N)
-
-
-@pytest.mark.slow
-@pytest.mark.benchmark(group="lincs-scale")
-def test_snapshot_memory_720k(benchmark):
-    _bench_memory(benchmark, FULL_N)
+def test_snapshot_720k(benchmark):
+    _bench_pair(benchmark, FULL_N)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _timing import Comparison, record
 from dvgs_fast.cli import main
 
 SEEDS = (0, 1, 2)
@@ -62,10 +63,11 @@ def _record(benchmark, method, dataset, results, key="auroc"):
 
 
 def _bench(benchmark, tmp_path, method, dataset, extra, noise="label:0.2", key="auroc"):
-    benchmark.group = f"quality {dataset} {noise}"
-    results = benchmark.pedantic(
-        lambda: [_run(tmp_path, method, dataset, s, extra, noise) for s in SEEDS], rounds=1, iterations=1)
-    _record(benchmark, method, dataset, results, key)
+    name = f"dvgs-fast run --method {method} {' '.join(extra)} (seeds {', '.join(map(str, SEEDS))})"
+    cmp = Comparison({name: lambda: [_run(tmp_path, method, dataset, s, extra, noise) for s in SEEDS]},
+                     warmup=0).run(benchmark, 1, f"quality {dataset} {noise}, 1 thread(s)")
+    record(benchmark, cmp, None, threads=1)
+    _record(benchmark, method, dataset, cmp.results[name], key)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -93,9 +95,11 @@ def test_feature_noise_spearman(benchmark, tmp_path, method):
 def test_adult_remove_curves(benchmark, tmp_path):
     if _data_root() is None:
         pytest.skip("real data not found: set DVGS_FAST_DATA or place ../shared/data")
-    benchmark.group = "remove-high/low curves adult"
-    m = benchmark.pedantic(lambda: _run(tmp_path, "dvgs", "adult", 0, FULL_ARGS["dvgs"], curves=True),
-                           rounds=1, iterations=1)
+    name = "dvgs-fast run --method dvgs (with removal curves)"
+    cmp = Comparison({name: lambda: _run(tmp_path, "dvgs", "adult", 0, FULL_ARGS["dvgs"], curves=True)},
+                     warmup=0).run(benchmark, 1, "remove-high/low curves adult, 1 thread(s)")
+    record(benchmark, cmp, None, threads=1)
+    m = cmp.results[name]
     mm = _metric(m)
     benchmark.extra_info.update(method="dvgs", dataset="adult", remove_high=mm["remove_high"],
                                 remove_low=mm["remove_low"])

@@ -3,9 +3,10 @@
     python bench/report.py RESULTS.json [MORE.json ...] [--out bench/REPORT.md] [--title ...]
 
 Conventions the benchmarks follow (in `benchmark.extra_info`):
-  impl            "reference" / "fast" / "fused" / ... : ratios are reference median / other
-                  median, taken only between entries of the same group *and the same file*
-                  (i.e. measured in the same run, on the same machine)
+  timing          bench/_timing.py's summary of one interleaved comparison: thread count, load
+                  average, and per named implementation its CPU and wall medians and its ratio
+                  to the baseline (baseline CPU median / this CPU median, same run). One report
+                  row per implementation. pytest-benchmark's own statistics are not used.
   n               problem size, for the time/memory-vs-N plots (series = group without "N=...")
   peak_mem_bytes  peak RSS (CPU) or torch.cuda.max_memory_allocated (GPU) above the start
   method, dataset, auroc (float or list over seeds), auroc_std: the quality table
@@ -53,6 +54,10 @@ def _machine(data: dict) -> str:
     cores = cpu.get("count")
     gpus = sorted({b.get("extra_info", {}).get("device_name") for b in data.get("benchmarks", [])} - {None})
     desc = f"{brand}" + (f", {cores} logical cores" if cores else "")
+    if mi.get("torch_cpu_isa"):
+        desc += f", torch {mi.get('torch_version', '?')} (CPU capability {mi['torch_cpu_isa']})"
+    if mi.get("load_avg_at_start"):
+        desc += f", load average at start {mi['load_avg_at_start'][0]:.1f}"
     if gpus:
         desc += "; GPU: " + ", ".join(gpus)
     return desc
@@ -68,24 +73,34 @@ def load(paths: list[str]) -> list[dict]:
     return runs
 
 
+def _ratio(row: dict, key: str) -> str:
+    v = row.get(key)
+    return "–" if v is None else f"{v:.2f}x"
+
+
 def speed_table(run: dict) -> list[str]:
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for b in run.get("benchmarks", []):
-        groups[b.get("group") or b["name"]].append(b)
-    lines = ["| group | impl | median | min | rounds | peak memory | speed-up vs reference |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for g in sorted(groups):
-        bs = groups[g]
-        ref = [b for b in bs if b.get("extra_info", {}).get("impl") == "reference"]
-        ref_med = ref[0]["stats"]["median"] if ref else None
-        for b in sorted(bs, key=lambda b: b["stats"]["median"], reverse=True):
-            ei = b.get("extra_info", {})
-            impl = ei.get("impl", b["name"].split("[")[0])
-            ratio = "–"
-            if ref_med and ei.get("impl") != "reference":
-                ratio = f"**{ref_med / b['stats']['median']:.1f}x**"
-            lines.append(f"| {g} | {impl} | {_fmt_time(b['stats']['median'])} | {_fmt_time(b['stats']['min'])} | "
-                         f"{b['stats']['rounds']} | {_fmt_bytes(ei.get('peak_mem_bytes'))} | {ratio} |")
+    """One row per named implementation: CPU and wall medians, ratios to the group's baseline."""
+    lines = ["| benchmark | threads | implementation | CPU median | wall median | rounds | CPU ratio | wall ratio "
+             "| of floor | load avg | peak memory |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for b in sorted(run.get("benchmarks", []), key=lambda b: b.get("group") or b["name"]):
+        ei = b.get("extra_info", {})
+        g = b.get("group") or b["name"]
+        t = ei.get("timing")
+        if t is None:  # a benchmark that does not use bench/_timing.py: wall time only
+            lines.append(f"| {g} | ? | {ei.get('impl', b['name'])} | – | {_fmt_time(b['stats']['median'])} | "
+                         f"{b['stats']['rounds']} | – | – | – | – | {_fmt_bytes(ei.get('peak_mem_bytes'))} |")
+            continue
+        load = t.get("load_avg")
+        load_s = "–" if not load else (f"{load[0]:.1f}" if load[0] == load[1] else f"{load[0]:.1f}–{load[1]:.1f}")
+        base = t.get("baseline")
+        for name, row in t["impls"].items():
+            label = f"{name} (baseline)" if name == base else name
+            of = row.get("of_floor")
+            lines.append(f"| {g} | {t.get('threads')} | {label} | {_fmt_time(row['cpu_median_s'])} | "
+                         f"{_fmt_time(row['wall_median_s'])} | {row['rounds']} | {_ratio(row, 'cpu_ratio')} | "
+                         f"{_ratio(row, 'wall_ratio')} | {'–' if of is None else f'{of:.2f}x'} | {load_s} | "
+                         f"{_fmt_bytes(ei.get('peak_mem_bytes'))} |")
     return lines
 
 
@@ -117,13 +132,14 @@ def plot_scaling(runs: list[dict], out_dir: Path, stem: str) -> list[Path]:
     for run in runs:
         for b in run.get("benchmarks", []):
             ei = b.get("extra_info", {})
-            if "n" not in ei or "impl" not in ei:
+            if "n" not in ei or "timing" not in ei or ei.get("m") is not None:
                 continue
-            fam = re.sub(r"\s*N=\S+", "", b.get("group") or b["name"]).strip()
-            series[(fam, ei["impl"])].append((int(ei["n"]), b["stats"]["median"], ei.get("peak_mem_bytes")))
+            fam = re.sub(r"\s*N=M=\S+", "", b.get("group") or b["name"]).strip()
+            for impl, row in ei["timing"]["impls"].items():
+                series[(fam, impl)].append((int(ei["n"]), row["cpu_median_s"], ei.get("peak_mem_bytes")))
     fams = sorted({f for f, _ in series if len({n for n, *_ in series[(f, _)]}) > 1})
     paths = []
-    for what, idx, ylabel in (("time", 1, "median time (s)"), ("memory", 2, "peak memory (MB)")):
+    for what, idx, ylabel in (("time", 1, "CPU time, median (s)"), ("memory", 2, "peak memory (MB)")):
         if not fams:
             break
         fig, axes = plt.subplots(1, len(fams), figsize=(4.5 * len(fams), 3.6), squeeze=False)
@@ -194,7 +210,9 @@ def write_report(paths: list[str], out: Path, title: str, notes: list[str] | Non
                   f"- machine: {_machine(run)}",
                   f"- date: {when}",
                   f"- python {run.get('machine_info', {}).get('python_version', '?')}",
-                  "", "Medians; ratios are reference median / this median, measured in the same run.", ""]
+                  "", "Medians of interleaved rounds at a pinned thread count. CPU = process CPU time (all "
+                  "threads), the basis of every ratio; ratio = the group's baseline / this implementation, "
+                  "measured in the same run. 'of floor' = CPU time / the floor of bench_sinkhorn.py.", ""]
         lines += speed_table(run)
         lines.append("")
     rows = quality_rows(runs)
