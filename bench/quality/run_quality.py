@@ -130,6 +130,17 @@ def _verdict(vals, anchor):
     return f"**below** ({m - mean:+.3f})"
 
 
+def _uses_model(method: str) -> bool:
+    """Whether the method's class takes a model (KNN-Shapley works on the features alone)."""
+    import inspect
+    from dvgs_fast.cli._methods import _MODEL_PARAMS, NotAvailable, load_class
+    try:
+        params = inspect.signature(load_class(method)).parameters
+    except (NotAvailable, TypeError, ValueError):
+        return True
+    return any(p in params for p in _MODEL_PARAMS)
+
+
 def dataset_section(dataset: str) -> list[str]:
     doc = json.loads((HERE / dataset / "compare.json").read_text())
     runs, anchors = doc["runs"], ANCHORS.get(dataset, {})
@@ -150,7 +161,7 @@ def dataset_section(dataset: str) -> list[str]:
             st[k] = st.get(k, 0) + 1
         a = anchors.get(m)
         astr = "-" if a is None else (f"{a[0]:.3f}" + (f" ± {a[1]:.3f}" if a[1] is not None else ""))
-        model = doc["models"].get(m, "").split(" (")[0]
+        model = doc["models"].get(m, "").split(" (")[0] if _uses_model(m) else "none"
         lines.append("| " + " | ".join([
             m, _ms(au), astr, _verdict(au, a),
             _ms([r["metrics"].get("auprc") for r in rs]), _ms([r["metrics"].get("kmeans_f1") for r in rs]),

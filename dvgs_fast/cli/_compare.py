@@ -416,7 +416,9 @@ def run_compare(plan, t_start: float) -> int:
                 b, desc, budget = M._build_method(plan, m, data, preset, seed, tables[m], skip_foreign=True)
                 built[m] = b
                 if si == 0:
-                    models[m] = desc
+                    # a method without a model parameter (KNN-Shapley, random) used none
+                    from ._methods import _MODEL_PARAMS
+                    models[m] = desc if any(k in b.kwargs for k in _MODEL_PARAMS) else "none"
                     method_settings[m] = {k: v for k, v in b.kwargs.items() if k not in ("progress", "seed")}
                     if budget is not None and plan.main_rank:
                         print(f"{M.PROG}: {budget}", file=sys.stderr, flush=True)
