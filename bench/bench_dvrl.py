@@ -188,6 +188,9 @@ def blog(args):
 def _import_opendataval():
     """OpenDataVal's DVRL and LogisticRegression without running the package __init__ files."""
     import importlib.util
+    if "opendataval.dataval.dvrl.dvrl" in sys.modules:       # imported by an earlier run
+        return (sys.modules["opendataval.dataval.dvrl.dvrl"].DVRL,
+                sys.modules["opendataval.model.logistic_regression"].LogisticRegression)
     spec = importlib.util.find_spec("opendataval")
     if spec is None:
         raise SystemExit("opendataval is not installed in this interpreter (see the module docstring)")
