@@ -70,15 +70,38 @@ at::ScalarType stats_out_type(const std::vector<at::Tensor>& grads) {
 namespace {
 // cosine = dot / (max(|g|, eps) * max(|G|, eps)): exactly torch.nn.functional.cosine_similarity,
 // so a zero gradient gives 0, never NaN. Composite: runs on any backend that has the stats op.
+//
+// Overflow: the stats accumulate fp16/bf16/fp32 gradients in fp32, so |g| >~ 1.8e19 overflows
+// dot and |g|^2 to inf and the cosine becomes NaN, while torch's cosine_similarity stays finite.
+// |G|^2 is therefore always summed in float64, and rows whose fp32 stats are not finite are
+// recomputed from their gradients in float64 (rare: one extra pass over just those rows; on a
+// GPU the check costs one synchronisation per call). Rows whose gradients themselves hold
+// NaN/Inf stay NaN, as in torch.
 at::Tensor per_sample_cosine(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& target,
                              double eps) {
+  TORCH_CHECK_VALUE(eps >= 0.0, "per_sample_cosine: eps must be >= 0, got ", eps);
   static auto stats_op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dvgs_fast::per_sample_grad_stats", "")
                              .typed<std::tuple<at::Tensor, at::Tensor>(at::TensorList, at::TensorList)>();
   auto [dot, sq] = stats_op.call(grads, target);
-  at::Tensor tsq = at::zeros({}, dot.options());
-  for (const auto& t : target) tsq = tsq + t.to(dot.scalar_type()).square().sum();
-  return dot / (sq.sqrt().clamp_min(eps) * tsq.sqrt().clamp_min(eps));
+  at::Tensor tsq = at::zeros({}, dot.options().dtype(at::kDouble));
+  for (const auto& t : target) tsq = tsq + t.to(at::kDouble).square().sum();
+  const at::Tensor tnorm = tsq.sqrt().clamp_min(eps);
+  at::Tensor cos = (dot.to(at::kDouble) / (sq.to(at::kDouble).sqrt().clamp_min(eps) * tnorm)).to(dot.scalar_type());
+  if (dot.scalar_type() != at::kDouble && dot.numel() > 0) {
+    const at::Tensor bad = at::logical_not(at::logical_and(at::isfinite(dot), at::isfinite(sq)));
+    if (bad.any().item<bool>()) {
+      const at::Tensor rows = bad.nonzero().squeeze(1);
+      std::vector<at::Tensor> g64, t64;
+      for (size_t k = 0; k < grads.size(); ++k) {
+        g64.push_back(grads[k].index_select(0, rows).to(at::kDouble));
+        t64.push_back(target[k].to(at::kDouble));
+      }
+      auto [d64, s64] = stats_op.call(g64, t64);
+      cos.index_put_({rows}, (d64 / (s64.sqrt().clamp_min(eps) * tnorm)).to(cos.scalar_type()));
+    }
+  }
+  return cos;
 }
 }  // namespace
 

@@ -32,6 +32,8 @@ def per_sample_cosine(grads: Sequence[torch.Tensor], target: Sequence[torch.Tens
     dot / (max(|g|, eps) * max(|G|, eps)), so a zero gradient gives 0, never NaN.
     """
     check_grad_stats_inputs(grads, target, "per_sample_cosine")
+    if not eps >= 0:
+        raise ValueError(f"eps: must be >= 0, got {eps!r}")
     return torch.ops.dvgs_fast.per_sample_cosine(list(grads), list(target), float(eps))
 
 
