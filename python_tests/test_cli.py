@@ -166,7 +166,11 @@ def test_every_method_runs_through_the_cli(tmp_path, capsys, method, extra):
                             "--no-curves", "--no-progress", "--out", str(out)], capsys)
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
-    assert m["method"] == method and m["n_source"] == 100 and 0.0 <= m["metrics"]["auroc"] <= 1.0
+    assert m["method"] == method and m["n_source"] == 100
+    if m["n_valued"] == 100 or "auroc" in m["metrics"]:
+        assert 0.0 <= m["metrics"]["auroc"] <= 1.0
+    else:   # a budget this short may end before a sample is valued on a busy machine: then it says so
+        assert m["status"] == "stopped" and m["banner"].startswith("STOPPED EARLY") and "auroc" not in m["metrics"]
     if method in ("dshap", "loo"):
         assert m["settings"]["model"].startswith("linear 64-10")   # refitting methods: logistic by default
 
