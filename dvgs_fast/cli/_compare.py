@@ -228,10 +228,12 @@ def plot_times(summary: list[dict[str, Any]], path: Path) -> Path | None:
 
 def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, dataset: str) -> Path | None:
     """Removal curves, mean over the seeds per method (solid: remove high first, dashed: low)."""
-    fig = _figure((6.5, 4.5))
+    fig = _figure((8.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     drawn = metric = 0
+    n_seeds = 0
     for i, m in enumerate(methods):
+        labelled = False
         for mode, style in (("high", "-"), ("low", "--")):
             curves = [r["metrics"][f"remove_{mode}"] for r in runs
                       if r["method"] == m and f"remove_{mode}" in r["metrics"]]
@@ -240,16 +242,22 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
             fr = np.asarray(curves[0]["fractions"])
             sc = np.mean([c["scores"] for c in curves], axis=0)
             metric = curves[0]["metric"]
+            n_seeds = max(n_seeds, len(curves))
+            # one legend entry per method (its colour); the line style is keyed once below
             ax.plot(fr, sc, linestyle=style, marker="o", markersize=3, color=f"C{i % 10}",
-                    label=f"{m}: remove {mode}" + (f" (mean of {len(curves)})" if len(curves) > 1 else ""))
+                    label=None if labelled else m)
+            labelled = True
             drawn += 1
     if not drawn:
         return None
+    ax.plot([], [], color="0.3", linestyle="-", label="remove high first")
+    ax.plot([], [], color="0.3", linestyle="--", label="remove low first")
     ax.set_xlabel("fraction of training data removed")
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(f"Removing high / low valued data: {dataset}")
+    ax.set_title(f"Removing high / low valued data: {dataset}"
+                 + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
 
 
@@ -257,20 +265,22 @@ def plot_mean_discovery(found: dict[str, list[np.ndarray]], fractions: np.ndarra
                         path: Path, dataset: str) -> Path | None:
     if not found:
         return None
-    fig = _figure((6.0, 4.5))
+    fig = _figure((8.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.plot(fractions, optimal, color="0.3", linestyle="--", label="optimal")
-    ax.plot(fractions, fractions, color="0.6", linestyle=":", label="random")
+    ax.plot(fractions, fractions, color="0.6", linestyle=":", label="random order")
+    n_seeds = max(len(fs) for fs in found.values())
     for i, (m, fs) in enumerate(found.items()):
         ax.plot(fractions, np.mean(fs, axis=0), color=f"C{i % 10}", marker="o", markersize=2,
-                label=m + (f" (mean of {len(fs)})" if len(fs) > 1 else ""))
+                label=m + (f" ({len(fs)} seeds)" if len(fs) != n_seeds else ""))
     ax.set_xlabel("fraction of data inspected (lowest values first)")
     ax.set_ylabel("fraction of corrupted samples found")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.set_title(f"Discovery of corrupted samples: {dataset}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.set_title(f"Discovery of corrupted samples: {dataset}"
+                 + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
     return _save(fig, path)
 
 
