@@ -94,7 +94,7 @@ def _brute_force(model, xs, ys, xt, yt, *, epochs, batch_size, lr, optimizer="sg
 
 
 def _fit(model, data, **kw):
-    kw = {"epochs": 2, "batch_size": 5, "lr": 0.1, "seed": 0, "progress": False, **kw}
+    kw = {"epochs": 2, "batch_size": 5, "lr": 0.1, "optimizer": "sgd", "seed": 0, "progress": False, **kw}
     return InRunShapley(model, **kw).fit(*data)
 
 
@@ -142,7 +142,7 @@ def test_order_two_is_the_exact_shapley_value_of_a_quadratic_step():
     torch.manual_seed(0)
     model = nn.Linear(3, 1).double()
     eta = 0.4
-    res = InRunShapley(model, loss="mse", epochs=1, batch_size=b, lr=eta, order=2, seed=0,
+    res = InRunShapley(model, loss="mse", epochs=1, batch_size=b, lr=eta, optimizer="sgd", order=2, seed=0,
                        progress=False).fit(xs, ys, xt, yt)
     params = list(model.parameters())
     grads = [torch.autograd.grad(((model(xs[i:i + 1]) - ys[i:i + 1]) ** 2).mean(), params) for i in range(b)]
@@ -163,7 +163,7 @@ def test_order_two_is_the_exact_shapley_value_of_a_quadratic_step():
     np.testing.assert_allclose(res.values, shapley, rtol=1e-9, atol=1e-12)
     decrease = res.info["target_loss_start"] - res.info["target_loss_end"]
     assert res.values.sum() == pytest.approx(decrease, rel=1e-9)
-    first = InRunShapley(model, loss="mse", epochs=1, batch_size=b, lr=eta, order=1, seed=0,
+    first = InRunShapley(model, loss="mse", epochs=1, batch_size=b, lr=eta, optimizer="sgd", order=1, seed=0,
                          progress=False).fit(xs, ys, xt, yt)
     assert not np.allclose(first.values, shapley, rtol=1e-3)      # the second-order term matters here
 
@@ -324,7 +324,7 @@ def test_breast_cancer_flipped_labels_are_found():
     y_noisy, flipped = flip_labels(sp.y_source, 0.2, seed=0)
     d = sp.x_source.shape[1]
     torch.manual_seed(0)
-    res = InRunShapley(nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 2)), epochs=15, batch_size=32,
+    res = InRunShapley(nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 2)), epochs=15, batch_size=32, optimizer="sgd",
                        lr=0.1, seed=0, progress=False).fit(sp.x_source, y_noisy, sp.x_target, sp.y_target)
     assert detection_auroc(res.values, flipped) > 0.65
 
@@ -353,3 +353,12 @@ def test_bad_inputs_fail_before_training():
         _fit(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)).double(), (xs, ys, xt, yt))
     with pytest.raises(ValueError, match="x_target"):
         _fit(_mlp(d=5), (xs, ys, xt, yt))
+
+
+def test_diverging_training_names_the_step():
+    g = torch.Generator().manual_seed(11)
+    xs, xt = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
+    ae = nn.Sequential(nn.Linear(4, 4)).double()
+    with pytest.raises(ValueError, match=r"lr: training diverged: .* at epoch \d+, step \d+"):
+        InRunShapley(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, optimizer="sgd", progress=False).fit(
+            xs, None, xt, None)

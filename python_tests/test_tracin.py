@@ -85,7 +85,8 @@ def _brute_force(model, xs, ys, xt, yt, *, epochs, batch_size, lr, n_checkpoints
 
 
 def _fit(model, data, **kw):
-    kw = {"epochs": 3, "batch_size": 4, "lr": 0.1, "n_checkpoints": 3, "seed": 0, "progress": False, **kw}
+    kw = {"epochs": 3, "batch_size": 4, "lr": 0.1, "optimizer": "sgd", "n_checkpoints": 3, "seed": 0,
+          "progress": False, **kw}
     return TracIn(model, **kw).fit(*data)
 
 
@@ -197,7 +198,8 @@ def _tracin_case(n=22, block=4, checkpoint_dir=None):
     """A small case both the parent and the 2 gloo workers run."""
     torch.manual_seed(7)
     net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2), nn.Mish(), nn.Linear(8, 3))
-    kw = dict(epochs=2, batch_size=5, lr=0.05, n_checkpoints=3, source_batch_size=block, seed=3, progress=False)
+    kw = dict(epochs=2, batch_size=5, lr=0.05, optimizer="sgd", n_checkpoints=3, source_batch_size=block, seed=3,
+              progress=False)
     if checkpoint_dir is not None:
         kw["checkpoint_dir"] = checkpoint_dir
     res = TracIn(net, **kw).fit(*_data(n, dtype=torch.float32))
@@ -293,7 +295,7 @@ def test_breast_cancer_flipped_labels_are_found():
     d = sp.x_source.shape[1]
     torch.manual_seed(0)
     res = TracIn(nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 2)), epochs=15, batch_size=32, lr=0.1,
-                 seed=0, progress=False).fit(sp.x_source, y_noisy, sp.x_target, sp.y_target)
+                 optimizer="sgd", seed=0, progress=False).fit(sp.x_source, y_noisy, sp.x_target, sp.y_target)
     assert detection_auroc(res.values, flipped) > 0.65
 
 
@@ -328,4 +330,4 @@ def test_diverging_training_names_the_step():
     xs, _, xt, _ = _data(n=10)
     ae = nn.Sequential(nn.Linear(4, 4)).double()
     with pytest.raises(ValueError, match=r"lr: training diverged: the source loss is (nan|inf) at epoch \d+, step \d+"):
-        TracIn(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, progress=False).fit(xs, None, xt, None)
+        TracIn(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, optimizer="sgd", progress=False).fit(xs, None, xt, None)

@@ -70,6 +70,10 @@ class Prepared:
     source: Any = None                # dvgs sources.Source over the same rows (in memory or streamed)
     source_labels: bool = True        # False: autoencoder, a row's target is the row
 
+    def target_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The target loss of some target rows: their mean per-sample loss."""
+        return self.sample_loss(out, y).mean()
+
 
 def _labels(y, x, name: str, loss: Any) -> torch.Tensor | None:
     if y is None:
@@ -110,7 +114,7 @@ def resolve_grad_params(model: nn.Module, grad_params: list[str] | None) -> list
     return sorted(names, key=order.__getitem__)
 
 
-def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss: Any, set_name: str) -> None:
+def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss: Any, set_name: str) -> torch.Tensor:
     """One eval-mode forward on (at most) two rows: output/label mismatches fail now, not mid-run."""
     was = model.training
     model.eval()
@@ -141,6 +145,7 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss
     if not isinstance(per, torch.Tensor) or tuple(per.shape) != (out.shape[0],):
         raise ValueError(f"loss: must return one loss per sample (shape [N]), got "
                          f"{tuple(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__}")
+    return out
 
 
 def prepare(method, x_source, y_source, x_target, y_target, device: torch.device, seed: int,

@@ -66,8 +66,14 @@ class InRunShapley(Valuation):
     loss               "cross_entropy", "mse", or a callable (output, target) -> per-sample losses [N].
                        With "mse"/callable the labels may be None (autoencoder: the target is the input).
     epochs, batch_size the training on the source set (shuffled each epoch; the last batch may be smaller).
-    lr, optimizer      "sgd" (plain, no momentum), "adam" or "adamw" (the preconditioned update
-                       direction is credited, see the module docstring); weight_decay.
+    lr, optimizer      "sgd" (plain, no momentum: the exact case), "adam" or "adamw" (the
+                       preconditioned update direction is credited, see the module docstring);
+                       weight_decay. The defaults (Adam, lr 1e-3, 50 epochs) are chosen so that the
+                       model actually fits: on an under-trained model the target gradient mostly
+                       moves the class prior, every sample of one label gets a common offset, and
+                       flipped labels can rank as valuable (UCI Adult, 20% flipped, seeds 0-4:
+                       SGD lr 0.01 x 10 epochs gave detection AUROC 0.45 +- 0.32 with 4 of 5 seeds
+                       inverted; Adam lr 1e-3 x 50 epochs 0.755 +- 0.096, all seeds 0.70-0.83).
     order              1 (first-order term) or 2 (adds the second-order interaction term; one
                        Hessian-vector product of the target loss per step).
     target_batch_size  None: the target gradient over the whole target set at every step; an int:
@@ -89,10 +95,10 @@ class InRunShapley(Valuation):
     requires_labels = False
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
-                 epochs: int = 10, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
+                 epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, order: int = 1, target_batch_size: int | None = None,
-                 grad_params: Any = None, backend: str = "fast", device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 grad_params: Any = None, backend: str = "fast", device: Any = None,
+                 seed: int | None = None, max_time: float | None = None, progress: bool = True):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, backend, grad_params, model)
         self.model, self.loss = model, loss
         self.epochs = V.check_positive_int(epochs, "epochs")
@@ -125,14 +131,14 @@ class InRunShapley(Valuation):
         opt = make_optimizer(self.optimizer, [p for _, p in trainable], self.lr, self.weight_decay)
         scorer = (FastScorer(model, names, prep.sample_loss, "dot", owner="InRunShapley")
                   if self.backend == "fast" else None)
-        batch_loss = lambda out, y: prep.sample_loss(out, y).mean()     # noqa: E731
+        batch_loss = lambda out, y: prep.sample_loss(out, y).mean()     # noqa: E731  (training)
 
         # Per-sample sums on the device, float64 (one index_add per step, no host sync).
         s1 = torch.zeros(n, dtype=torch.float64, device=dev)
         s2 = torch.zeros(n, dtype=torch.float64, device=dev)
         counts = torch.zeros(n, dtype=torch.int64, device=dev)
         timings = {"setup": time.perf_counter() - t_start, "target": 0.0, "train": 0.0, "values": 0.0}
-        loss_start = self._target_loss(model, batch_loss, xt, yt)
+        loss_start = self._target_loss(model, prep, xt, yt)
         steps, stopped = 0, None
         steps_per_epoch = -(-n // self.batch_size)
         bar = run.progress(self.epochs, "InRunShapley", unit="epoch")
@@ -148,7 +154,7 @@ class InRunShapley(Valuation):
                         tidx = torch.randperm(m, generator=target_gen)[: self.target_batch_size].to(dev)
                         xtb, ytb = xt[tidx], yt[tidx]
                     model.eval()
-                    lt = batch_loss(model(xtb), ytb)
+                    lt = prep.target_loss(model(xtb), ytb)
                     G = torch.autograd.grad(lt, selected, create_graph=self.order == 2, allow_unused=True)
                     G = [torch.zeros_like(p) if g is None else g for g, p in zip(G, selected)]
                     model.train()
@@ -162,15 +168,21 @@ class InRunShapley(Valuation):
                     s2.index_add_(0, idx, c * c)
                     counts.index_add_(0, idx, torch.ones_like(idx))
                     steps += 1
+                    # A diverged training must not return NaN values silently. On CPU the loss is
+                    # read every step (free); on a GPU the sums are checked at epoch ends.
+                    if dev.type == "cpu" and not torch.isfinite(self._last_loss):
+                        self._diverged(epoch, steps - 1, float(self._last_loss))
                     stopped = run.budget.exhausted()
                     if stopped:
                         break
+                if dev.type != "cpu" and not bool(torch.isfinite(s1).all()):
+                    self._diverged(epoch, steps - 1, float("nan"))
                 bar.update(1)
                 if stopped:
                     break
         finally:
             bar.close()
-        loss_end = self._target_loss(model, batch_loss, xt, yt)
+        loss_end = self._target_loss(model, prep, xt, yt)
         counts = counts.cpu().numpy()
         values, stderr = T.finish_sums(s1.cpu().numpy(), s2.cpu().numpy(), counts)
         info = {"n_source": n, "n_target": m, "steps": steps, "steps_planned": self.epochs * steps_per_epoch,
@@ -184,12 +196,16 @@ class InRunShapley(Valuation):
                         stop_reason=stopped, info=info, timings=timings,
                         progress=f"{steps} of {self.epochs * steps_per_epoch} steps")
 
+    def _diverged(self, epoch: int, step: int, value: float):
+        raise ValueError(f"lr: training diverged: the source loss (or a value) is {value} at epoch {epoch}, "
+                         f"step {step}; lower lr (now {self.lr:g}) or check the model and loss for overflow")
+
     @staticmethod
-    def _target_loss(model: nn.Module, batch_loss, xt, yt) -> float:
+    def _target_loss(model: nn.Module, prep, xt, yt) -> float:
         was = model.training
         model.eval()
         with torch.no_grad():
-            v = float(batch_loss(model(xt), yt))
+            v = float(prep.target_loss(model(xt), yt))
         model.train(was)
         return v
 
@@ -209,6 +225,7 @@ class InRunShapley(Valuation):
         else:
             loss = batch_loss(model(xb), yb)
             grads = torch.autograd.grad(loss, tparams, allow_unused=True)
+        self._last_loss = loss.detach()
         for p, g in zip(tparams, grads[:len(tparams)]):
             p.grad = None if g is None else g.detach()
         t1 = time.perf_counter()

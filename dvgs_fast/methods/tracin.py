@@ -71,7 +71,11 @@ class TracIn(Valuation):
     model              nn.Module (deep-copied; its weights are the start) or a zero-argument factory.
     loss               "cross_entropy", "mse", or a callable (output, target) -> per-sample losses [N].
                        With "mse"/callable the labels may be None (autoencoder: the target is the input).
-    epochs, batch_size, lr, optimizer ("sgd" | "adam" | "adamw"), weight_decay   the training.
+    epochs, batch_size, lr, optimizer ("sgd" | "adam" | "adamw"), weight_decay   the training. The
+                       defaults (Adam, lr 1e-3, 50 epochs) fit the model well enough that the
+                       class prior does not dominate the target gradient (UCI Adult, 20% flipped,
+                       seeds 0-4: SGD lr 0.01 x 10 epochs gave AUROC 0.43 +- 0.32, seeds inverted;
+                       these defaults 0.750 +- 0.066).
     n_checkpoints      K checkpoints, evenly spaced over the training steps, the last at its end.
     grad_params        None (all trainable parameters) or names / module-name prefixes compared.
     backend            "fast" (ghost statistics) or "reference" (torch.func per-sample gradients).
@@ -91,7 +95,7 @@ class TracIn(Valuation):
     requires_labels = False
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
-                 epochs: int = 10, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
+                 epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, n_checkpoints: int = 5, grad_params: Any = None,
                  backend: str = "fast", source_batch_size: int = 1024, target_batch_size: int = 1024,
                  shuffle: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
