@@ -97,9 +97,10 @@ def speed_table(run: dict) -> list[str]:
         for name, row in t["impls"].items():
             label = f"{name} (baseline)" if name == base else name
             of = row.get("of_floor")
+            of_s = "–" if of is None else f"{of:.2f}x" + (f" ({row['path']})" if row.get("path") else "")
             lines.append(f"| {g} | {t.get('threads')} | {label} | {_fmt_time(row['cpu_median_s'])} | "
                          f"{_fmt_time(row['wall_median_s'])} | {row['rounds']} | {_ratio(row, 'cpu_ratio')} | "
-                         f"{_ratio(row, 'wall_ratio')} | {'–' if of is None else f'{of:.2f}x'} | {load_s} | "
+                         f"{_ratio(row, 'wall_ratio')} | {of_s} | {load_s} | "
                          f"{_fmt_bytes(ei.get('peak_mem_bytes'))} |")
     return lines
 
