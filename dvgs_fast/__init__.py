@@ -7,29 +7,17 @@ from .result import ValuationResult
 
 __version__ = "0.1.0"
 
-# Methods are imported lazily so that `import dvgs_fast` stays quick and a method's optional
-# dependencies are only needed when that method is used.
-_LAZY = {
-    "DVGS": ("dvgs_fast.methods.dvgs", "DVGS"),
-    "LossVal": ("dvgs_fast.methods.lossval", "LossVal"),
-    "DVRL": ("dvgs_fast.methods.dvrl", "DVRL"),
-    "DataShapley": ("dvgs_fast.methods.shapley", "DataShapley"),
-    "LeaveOneOut": ("dvgs_fast.methods.loo", "LeaveOneOut"),
-    "RandomValuation": ("dvgs_fast.methods.random", "RandomValuation"),
-    "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
-    "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
-    "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
-    "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
-}
+# Methods are imported lazily (dvgs_fast.methods keeps the one list) so that `import dvgs_fast`
+# stays quick and a method's optional dependencies are only needed when that method is used.
+from .methods import __all__ as _METHODS  # noqa: E402  (the package itself imports no method)
 
-__all__ = ["build_info", "ops", "ValuationResult", *_LAZY]
+__all__ = ["build_info", "ops", "ValuationResult", *_METHODS]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        mod, attr = _LAZY[name]
-        value = getattr(importlib.import_module(mod), attr)
+    if name in _METHODS:
+        from . import methods
+        value = getattr(methods, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'dvgs_fast' has no attribute {name!r}")

@@ -31,30 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvgs_fast.methods.dvgs.loop import FrozenStatistics
+
 from .._utils import iter_chunks
 from ._identify import reset_model
-
-
-class _Scoring:
-    """BatchNorm in eval mode and every buffer restored, while the source is scored."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.bn = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        for m in self.bn:
-            m.eval()
-        self.saved = [(b, b.detach().clone()) for b in self.model.buffers()]
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, v in self.saved:
-                b.copy_(v)
-        for m in self.bn:
-            m.train()
-        return False
 
 
 def run_loop(model: nn.Module, *, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
@@ -95,7 +75,7 @@ def run_loop(model: nn.Module, *, xs: torch.Tensor, ys: torch.Tensor, xt: torch.
                         G = {nm: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                              for nm, p in selected}
                         sims = np.empty(n, dtype=np.float64 if xs.dtype == torch.float64 else np.float32)
-                        with _Scoring(model):
+                        with FrozenStatistics(model):
                             if scorer is not None:
                                 target = scorer.target(G)
                             else:

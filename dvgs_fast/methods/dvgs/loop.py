@@ -29,12 +29,12 @@ from dvgs_fast.methods.dvgs.sources import SourceLengthError
 from dvgs_fast.result import stats_from_sums
 
 
-class ScoringMode:
-    """While scoring: BatchNorm in eval mode (running statistics, see method.py), every buffer
-    restored afterwards, and randomness from the snapshot's own stream."""
+class FrozenStatistics:
+    """While scoring: BatchNorm in eval mode (running statistics, see method.py) and every buffer
+    restored afterwards, so scoring never changes the model (also used by dvgs_fast.compat)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, snap_seed: int):
-        self.model, self.device, self.snap_seed = model, device, snap_seed
+    def __init__(self, model: nn.Module):
+        self.model = model
 
     def __enter__(self):
         self.bn = [m for m in self.model.modules()
@@ -42,6 +42,26 @@ class ScoringMode:
         for m in self.bn:
             m.eval()
         self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+        for m in self.bn:
+            m.train()
+        return False
+
+
+class ScoringMode(FrozenStatistics):
+    """FrozenStatistics, with randomness (dropout) from the snapshot's own stream."""
+
+    def __init__(self, model: nn.Module, device: torch.device, snap_seed: int):
+        super().__init__(model)
+        self.device, self.snap_seed = device, snap_seed
+
+    def __enter__(self):
+        super().__enter__()
         self.rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         self.rng.__enter__()
         torch.manual_seed(self.snap_seed)
@@ -49,12 +69,7 @@ class ScoringMode:
 
     def __exit__(self, *exc):
         self.rng.__exit__(*exc)
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        for m in self.bn:
-            m.train()
-        return False
+        return super().__exit__(*exc)
 
 
 def snapshot_seed(seed: int, k: int) -> int:
