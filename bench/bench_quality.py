@@ -54,6 +54,13 @@ def _metric(m):
 
 
 def _record(benchmark, method, dataset, results, key="auroc"):
+    # A wall-clock budget (--max-time) on a loaded machine can stop a run before it valued enough
+    # samples for the metric: record how far each seed got instead of a number.
+    benchmark.extra_info["runs"] = [{"status": r.get("status"), "progress": r.get("progress"),
+                                     "n_valued": r.get("n_valued")} for r in results]
+    if any(key not in _metric(r) for r in results):
+        benchmark.extra_info.update(method=method, dataset=dataset, metric=key, metric_missing=True)
+        return
     vals = [float(_metric(r)[key]) for r in results]
     benchmark.extra_info.update(method=method, dataset=dataset, seeds=list(SEEDS), metric=key,
                                 **{key: vals, f"{key}_mean": statistics.mean(vals),

@@ -219,7 +219,7 @@ def write_report(paths: list[str], out: Path, title: str, notes: list[str] | Non
     rows = quality_rows(runs)
     if rows:
         lines += ["## Quality: detection AUROC of corrupted samples (mean ± std over seeds)", "",
-                  "| method | dataset | AUROC | seeds |", "|---|---|---:|---:|"]
+                  "| method | dataset | AUROC | runs |", "|---|---|---:|---:|"]
         for (m, d), v in sorted(rows.items()):
             sd = statistics.pstdev(v) if len(v) > 1 else 0.0
             lines.append(f"| {m} | {d} | {statistics.mean(v):.3f} ± {sd:.3f} | {len(v)} |")
