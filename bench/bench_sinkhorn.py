@@ -3,7 +3,7 @@ same result) and the pure-PyTorch tensorized reference, float32, blur 0.05, scal
 debiased; plus LossVal's shapes and the kernel's floor. Every comparison is measured in one run,
 interleaved, at a pinned thread count, in CPU and wall time (bench/_timing.py).
 
-    pytest bench/bench_sinkhorn.py -m "not slow"   # N = M = 1k..4k, LossVal shapes, floor (~8 min)
+    pytest bench/bench_sinkhorn.py -m "not slow"   # N = M = 1k..4k, LossVal shapes, floor (~20 min)
     pytest bench/bench_sinkhorn.py                 # + N = 16k (geomloss: 4 GB of cost matrices), 50k (ours)
 
 Rows named "(avx2)" force the kernel's AVX2 variant (DVGS_FAST_CPU_ISA=avx2) on a CPU that has
