@@ -1,7 +1,8 @@
 """Benchmarks: `pytest bench -m "not slow"` is the quick subset (~45 min of wall time on the
 shared 2-core machine, most of it geomloss's side of the Sinkhorn comparisons); `pytest bench`
-runs everything (hours). Every benchmark times itself with bench/_timing.py. Save results with --benchmark-json=RESULTS.json and turn them
-into bench/REPORT.md with `python bench/report.py RESULTS.json`."""
+runs everything (hours). Every benchmark times itself with bench/_timing.py. Save results with
+--benchmark-json=RESULTS.json and turn them into bench/REPORT.md with
+`python bench/report.py RESULTS.json`."""
 import sys
 from pathlib import Path
 
