@@ -256,10 +256,11 @@ DVGS_INLINE void dot_tile(const T* x, int64_t d, const T* pan, int nc, T* S) {
 // ------------------------------------------------------------------------------------------
 // Log-sum-exp over one tile of pair terms, both directions. A term is a = h + c * S (log2
 // units): for p = 2, S the dot products and c = log2(e) / eps; the point offsets h carry the
-// weights, the potentials and the |p|^2 / (2 eps) parts. Each direction takes two sweeps over
-// the tile (L1-resident): the maxima, then the sum of 2^(a - max), so every term costs one exp2
-// and the online state is rescaled once per tile. A row (column) whose tile maximum lies
-// 2^kSkip below its running maximum skips the exp2 sweep: at small eps most of a row's tiles do.
+// weights, the potentials and the |p|^2 / (2 eps) parts (p = 1: S holds -|x - y|). Each
+// direction takes two sweeps over the tile (L1/L2-resident): the maxima, then the sum of
+// 2^(a - max), so every term costs one exp2 and the online state is rescaled once per tile.
+// A row (column) lane group whose tile maximum lies kSkip (log2 units) below its running
+// maximum skips the exp2 sweep: at small eps most of a row's tiles do.
 // ------------------------------------------------------------------------------------------
 
 // Row direction: rows [0, nr) of S[.][nc], column offsets hc[0, nc). State per row and lane
