@@ -1,7 +1,7 @@
 """Produce bench/QUALITY.md: every registered method on the DVGS paper's label-corruption
 experiments (Adult = exp1, BlogFeedback = exp2), each beside its published anchor.
 
-    nice -n 10 python3 bench/quality/run_quality.py                 # the full run (~30-40 min, 2 cores)
+    nice -n 10 python3 bench/quality/run_quality.py                 # the full run (15-35 min on the shared 2-core machine)
     python3 bench/quality/run_quality.py --report-only              # rewrite QUALITY.md from the results
     python3 bench/quality/run_quality.py --datasets adult --seeds 0 --budget 10    # a quick look
 
