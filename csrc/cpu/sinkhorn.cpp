@@ -334,8 +334,6 @@ int64_t cache_budget_bytes() {
 // does (bench/bench_sinkhorn.py measures both paths), so the cache is not worth its memory.
 constexpr int64_t kCacheMinD = 16;
 
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
-
 // at::parallel_for over [0, n_tasks) only when the pass is big enough to pay for waking the
 // thread pool (cost ~ pairs * (d + exp)); small passes -- LossVal's batches -- run inline.
 template <typename F>
