@@ -6,8 +6,8 @@ that, ``<repo>/../shared/data``. Tests that need it take the ``data_root`` fixtu
 is absent. ``data_file("lincs/modzs_n272x978.gctx")`` additionally skips when one particular file
 is missing, so a partial data folder still runs what it can.
 
-This module deliberately imports nothing from ``dvgs_fast`` so that a broken package import
-cannot take every test module's fixtures down with it.
+This module deliberately imports nothing from ``dvgs_fast`` (torch only) so that a broken package
+import cannot take every test module's fixtures down with it.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,3 +59,15 @@ def data_file(data_root: Path):
         return p
 
     return _get
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Every test module runs with one intra-op thread: the models are tiny, so one thread is
+    fastest and immune to OpenMP spin-waits on a shared 2-core machine, and subprocess workers
+    (fault injection, torchrun) use the same float reduction order. Tests about thread counts
+    set them themselves."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

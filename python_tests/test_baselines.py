@@ -24,15 +24,6 @@ from dvgs_fast.evaluate import detection_auroc
 ALL = (DVRL, DataShapley, LeaveOneOut, RandomValuation)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest (and stable) on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def bc():
     ds = load_breast_cancer()

@@ -26,14 +26,6 @@ from dvgs_fast.compat import _storage as S
 from dvgs_fast.methods.dvgs import DVGS as Native
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------- data
 def _classification(n_source=120, n_target=60, d=8, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)

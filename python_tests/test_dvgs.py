@@ -13,16 +13,6 @@ from dvgs_fast.methods.dvgs import loop as dvgs_loop
 ATOL = RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: one intra-op thread is fastest, and it avoids OpenMP spin-waits
-    # when the 2 CI cores are shared with other test processes.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=60, m=24, d=6, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     xs, xt = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)

@@ -34,14 +34,6 @@ def adult_task(data_root, seed: int):
     return sp.x_source, y_noisy, sp.x_target, sp.y_target, flipped
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)     # small matrices: one thread is as fast and immune to shared cores
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_adult_flipped_label_detection(data_root):
     from dvgs_fast.evaluate import detection_auroc

@@ -19,14 +19,6 @@ from dvgs_fast.methods.dvrl import (RunningScale, TooFewIterationsWarning, Value
                                     reinforce_loss, reinforce_update)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def bc():
     ds = load_breast_cancer()

@@ -55,14 +55,6 @@ def run_case(checkpoint_dir=None, model=None, **over):
     return DVGS(model or case_model(), checkpoint_dir=checkpoint_dir, **kw).fit(*case_data())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)          # as the workers: the same float reduction order
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted():
     return run_case()

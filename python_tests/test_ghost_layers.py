@@ -13,14 +13,6 @@ from torch import nn
 from dvgs_fast.methods.dvgs.fast import FastScorer, SlowRouteWarning
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
 

@@ -14,15 +14,6 @@ from dvgs_fast.methods.lossval import batch_ot, lossval_batch_loss
 geomloss = pytest.importorskip("geomloss", reason="geomloss is a test dependency (pip install geomloss)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # LossVal's batches are small: one thread is fastest and immune to a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def original_batch_loss(out, y, x_batch, x_target, w, n_classes):
     """LossVal's published formula: softmax outputs, one-hot targets, geomloss Sinkhorn."""
     prob = torch.softmax(out, dim=1)

@@ -18,14 +18,6 @@ from dvgs_fast.methods import DVGS, DVRL, DataShapley, LeaveOneOut, LossVal, Ran
 SIZES = [(1, 5), (5, 1), (1, 1)]          # (N_source, N_target)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n_source: int, n_target: int, d: int = 4, seed: int = 0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     xs = torch.randn(n_source, d, generator=g, dtype=torch.float64).to(dtype)

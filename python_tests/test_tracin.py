@@ -18,14 +18,6 @@ from dvgs_fast.methods.base import BudgetWarning
 from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=14, m=9, d=4, classes=3, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     xs, xt = torch.randn(n, d, generator=g, dtype=dtype), torch.randn(m, d, generator=g, dtype=dtype)
