@@ -259,3 +259,49 @@ def prepare_inputs(x_source: Any, y_source: Any, x_target: Any, y_target: Any, *
     return Prepared(xs.to(device=device, dtype=dtype), ys.to(device=device, dtype=ydt),
                     xt.to(device=device, dtype=dtype), yt.to(device=device, dtype=ydt),
                     classification, n_classes, out_dim, device)
+
+
+# ------------------------------------------------------------------ shared by the gradient methods
+def labels_for_loss(y: Any, x: torch.Tensor, name: str, loss: Any) -> torch.Tensor | None:
+    """Labels of a gradient method (DVGS, TracIn, In-Run Shapley): None means "the target is the
+    input" (autoencoders; refused for cross-entropy); a callable loss gets any finite array."""
+    if y is None:
+        if loss == "cross_entropy":
+            raise ValueError(f"{name}: labels are required for loss='cross_entropy'")
+        return None
+    if loss in LOSSES:
+        t = as_labels(y, name, loss=loss)
+    else:
+        t = y.detach() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
+        if t.dim() == 0 or t.shape[0] == 0:
+            raise ValueError(f"{name}: is empty (0 labels)")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN/Inf")
+    check_same_length(x, t, "x_source" if name == "y_source" else "x_target", name)
+    return t
+
+
+def resolve_grad_params(model: torch.nn.Module, grad_params: Any) -> list[str]:
+    """Parameter names selected by `grad_params` (None: every trainable parameter; else exact
+    names or module-name prefixes, e.g. "net.4" selects net.4.weight and net.4.bias), in the
+    model's order. Every entry must select something, and only parameters that require grad."""
+    named = dict(model.named_parameters())
+    if not any(p.requires_grad for p in named.values()):
+        raise ValueError("model: has no trainable parameters")
+    if grad_params is None:
+        return [n for n, p in named.items() if p.requires_grad]
+    entries = [grad_params] if isinstance(grad_params, str) else list(grad_params)
+    if not entries or not all(isinstance(e, str) for e in entries):
+        raise ValueError(f"grad_params: expected None or a list of parameter names, got {grad_params!r}")
+    names: list[str] = []
+    for entry in entries:
+        hit = [n for n in named if n == entry or n.startswith(entry + ".")]
+        if not hit:
+            raise ValueError(f"grad_params: {entry!r} names no parameter of the model "
+                             f"(parameters: {', '.join(list(named)[:20])}{', ...' if len(named) > 20 else ''})")
+        frozen = [n for n in hit if not named[n].requires_grad]
+        if frozen:
+            raise ValueError(f"grad_params: {frozen[0]!r} does not require grad")
+        names += [n for n in hit if n not in names]
+    order = {n: i for i, n in enumerate(named)}
+    return sorted(names, key=order.__getitem__)

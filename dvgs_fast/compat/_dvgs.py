@@ -53,26 +53,6 @@ def _same_data(y: Any, x: Any, xt: torch.Tensor) -> bool:
     return False
 
 
-def _select_names(model: nn.Module, grad_params: Any) -> list[str]:
-    """The original's grad_params: parameter names (module prefixes also work, as in the engine)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if grad_params is None:
-        return [n for n, _ in params]
-    entries = [grad_params] if isinstance(grad_params, str) else list(grad_params)
-    if not entries or not all(isinstance(e, str) for e in entries):
-        raise ValueError(f"grad_params: expected None or a list of parameter names, got {grad_params!r}")
-    all_named = dict(model.named_parameters())
-    names: list[str] = []
-    for e in entries:
-        hit = [n for n in all_named if n == e or n.startswith(e + ".")]
-        if not hit:
-            raise ValueError(f"grad_params: {e!r} names no parameter of the model (parameters: "
-                             f"{', '.join(list(all_named)[:20])}{', ...' if len(all_named) > 20 else ''})")
-        names += [n for n in hit if n not in names]
-    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return sorted(names, key=order.__getitem__)
-
-
 class DVGS:
     """Drop-in for the original ``DVGS`` class: ``from dvgs_fast.compat import DVGS``.
 
@@ -167,7 +147,7 @@ class DVGS:
             V.check_same_length(xs, ys, "x_source", "y_source")
             V.check_same_length(xt, yt, "x_target", "y_target")
         model = self.model
-        names = _select_names(model, grad_params)
+        names = V.resolve_grad_params(model, grad_params)   # names or module prefixes, as the engine
         device = self._device(use_cuda, verbose)
         model.to(device)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -75,45 +75,6 @@ class Prepared:
         return self.sample_loss(out, y).mean()
 
 
-def _labels(y, x, name: str, loss: Any) -> torch.Tensor | None:
-    if y is None:
-        if loss == "cross_entropy":
-            raise ValueError(f"{name}: labels are required for loss='cross_entropy'")
-        return None
-    if loss in V.LOSSES:
-        t = V.as_labels(y, name, loss=loss)
-    else:
-        t = y.detach() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
-        if t.dim() == 0 or t.shape[0] == 0:
-            raise ValueError(f"{name}: is empty (0 labels)")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: contains NaN/Inf")
-    V.check_same_length(x, t, "x_source" if name == "y_source" else "x_target", name)
-    return t
-
-
-def resolve_grad_params(model: nn.Module, grad_params: list[str] | None) -> list[str]:
-    """Parameter names selected by exact names or module-name prefixes (None: all trainable)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no trainable parameters")
-    if grad_params is None:
-        return [n for n, _ in params]
-    all_named = dict(model.named_parameters())
-    names: list[str] = []
-    for entry in grad_params:
-        hit = [n for n in all_named if n == entry or n.startswith(entry + ".")]
-        if not hit:
-            raise ValueError(f"grad_params: {entry!r} names no parameter of the model "
-                             f"(parameters: {', '.join(list(all_named)[:20])}{', ...' if len(all_named) > 20 else ''})")
-        frozen = [n for n in hit if not all_named[n].requires_grad]
-        if frozen:
-            raise ValueError(f"grad_params: {frozen[0]!r} does not require grad")
-        names += [n for n in hit if n not in names]
-    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return sorted(names, key=order.__getitem__)
-
-
 def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss: Any, set_name: str) -> torch.Tensor:
     """One eval-mode forward on (at most) two rows: output/label mismatches fail now, not mid-run."""
     was = model.training
@@ -166,7 +127,7 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     source = as_source(x_source, y_source) if chunked else None
     xt = V.as_float_tensor(x_target, "x_target")
     V.check_same_features(source if chunked else xs, xt, "x_source", "x_target")
-    yt = _labels(y_target, xt, "y_target", method.loss)
+    yt = V.labels_for_loss(y_target, xt, "y_target", method.loss)
     if chunked:
         source_labels = yt is not None and source.has_labels
         if yt is not None and not source_labels:
@@ -174,7 +135,7 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
                              "or pass y_source as an array")
         ys = None
     else:
-        ys = _labels(y_source, xs, "y_source", method.loss)
+        ys = V.labels_for_loss(y_source, xs, "y_source", method.loss)
         source_labels = ys is not None
         if (ys is None) != (yt is None):
             raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
@@ -183,7 +144,7 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
         raise ValueError("y_source: labels are required for loss='cross_entropy'")
     shuffle = seed_everything(seed)
     model = build_model(method.model, "model")
-    names = resolve_grad_params(model, method.grad_params)
+    names = V.resolve_grad_params(model, method.grad_params)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.to(device)
     xt = xt.to(device=device, dtype=dtype)

@@ -94,48 +94,17 @@ class LeaveOneOut(Valuation):
         else:
             full = float(refitter.score(refitter.train(theta0, X, Y, torch.ones(N, dtype=X.dtype, device=X.device)),
                                         Xt, Yt))
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(run.seed))
-        t_setup = time.perf_counter() - t0
-        values = np.zeros(N, dtype=np.float64)
-        counts = np.zeros(N, dtype=np.int64)
-        budget = run.budget
-        budget.max_iterations = self.max_points
-        done = 0
-        stopped = None
-        total = N if self.max_points is None else min(N, self.max_points)
-        bar = run.progress(total, "Leave-one-out", unit="point")
-        try:
-            while done < N:
-                stopped = budget.exhausted(done)
-                if stopped:
-                    break
-                if self.batched:
-                    step = min(self.batch_size, N - done)
-                    if self.max_points is not None:
-                        step = min(step, self.max_points - done)
-                    idx = order[done:done + step].to(X.device)
-                    scores = loo_batched_scores(grid, X, Y, Xt, Yt, idx)
-                    rows = idx.cpu().numpy()
-                else:
-                    step = 1
-                    i = int(order[done])
-                    keep = torch.cat([torch.arange(0, i), torch.arange(i + 1, N)]).to(X.device)
-                    p = refitter.train(theta0, X[keep], Y[keep], torch.ones(N - 1, dtype=X.dtype, device=X.device))
-                    scores = float(refitter.score(p, Xt, Yt))
-                    rows = i
-                values[rows] = full - scores
-                counts[rows] = 1
-                done += step
-                bar.update(step)
-        finally:
-            bar.close()
-        return Estimate(values=values, counts=counts,
-                        status="stopped" if stopped else "completed",
-                        stop_reason={"max_iterations": "max_points"}.get(stopped, stopped),
-                        progress=f"{done} of {N} points",
-                        info={"metric": metric, "full_score": full, "points_done": done,
-                              "engine": grid.engine if self.batched else "sequential"},
-                        timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})
+        if self.batched:
+            def score_points(idx: np.ndarray) -> np.ndarray:
+                return loo_batched_scores(grid, X, Y, Xt, Yt, torch.as_tensor(idx, device=X.device))
+        else:
+            def score_points(idx: np.ndarray) -> np.ndarray:
+                i = int(idx[0])
+                keep = torch.cat([torch.arange(0, i), torch.arange(i + 1, N)]).to(X.device)
+                p = refitter.train(theta0, X[keep], Y[keep], torch.ones(N - 1, dtype=X.dtype, device=X.device))
+                return np.array([float(refitter.score(p, Xt, Yt))])
+        return self._points_loop(run, N, full, score_points, self.batch_size if self.batched else 1, t0,
+                                 info={"metric": metric, "engine": grid.engine if self.batched else "sequential"})
 
     def _fit_sklearn(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         """Leave-one-out refits of clones of an sklearn estimator, in rounds of `batch_size` points
@@ -154,27 +123,36 @@ class LeaveOneOut(Valuation):
         refit = SklearnRefit(self.model, classification=data.classification, n_classes=data.n_classes,
                              metric=metric, seed=run.seed % (2 ** 32), n_jobs=self.n_jobs)
         full = refit.fit_score(X, Y, Xt, Yt)
+        everyone = np.arange(N)
+
+        def score_points(idx: np.ndarray) -> np.ndarray:
+            return refit.fit_score_many(X, Y, Xt, Yt, [np.delete(everyone, i) for i in idx])
+
+        return self._points_loop(run, N, full, score_points, self.batch_size, t0,
+                                 info={"metric": metric, "engine": "sklearn"})
+
+    def _points_loop(self, run: Run, N: int, full: float, score_points, step_size: int, t0: float,
+                     info: dict) -> Estimate:
+        """Every engine's budgeted loop: points in a seeded random order (so a stopped run has
+        valued a uniform random subset), `step_size` at a time; value = full - score without it."""
         order = torch.randperm(N, generator=torch.Generator().manual_seed(run.seed)).numpy()
         t_setup = time.perf_counter() - t0
         values = np.zeros(N, dtype=np.float64)
         counts = np.zeros(N, dtype=np.int64)
-        budget = run.budget
-        budget.max_iterations = self.max_points
+        run.budget.max_iterations = self.max_points
         done, stopped = 0, None
         total = N if self.max_points is None else min(N, self.max_points)
-        everyone = np.arange(N)
         bar = run.progress(total, "Leave-one-out", unit="point")
         try:
             while done < N:
-                stopped = budget.exhausted(done)
+                stopped = run.budget.exhausted(done)
                 if stopped:
                     break
-                step = min(self.batch_size, N - done)
+                step = min(step_size, N - done)
                 if self.max_points is not None:
                     step = min(step, self.max_points - done)
                 idx = order[done:done + step]
-                scores = refit.fit_score_many(X, Y, Xt, Yt, [np.delete(everyone, i) for i in idx])
-                values[idx] = full - scores
+                values[idx] = full - np.asarray(score_points(idx), dtype=np.float64)
                 counts[idx] = 1
                 done += step
                 bar.update(step)
@@ -184,5 +162,5 @@ class LeaveOneOut(Valuation):
                         status="stopped" if stopped else "completed",
                         stop_reason={"max_iterations": "max_points"}.get(stopped, stopped),
                         progress=f"{done} of {N} points",
-                        info={"metric": metric, "full_score": full, "points_done": done, "engine": "sklearn"},
+                        info={**info, "full_score": full, "points_done": done},
                         timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})

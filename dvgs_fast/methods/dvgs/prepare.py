@@ -93,44 +93,6 @@ def cast_labels(y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | No
     return y.to(dtype) if y.is_floating_point() else y.long()
 
 
-def _labels(cfg, y, x, name: str) -> torch.Tensor | None:
-    is_ce = cfg.loss == "cross_entropy"
-    if y is None:
-        if is_ce:
-            raise ValueError(f"{name}: labels are required for loss='cross_entropy'")
-        return None                                  # autoencoder: the target is the input
-    if is_ce or cfg.loss == "mse":
-        t = V.as_labels(y, name, loss=cfg.loss)
-    else:
-        t = y.detach() if isinstance(y, torch.Tensor) else torch.as_tensor(np.asarray(y))
-        if t.dim() == 0 or t.shape[0] == 0:
-            raise ValueError(f"{name}: is empty (0 labels)")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: contains NaN/Inf")
-    V.check_same_length(x, t, "x_source" if name == "y_source" else "x_target", name)
-    return t
-
-
-def _resolve_grad_params(cfg, model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> list[str]:
-    """grad_params: exact names or module prefixes; each entry must select something."""
-    if cfg.grad_params is None:
-        return [n for n, _ in params]
-    all_named = dict(model.named_parameters())
-    names: list[str] = []
-    for entry in cfg.grad_params:
-        hit = [n for n in all_named if n == entry or n.startswith(entry + ".")]
-        if not hit:
-            raise ValueError(f"grad_params: {entry!r} names no parameter of the model "
-                             f"(parameters: {', '.join(list(all_named)[:20])}"
-                             f"{', ...' if len(all_named) > 20 else ''})")
-        frozen = [n for n in hit if not all_named[n].requires_grad]
-        if frozen:
-            raise ValueError(f"grad_params: {frozen[0]!r} does not require grad")
-        names += [n for n in hit if n not in names]
-    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    return sorted(names, key=order.__getitem__)
-
-
 @contextlib.contextmanager
 def _eval_probe(model: nn.Module):
     """A quick eval-mode, no-grad forward: no dropout randomness, no BatchNorm update."""
@@ -242,9 +204,9 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
                              "yields (x, y) chunks, or pass y_source as an array)")
         ys = None
     else:
-        ys = _labels(cfg, y_source, xs, "y_source")
+        ys = V.labels_for_loss(y_source, xs, "y_source", cfg.loss)
         source_labels = ys is not None
-    yt = _labels(cfg, y_target, xt, "y_target")
+    yt = V.labels_for_loss(y_target, xt, "y_target", cfg.loss)
     if source_labels != (yt is not None):
         raise ValueError(f"{'y_target' if yt is None else 'y_source'}: is None but "
                          f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
@@ -270,7 +232,7 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
     yt = cast_labels(yt, dtype)
     if xs is not None:
         source = TensorSource(xs.to(dtype), cast_labels(ys, dtype))
-    names = _resolve_grad_params(cfg, model, params)
+    names = V.resolve_grad_params(model, cfg.grad_params)
 
     # The model's output against each set's targets, on at most two rows of each (N = 1 works).
     m = min(2, int(xt.shape[0]))
