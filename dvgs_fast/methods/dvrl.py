@@ -283,7 +283,7 @@ class DVRL(Valuation):
         metric = resolve_metric(self.metric, self.loss, n_classes=data.n_classes, default_cls="neg_log_loss")
         if metric == "r2":
             raise ValueError("metric: 'r2' is not a DVRL reward; use 'neg_mse' or 'neg_mae'")
-        X, Y, Xt, Yt = data.x_source, data.y_source, data.x_target, data.y_target
+        X, Y = data.x_source, data.y_source
         N = data.n_source
         B = min(self.batch_size, N)
         K = self.n_samples

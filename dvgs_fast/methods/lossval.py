@@ -29,7 +29,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V

@@ -20,7 +20,7 @@ its buffers, which keeps refits deterministic. Use models without train-time ran
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

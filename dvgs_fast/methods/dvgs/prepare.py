@@ -151,7 +151,7 @@ def _check_batchnorm_batches(model: nn.Module, xt: torch.Tensor, batch_size: int
             model.train()
             model(xt[:1].to(device))
     except ValueError as exc:
-        where = (f"x_target: has 1 sample" if n == 1 else
+        where = ("x_target: has 1 sample" if n == 1 else
                  f"target_batch_size: {n} target samples in mini-batches of {batch_size} leave one of 1 sample")
         raise ValueError(f"{where}, which BatchNorm ({bns[0]}) cannot normalise in train mode ({exc}); "
                          f"{'add target samples' if n == 1 else 'choose another target_batch_size'}") from None

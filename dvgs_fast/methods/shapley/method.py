@@ -23,7 +23,6 @@ refit); the permutations of a round run in parallel on `n_jobs` joblib workers (
 from __future__ import annotations
 
 import time
-import warnings
 from typing import Any
 
 import numpy as np
