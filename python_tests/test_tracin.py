@@ -185,6 +185,28 @@ def test_checkpoint_resume_matches_uninterrupted(tmp_path, monkeypatch, kill_aft
         _fit(model, data, checkpoint_dir=tmp_path, lr=0.2, **kw)
 
 
+def test_checkpoint_files_and_lock_are_named_after_tracin(tmp_path):
+    """TracIn's files and lock are its own: a DVGS run holding the same folder does not block it,
+    another TracIn run does, and the error names TracIn."""
+    data = _data(n=9, dtype=torch.float32)
+    model = _mlp(seed=2, dtype=torch.float32)
+    kw = dict(epochs=1, batch_size=4, n_checkpoints=2)
+    dvgs_lock = ckpt_mod.DirLock(ckpt_mod.CheckpointFiles(tmp_path)).acquire()
+    try:
+        _fit(model, data, checkpoint_dir=tmp_path, **kw)
+    finally:
+        dvgs_lock.release()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"tracin_checkpoint.pt", "tracin_sums.npy", "tracin.lock"} <= names
+    assert not any(n.startswith("dvgs_") for n in names)
+    other = ckpt_mod.DirLock(ckpt_mod.CheckpointFiles(tmp_path, method="TracIn")).acquire()
+    try:
+        with pytest.raises(ValueError, match="in use by another TracIn run"):
+            _fit(model, data, checkpoint_dir=tmp_path, **kw)
+    finally:
+        other.release()
+
+
 # ------------------------------------------------------------------------------ torchrun
 def _tracin_case(n=22, block=4, checkpoint_dir=None):
     """A small case both the parent and the 2 gloo workers run."""
@@ -244,7 +266,7 @@ def test_two_gloo_ranks_equal_single_process(tmp_path, monkeypatch):
         np.testing.assert_allclose(out["plain"]["values"], single["values"], rtol=1e-6, atol=1e-9)
         np.testing.assert_array_equal(out["ckpt"]["values"], out["plain"]["values"])
         assert out["plain"]["world"] == 2
-        assert {"dvgs_checkpoint.rank0.pt", "dvgs_checkpoint.rank1.pt"} <= set(out["files"])
+        assert {"tracin_checkpoint.rank0.pt", "tracin_checkpoint.rank1.pt"} <= set(out["files"])
     assert got[0][1]["plain"]["shard"] == [0, 12] and got[1][1]["plain"]["shard"] == [12, 22]
 
 

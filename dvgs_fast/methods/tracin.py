@@ -127,7 +127,8 @@ class TracIn(Valuation):
         try:
             files = None
             if self.checkpoint_dir is not None:
-                files = ckpt_mod.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None)
+                files = ckpt_mod.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None,
+                                                 method="TracIn")
                 lock = ckpt_mod.DirLock(files).acquire()
             state = ckpt_mod.read_state(files) if files is not None else None
             seed = self.seed if self.seed is not None else (int(state["seed"]) if state is not None else run.seed)

@@ -15,6 +15,9 @@ rank):
   process is refused, a lock left by a dead process is taken over (the kernel releases the lock
   of a killed process).
 
+Other methods that checkpoint through this module name the files after themselves (TracIn:
+``tracin_checkpoint.pt``, ``tracin_sums.npy``, ``tracin.lock``; ``CheckpointFiles.method``).
+
 The run's *fingerprint* (settings, seed, the data, the model's structure and initial weights,
 the loss) is stored in the state; resuming with anything different is refused with a message
 saying what differs. Every problem is one ``ValueError`` line naming ``checkpoint_dir`` and the
@@ -60,29 +63,35 @@ def checkpoint_error(directory: Path, what: str) -> CheckpointError:
 
 @dataclass(frozen=True)
 class CheckpointFiles:
-    """The paths one process uses in ``directory`` (``rank`` None: a single-process run)."""
+    """The paths one process uses in ``directory`` (``rank`` None: a single-process run).
+
+    ``method`` names the files (``dvgs_checkpoint.pt``, ``tracin_checkpoint.pt``, ...) and the
+    errors: each method that checkpoints through this module has its own files and lock, so a
+    DVGS and a TracIn run sharing a folder neither block nor misread each other."""
 
     directory: Path
     rank: int | None = None
+    method: str = "DVGS"
 
     def _name(self, stem: str, suffix: str) -> Path:
-        return self.directory / (f"{stem}{'' if self.rank is None else f'.rank{self.rank}'}{suffix}")
+        return self.directory / (f"{self.method.lower()}{stem}{'' if self.rank is None else f'.rank{self.rank}'}"
+                                 f"{suffix}")
 
     @property
     def state(self) -> Path:
-        return self._name("dvgs_checkpoint", ".pt")
+        return self._name("_checkpoint", ".pt")
 
     @property
     def sums(self) -> Path:
-        return self._name("dvgs_sums", ".npy")
+        return self._name("_sums", ".npy")
 
     @property
     def snapshots(self) -> Path:
-        return self._name("dvgs_snapshots", ".npy")
+        return self._name("_snapshots", ".npy")
 
     @property
     def lock_path(self) -> Path:
-        return self._name("dvgs", ".lock")
+        return self._name("", ".lock")
 
     def error(self, what: str) -> CheckpointError:
         return checkpoint_error(self.directory, what)
@@ -126,8 +135,8 @@ class DirLock:
             except OSError:
                 holder = _read_holder(fd)
                 os.close(fd)
-                raise CheckpointError(f"checkpoint_dir: {path.parent} is in use by another DVGS run "
-                                      f"({holder}); wait for it to finish or pass another checkpoint_dir") from None
+                raise CheckpointError(f"checkpoint_dir: {path.parent} is in use by another {self.files.method} "
+                                      f"run ({holder}); wait for it to finish or pass another checkpoint_dir") from None
             try:                            # the file we locked must still be the one at `path`
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -145,7 +154,7 @@ class DirLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
-            raise CheckpointError(f"checkpoint_dir: {path.parent} is in use by another DVGS run "
+            raise CheckpointError(f"checkpoint_dir: {path.parent} is in use by another {self.files.method} run "
                                   f"({path.read_text().strip() or 'unknown pid'}); if no such process runs, "
                                   f"delete {path}") from None
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
@@ -211,7 +220,7 @@ def read_state(files: CheckpointFiles) -> dict | None:
         raise files.error(f"{path.name} is {'empty' if not data else f'truncated ({len(data)} bytes)'}")
     magic, fmt, size, digest = _HEADER.unpack_from(data)
     if magic != _MAGIC:
-        raise files.error(f"{path.name} is not a DVGS checkpoint of this version (an older format, or "
+        raise files.error(f"{path.name} is not a {files.method} checkpoint of this version (an older format, or "
                           f"overwritten)")
     if fmt != FORMAT:
         raise files.error(f"{path.name} has checkpoint format {fmt}, this version reads {FORMAT}")
@@ -225,7 +234,7 @@ def read_state(files: CheckpointFiles) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - any failure to decode means the same thing here
         raise files.error(f"{path.name} cannot be read ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise files.error(f"{path.name} holds no DVGS state")
+        raise files.error(f"{path.name} holds no {files.method} state")
     return state
 
 
@@ -237,7 +246,7 @@ def open_store(files: CheckpointFiles | None, n: int, *, state: dict | None, n_s
         store = ValuesStore(n, None if files is None else files.directory, resume=resume,
                             n_snapshots=n_snapshots, keep_snapshots=keep_snapshots,
                             snapshot_dtype=snapshot_dtype,
-                            sums_name=(files.sums.name if files else "dvgs_sums.npy"),
+                            sums_name=(files.sums.name if files else "dvgs_sums.npy"),      # no folder: names unused
                             snap_name=(files.snapshots.name if files else "dvgs_snapshots.npy"))
     except StoreFileError as exc:
         raise files.error(str(exc)) from None
