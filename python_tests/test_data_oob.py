@@ -107,6 +107,45 @@ def test_max_time_stops():
     assert any(issubclass(x.category, BudgetWarning) for x in w)
 
 
+class _SlowLogistic:
+    """An sklearn estimator whose fit sleeps: a round of 100 would take 5 s."""
+
+    def __init__(self):
+        from sklearn.linear_model import LogisticRegression
+        self.inner = LogisticRegression(max_iter=50)
+
+    def get_params(self, deep=True):
+        return {}
+
+    def set_params(self, **params):
+        return self
+
+    def fit(self, X, y, sample_weight=None):
+        import time
+        time.sleep(0.05)
+        self.inner.fit(X, y)
+        self.classes_ = self.inner.classes_
+        return self
+
+    def predict(self, X):
+        return self.inner.predict(X)
+
+
+def test_max_time_shrinks_rounds_of_slow_models():
+    """The budget is checked between rounds; rounds are sized from the measured cost per model,
+    so a slow model stops near max_time instead of a whole 100-model round (5 s) later."""
+    import time
+    X, y, Xt, yt = _data(3, 40)
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BudgetWarning)
+        res = DataOOB(model=_SlowLogistic(), n_estimators=200, batch_size=100, n_jobs=1, max_time=0.6,
+                      seed=0, progress=False).fit(X, y, Xt, yt)
+    wall = time.perf_counter() - t0
+    assert res.status == "stopped" and 0 < res.info["models_done"] < 100
+    assert wall < 2.5, wall
+
+
 def test_bad_input():
     X, y, Xt, yt = _data(3, 10)
     for kw, name in [(dict(n_estimators=0), "n_estimators"), (dict(max_samples=1.5), "max_samples"),

@@ -56,7 +56,8 @@ class DataOOB(Valuation):
     refit_steps, refit_lr, refit_optimizer, weight_decay, hidden_dim, batch_engine, dtype : the
         torch refit procedure, as in LeaveOneOut / DataShapley (ignored for sklearn estimators).
     batch_size : bootstrap models trained at once (torch) / handed to the workers per round
-        (sklearn); the budget is checked between rounds.
+        (sklearn); the budget is checked between rounds, and once a round's cost is known a
+        round is shrunk to what the time left affords.
     n_jobs : joblib workers for sklearn estimators (None: in this process; -1: all cores).
     max_time : wall-clock budget; a stopped run averages the models trained so far.
     """
@@ -125,6 +126,7 @@ class DataOOB(Valuation):
             engine = score_batch.engine
         t_setup = time.perf_counter() - t0
         done, stopped = 0, None
+        per_model = None                       # seconds per model, measured on the rounds so far
         bar = run.progress(self.n_estimators, "Data-OOB", unit="model")
         try:
             while done < self.n_estimators:
@@ -132,8 +134,18 @@ class DataOOB(Valuation):
                 if stopped:
                     break
                 b = min(self.batch_size, self.n_estimators - done)
+                if per_model is None and run.budget.max_time is not None:
+                    b = min(b, 10)                 # a short first round measures the cost per model
+                elif per_model is not None and run.budget.max_time is not None:
+                    # The budget is checked between rounds: shrink the round to what the time left
+                    # affords, so a slow model (an MLP, a big sklearn estimator) cannot overrun
+                    # max_time by a whole round. Values do not depend on the round size.
+                    left = run.budget.max_time - run.budget.elapsed()
+                    b = max(1, min(b, int(left / per_model)))
+                t_round = time.perf_counter()
                 rows = [bootstrap_rows(run.seed, j, N, n_draw) for j in range(done, done + b)]
                 score, oob = score_batch(rows, range(done, done + b))     # [b, N] each
+                per_model = (time.perf_counter() - t_round) / b
                 s1 += (score * oob).sum(0)
                 s2 += (score * score * oob).sum(0)
                 cnt += oob.sum(0).astype(np.int64)
