@@ -171,7 +171,7 @@ def test_remove_curve_validation(noisy_cancer):
     with pytest.raises(ValueError, match="fractions"):
         ev.remove_curve(v, sp.x_source, y_noisy, sp.x_test, sp.y_test, fractions=[1.0])
     with pytest.raises(ValueError, match="metric"):
-        ev.remove_curve(v, sp.x_source, y_noisy, sp.x_test, sp.y_test, metric="r2")
+        ev.remove_curve(v, sp.x_source, y_noisy, sp.x_test, sp.y_test, metric="rmse")
     with pytest.raises(ValueError, match="model"):
         ev.remove_curve(v, sp.x_source, y_noisy, sp.x_test, sp.y_test, model=lambda: object())
 

@@ -2,19 +2,22 @@
 
 Convention: a low value means "probably corrupted/harmful". Metrics: :func:`detection_auroc`,
 :func:`detection_auprc`, :func:`kmeans_f1` (OpenDataVal's noisy-detection F1),
-:func:`noise_spearman`; curves: :func:`discovery_curve`, :func:`remove_curve` (and the
-``remove_high_curve`` / ``remove_low_curve`` shorthands); plots: :func:`plot_discovery_curve`,
+:func:`noise_spearman`; curves: :func:`discovery_curve`, :func:`remove_curves` / :func:`remove_curve` (and the
+``remove_high_curve`` / ``remove_low_curve`` shorthands; :func:`paper_settings` holds the DVGS
+paper's retraining settings); plots: :func:`plot_discovery_curve`,
 :func:`plot_remove_curves`, :func:`plot_value_histogram`; :func:`summarize` gathers the metrics
 into a JSON-friendly dict.
 """
 from __future__ import annotations
 
 from .curves import (DiscoveryCurve, RemovalCurve, TorchClassifier, default_model, discovery_curve,
-                     remove_curve, remove_high_curve, remove_low_curve)
+                     paper_settings, remove_curve, remove_curves, remove_high_curve, remove_low_curve,
+                     removal_subsets, score_predictions)
 from .metrics import detection_auprc, detection_auroc, kmeans_f1, noise_spearman, summarize
 from .plots import plot_discovery_curve, plot_remove_curves, plot_value_histogram
 
 __all__ = ["detection_auroc", "detection_auprc", "kmeans_f1", "noise_spearman", "summarize",
-           "discovery_curve", "DiscoveryCurve", "remove_curve", "remove_high_curve",
-           "remove_low_curve", "RemovalCurve", "TorchClassifier", "default_model",
+           "discovery_curve", "DiscoveryCurve", "remove_curve", "remove_curves", "remove_high_curve",
+           "remove_low_curve", "RemovalCurve", "TorchClassifier", "default_model", "paper_settings",
+           "removal_subsets", "score_predictions",
            "plot_discovery_curve", "plot_remove_curves", "plot_value_histogram"]
