@@ -42,7 +42,9 @@ step, so a sample's own gradient is not defined (use GroupNorm/LayerNorm, or DVG
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -52,8 +54,40 @@ from dvgs_fast import _validation as V
 from dvgs_fast._utils import make_optimizer
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
+from dvgs_fast.methods.dvgs import ghost_pairwise as GP
+from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
 from dvgs_fast.methods.dvgs.fast import FastScorer
 from dvgs_fast.methods.dvgs.reference import per_sample_grads
+
+DOT_ROUTES = ("auto", "pairwise", "materialised")
+
+
+@dataclass(eq=False)
+class _PairLayer:
+    """A layer that may take the pairwise dot: module, "linear"/"conv", its selected weight and
+    bias names, its name in the model and its weight's (d_in, d_out) as a matrix."""
+    module: nn.Module
+    kind: str
+    w: str
+    b: str | None
+    layer: str
+    d_in: int
+    d_out: int
+
+
+@dataclass(eq=False)
+class _StepContext:
+    """What every step uses (built once per fit)."""
+    model: nn.Module
+    scorer: FastScorer | None
+    names: list[str]
+    params: dict[str, nn.Parameter]
+    tparams: list[nn.Parameter]
+    opt: torch.optim.Optimizer
+    sample_loss: Callable
+    batch_loss: Callable
+    last_loss: Any = None
+    unsplit: set = field(default_factory=set)
 
 
 class InRunShapley(Valuation):
@@ -97,7 +131,7 @@ class InRunShapley(Valuation):
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, order: int = 1, target_batch_size: int | None = None,
-                 grad_params: Any = None, backend: str = "fast", device: Any = None,
+                 grad_params: Any = None, backend: str = "fast", dot_route: str = "auto", device: Any = None,
                  seed: int | None = None, max_time: float | None = None, progress: bool = True):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, backend, grad_params, model)
         self.model, self.loss = model, loss
@@ -109,6 +143,11 @@ class InRunShapley(Valuation):
             raise ValueError(f"order: expected 1 or 2, got {order!r}")
         self.order = int(order)
         self.target_batch_size = V.check_optional_positive_int(target_batch_size, "target_batch_size")
+        self.dot_route = V.check_choice(dot_route, "dot_route", DOT_ROUTES)
+        if self.dot_route == "pairwise" and (self.optimizer != "sgd" or self.order != 1 or self.backend != "fast"):
+            raise ValueError(f"dot_route: 'pairwise' needs optimizer='sgd', order=1 and backend='fast' (got "
+                             f"{self.optimizer!r}, order {self.order}, {self.backend!r}): only there is the "
+                             f"target vector lr*G a sum of per-row outer products")
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     # ------------------------------------------------------------------------------------------
@@ -127,11 +166,14 @@ class InRunShapley(Valuation):
         target_gen = run.generator(0x54475442)          # target mini-batches: their own stream
         params = dict(model.named_parameters())
         trainable = [(nm, p) for nm, p in params.items() if p.requires_grad]
-        selected = [params[nm] for nm in names]
         opt = make_optimizer(self.optimizer, [p for _, p in trainable], self.lr, self.weight_decay)
         scorer = (FastScorer(model, names, prep.sample_loss, "dot", owner="InRunShapley")
                   if self.backend == "fast" else None)
-        batch_loss = lambda out, y: prep.sample_loss(out, y).mean()     # noqa: E731  (training)
+        # Layers that may take the pairwise dot (SGD, order 1 only: P = lr is a scalar there).
+        pair = self._pairwise_layers(scorer) if self._pairwise_possible() else []
+        route_steps = {e.layer: {"pairwise": 0, "materialised": 0} for e in pair}
+        ctx = _StepContext(model, scorer, names, params, [p for _, p in trainable], opt, prep.sample_loss,
+                           lambda out, y: prep.sample_loss(out, y).mean())
 
         # Per-sample sums on the device, float64 (one index_add per step, no host sync).
         s1 = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -147,31 +189,28 @@ class InRunShapley(Valuation):
                 perm = torch.randperm(n, generator=shuffle).to(dev)
                 for idx in perm.split(self.batch_size):
                     t0 = time.perf_counter()
-                    # ---- target gradient G at θ_t (eval mode: no dropout, no randomness drawn)
+                    # ---- the target side at θ_t (eval mode: no dropout, no randomness drawn)
                     if self.target_batch_size is None or self.target_batch_size >= m:
                         xtb, ytb = xt, yt
                     else:
                         tidx = torch.randperm(m, generator=target_gen)[: self.target_batch_size].to(dev)
                         xtb, ytb = xt[tidx], yt[tidx]
-                    model.eval()
-                    lt = prep.target_loss(model(xtb), ytb)
-                    G = torch.autograd.grad(lt, selected, create_graph=self.order == 2, allow_unused=True)
-                    G = [torch.zeros_like(p) if g is None else g for g, p in zip(G, selected)]
-                    model.train()
-                    t1 = time.perf_counter()
-                    timings["target"] += t1 - t0
+                    if pair:
+                        G, tgt_rows = self._target_pairwise(ctx, prep, pair, xtb, ytb, idx.shape[0], route_steps)
+                    else:
+                        G, tgt_rows = self._target_grad(ctx, prep, xtb, ytb), {}
+                    timings["target"] += time.perf_counter() - t0
                     # ---- the training step, recording what the per-sample statistics need
-                    contrib = self._step(model, scorer, names, params, trainable, selected, opt, G,
-                                         xs[idx], ys[idx], prep.sample_loss, batch_loss, timings)
+                    contrib = self._step(ctx, G, tgt_rows, xs[idx], ys[idx], timings)
                     c = contrib.detach().to(torch.float64)
                     s1.index_add_(0, idx, c)
                     s2.index_add_(0, idx, c * c)
                     counts.index_add_(0, idx, torch.ones_like(idx))
                     steps += 1
                     # A diverged training must not return NaN values silently. On CPU the loss is
-                    # read every step (free); on a GPU the sums are checked at epoch ends.
-                    if dev.type == "cpu" and not torch.isfinite(self._last_loss):
-                        self._diverged(epoch, steps - 1, float(self._last_loss))
+                    # read every step (a scalar read); on a GPU the sums are checked at epoch ends.
+                    if dev.type == "cpu" and not math.isfinite(float(ctx.last_loss)):
+                        self._diverged(epoch, steps - 1, float(ctx.last_loss))
                     stopped = run.budget.exhausted()
                     if stopped:
                         break
@@ -190,12 +229,103 @@ class InRunShapley(Valuation):
                 "target_loss_end": loss_end, "order": self.order}
         if scorer is not None:
             info.update(scorer.describe())
+            info["dot_routes"] = self._dot_routes(scorer, route_steps)
+            for layer, how in info["dot_routes"].items():
+                if layer in info["routes"] and info["routes"][layer] != "reference":
+                    info["routes"][layer] += f", dot: {how}"
         else:
             info["backend"] = "reference"
         return Estimate(values=values, stderr=stderr, counts=counts, status="stopped" if stopped else "completed",
                         stop_reason=stopped, info=info, timings=timings,
                         progress=f"{steps} of {self.epochs * steps_per_epoch} steps")
 
+    # ---------------------------------------------------------------------------- dot routes
+    def _pairwise_possible(self) -> bool:
+        return (self.backend == "fast" and self.optimizer == "sgd" and self.order == 1
+                and self.dot_route != "materialised")
+
+    @staticmethod
+    def _pairwise_layers(scorer: FastScorer) -> list["_PairLayer"]:
+        """Routed Linear / ungrouped conv layers whose weight is credited: pairwise candidates."""
+        name_of = {id(m): nm for nm, m in scorer.model.named_modules()}
+        out = []
+        for m, kind, w, b in ([(m, "linear", w, b) for m, w, b in scorer.linear]
+                              + [(m, k, w, b) for m, k, w, b in scorer.ghost]):
+            pk = GP.pairwise_kind(m, kind)
+            if pk is not None and w is not None:
+                out.append(_PairLayer(m, pk, w, b, name_of[id(m)], *GP.layer_width(m, pk)))
+        return out
+
+    def _dot_routes(self, scorer: FastScorer, route_steps: dict) -> dict[str, str]:
+        """How each routed layer's per-sample dot was formed (result.info["dot_routes"])."""
+        if not self._pairwise_possible():
+            why = ("materialised (forced: dot_route='materialised')" if self.dot_route == "materialised" else
+                   f"materialised ({'order 2: v = P(G - H u / 2) is no sum of target outer products' if self.order == 2 else f'{self.optimizer}: the update map P is elementwise, so <g_i, P G> does not factor into pairwise products'})")
+            layers = [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]
+            return {scorer._module_name[id(m)]: why for m in layers}
+        out = {}
+        for layer, c in route_steps.items():
+            if c["materialised"] == 0:
+                out[layer] = "pairwise"
+            elif c["pairwise"] == 0:
+                out[layer] = "materialised"
+            else:
+                out[layer] = f"pairwise ({c['pairwise']} steps), materialised ({c['materialised']} steps)"
+        pairable = {e for e in route_steps}
+        for m in [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]:
+            nm = scorer._module_name[id(m)]
+            if nm not in pairable:
+                out[nm] = "materialised (no pairwise route for this layer)"
+        return out
+
+    # ---------------------------------------------------------------------------- target side
+    def _target_grad(self, ctx: "_StepContext", prep, xtb, ytb) -> dict[str, torch.Tensor]:
+        """The target gradient G of every selected parameter (eval mode; kept differentiable for order 2)."""
+        model = ctx.model
+        model.eval()
+        lt = prep.target_loss(model(xtb), ytb)
+        sel = [ctx.params[nm] for nm in ctx.names]
+        G = torch.autograd.grad(lt, sel, create_graph=self.order == 2, allow_unused=True)
+        model.train()
+        return {nm: torch.zeros_like(p) if g is None else g for nm, g, p in zip(ctx.names, G, sel)}
+
+    def _target_pairwise(self, ctx: "_StepContext", prep, pair, xtb, ytb, b: int, route_steps):
+        """(G of the parameters that keep the materialised route, {module: target rows} of the
+        pairwise layers). The backward is taken w.r.t. the pairwise layers' OUTPUTS (their δ')
+        and the remaining parameters only: no weight-gradient GEMM for the pairwise layers."""
+        model = ctx.model
+        t = xtb.shape[0]
+        model.eval()
+        rec = ForwardRecorder([e.module for e in pair])
+        with rec:
+            out = model(xtb)
+        lt = prep.target_loss(out, ytb)
+        chosen = []
+        for e in pair:
+            calls = rec.calls[e.module]
+            rows = [GP.call_rows(e.module, e.kind, c, t) for c in calls]
+            ok = bool(calls) and e.module not in rec.unsupported and None not in rows
+            # The batch's rows per sample are taken to be the target's (same model, same kind of input).
+            if ok and (self.dot_route == "pairwise"
+                       or GP.pairwise_cheaper(b, sum(rows), t, sum(rows), e.d_in, e.d_out)):
+                chosen.append(e)
+                route_steps[e.layer]["pairwise"] += 1
+            else:
+                route_steps[e.layer]["materialised"] += 1
+        done = {nm for e in chosen for nm in (e.w, e.b) if nm}
+        rest = [nm for nm in ctx.names if nm not in done]
+        outs = [c.output for e in chosen for c in rec.calls[e.module]]
+        grads = torch.autograd.grad(lt, outs + [ctx.params[nm] for nm in rest], allow_unused=True)
+        model.train()
+        it = iter(grads[:len(outs)])
+        tgt_rows = {}
+        for e in chosen:
+            calls = rec.calls[e.module]
+            tgt_rows[e] = GP.rows_of(e.module, e.kind, calls, [next(it) for _ in calls], t)
+        G = {nm: torch.zeros_like(ctx.params[nm]) if g is None else g for nm, g in zip(rest, grads[len(outs):])}
+        return G, tgt_rows
+
+    # ------------------------------------------------------------------------------------------
     def _diverged(self, epoch: int, step: int, value: float):
         raise ValueError(f"lr: training diverged: the source loss (or a value) is {value} at epoch {epoch}, "
                          f"step {step}; lower lr (now {self.lr:g}) or check the model and loss for overflow")
@@ -209,53 +339,91 @@ class InRunShapley(Valuation):
         model.train(was)
         return v
 
-    def _step(self, model, scorer, names, params, trainable, selected, opt, G, xb, yb, sample_loss, batch_loss,
-              timings) -> torch.Tensor:
+    def _step(self, ctx: "_StepContext", G, tgt_rows, xb, yb, timings) -> torch.Tensor:
         """One optimizer step on (xb, yb); returns each sample's contribution φ_i [B]."""
         t0 = time.perf_counter()
+        model, scorer, tparams = ctx.model, ctx.scorer, ctx.tparams
         b = xb.shape[0]
-        tparams = [p for _, p in trainable]
         if scorer is not None:
             with scorer.recorder() as rec:
                 out = model(xb)
-            loss = batch_loss(out, yb)
+            loss = ctx.batch_loss(out, yb)
             outs = scorer.grad_outputs(rec)
             grads = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
             deltas = grads[len(tparams):]            # δ of the MEAN loss: each row is g_i / B
         else:
-            loss = batch_loss(model(xb), yb)
+            loss = ctx.batch_loss(model(xb), yb)
             grads = torch.autograd.grad(loss, tparams, allow_unused=True)
-        self._last_loss = loss.detach()
+        ctx.last_loss = loss.detach()
         for p, g in zip(tparams, grads[:len(tparams)]):
             p.grad = None if g is None else g.detach()
         t1 = time.perf_counter()
         timings["train"] += t1 - t0
 
-        # ---- the vector v each sample's gradient is dotted with
-        P = T.update_map(opt, self.optimizer, params, names, self.lr)
-        Gd = [g.detach() for g in G]
-        if self.order == 2:
-            u = [P[nm] * (params[nm].grad if params[nm].grad is not None else torch.zeros_like(params[nm]))
-                 for nm in names]
-            hu = torch.autograd.grad(G, selected, grad_outputs=u, allow_unused=True)
-            hu = [torch.zeros_like(p) if h is None else h.detach() for h, p in zip(hu, selected)]
-            v = {nm: P[nm] * (g - 0.5 * h) for nm, g, h in zip(names, Gd, hu)}
+        # ---- v, the vector each sample's gradient is dotted with. SGD: P = lr, a scalar that
+        # multiplies the dots at the end (no update map, no scaled copy of G).
+        names, params = ctx.names, ctx.params
+        if self.optimizer == "sgd":
+            P, scale = None, self.lr
         else:
-            v = {nm: P[nm] * g for nm, g in zip(names, Gd)}
+            P, scale = T.update_map(ctx.opt, self.optimizer, params, names, self.lr), 1.0
+        if self.order == 2:
+            gsel = [G[nm] for nm in names]
+            grad_of = [params[nm].grad if params[nm].grad is not None else torch.zeros_like(params[nm])
+                       for nm in names]
+            u = [g * self.lr if P is None else P[nm] * g for nm, g in zip(names, grad_of)]
+            hu = torch.autograd.grad(gsel, [params[nm] for nm in names], grad_outputs=u, allow_unused=True)
+            v = {nm: g.detach() - 0.5 * (torch.zeros_like(g) if h is None else h.detach())
+                 for nm, g, h in zip(names, gsel, hu)}
+        else:
+            v = {nm: g.detach() for nm, g in G.items()}
+        if P is not None:
+            v = {nm: P[nm] * g for nm, g in v.items()}
 
         if scorer is not None:
-            dot, _, leftover = scorer.stats_from_record(rec, deltas, b, v, xb.dtype, xb.device, need_sq=False)
+            dot = self._pairwise_dots(ctx, rec, deltas, tgt_rows, v, b) if tgt_rows else None
+            skip = {e.module for e in tgt_rows if e not in ctx.unsplit} if tgt_rows else ()
+            rest, _, leftover = scorer.stats_from_record(rec, deltas, b, v, xb.dtype, xb.device, need_sq=False,
+                                                         skip=skip)
+            dot = rest if dot is None else dot.to(rest.dtype) + rest
             del rec, deltas, outs, out
             if leftover:                             # parameters without a per-layer route
                 with torch.random.fork_rng(devices=[xb.device] if xb.device.type == "cuda" else []):
-                    g = per_sample_grads(model, leftover, xb, yb, sample_loss)
+                    g = per_sample_grads(model, leftover, xb, yb, ctx.sample_loss)
                 dot = dot + sum((g[nm].reshape(b, -1) * v[nm].reshape(1, -1)).sum(1) for nm in leftover) / b
         else:
             # Reference: explicit per-sample gradients (own random stream, so training is unchanged).
             with torch.random.fork_rng(devices=[xb.device] if xb.device.type == "cuda" else []):
-                g = per_sample_grads(model, names, xb, yb, sample_loss)
+                g = per_sample_grads(model, names, xb, yb, ctx.sample_loss)
             flat = torch.cat([g[nm].reshape(b, -1) for nm in names], 1)
             dot = flat @ torch.cat([v[nm].reshape(-1) for nm in names]) / b
-        opt.step()
+        ctx.opt.step()
         timings["values"] += time.perf_counter() - t1
+        return dot * scale if scale != 1.0 else dot
+
+    @staticmethod
+    def _pairwise_dots(ctx: "_StepContext", rec, deltas, tgt_rows, v, b: int) -> torch.Tensor | None:
+        """Σ over the pairwise layers of (1/B)⟨g_i, G⟩ from the batch's and the target's rows. A layer
+        whose batch call cannot be split by sample gets its G materialised from the target rows
+        (into v) and is left to stats_from_record, which sends it to the whole-model route."""
+        ctx.unsplit = set()
+        delta_of = ctx.scorer.deltas_by_module(rec, deltas)
+        dot = None
+        for e, trow in tgt_rows.items():
+            src = GP.rows_of(e.module, e.kind, rec.calls[e.module], delta_of[e.module], b) \
+                if e.module in delta_of else None
+            if src is None:                         # cannot split the batch's call by sample
+                ctx.unsplit.add(e)
+                if trow is False:
+                    gw, gb = torch.zeros_like(ctx.params[e.w]), (torch.zeros_like(ctx.params[e.b]) if e.b else None)
+                else:
+                    gw, gb = GP.materialise(e.module, e.kind, trow[0], trow[1], True, e.b is not None)
+                v[e.w] = gw
+                if e.b:
+                    v[e.b] = gb
+                continue
+            if src is False or trow is False:       # no gradient reached this layer on one side
+                continue
+            d = GP.pairwise_dot(src[0], src[1], src[2], trow[0], trow[1], e.b is not None)
+            dot = d if dot is None else dot + d
         return dot

@@ -127,6 +127,11 @@ class FastScorer:
         """The recorded outputs whose gradients (the layers' δ) the routes need, in order."""
         return [c.output for m in self._usable(rec) for c in rec.calls[m]]
 
+    def deltas_by_module(self, rec: ForwardRecorder, deltas) -> dict[nn.Module, list]:
+        """{module: [δ of each of its calls]} from the gradients at `grad_outputs(rec)` (in that order)."""
+        it = iter(deltas)
+        return {m: [next(it) for _ in rec.calls[m]] for m in self._usable(rec)}
+
     def _usable(self, rec: ForwardRecorder) -> list[nn.Module]:
         return [m for m in self._routed if m not in rec.unsupported and rec.calls[m]]
 
@@ -167,13 +172,13 @@ class FastScorer:
         return dot, sq
 
     def stats_from_record(self, rec: ForwardRecorder, deltas, n: int, G: dict[str, torch.Tensor],
-                          dtype: torch.dtype, device, need_sq: bool = True
+                          dtype: torch.dtype, device, need_sq: bool = True, skip=()
                           ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(dot, sq, leftover): the routed layers' statistics from a recorded forward and the
         gradients at `grad_outputs(rec)` (in that order); `leftover` lists the parameters that
-        must still take the whole-model reference route. need_sq=False: dots only (sq partial)."""
-        it = iter(deltas)
-        delta_of = {m: [next(it) for _ in rec.calls[m]] for m in self._usable(rec)}
+        must still take the whole-model reference route. need_sq=False: dots only (sq partial).
+        skip: modules the caller accounts for itself (In-Run Shapley's pairwise dots)."""
+        delta_of = self.deltas_by_module(rec, deltas)
         # float64 when the model is (token-id inputs are integers: look at G as well)
         wide = dtype == torch.float64 or any(G[nm].dtype == torch.float64 for nm in self.names if nm in G)
         acc = torch.float64 if wide else torch.float32
@@ -190,10 +195,14 @@ class FastScorer:
                 sq.add_(res[1])
 
         for m, w_name, b_name in self.linear:
+            if m in skip:
+                continue
             calls = rec.calls[m] if m in delta_of else None
             add(self._linear_stats(m, calls, delta_of.get(m), n, G.get(w_name) if w_name else None,
                                    G.get(b_name) if b_name else None, need_sq), (w_name, b_name))
         for m, kind, w_name, b_name in self.ghost:
+            if m in skip:
+                continue
             if m not in delta_of:
                 add(None, (w_name, b_name))
                 continue
