@@ -250,12 +250,18 @@ def _load_lincs(spec: DatasetSpec, root: Path | None) -> Loaded:
     except ImportError:
         raise CLIError("lincs: reading GCTX files needs h5py: pip install h5py") from None
     try:
-        ds = load_lincs(path, landmark_only=True, fill_missing=0.0, col_meta_fields=[])
+        # z-scored per gene over every sample of the file, before the split and the noise: the
+        # original's lincs_setup.sh runs lincs_preproc.py --zscore over all its signatures, and
+        # its feature noise (sigma ~ U(0, 5) in exp8) is sized for unit-variance genes. Level 4
+        # files (robust z-scores per plate) have gene sds of 1-4 and nonzero means without it.
+        ds = load_lincs(path, landmark_only=True, zscore=True, fill_missing=0.0, col_meta_fields=[])
     except Exception as exc:  # noqa: BLE001 - h5py raises a zoo of types for damaged files
         msg = one_line(exc)
         raise CLIError(f"lincs: {msg}" if str(path) in msg else f"lincs: cannot read {path}: {msg}") from None
     X = np.nan_to_num(np.asarray(ds.X, dtype=np.float32), nan=0.0)
-    return Loaded(X, None, 0, "lincs", f"lincs ({path.name})", files=[str(path)])
+    note = (f"{X.shape[0]} samples x {X.shape[1]} landmark genes, z-scored per gene over the file "
+            f"(as the original's lincs_preproc.py --zscore)")
+    return Loaded(X, None, 0, "lincs", f"lincs ({path.name})", files=[str(path)], notes=[note])
 
 
 _DELIMITERS = ",;\t|"
