@@ -258,8 +258,11 @@ def make_plots(rep: RunReport, plots_dir: Path) -> list[Path]:
                                          rep.metrics.get("noise_spearman")))
     if rep.curves:
         # Curves carry their method name in .label (solid = remove high, dashed = remove low).
+        c0 = rep.curves[0]
+        reps = c0.info.get("repeats", 1)
         out.append(plot_remove_curves(list(rep.curves), plots_dir / "remove_curves.png",
-                                      title=f"Test accuracy after removing data: {tag}"))
+                                      title=f"Test {c0.metric_label} after removing data: {tag}"
+                                            + (f" (mean of {reps} refits per point)" if reps > 1 else "")))
     return out
 
 
@@ -349,9 +352,13 @@ def metric_rows(rep: RunReport) -> list[list[str]]:
             except ValueError:
                 pass
         rows.append([label, _fmt(v, 4)])
+    if rep.curves and rep.curves[0].info.get("model"):
+        rows.append(["removal curves: model retrained", rep.curves[0].info["model"]])
     for c in rep.curves:
         pairs = ", ".join(f"{f:.0%}: {s:.3f}" for f, s in zip(c.fractions, c.scores))
-        rows.append([f"test {c.metric}, remove {c.mode} first", pairs])
+        reps = c.info.get("repeats", 1)
+        rows.append([f"test {c.metric_label}, remove {c.mode} first"
+                     + (f" (mean of {reps} refits)" if reps > 1 else ""), pairs])
     return rows
 
 

@@ -226,12 +226,30 @@ def plot_times(summary: list[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def curves_description(curve: dict[str, Any]) -> str | None:
+    """What a run's removal curves retrained and how ("model" and its settings, from _main._score)."""
+    if not curve.get("model"):
+        return None
+    reps = curve.get("repeats") or 1
+    return (f"removal curves: {curve['model']}"
+            + (f"; each point the mean of {reps} refits" if reps > 1 else ""))
+
+
+def _curves_line(runs: list[dict[str, Any]]) -> str | None:
+    for r in runs:
+        c = r.get("metrics", {}).get("remove_high")
+        if c:
+            return curves_description(c)
+    return None
+
+
 def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path, dataset: str) -> Path | None:
     """Removal curves, mean over the seeds per method (solid: remove high first, dashed: low)."""
     fig = _figure((8.0, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     drawn = metric = 0
     n_seeds = 0
+    model = None
     for i, m in enumerate(methods):
         labelled = False
         for mode, style in (("high", "-"), ("low", "--")):
@@ -242,6 +260,7 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
             fr = np.asarray(curves[0]["fractions"])
             sc = np.mean([c["scores"] for c in curves], axis=0)
             metric = curves[0]["metric"]
+            model = model or curves_description(curves[0])
             n_seeds = max(n_seeds, len(curves))
             # one legend entry per method (its colour); the line style is keyed once below
             ax.plot(fr, sc, linestyle=style, marker="o", markersize=3, color=f"C{i % 10}",
@@ -252,10 +271,13 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
         return None
     ax.plot([], [], color="0.3", linestyle="-", label="remove high first")
     ax.plot([], [], color="0.3", linestyle="--", label="remove low first")
+    from ..evaluate.curves import METRIC_LABELS
     ax.set_xlabel("fraction of training data removed")
-    ax.set_ylabel(f"test {metric}")
+    ax.set_ylabel(f"test {METRIC_LABELS.get(metric, metric)}")
     ax.set_title(f"Removing high / low valued data: {dataset}"
                  + (f" (mean of {n_seeds} seeds)" if n_seeds > 1 else ""))
+    if model:
+        ax.text(0.0, -0.16, model, transform=ax.transAxes, fontsize=7, va="top", wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
@@ -314,6 +336,8 @@ def render_markdown(doc: dict[str, Any], plots: list[Path]) -> str:
               f"and {doc['loadavg_end']} at the end.", ""]
     if doc["notes"]:
         parts += ["Notes:", *[f"- {n}" for n in doc["notes"]], ""]
+    if doc.get("curves"):
+        parts += [doc["curves"][0].upper() + doc["curves"][1:] + ".", ""]
     if plots:
         parts += ["## Plots", "", *[f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots], ""]
     parts += ["## Every run", "", _md_table(*per_run_rows(doc["runs"])), "",
@@ -342,6 +366,8 @@ def render_html(doc: dict[str, Any], plots: list[Path]) -> str:
     parts.append(_html_table(*summary_table_rows(doc["summary"])))
     if doc["notes"]:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in doc["notes"]) + "</ul>")
+    if doc.get("curves"):
+        parts.append(f"<p>{html.escape(doc['curves'][0].upper() + doc['curves'][1:])}.</p>")
     for p in plots:
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
         parts.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}"></figure>')
@@ -462,7 +488,8 @@ def run_compare(plan, t_start: float) -> int:
                                 stderr=result.stderr, counts=result.counts, class_names=data.class_names)
                 write_values_csv(rep, stage.stage / VALUES_DIR / f"{m}-seed{seed}.csv")
                 metrics, _, skipped, snotes = M._score(values, result.counts, data, seed, label=m,
-                                                       want_curves=not settings.get("no_curves"), progress=False)
+                                                       want_curves=not settings.get("no_curves"), progress=False,
+                                                       settings=settings)
                 for n in snotes + ([f"{m} seed {seed}: {skipped}"] if skipped else []):
                     notes.append(n if n.startswith(m) else f"{m} seed {seed}: {n}")
                 valued = np.asarray(result.counts) > 0
@@ -491,6 +518,7 @@ def run_compare(plan, t_start: float) -> int:
                "methods": methods, "seeds": seeds,
                "sizes": {"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
                "banner": banner(runs), "summary": summary, "runs": runs, "notes": notes,
+               "curves": _curves_line(runs),
                "settings": {"threads": torch.get_num_threads(), "device": plan.device or "auto",
                             "data_files": data.files},
                "models": models, "method_settings": method_settings, "command": plan.command,

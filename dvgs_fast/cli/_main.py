@@ -87,6 +87,16 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "overwrite": (("--overwrite",), C.flag, None, "replace the report in an existing output folder"),
     "no_progress": (("--no-progress",), C.flag, None, "no progress bars or status lines"),
     "no_curves": (("--no-curves",), C.flag, None, "skip the remove-high/low retraining curves"),
+    "curve_model": (("--curve-model",), lambda v: _curve_model(v), "KIND",
+                    "model retrained for the removal curves: logistic (default; scikit-learn's logistic "
+                    "regression, test accuracy, 6 points, cheap) or paper (the DVGS paper's setup: its MLP, "
+                    "Adam 1e-4, 200 epochs, batch 250, 2 replicates, 10 points up to 50%%, test AUROC; lincs: "
+                    "its 978-250-250-32 autoencoder, 300 epochs, 10 points up to 95%%, test R^2)"),
+    "curve_epochs": (("--curve-epochs",), C.pos_int, "N",
+                     "--curve-model paper: training epochs of every refit (default: the paper's, 200; lincs 300)"),
+    "curve_repeats": (("--curve-repeats",), C.pos_int, "N",
+                      "--curve-model paper: refits per point from new initialisations, averaged (default: the "
+                      "paper's, 2; lincs 1)"),
 }
 # Options that only make sense on the command line.
 CLI_ONLY = ("config", "debug")
@@ -95,6 +105,25 @@ METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", 
                   "compute_every": "--compute-every", "target_batch_size": "--target-batch-size",
                   "source_batch_size": "--source-batch-size"}
 REMOVAL_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+CURVE_MODELS = ("logistic", "paper")
+
+
+def _curve_model(v: Any) -> str:
+    t = C.text(v).strip().lower()
+    if t not in CURVE_MODELS:
+        raise ValueError(f"expected one of {', '.join(CURVE_MODELS)}, got {v!r}")
+    return t
+
+
+def curve_spec(settings: dict[str, Any]) -> dict[str, Any]:
+    """The removal curves' model and settings from the run options (--curve-*), checked."""
+    kind = settings.get("curve_model", "logistic")
+    if kind == "logistic":
+        for dest in ("curve_epochs", "curve_repeats"):
+            if dest in settings:
+                raise CLIError(f"{_flag_of(dest)}: applies to --curve-model paper (the default logistic "
+                               f"regression is fitted to convergence, deterministically)")
+    return {"model": kind, "epochs": settings.get("curve_epochs"), "repeats": settings.get("curve_repeats")}
 
 
 _RUN_EPILOG = """\
@@ -426,6 +455,7 @@ def _plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     from ._models import MODEL_CHOICES
 
     methods = _method_list(settings.get("method", "dvgs"))
+    curve_spec(settings)               # --curve-* checked before any data is loaded
     if "seed" in settings and "seeds" in settings:
         raise CLIError("--seeds: give either --seed N or --seeds LIST, not both")
     seeds = settings.get("seeds", [settings.get("seed", 0)])
@@ -617,13 +647,15 @@ def _value(plan: Plan, method: str, built, data):
 
 
 def _score(values: np.ndarray, counts: np.ndarray, data, seed: int, *, label: str, want_curves: bool,
-           progress: bool, status=None):
+           progress: bool, status=None, settings: dict[str, Any] | None = None):
     """(metrics, removal curves, why the curves were skipped or None, notes).
 
     Metrics are computed over the valued samples only (counts > 0): a budget-stopped run's
     unvalued samples hold placeholders, and scoring them would measure the budget, not the method.
-    Removal curves retrain on the data ranked by value, which needs every sample ranked."""
-    from ..evaluate import remove_curve, summarize
+    Removal curves retrain on the data ranked by value, which needs every sample ranked; their
+    model is --curve-model (``settings``): a logistic regression, or the paper's network and
+    filter settings (see :func:`_curve_setup`)."""
+    from ..evaluate import summarize
     valued = np.asarray(counts) > 0
     k, n = int(valued.sum()), int(values.shape[0])
     notes: list[str] = []
@@ -640,22 +672,70 @@ def _score(values: np.ndarray, counts: np.ndarray, data, seed: int, *, label: st
     if k < n:
         metrics["n_unvalued"] = n - k
     curves, skipped = [], None
-    if (want_curves and data.task == "classification" and data.n_test > 0
-            and np.unique(data.y_test).size > 1):
+    spec = curve_spec(settings or {})
+    paper = spec["model"] == "paper"
+    if want_curves and data.n_test > 0 and (
+            (data.task == "classification" and np.unique(data.y_test).size > 1)
+            or (paper and data.task == "reconstruction")):
         if k < n:
             skipped = (f"Removal curves were skipped: they retrain on the data ranked by value, and {n - k} "
                        f"samples have no value.")
         else:
+            from ..evaluate import remove_curves
+            kw, desc = _curve_setup(spec, data)
             if status is not None:
-                status("removal curves (retraining a logistic regression per point)")
+                status(f"removal curves: retraining {desc}")
+            xs = data.x_source.reshape(data.n_source, -1)
+            xt = data.x_test.reshape(data.n_test, -1)
+            ys, yt = (data.y_source, data.y_test) if data.task == "classification" else (xs, xt)
+            try:
+                got = remove_curves(values, xs, ys, xt, yt, seed=seed, label=label, progress=progress, **kw)
+            except ValueError as exc:
+                raise CLIError(f"removal curves: {one_line(exc)}") from None
             for mode in ("high", "low"):
-                c = remove_curve(values, data.x_source.reshape(data.n_source, -1), data.y_source,
-                                 data.x_test.reshape(data.n_test, -1), data.y_test, mode=mode,
-                                 fractions=REMOVAL_FRACTIONS, seed=seed, label=label, progress=progress)
+                c = got[mode]
+                c.info["model"] = desc
                 curves.append(c)
-                metrics[f"remove_{mode}"] = {"fractions": c.fractions.tolist(), "scores": c.scores.tolist(),
-                                             "metric": c.metric}
+                metrics[f"remove_{mode}"] = {
+                    "fractions": c.fractions.tolist(), "scores": c.scores.tolist(), "metric": c.metric,
+                    "replicate_scores": c.replicate_scores.tolist(), "n_kept": c.n_kept.tolist(),
+                    "model": desc, "curve_model": spec["model"], "epochs": c.info.get("epochs"),
+                    "repeats": c.info["repeats"], "selection": c.info["selection"]}
     return metrics, curves, skipped, notes
+
+
+def _curve_setup(spec: dict[str, Any], data) -> tuple[dict[str, Any], str]:
+    """(keyword arguments of remove_curves, a one-line description) for --curve-model.
+
+    logistic: scikit-learn's LogisticRegression, test accuracy at REMOVAL_FRACTIONS, exactly
+    floor(f * n) samples removed. paper: the DVGS paper's ``filter_kwargs`` (configs/exp1, exp2,
+    exp4; exp8 for lincs) -- the experiment's network re-initialised per refit, mini-batch Adam,
+    the paper's fractions, replicates averaged, quantile thresholds, scored on the test set;
+    --curve-epochs / --curve-repeats override its epochs / replicates."""
+    if spec["model"] == "logistic":
+        return ({"fractions": REMOVAL_FRACTIONS, "metric": "accuracy"},
+                "logistic regression (scikit-learn, lbfgs), test accuracy")
+    from ..evaluate import paper_settings
+    from ._models import autoencoder, mlp
+    d = int(np.prod(data.x_source.shape[1:]))
+    task = "classification" if data.task == "classification" else "reconstruction"
+    ps = paper_settings(task)
+    epochs = spec["epochs"] or ps["epochs"]
+    repeats = spec["repeats"] or ps["repeats"]
+    if task == "classification":
+        n_out = data.n_classes
+        factory = lambda: mlp(d, n_out, 100, 0.5, 2)  # noqa: E731 - the exp1/exp2 network
+        net = f"the paper's MLP {d}-100-100-{n_out} (Mish, dropout 0.5, LayerNorm)"
+    else:
+        factory = lambda: autoencoder(d, 250, 32, 2, 0.0)  # noqa: E731 - the exp8 autoencoder
+        net = f"the paper's autoencoder {d}-250-250-32-250-250-{d} (Mish, MSE)"
+    kw = {"fractions": ps["fractions"], "metric": ps["metric"], "model": factory, "repeats": repeats,
+          "selection": ps["selection"],
+          "torch_options": {"epochs": epochs, "lr": ps["lr"], "batch_size": ps["batch_size"]}}
+    metric = "AUROC" if ps["metric"] == "auroc" else "R^2"
+    desc = (f"{net}, Adam lr {ps['lr']:g}, {epochs} epochs, batch {ps['batch_size']}, "
+            f"{repeats} replicate{'s' if repeats > 1 else ''} per point, test {metric}")
+    return kw, desc
 
 
 def _versions() -> dict[str, str]:
@@ -729,7 +809,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         t0 = time.perf_counter()
         metrics, curves, skipped, snotes = _score(values, result.counts, data, seed, label=method,
                                                   want_curves=not settings.get("no_curves"),
-                                                  progress=plan.progress, status=status)
+                                                  progress=plan.progress, status=status, settings=settings)
         rep.notes.extend(snotes)
         rep.metrics, rep.curves, rep.curves_skipped = metrics, curves, skipped
         if skipped:

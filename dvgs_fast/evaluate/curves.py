@@ -402,7 +402,10 @@ def _torch_scores(factory, jobs, subsets, X, y, Xt, yt, classes, metric, base, o
         raise ValueError(f"model: forward pass on x_train rows failed ({type(exc).__name__}: {exc})") from exc
     if o.dim() != 2 or o.shape[1] != n_out:
         raise ValueError(f"model: expected output shape [n, {n_out}], got {tuple(o.shape)}")
-    chain = None if engine == "sequential" else R.as_chain(probe, Xtr.shape[1])
+    # a chain trains batched; "sequential" still draws its dropout masks the chain's way, so that
+    # both engines compute the same networks
+    chain = R.as_chain(probe, Xtr.shape[1])
+    batched = chain is not None and engine != "sequential"
     if engine == "batched" and chain is None:
         raise ValueError("torch_options['engine']: 'batched' needs a network that is a chain of Linear and "
                          "parameter-free layers (activations, Dropout, LayerNorm without affine); use 'auto'")
@@ -411,7 +414,7 @@ def _torch_scores(factory, jobs, subsets, X, y, Xt, yt, classes, metric, base, o
     mode_id = {"high": 1, "low": 2}
     noise = [_derived_seed(base, mode_id[md], i, r) for md, i, r in jobs]
     rows = [subsets[md][i] for md, i, _ in jobs]
-    if chain is not None:
+    if batched:
         params0 = R.stack_inits([inits[(i, r)] for _, i, r in jobs], chain.names)
         bar = None
         if progress:
@@ -441,7 +444,7 @@ def _torch_scores(factory, jobs, subsets, X, y, Xt, yt, classes, metric, base, o
         else:
             proba = torch.softmax(out, -1).numpy()
             scores[job] = score_predictions(metric, yt, pred=classes[proba.argmax(1)], proba=proba, classes=classes)
-    info = {"engine": "batched" if chain is not None else "sequential", "epochs": cfg.epochs, "lr": cfg.lr,
+    info = {"engine": "batched" if batched else "sequential", "epochs": cfg.epochs, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "loss": "cross-entropy" if classes is not None else "MSE"}
     return scores, info
 

@@ -100,7 +100,7 @@ def plot_remove_curves(curves: RemovalCurve | Iterable[RemovalCurve] | Mapping[s
         ax.plot(c.fractions, c.scores, color=colors[key], marker="o", markersize=3,
                 linestyle="-" if c.mode == "high" else "--", label=f"{key}: remove {c.mode}")
     ax.set_xlabel("fraction of training data removed")
-    ax.set_ylabel(f"test {items[0][1].metric}")
+    ax.set_ylabel(f"test {items[0][1].metric_label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title or "Performance after removing high / low valued data")
