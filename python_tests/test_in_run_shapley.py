@@ -354,3 +354,116 @@ def test_diverging_training_names_the_step():
     with pytest.raises(ValueError, match=r"lr: training diverged: .* at epoch \d+, step \d+"):
         InRunShapley(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, optimizer="sgd", progress=False).fit(
             xs, None, xt, None)
+
+
+# ------------------------------------------------------------- pairwise ghost dot (SGD, order 1)
+class _SeqNet(nn.Module):
+    """Linear layers on [N, 3, 4] token rows (the sequence form), mean-pooled, and a head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(12)
+        self.tok = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.tok(x.reshape(x.shape[0], 3, 4))).mean(1))
+
+
+def _conv_pair_net():
+    torch.manual_seed(13)                         # two conv calls' worth of positions, GroupNorm keeps its route
+    return nn.Sequential(nn.Unflatten(1, (2, 6)), nn.Conv1d(2, 3, 3, padding=1), nn.GroupNorm(1, 3), nn.Tanh(),
+                         nn.Conv1d(3, 2, 2, stride=2), nn.Flatten(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("make,d", [(lambda: _mlp(seed=14), 4), (_SeqNet, 12), (_conv_pair_net, 12)],
+                         ids=["mlp", "sequence", "conv"])
+@pytest.mark.parametrize("n,target_batch_size", [(11, None), (11, 3), (11, 1), (1, None)],
+                         ids=["full_target", "target_batch_3", "target_batch_1", "n1"])
+def test_pairwise_equals_materialised_equals_reference(make, d, n, target_batch_size):
+    """SGD order 1: the pairwise route == the materialised route == explicit per-sample gradients
+    (float64, 1e-9), with the whole target set, target mini-batches, a target batch of one and
+    a single source sample; each layer's route is reported."""
+    g = torch.Generator().manual_seed(15)
+    xs, xt = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(7, d, generator=g, dtype=torch.float64)
+    ys, yt = torch.randint(0, 3, (n,), generator=g), torch.randint(0, 3, (7,), generator=g)
+    data = (xs, ys, xt, yt)
+    kw = dict(epochs=2, batch_size=4, lr=0.2, target_batch_size=target_batch_size)
+    model = make().double()
+    pair = _fit(model, data, dot_route="pairwise", **kw)
+    mat = _fit(model, data, dot_route="materialised", **kw)
+    ref = _fit(model, data, backend="reference", **kw)
+    scale = np.abs(ref.values).max()
+    assert scale > 1e-6
+    np.testing.assert_allclose(pair.values, ref.values, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_allclose(mat.values, ref.values, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_array_equal(pair.counts, ref.counts)
+    assert pair.info["target_loss_end"] == mat.info["target_loss_end"]      # same training
+    weighted = [nm for nm, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
+    assert weighted and all(pair.info["dot_routes"][nm] == "pairwise" for nm in weighted)
+    assert all(mat.info["dot_routes"][nm].startswith("materialised") for nm in weighted)
+    assert all(pair.info["routes"][nm].endswith("dot: pairwise") for nm in weighted)
+    for nm, m in model.named_modules():
+        if isinstance(m, nn.GroupNorm):
+            assert pair.info["dot_routes"][nm] == "materialised (no pairwise route for this layer)"
+
+
+def test_auto_route_picks_by_cost_and_matches():
+    """auto: a wide first layer goes pairwise (B·T·(d_in+d_out) < (T+B)·d_in·d_out), a narrow
+    head keeps the materialised dot; the values equal the reference either way."""
+    g = torch.Generator().manual_seed(16)
+    xs, xt = torch.randn(16, 64, generator=g, dtype=torch.float64), torch.randn(7, 64, generator=g, dtype=torch.float64)
+    ys, yt = torch.randint(0, 3, (16,), generator=g), torch.randint(0, 3, (7,), generator=g)
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    auto = _fit(model, (xs, ys, xt, yt), batch_size=8)
+    ref = _fit(model, (xs, ys, xt, yt), batch_size=8, backend="reference")
+    assert auto.info["dot_routes"] == {"0": "pairwise", "2": "materialised"}
+    np.testing.assert_allclose(auto.values, ref.values, rtol=1e-9, atol=1e-13)
+    adam = _fit(model, (xs, ys, xt, yt), batch_size=8, optimizer="adam", lr=0.01)
+    assert all(r.startswith("materialised (adam: the update map P is elementwise")
+               for r in adam.info["dot_routes"].values())
+    two = _fit(model, (xs, ys, xt, yt), batch_size=8, order=2)
+    assert all(r.startswith("materialised (order 2") for r in two.info["dot_routes"].values())
+
+
+def test_batch_call_that_cannot_be_split_falls_back_exactly():
+    """A layer whose batch call has no sample dimension (here: a last batch of one row is fed to
+    the head as a 1-D vector) gets its G materialised from the target rows and the whole-model
+    route for that step; the values still equal the reference."""
+    class Squeezing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(18)
+            self.body, self.head = nn.Linear(4, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.body(x))
+            return self.head(h if h.shape[0] > 1 else h[0]).reshape(x.shape[0], -1)
+
+    data = _data(n=9)
+    pair = _fit(Squeezing().double(), data, batch_size=4, dot_route="pairwise")    # batches 4, 4, 1
+    ref = _fit(Squeezing().double(), data, batch_size=4, backend="reference")
+    np.testing.assert_allclose(pair.values, ref.values, rtol=1e-9, atol=1e-13)
+    assert pair.info["reference_route_params"] == ["head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="adam"), dict(order=2), dict(backend="reference")])
+def test_pairwise_route_needs_sgd_order_one_fast(kw):
+    with pytest.raises(ValueError, match="dot_route"):
+        InRunShapley(_mlp(), dot_route="pairwise", **{"optimizer": "sgd", **kw})
+    with pytest.raises(ValueError, match="dot_route"):
+        InRunShapley(_mlp(), dot_route="ghost")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_inputs_are_named(bad, dtype):
+    xs, ys, xt, yt = _data(dtype=dtype)
+    xs[3, 1] = bad
+    with pytest.raises(ValueError, match=r"x_source: contains 1 NaN/Inf"):
+        _fit(_mlp(), (xs, ys, xt, yt))
+    xs[3, 1] = 0.0
+    xt[0, 0] = bad
+    with pytest.raises(ValueError, match=r"x_target: contains 1 NaN/Inf"):
+        _fit(_mlp(), (xs, ys, xt, yt))
