@@ -122,7 +122,7 @@ def test_interrupt_during_curves_keeps_values(tmp_path, capsys, monkeypatch):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(ev, "remove_curve", interrupted)
+    monkeypatch.setattr(ev, "remove_curves", interrupted)   # what _score calls (both curves at once)
     out = tmp_path / "run"
     rc, _, err = _run(["run", "--method", "random", "--n-source", "100", "--n-target", "50", "--out", str(out),
                        *BASE], capsys)
