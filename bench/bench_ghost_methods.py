@@ -11,8 +11,10 @@
    GroupNorm), a text model (Embedding 5000x64 + LayerNorm + mean + Linear) on 32 tokens. Also the
    dot-only fast pass (what TracIn / In-Run Shapley / similarity "dot" use).
 2. In-Run Data Shapley's cost vs plain training of the same model on the same batches (same
-   seed, same SGD steps): order 1 with the whole target set per step, with a target mini-batch
-   of batch_size/4, and order 2 (the HVP term). The issue's goal: <= 1.3x.
+   seed, same steps): SGD order 1 with the whole target set per step and with target
+   mini-batches of B/4 and B/16 (auto dot route: pairwise ghost dot where cheaper), B/16 forced
+   onto the materialised dot, SGD order 2 (the HVP term), Adam order 1 vs plain Adam training
+   (`--inrun-only` re-measures this part alone). The issue's goal: <= 1.3x.
 3. Detection AUROC of 20% flipped labels, breast_cancer and UCI Adult (real data), seeds 0-4,
    for InRunShapley and TracIn with their defaults on the command line's default MLP.
 
@@ -165,9 +167,12 @@ def bench_snapshot(kind: str, n: int, rounds: int, chunk: int) -> dict:
 
 
 # --------------------------------------------------------------------------- 2. In-Run overhead
-def _plain_training(model, xs, ys, epochs, batch_size, lr, seed):
+# (N source, M target, batch size B, epochs) per workload
+INRUN_FULL = {"exp3_head": (4096, 512, 128, 3), "cnn32": (1024, 128, 64, 1), "text": (4096, 512, 64, 2)}
+
+def _plain_training(model, xs, ys, epochs, batch_size, lr, seed, optimizer="sgd"):
     gen = seed_everything(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = (torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam)(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         for idx in torch.randperm(xs.shape[0], generator=gen).split(batch_size):
@@ -177,6 +182,10 @@ def _plain_training(model, xs, ys, epochs, batch_size, lr, seed):
 
 
 def bench_inrun(kind: str, n: int, m: int, batch_size: int, epochs: int, rounds: int) -> dict:
+    """Plain training vs In-Run Shapley on the same batches. SGD order 1 (auto route: pairwise
+    ghost dot where cheaper) with the whole target set and target mini-batches of B/4 and B/16;
+    the same B/16 forced onto the materialised route (the previous implementation's dot); Adam
+    order 1 (materialised: P is elementwise) against plain Adam training; SGD order 2."""
     from dvgs_fast import InRunShapley
     xs, ys = _inputs(kind, n, seed=1)
     xt, yt = _inputs(kind, m, seed=2)
@@ -185,21 +194,33 @@ def bench_inrun(kind: str, n: int, m: int, batch_size: int, epochs: int, rounds:
     init = MODELS[kind]()
     import copy
     small, tiny = max(1, batch_size // 4), max(1, batch_size // 16)
+    lr = {"sgd": 0.01, "adam": 1e-3}
+    last = {}
 
-    def inrun(**kw):
-        return lambda: InRunShapley(init, epochs=epochs, batch_size=batch_size, lr=0.01, seed=0, progress=False,
-                                    **kw).fit(xs, ys, xt, yt)
+    def inrun(key, optimizer="sgd", **kw):
+        def go():
+            last[key] = InRunShapley(init, epochs=epochs, batch_size=batch_size, lr=lr[optimizer],
+                                     optimizer=optimizer, seed=0, progress=False, **kw).fit(xs, ys, xt, yt)
+        return go
 
-    sides = {"plain": lambda: _plain_training(copy.deepcopy(init), xs, ys, epochs, batch_size, 0.01, 0),
-             "order1_full_target": inrun(),
-             f"order1_target_{small}": inrun(target_batch_size=small),
-             f"order1_target_{tiny}": inrun(target_batch_size=tiny),
-             f"order2_target_{small}": inrun(target_batch_size=small, order=2)}
+    sides = {"plain": lambda: _plain_training(copy.deepcopy(init), xs, ys, epochs, batch_size, lr["sgd"], 0),
+             "order1_full_target": inrun("order1_full_target"),
+             f"order1_target_{small}": inrun(f"order1_target_{small}", target_batch_size=small),
+             f"order1_target_{tiny}": inrun(f"order1_target_{tiny}", target_batch_size=tiny),
+             f"order1_target_{tiny}_materialised": inrun(f"order1_target_{tiny}_materialised",
+                                                         target_batch_size=tiny, dot_route="materialised"),
+             f"order2_target_{small}": inrun(f"order2_target_{small}", target_batch_size=small, order=2),
+             "plain_adam": lambda: _plain_training(copy.deepcopy(init), xs, ys, epochs, batch_size, lr["adam"], 0,
+                                                   "adam"),
+             f"adam_order1_target_{tiny}": inrun(f"adam_order1_target_{tiny}", "adam", target_batch_size=tiny)}
     res = _interleaved(sides, rounds)
     for k in list(sides):
-        if k != "plain":
-            res[k]["ratio_cpu"] = res[k]["cpu"] / res["plain"]["cpu"]
-            res[k]["ratio_wall"] = res[k]["wall"] / res["plain"]["wall"]
+        if not k.startswith("plain"):
+            base = res["plain_adam" if k.startswith("adam") else "plain"]
+            res[k]["ratio_cpu"] = res[k]["cpu"] / base["cpu"]
+            res[k]["ratio_wall"] = res[k]["wall"] / base["wall"]
+            res[k]["dot_routes"] = last[k].info["dot_routes"]
+            res[k]["phase_wall_s"] = {p: round(last[k].timings[p], 4) for p in ("setup", "target", "train", "values")}
     res.update(n=n, m=m, batch_size=batch_size, epochs=epochs,
                steps=epochs * -(-n // batch_size))
     return res
@@ -252,7 +273,7 @@ def run_all(quick: bool) -> dict:
     rounds = 2 if quick else 6
     out["snapshot"] = {k: bench_snapshot(k, n, rounds, chunk) for k, (n, chunk) in sizes.items()}
     inrun_cfg = {"exp3_head": (512, 128, 128, 1), "cnn32": (128, 32, 32, 1), "text": (512, 128, 64, 1)} if quick else \
-        {"exp3_head": (4096, 512, 128, 3), "cnn32": (1024, 128, 64, 1), "text": (4096, 512, 64, 2)}
+        INRUN_FULL
     out["inrun_overhead"] = {k: bench_inrun(k, *cfg, rounds=rounds) for k, cfg in inrun_cfg.items()}
     seeds = [0] if quick else [0, 1, 2, 3, 4]
     out["detection"] = {d: bench_detection(d, seeds, quick) for d in (["breast_cancer"] if quick else
@@ -270,8 +291,10 @@ def summary(res: dict) -> str:
             + f"; ref/fast {r['reference']['cpu'] / r['fast']['cpu']:.1f}x, per_layer/fast "
             f"{r['per_layer']['cpu'] / r['fast']['cpu']:.1f}x (cpu); max|diff| {r['max_abs_diff_fast_vs_reference']:.2g}")
     for k, r in res["inrun_overhead"].items():
+        if k == "machine":
+            continue
         lines.append(f"inrun {k} (N={r['n']}, M={r['m']}, B={r['batch_size']}, {r['steps']} steps): plain "
-                     f"{r['plain']['cpu']:.3f} s cpu; " + ", ".join(
+                     f"{r['plain']['cpu']:.3f} s cpu (adam {r['plain_adam']['cpu']:.3f} s); " + ", ".join(
                          f"{s} {v['ratio_cpu']:.2f}x cpu / {v['ratio_wall']:.2f}x wall"
                          for s, v in r.items() if isinstance(v, dict) and "ratio_cpu" in v))
     for d, r in res["detection"].items():
@@ -299,8 +322,15 @@ if __name__ == "__main__":
     ap.add_argument("--snapshot-only", metavar="KIND,N,CHUNK", help="re-measure one snapshot workload and merge "
                     "it into the existing results file")
     ap.add_argument("--detection-only", action="store_true", help="re-run part 3 and merge it into the results file")
+    ap.add_argument("--inrun-only", action="store_true", help="re-run part 2 (full sizes) and merge it into the "
+                    "results file")
     args = ap.parse_args()
-    if args.detection_only:
+    if args.inrun_only:
+        res = json.loads(Path(args.out).read_text())
+        m0 = machine()
+        res["inrun_overhead"] = {k: bench_inrun(k, *cfg, rounds=6) for k, cfg in INRUN_FULL.items()}
+        res["inrun_overhead"]["machine"] = {**m0, "loadavg_end": os.getloadavg()}
+    elif args.detection_only:
         res = json.loads(Path(args.out).read_text())
         res["detection"] = {d: bench_detection(d, [0, 1, 2, 3, 4], False) for d in ("breast_cancer", "adult")}
         res["detection"]["machine"] = {**machine(), "loadavg_end": os.getloadavg()}

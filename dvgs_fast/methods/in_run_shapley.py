@@ -33,6 +33,30 @@ the target set (or a random target mini-batch of ``target_batch_size``) per step
 (no dropout: G is the gradient of the target loss the model is evaluated on). backend="reference"
 forms every g_i explicitly with torch.func (slow; the correctness baseline).
 
+Pairwise ghost dot-product (SGD, order 1; the paper's own trick). With P = η a scalar, v = η G and
+G = Σ_r δ'_r a'_rᵀ per Linear layer (r over the target rows; δ' the gradient of the mean target
+loss at the layer's output), so sample i's dot is Σ_t Σ_r (a_it · a'_r)(δ_it · δ'_r) (+ the bias
+term, from the same products) and G is never formed: the target backward is taken w.r.t. the
+layers' OUTPUTS (no weight-gradient GEMMs; a first layer on the data needs no backward at all),
+and the dots cost B·L·T·L'·(d_in + d_out) per layer instead of (T·L' + B·L)·d_in·d_out. Each
+Linear / ungrouped Conv1d/Conv2d layer (conv: unfolded patches, L = output positions) takes the
+cheaper of the two by that count at every step (``dot_route="auto"``; "pairwise"/"materialised"
+force one); Embedding, norm layers and left-over parameters keep the materialised route. With
+Adam P is elementwise (⟨g_i, P G⟩ does not factor) and at order 2 v contains H u, so both keep
+the materialised route. result.info["dot_routes"] says which route each layer took.
+
+Cost (bench/bench_ghost_methods.py, CPU, 1 thread, CPU time vs plain training on the same
+batches, interleaved; bench/RESULTS.md): the target pass is a second forward/backward every
+step, so the whole target set per step costs what its rows cost (4.4x with 4x the batch's
+rows). With a small target mini-batch (``target_batch_size`` = B/16) and SGD, the exp3 head
+(2048-100-100-10, B=128) is at 1.5x (the materialised route there: 1.9x); what remains is the
+eager per-step cost of the target pass (~0.35 ms) and the dots (~0.25 ms) next to a 2 ms step.
+Convolutions with many output positions keep the materialised dot (one extra convolution of
+the batch), and the text model's Embedding/LayerNorm routes are materialised: 2-3.5x there.
+Adam and order 2 cost 1.8-2.6x (exp3 head). The <= 1.3x of the paper's "negligible overhead"
+is not reached on these small CPU models; it is approached as the step itself grows (exp3
+head with B=512: 1.3x), because the added work per step is mostly fixed overhead.
+
 The training itself is exactly plain training: the target pass draws no random numbers, the
 per-sample gradients are read off the same forward (dropout masks included), and the target
 mini-batches come from their own generator. So the values belong to the model you would get.
@@ -116,6 +140,10 @@ class InRunShapley(Valuation):
     grad_params        None (all trainable parameters) or names / module-name prefixes: only these
                        parameters' moves are credited (training still updates every parameter).
     backend            "fast" (ghost statistics from the training step) or "reference".
+    dot_route          "auto" (SGD order 1: each Linear/conv layer takes the pairwise ghost
+                       dot-product when it needs fewer multiply-adds, see the module docstring),
+                       "pairwise" (SGD, order 1, fast backend only) or "materialised" (form the
+                       target gradient G and dot each sample against it).
     max_time           wall-clock budget (s), checked after every step: a stopped run returns the
                        sums so far, status "stopped".
 
@@ -172,6 +200,7 @@ class InRunShapley(Valuation):
         # Layers that may take the pairwise dot (SGD, order 1 only: P = lr is a scalar there).
         pair = self._pairwise_layers(scorer) if self._pairwise_possible() else []
         route_steps = {e.layer: {"pairwise": 0, "materialised": 0} for e in pair}
+        chosen_for: dict[tuple[int, int], list] = {}
         ctx = _StepContext(model, scorer, names, params, [p for _, p in trainable], opt, prep.sample_loss,
                            lambda out, y: prep.sample_loss(out, y).mean())
 
@@ -195,8 +224,16 @@ class InRunShapley(Valuation):
                     else:
                         tidx = torch.randperm(m, generator=target_gen)[: self.target_batch_size].to(dev)
                         xtb, ytb = xt[tidx], yt[tidx]
-                    if pair:
-                        G, tgt_rows = self._target_pairwise(ctx, prep, pair, xtb, ytb, idx.shape[0], route_steps)
+                    # The cost rule depends on the shapes only: decided on the first step with
+                    # these (batch, target) sizes, later steps record just the chosen layers.
+                    key = (idx.shape[0], xtb.shape[0])
+                    cand = chosen_for.get(key, pair)
+                    for e in pair:
+                        if e not in cand:
+                            route_steps[e.layer]["materialised"] += 1
+                    if cand:
+                        G, tgt_rows = self._target_pairwise(ctx, prep, cand, xtb, ytb, idx.shape[0], route_steps)
+                        chosen_for[key] = list(tgt_rows)
                     else:
                         G, tgt_rows = self._target_grad(ctx, prep, xtb, ytb), {}
                     timings["target"] += time.perf_counter() - t0
