@@ -307,7 +307,6 @@ def remove_curves(values, x_train, y_train, x_test, y_test, *, modes=("high", "l
     regression = metric == "r2"
     X, y, Xt, yt = _check_inputs(v, x_train, y_train, x_test, y_test, regression)
     fr = as_fractions(DEFAULT_REMOVAL_FRACTIONS if fractions is None else fractions, allow_one=False)
-    n = v.shape[0]
     subsets = {md: removal_subsets(v, fr, md, selection, seed) for md in modes}
     if any(len(s) < 1 for ss in subsets.values() for s in ss):
         raise ValueError("fractions: every point must keep at least one training sample")
