@@ -230,9 +230,7 @@ def curves_description(curve: dict[str, Any]) -> str | None:
     """What a run's removal curves retrained and how ("model" and its settings, from _main._score)."""
     if not curve.get("model"):
         return None
-    reps = curve.get("repeats") or 1
-    return (f"removal curves: {curve['model']}"
-            + (f"; each point the mean of {reps} refits" if reps > 1 else ""))
+    return f"removal curves: {curve['model']}"      # the model's line names epochs and replicates
 
 
 def _curves_line(runs: list[dict[str, Any]]) -> str | None:
