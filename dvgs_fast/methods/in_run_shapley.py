@@ -49,13 +49,13 @@ Cost (bench/bench_ghost_methods.py, CPU, 1 thread, CPU time vs plain training on
 batches, interleaved; bench/RESULTS.md): the target pass is a second forward/backward every
 step, so the whole target set per step costs what its rows cost (4.4x with 4x the batch's
 rows). With a small target mini-batch (``target_batch_size`` = B/16) and SGD, the exp3 head
-(2048-100-100-10, B=128) is at 1.5x (the materialised route there: 1.9x); what remains is the
-eager per-step cost of the target pass (~0.35 ms) and the dots (~0.25 ms) next to a 2 ms step.
+(2048-100-100-10, B=128) is at 1.6x (the materialised route there: 1.9x); what remains is the
+eager per-step cost of the target pass (~0.37 ms) and the dots (~0.24 ms) next to a 2 ms step.
 Convolutions with many output positions keep the materialised dot (one extra convolution of
-the batch), and the text model's Embedding/LayerNorm routes are materialised: 2-3.5x there.
-Adam and order 2 cost 1.8-2.6x (exp3 head). The <= 1.3x of the paper's "negligible overhead"
-is not reached on these small CPU models; it is approached as the step itself grows (exp3
-head with B=512: 1.3x), because the added work per step is mostly fixed overhead.
+the batch: small CNN 1.6x), and the text model's Embedding/LayerNorm routes have no pairwise
+form (~3x). Adam and order 2 cost 1.9-2.7x (exp3 head). The <= 1.3x of the paper's "negligible
+overhead" is not reached on these small CPU models; the ratio falls as the step itself grows
+(exp3 head with B=512: 1.44x), because the added work per step is mostly fixed overhead.
 
 The training itself is exactly plain training: the target pass draws no random numbers, the
 per-sample gradients are read off the same forward (dropout masks included), and the target
