@@ -22,8 +22,8 @@ float summation order), checked in python_tests/test_removal_curves_paper.py aga
   remaining steps (sorted by size, the active networks are a prefix of the stack) and keep their
   own Adam step count, so the bias correction is theirs; the last partial batch is padded with
   rows of weight 0 and the loss is sum(w * l) / sum(w);
-* Adam is torch.optim.Adam's arithmetic (bias-corrected, eps after sqrt(v) / sqrt(1 - b2^t),
-  L2 weight decay added to the gradient).
+* Adam is torch.optim.Adam's arithmetic (``refit.optim.adam_update``, the one Adam of every
+  refit; L2 weight decay added to the gradient).
 
 Only networks that are a chain of ``nn.Linear`` and parameter-free layers (activations,
 ``LayerNorm`` without affine parameters, ``Dropout``, ``Flatten`` of already flat input) are
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-_B1, _B2, _EPS = 0.9, 0.999, 1e-8
+from dvgs_fast.refit.optim import adam_update
 
 # Layers without parameters that act on the last dimension (or elementwise), so they run
 # unchanged on stacked [K, B, width] activations.
@@ -271,19 +271,12 @@ def train_batched(chain: Chain, params0: dict[str, torch.Tensor], X: torch.Tenso
                 grads = torch.autograd.grad(per.sum(), list(ps.values()))
             with torch.no_grad():
                 t[:Ks] += 1
-                tt = t[:Ks]
-                c1 = 1.0 - _B1 ** tt
-                c2 = torch.sqrt(1.0 - _B2 ** tt)
                 for (name, p), gr in zip(ps.items(), grads):
                     if cfg.weight_decay:
                         gr = gr + cfg.weight_decay * p
-                    shape = (Ks,) + (1,) * (p.dim() - 1)
-                    mk, vk = m[name][:Ks], v2[name][:Ks]
-                    mk.lerp_(gr, 1.0 - _B1)
-                    vk.mul_(_B2).addcmul_(gr, gr, value=1.0 - _B2)
-                    step = (cfg.lr / c1).view(shape)
-                    denom = vk.sqrt() / c2.view(shape) + _EPS
-                    P[name][:Ks] -= step * mk / denom
+                    tk = t[:Ks].view((Ks,) + (1,) * (p.dim() - 1))      # each network's own step count
+                    P[name][:Ks], m[name][:Ks], v2[name][:Ks] = adam_update(
+                        p.detach(), gr, m[name][:Ks], v2[name][:Ks], tk, cfg.lr)
     inv = torch.as_tensor(np.argsort(order))
     return {k: v[inv.to(dev)] for k, v in P.items()}
 

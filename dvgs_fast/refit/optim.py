@@ -34,12 +34,24 @@ def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params]
     v = {k: torch.zeros_like(p) for k, p in params.items()}
     for t in range(1, steps + 1):
         g = grad_fn(params)
-        c1, c2 = 1.0 - _B1 ** t, math.sqrt(1.0 - _B2 ** t)
-        step = lr / c1
         new = {}
         for k, p in params.items():
-            m[k] = _B1 * m[k] + (1.0 - _B1) * g[k]
-            v[k] = _B2 * v[k] + (1.0 - _B2) * (g[k] * g[k])
-            new[k] = p - step * m[k] / (v[k].sqrt() / c2 + _EPS)
+            new[k], m[k], v[k] = adam_update(p, g[k], m[k], v[k], t, lr)
         params = new
     return params
+
+
+def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t, lr: float):
+    """One Adam step with torch.optim.Adam's arithmetic (moments as its lerp_/addcmul_, bias
+    correction, eps after sqrt(v) / sqrt(1 - b2^t)); functional, so it also runs under vmap.
+
+    t is the step number (1 on the first step): an int, or a tensor broadcastable against p when
+    stacked networks each keep their own count (the removal curves' batched refits, where
+    networks on smaller subsets take fewer steps). Returns (p, m, v) after the step."""
+    m = torch.lerp(m, g, 1.0 - _B1)
+    v = v * _B2 + (1.0 - _B2) * (g * g)
+    if isinstance(t, torch.Tensor):
+        c1, c2 = 1.0 - _B1 ** t, torch.sqrt(1.0 - _B2 ** t)
+    else:
+        c1, c2 = 1.0 - _B1 ** t, math.sqrt(1.0 - _B2 ** t)
+    return p - (lr / c1) * m / (v.sqrt() / c2 + _EPS), m, v
