@@ -398,7 +398,9 @@ def test_pairwise_equals_materialised_equals_reference(make, d, n, target_batch_
     np.testing.assert_allclose(pair.values, ref.values, rtol=1e-9, atol=1e-12 * scale)
     np.testing.assert_allclose(mat.values, ref.values, rtol=1e-9, atol=1e-12 * scale)
     np.testing.assert_array_equal(pair.counts, ref.counts)
-    assert pair.info["target_loss_end"] == mat.info["target_loss_end"]      # same training
+    # same training (the MLP's pairwise run takes the fused pass: its hand-made weight gradients
+    # may differ from autograd's in the last bit)
+    assert pair.info["target_loss_end"] == pytest.approx(mat.info["target_loss_end"], rel=1e-12)
     weighted = [nm for nm, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
     assert weighted and all(pair.info["dot_routes"][nm] == "pairwise" for nm in weighted)
     assert all(mat.info["dot_routes"][nm].startswith("materialised") for nm in weighted)

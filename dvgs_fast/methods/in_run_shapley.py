@@ -72,6 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V
@@ -112,6 +113,116 @@ class _StepContext:
     batch_loss: Callable
     last_loss: Any = None
     unsplit: set = field(default_factory=set)
+
+
+# Parameter-free modules that compute every row from that row alone and do the same in train and
+# eval mode (exact types: a subclass may override forward). With these around plain Linear layers
+# in an nn.Sequential, one forward over [batch rows; target rows] in train mode gives both sides
+# exactly what the separate passes give (the target's in eval mode).
+_ROWWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+            nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardtanh,
+            nn.Hardswish, nn.Hardsigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+@dataclass(eq=False)
+class _FusedLinear:
+    """One Linear of the fused pass: its parameters, whether each is credited, and its name."""
+    module: nn.Module
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    credit_w: bool
+    credit_b: bool
+    layer: str
+    d_in: int
+    d_out: int
+
+
+@dataclass(eq=False)
+class _FusedShape:
+    """Per (batch rows, target rows): the concatenated input/label buffers, each Linear's dot
+    route (True: pairwise) and the loss weights (1/B on the batch rows, 1/T on the target's)."""
+    x: torch.Tensor
+    y: torch.Tensor
+    weights: torch.Tensor
+    pairwise: list[bool]
+    one: torch.Tensor                      # a 0-dim 1: addmm's broadcast input for the bias's +1
+    steps: int = 0
+
+
+@dataclass(eq=False)
+class _FusedPlan:
+    ops: list[tuple[nn.Module, _FusedLinear | None, bool]]     # (module, its Linear entry, in-place)
+    linears: list[_FusedLinear]
+    shapes: dict = field(default_factory=dict)
+    active: bool = True
+    reason: str = ""
+
+
+def fused_plan(model: nn.Module, names: list[str]) -> tuple["_FusedPlan | None", str]:
+    """(plan, "") when the target rows can ride along in the training forward exactly: an
+    nn.Sequential (nested ones allowed) of plain Linear layers and row-wise, mode-independent,
+    parameter-free modules, every parameter trainable and owned by one Linear used once, no
+    hooks. Otherwise (None, why): the separate eval-mode target pass is kept."""
+    from torch.nn.modules import module as _mod
+    if type(model) is not nn.Sequential:
+        return None, f"the model is a {type(model).__name__}, not an nn.Sequential (its forward is not known)"
+    if any(getattr(_mod, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                           "_global_backward_hooks", "_global_backward_pre_hooks")):
+        return None, "global module hooks are registered"
+    mod_name = {id(m): nm for nm, m in model.named_modules()}
+    leaves: list[nn.Module] = []
+
+    def flatten(seq):
+        for m in seq:
+            if type(m) is nn.Sequential:
+                flatten(m)
+            else:
+                leaves.append(m)
+
+    flatten(model)
+    selected = set(names)
+    pname = {id(p): nm for nm, p in model.named_parameters(remove_duplicate=False)}
+    ops, linears, seen_mod, seen_par = [], [], set(), set()
+    for m in list(model.modules()):
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None):
+            return None, f"module {mod_name[id(m)] or '<model>'} has hooks"
+    for m in leaves:
+        nm = mod_name[id(m)]
+        if id(m) in seen_mod:
+            return None, f"module {nm} is used twice (shared weights)"
+        seen_mod.add(id(m))
+        if type(m) is nn.Linear:
+            ps = [m.weight] + ([m.bias] if m.bias is not None else [])
+            if any(not p.requires_grad for p in ps):
+                return None, f"{nm} has a frozen parameter"
+            if any(id(p) in seen_par for p in ps):
+                return None, f"{nm} shares a parameter with another layer"
+            seen_par.update(id(p) for p in ps)
+            e = _FusedLinear(m, m.weight, m.bias, pname[id(m.weight)] in selected,
+                             m.bias is not None and pname[id(m.bias)] in selected, nm, m.in_features, m.out_features)
+            linears.append(e)
+            ops.append((m, e, False))
+            continue
+        if list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)):
+            return None, f"{nm} ({type(m).__name__}) has parameters or buffers and is not an nn.Linear"
+        if type(m) in _DROPOUTS:
+            if m.p > 0:
+                return None, f"{nm} ({type(m).__name__}, p={m.p}) differs between train and eval mode"
+        elif type(m) is nn.Flatten:
+            if m.start_dim < 1:
+                return None, f"{nm} (Flatten) flattens the sample dimension"
+        elif type(m) in (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)):
+            pass                                   # parameter-free here (no buffers, checked above)
+        elif type(m) not in _ROWWISE:
+            return None, (f"{nm} ({type(m).__name__}) is not known to act row by row and alike in train "
+                          f"and eval mode")
+        ops.append((m, None, bool(getattr(m, "inplace", False))))
+    if not linears:
+        return None, "no nn.Linear layer"
+    if len(seen_par) != len({id(p) for p in model.parameters()}):
+        return None, "some parameters belong to no Linear layer"
+    return _FusedPlan(ops, linears), ""
 
 
 class InRunShapley(Valuation):
@@ -201,6 +312,11 @@ class InRunShapley(Valuation):
         pair = self._pairwise_layers(scorer) if self._pairwise_possible() else []
         route_steps = {e.layer: {"pairwise": 0, "materialised": 0} for e in pair}
         chosen_for: dict[tuple[int, int], list] = {}
+        # SGD order 1 on a Linear network whose train and eval forward agree: the target rows ride
+        # along in the training forward (one forward, one backward to the layers' outputs).
+        fused, fused_why = (fused_plan(model, names) if self._pairwise_possible()
+                            else (None, "only SGD, order 1, fast backend, dot_route auto/pairwise"))
+        pass_steps = {"fused": 0, "separate": 0}
         ctx = _StepContext(model, scorer, names, params, [p for _, p in trainable], opt, prep.sample_loss,
                            lambda out, y: prep.sample_loss(out, y).mean())
 
@@ -218,27 +334,18 @@ class InRunShapley(Valuation):
                 perm = torch.randperm(n, generator=shuffle).to(dev)
                 for idx in perm.split(self.batch_size):
                     t0 = time.perf_counter()
-                    # ---- the target side at θ_t (eval mode: no dropout, no randomness drawn)
-                    if self.target_batch_size is None or self.target_batch_size >= m:
-                        xtb, ytb = xt, yt
+                    tidx = (None if self.target_batch_size is None or self.target_batch_size >= m else
+                            torch.randperm(m, generator=target_gen)[: self.target_batch_size].to(dev))
+                    contrib = None
+                    if fused is not None and fused.active:
+                        contrib = self._fused_step(ctx, fused, prep, idx, tidx, timings)
+                        if contrib is None:             # this model's calls do not fit: separate from now on
+                            fused_why = fused.reason
+                    if contrib is not None:
+                        pass_steps["fused"] += 1
                     else:
-                        tidx = torch.randperm(m, generator=target_gen)[: self.target_batch_size].to(dev)
-                        xtb, ytb = xt[tidx], yt[tidx]
-                    # The cost rule depends on the shapes only: decided on the first step with
-                    # these (batch, target) sizes, later steps record just the chosen layers.
-                    key = (idx.shape[0], xtb.shape[0])
-                    cand = chosen_for.get(key, pair)
-                    for e in pair:
-                        if e not in cand:
-                            route_steps[e.layer]["materialised"] += 1
-                    if cand:
-                        G, tgt_rows = self._target_pairwise(ctx, prep, cand, xtb, ytb, idx.shape[0], route_steps)
-                        chosen_for[key] = list(tgt_rows)
-                    else:
-                        G, tgt_rows = self._target_grad(ctx, prep, xtb, ytb), {}
-                    timings["target"] += time.perf_counter() - t0
-                    # ---- the training step, recording what the per-sample statistics need
-                    contrib = self._step(ctx, G, tgt_rows, xs[idx], ys[idx], timings)
+                        pass_steps["separate"] += 1
+                        contrib = self._separate_step(ctx, prep, pair, chosen_for, route_steps, idx, tidx, timings, t0)
                     c = contrib.detach().to(torch.float64)
                     s1.index_add_(0, idx, c)
                     s2.index_add_(0, idx, c * c)
@@ -258,12 +365,49 @@ class InRunShapley(Valuation):
                     break
         finally:
             bar.close()
+        return self._finish(ctx, prep, scorer, fused, fused_why, pass_steps, route_steps, s1, s2, counts, steps,
+                            steps_per_epoch, stopped, loss_start, timings)
+
+    def _separate_step(self, ctx: "_StepContext", prep, pair, chosen_for, route_steps, idx, tidx, timings, t0):
+        """A step with the target side as its own eval-mode pass; returns φ [B]."""
+        xs, ys, xt, yt = prep.xs, prep.ys, prep.xt, prep.yt
+        # ---- the target side at θ_t (eval mode: no dropout, no randomness drawn)
+        xtb, ytb = (xt, yt) if tidx is None else (xt[tidx], yt[tidx])
+        # The cost rule depends on the shapes only: decided on the first step with
+        # these (batch, target) sizes, later steps record just the chosen layers.
+        key = (idx.shape[0], xtb.shape[0])
+        cand = chosen_for.get(key, pair)
+        for e in pair:
+            if e not in cand:
+                route_steps[e.layer]["materialised"] += 1
+        if cand:
+            G, tgt_rows = self._target_pairwise(ctx, prep, cand, xtb, ytb, idx.shape[0], route_steps)
+            chosen_for[key] = list(tgt_rows)
+        else:
+            G, tgt_rows = self._target_grad(ctx, prep, xtb, ytb), {}
+        timings["target"] += time.perf_counter() - t0
+        # ---- the training step, recording what the per-sample statistics need
+        return self._step(ctx, G, tgt_rows, xs[idx], ys[idx], timings)
+
+    def _finish(self, ctx, prep, scorer, fused, fused_why, pass_steps, route_steps, s1, s2, counts, steps,
+                steps_per_epoch, stopped, loss_start, timings) -> Estimate:
+        model, xt, yt = ctx.model, prep.xt, prep.yt
+        n, m = s1.shape[0], xt.shape[0]
+        if fused is not None:                       # the fused steps' routes, per batch shape
+            for st in fused.shapes.values():
+                for e, pw in zip(fused.linears, st.pairwise):
+                    if e.layer in route_steps:
+                        route_steps[e.layer]["pairwise" if pw else "materialised"] += st.steps
         loss_end = self._target_loss(model, prep, xt, yt)
         counts = counts.cpu().numpy()
         values, stderr = T.finish_sums(s1.cpu().numpy(), s2.cpu().numpy(), counts)
         info = {"n_source": n, "n_target": m, "steps": steps, "steps_planned": self.epochs * steps_per_epoch,
                 "epochs_done": steps // steps_per_epoch, "target_loss_start": loss_start,
-                "target_loss_end": loss_end, "order": self.order}
+                "target_loss_end": loss_end, "order": self.order,
+                "target_pass": ("fused" if pass_steps["separate"] == 0 else "separate" if pass_steps["fused"] == 0
+                                else f"fused ({pass_steps['fused']} steps), separate ({pass_steps['separate']} steps)")}
+        if pass_steps["separate"]:
+            info["target_pass_reason"] = fused_why
         if scorer is not None:
             info.update(scorer.describe())
             info["dot_routes"] = self._dot_routes(scorer, route_steps)
@@ -361,6 +505,107 @@ class InRunShapley(Valuation):
             tgt_rows[e] = GP.rows_of(e.module, e.kind, calls, [next(it) for _ in calls], t)
         G = {nm: torch.zeros_like(ctx.params[nm]) if g is None else g for nm, g in zip(rest, grads[len(outs):])}
         return G, tgt_rows
+
+    # ---------------------------------------------------------------------------- fused pass
+    def _fused_shape(self, plan: _FusedPlan, prep, b: int, t: int, full_target: bool) -> _FusedShape | None:
+        """Buffers and routes for a new (batch, target) size; the whole target set is copied in once."""
+        xs, ys, xt, yt = prep.xs, prep.ys, prep.xt, prep.yt
+        x = torch.empty((b + t, *xs.shape[1:]), dtype=xs.dtype, device=xs.device)
+        y = x if ys is xs else torch.empty((b + t, *ys.shape[1:]), dtype=ys.dtype, device=ys.device)
+        if full_target:
+            x[b:] = xt
+            if y is not x:
+                y[b:] = yt
+        w = torch.cat([torch.full((b,), 1.0 / b, dtype=xs.dtype, device=xs.device),
+                       torch.full((t,), 1.0 / t, dtype=xs.dtype, device=xs.device)])
+        pw = [e.credit_w and (self.dot_route == "pairwise" or GP.pairwise_cheaper(b, 1, t, 1, e.d_in, e.d_out))
+              for e in plan.linears]
+        return _FusedShape(x, y, w, pw, torch.ones((), dtype=xs.dtype, device=xs.device))
+
+    def _fused_step(self, ctx: "_StepContext", plan: _FusedPlan, prep, idx, tidx, timings) -> torch.Tensor | None:
+        """One training step with the target rows in the same forward; returns φ [B], or None (and
+        plan.active = False, nothing changed) when a layer's input is not [rows, features].
+
+        One forward over [x_B; x_T] (train mode = eval mode here), recording each Linear's input a
+        and output; one autograd.grad of L_B + L_T w.r.t. the outputs only, which gives every
+        layer's δ (rows do not interact: the batch rows' δ are those of L_B, the target rows' those
+        of L_T) and computes no weight gradient. The optimizer's gradients are then what autograd
+        computes for L_B: W.grad = δ_Bᵀ a_B, b.grad = Σ δ_B, and the dots come from the same rows."""
+        t0 = time.perf_counter()
+        b = idx.shape[0]
+        t = prep.xt.shape[0] if tidx is None else tidx.shape[0]
+        key = (b, t)
+        st = plan.shapes.get(key)
+        new = st is None
+        if new:
+            st = self._fused_shape(plan, prep, b, t, tidx is None)
+        x, y = st.x, st.y
+        torch.index_select(prep.xs, 0, idx, out=x[:b])
+        if y is not x:
+            torch.index_select(prep.ys, 0, idx, out=y[:b])
+        if tidx is not None:
+            torch.index_select(prep.xt, 0, tidx, out=x[b:])
+            if y is not x:
+                torch.index_select(prep.yt, 0, tidx, out=y[b:])
+        h, ins, outs = x, [], []
+        for mod, lin, inplace in plan.ops:
+            if lin is not None:
+                ins.append(h)
+                h = F.linear(h, lin.weight, lin.bias)
+                outs.append(h)
+            else:
+                # an in-place op must not overwrite a recorded output (its δ is wanted, not the op's)
+                h = mod(h.clone() if inplace and outs and h is outs[-1] else h)
+        per = ctx.sample_loss(h, y)
+        if new:
+            n = b + t
+            bad = next(((e, a) for e, a in zip(plan.linears, ins) if a.dim() != 2 or a.shape[0] != n), None)
+            if bad is not None or tuple(per.shape) != (n,):
+                plan.active = False
+                plan.reason = (f"layer {bad[0].layer} gets inputs of shape {tuple(bad[1].shape)}, not [rows, features]"
+                               if bad is not None else "the loss does not return one value per row")
+                return None
+            plan.shapes[key] = st
+        st.steps += 1
+        grads = torch.autograd.grad(torch.dot(per, st.weights), outs)
+        ctx.last_loss = per.detach()[:b].mean()
+        for e, a, d in zip(plan.linears, ins, grads):
+            a_b, d_b = a[:b].detach(), d[:b]
+            if e.weight.grad is None or e.weight.grad.shape != e.weight.shape:
+                e.weight.grad = torch.mm(d_b.t(), a_b)
+            else:
+                torch.mm(d_b.t(), a_b, out=e.weight.grad)
+            if e.bias is not None:
+                if e.bias.grad is None:
+                    e.bias.grad = d_b.sum(0)
+                else:
+                    torch.sum(d_b, 0, out=e.bias.grad)
+        t1 = time.perf_counter()
+        timings["train"] += t1 - t0
+        # ---- (1/B)⟨g_i, G⟩ per layer: pairwise Σ_r ((a_i·a'_r) + 1)(δ_i·δ'_r) summed over the layers
+        # as one [B, T] matrix, or through G = δ'ᵀa' where that is cheaper (wide target, narrow layer)
+        mat = vec = None
+        for e, pw, a, d in zip(plan.linears, st.pairwise, ins, grads):
+            if not (e.credit_w or e.credit_b):
+                continue
+            a_b, a_t, d_b, d_t = a[:b].detach(), a[b:].detach(), d[:b], d[b:]
+            if pw:
+                aa = torch.addmm(st.one, a_b, a_t.t()) if e.credit_b else torch.mm(a_b, a_t.t())
+                dd = torch.mm(d_b, d_t.t())
+                mat = aa.mul_(dd) if mat is None else mat.addcmul_(aa, dd)
+                continue
+            if e.credit_w:
+                gw = torch.mm(d_t.t(), a_t)
+                z = torch.addmm(d_t.sum(0), a_b, gw.t()) if e.credit_b else torch.mm(a_b, gw.t())
+                r = z.mul_(d_b).sum(1)
+            else:
+                r = torch.mv(d_b, d_t.sum(0))
+            vec = r if vec is None else vec.add_(r)
+        dot = mat.sum(1) if mat is not None else None
+        dot = vec if dot is None else dot if vec is None else dot.add_(vec)
+        ctx.opt.step()
+        timings["values"] += time.perf_counter() - t1
+        return dot.mul_(self.lr)
 
     # ------------------------------------------------------------------------------------------
     def _diverged(self, epoch: int, step: int, value: float):
