@@ -28,7 +28,9 @@ def make_sample_loss(loss: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.
     (mean over the output's elements), or the user's callable."""
     if loss == "cross_entropy":
         def per_sample(out, y):
-            return F.cross_entropy(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
+            ce = F.cross_entropy(out, y, reduction="none")
+            # [N, C] logits give [N] already (a mean over one element would only add two ops per step)
+            return ce if out.dim() == 2 else ce.reshape(out.shape[0], -1).mean(1)
     elif loss == "mse":
         def per_sample(out, y):
             return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)

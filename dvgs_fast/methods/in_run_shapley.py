@@ -266,6 +266,9 @@ class InRunShapley(Valuation):
 
     name = "inrun_shapley"
     requires_labels = False
+    # False: never take the fused target pass (tests and bench/bench_ghost_methods.py compare it
+    # with the separate one; not a user setting, the two give the same values)
+    _allow_fused = True
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
@@ -314,8 +317,9 @@ class InRunShapley(Valuation):
         chosen_for: dict[tuple[int, int], list] = {}
         # SGD order 1 on a Linear network whose train and eval forward agree: the target rows ride
         # along in the training forward (one forward, one backward to the layers' outputs).
-        fused, fused_why = (fused_plan(model, names) if self._pairwise_possible()
-                            else (None, "only SGD, order 1, fast backend, dot_route auto/pairwise"))
+        fused, fused_why = (fused_plan(model, names) if self._pairwise_possible() and self._allow_fused
+                            else (None, "disabled (_allow_fused = False)" if self._pairwise_possible() else
+                                  "only SGD, order 1, fast backend, dot_route auto/pairwise"))
         pass_steps = {"fused": 0, "separate": 0}
         ctx = _StepContext(model, scorer, names, params, [p for _, p in trainable], opt, prep.sample_loss,
                            lambda out, y: prep.sample_loss(out, y).mean())
@@ -332,6 +336,7 @@ class InRunShapley(Valuation):
         try:
             for epoch in range(self.epochs):
                 perm = torch.randperm(n, generator=shuffle).to(dev)
+                rows_done = 0
                 for idx in perm.split(self.batch_size):
                     t0 = time.perf_counter()
                     tidx = (None if self.target_batch_size is None or self.target_batch_size >= m else
@@ -349,8 +354,8 @@ class InRunShapley(Valuation):
                     c = contrib.detach().to(torch.float64)
                     s1.index_add_(0, idx, c)
                     s2.index_add_(0, idx, c * c)
-                    counts.index_add_(0, idx, torch.ones_like(idx))
                     steps += 1
+                    rows_done += idx.shape[0]
                     # A diverged training must not return NaN values silently. On CPU the loss is
                     # read every step (a scalar read); on a GPU the sums are checked at epoch ends.
                     if dev.type == "cpu" and not math.isfinite(float(ctx.last_loss)):
@@ -358,6 +363,12 @@ class InRunShapley(Valuation):
                     stopped = run.budget.exhausted()
                     if stopped:
                         break
+                # counts: every epoch shows each sample once, so they are added per epoch (or for
+                # the part of it done), not per step
+                if rows_done == n:
+                    counts += 1
+                else:
+                    counts.index_add_(0, perm[:rows_done], torch.ones_like(perm[:rows_done]))
                 if dev.type != "cpu" and not bool(torch.isfinite(s1).all()):
                     self._diverged(epoch, steps - 1, float("nan"))
                 bar.update(1)
