@@ -82,14 +82,14 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     # The DVGS repository's committed notebook outputs (label_corruption_figures.ipynb and the
     # hyper-parameter sweep), AUROC as mean ± 2 * np.std (population sd, ddof 0) over 5 runs.
     Experiment(
-        "adult", "label corruption", "adult", {"noise": "label:0.2", **_TABULAR},
+        "adult", "exp1, label corruption", "adult", {"noise": "label:0.2", **_TABULAR},
         # the sweep's row with exp1's settings (1 restart x 100 epochs); the sweep's best was 0.908
         anchors={"dvgs": (0.879, None)},
         anchor_note="hyper-parameter sweep, exp1's row (1 restart x 100 epochs); best setting 0.908; no "
                     "baselines published for Adult",
         anchor_times=_TIMES_LABEL),
     Experiment(
-        "blog", "label corruption", "blog", {"noise": "label:0.2", **_TABULAR},
+        "blog", "exp2, label corruption", "blog", {"noise": "label:0.2", **_TABULAR},
         anchors={"dvgs": (0.750, 0.028), "dshap": (0.671, 0.021), "dvrl": (0.697, 0.033), "loo": (0.558, 0.063),
                  "random": (0.509, 0.028)},
         anchor_note="exp2: 1000 source / 400 target, 20% flipped, exp1 model and settings; 5 runs",
@@ -99,13 +99,13 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     # (exp5), target batch 500, balanced class weights. The repository commits no Spearman for
     # them (noise_capture_figures.ipynb holds exp8's output only), just their run times.
     Experiment(
-        "adult_feature", "Gaussian feature noise", "adult", {"noise": "feature:3.0", **_TABULAR},
+        "adult_feature", "exp4", "adult", {"noise": "feature:3.0", **_TABULAR},
         dvgs={"restarts": 10},
         anchor_note="exp4: 1000 source / 400 target, sigma_i ~ U(0, 3), exp1 model, DVGS 10 restarts x 100 epochs; "
                     "no Spearman committed in the original repository (only run times)",
         anchor_times={"dvgs": "1.40", "dvrl": "9.8", "loo": "35", "dshap": "404"}),
     Experiment(
-        "blog_feature", "Gaussian feature noise", "blog", {"noise": "feature:3.0", **_TABULAR},
+        "blog_feature", "exp5", "blog", {"noise": "feature:3.0", **_TABULAR},
         anchor_note="exp5: 1000 source / 400 target, sigma_i ~ U(0, 3), exp1 model, DVGS 3 restarts x 100 epochs; "
                     "no Spearman committed in the original repository (only run times)",
         anchor_times={"dvgs": "1.34", "dvrl": "9.8", "loo": "35", "dshap": "631"}),
@@ -115,7 +115,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     # Here: the 377 rows of the one-plate file, 300 source / 77 target (ANALYSIS.md says why);
     # the target batch is the whole target, as in exp8.
     Experiment(
-        "lincs", "Gaussian feature noise, autoencoder", "lincs:{root}/" + LINCS_FILE,
+        "lincs", "exp8, autoencoder", "lincs:{root}/" + LINCS_FILE,
         {"noise": "feature:5.0", "n-source": 300, "n-target": 77, "hidden": 250, "num-layers": 2, "latent": 32,
          "dropout": 0.0},
         dvgs={"restarts": 3, "epochs": 500, "lr": 1e-3, "target_batch_size": 77, "source_batch_size": 250},
@@ -203,7 +203,8 @@ def probe_methods(exp: Experiment, methods: list[str], data_root: str) -> tuple[
             raise SystemExit(f"run_quality: the probe run of {exp.name} exited {proc.returncode} without a "
                              f"report:\n{proc.stderr[-2000:]}")
         doc = json.loads((out / "compare.json").read_text())
-    why = {r["method"]: r.get("error") or "failed" for r in doc["runs"] if r["status"] == "failed"}
+    why = {r["method"]: (r.get("error") or "failed").removeprefix(f"{r['method']}: ")
+           for r in doc["runs"] if r["status"] == "failed"}
     for m, reason in why.items():
         print(f"run_quality: {exp.name}: skipping {m}: {reason}", file=sys.stderr, flush=True)
     return [m for m in methods if m not in why], why
@@ -257,7 +258,7 @@ def _verdict(vals, anchor, lower_is_better=False):
     m = float(np.mean(vals))
     d = (mean - m) if lower_is_better else (m - mean)     # > 0: better than the anchor
     if d >= -0.005:
-        return "at or below" if lower_is_better else "at or above"
+        return "at or below (stronger)" if lower_is_better else "at or above"
     if band is not None and d >= -band:
         return f"within its ± 2 sd ({m - mean:+.3f})"
     return f"**{'above' if lower_is_better else 'below'}** ({m - mean:+.3f})"
