@@ -14,7 +14,9 @@
    seed, same steps): SGD order 1 with the whole target set per step and with target
    mini-batches of B/4 and B/16 (auto dot route: pairwise ghost dot where cheaper), B/16 forced
    onto the materialised dot, SGD order 2 (the HVP term), Adam order 1 vs plain Adam training
-   (`--inrun-only` re-measures this part alone). The issue's goal: <= 1.3x.
+   (`--inrun-only` re-measures this part alone, exp3 head at B=128 and B=512). Also plain SGD
+   training that gathers its batches into a reused buffer (`plain_prealloc`, see there). The
+   issue's goal: <= 1.3x.
 3. Detection AUROC of 20% flipped labels, breast_cancer and UCI Adult (real data), seeds 0-4,
    for InRunShapley and TracIn with their defaults on the command line's default MLP.
 
@@ -168,7 +170,8 @@ def bench_snapshot(kind: str, n: int, rounds: int, chunk: int) -> dict:
 
 # --------------------------------------------------------------------------- 2. In-Run overhead
 # (N source, M target, batch size B, epochs) per workload
-INRUN_FULL = {"exp3_head": (4096, 512, 128, 3), "cnn32": (1024, 128, 64, 1), "text": (4096, 512, 64, 2)}
+INRUN_FULL = {"exp3_head": (4096, 512, 128, 3), "exp3_head_b512": (4096, 512, 512, 3), "cnn32": (1024, 128, 64, 1),
+              "text": (4096, 512, 64, 2)}
 
 def _plain_training(model, xs, ys, epochs, batch_size, lr, seed, optimizer="sgd"):
     gen = seed_everything(seed)
@@ -181,32 +184,61 @@ def _plain_training(model, xs, ys, epochs, batch_size, lr, seed, optimizer="sgd"
             opt.step()
 
 
+def _plain_training_prealloc(model, xs, ys, epochs, batch_size, lr, seed):
+    """Plain SGD training that gathers each batch into one reused buffer: xs[idx] allocates a fresh
+    [B, ...] tensor per step, and a fresh large allocation costs page faults in this VM (B=128 on
+    the exp3 head: ~10% of a step). In-Run's fused pass reuses its buffers, so this side shows how
+    much of its ratio that saving accounts for."""
+    gen = seed_everything(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    bx = torch.empty((batch_size, *xs.shape[1:]), dtype=xs.dtype)
+    by = torch.empty((batch_size, *ys.shape[1:]), dtype=ys.dtype)
+    for _ in range(epochs):
+        for idx in torch.randperm(xs.shape[0], generator=gen).split(batch_size):
+            b = idx.shape[0]
+            opt.zero_grad(set_to_none=True)
+            _ce(model(torch.index_select(xs, 0, idx, out=bx[:b])), torch.index_select(ys, 0, idx, out=by[:b])
+                ).mean().backward()
+            opt.step()
+
+
 def bench_inrun(kind: str, n: int, m: int, batch_size: int, epochs: int, rounds: int) -> dict:
     """Plain training vs In-Run Shapley on the same batches. SGD order 1 (auto route: pairwise
-    ghost dot where cheaper) with the whole target set and target mini-batches of B/4 and B/16;
-    the same B/16 forced onto the materialised route (the previous implementation's dot); Adam
+    ghost dot where cheaper; the fused target pass where the model allows it, result
+    info["target_pass"]) with the whole target set and target mini-batches of B/4 and B/16;
+    the same B/16 with the separate eval-mode target pass, and forced onto the materialised
+    route (which keeps the separate pass: the implementation before the pairwise dot); Adam
     order 1 (materialised: P is elementwise) against plain Adam training; SGD order 2."""
     from dvgs_fast import InRunShapley
-    xs, ys = _inputs(kind, n, seed=1)
-    xt, yt = _inputs(kind, m, seed=2)
+    model_kind = kind.split("_b")[0]          # exp3_head_b512: the exp3 head at another batch size
+    xs, ys = _inputs(model_kind, n, seed=1)
+    xt, yt = _inputs(model_kind, m, seed=2)
     xs, xt = xs.float(), xt.float()          # TextNet casts ids back to long
     torch.manual_seed(0)
-    init = MODELS[kind]()
+    init = MODELS[model_kind]()
     import copy
     small, tiny = max(1, batch_size // 4), max(1, batch_size // 16)
     lr = {"sgd": 0.01, "adam": 1e-3}
     last = {}
 
-    def inrun(key, optimizer="sgd", **kw):
+    def inrun(key, optimizer="sgd", separate=False, **kw):
         def go():
-            last[key] = InRunShapley(init, epochs=epochs, batch_size=batch_size, lr=lr[optimizer],
-                                     optimizer=optimizer, seed=0, progress=False, **kw).fit(xs, ys, xt, yt)
+            method = InRunShapley(init, epochs=epochs, batch_size=batch_size, lr=lr[optimizer],
+                                  optimizer=optimizer, seed=0, progress=False, **kw)
+            if separate:
+                method._allow_fused = False          # the separate eval-mode target pass
+            last[key] = method.fit(xs, ys, xt, yt)
         return go
 
     sides = {"plain": lambda: _plain_training(copy.deepcopy(init), xs, ys, epochs, batch_size, lr["sgd"], 0),
+             "plain_prealloc": lambda: _plain_training_prealloc(copy.deepcopy(init), xs, ys, epochs, batch_size,
+                                                                lr["sgd"], 0),
              "order1_full_target": inrun("order1_full_target"),
              f"order1_target_{small}": inrun(f"order1_target_{small}", target_batch_size=small),
              f"order1_target_{tiny}": inrun(f"order1_target_{tiny}", target_batch_size=tiny),
+             f"order1_target_{tiny}_separate": inrun(f"order1_target_{tiny}_separate", target_batch_size=tiny,
+                                                     separate=True),
              f"order1_target_{tiny}_materialised": inrun(f"order1_target_{tiny}_materialised",
                                                          target_batch_size=tiny, dot_route="materialised"),
              f"order2_target_{small}": inrun(f"order2_target_{small}", target_batch_size=small, order=2),
@@ -219,7 +251,10 @@ def bench_inrun(kind: str, n: int, m: int, batch_size: int, epochs: int, rounds:
             base = res["plain_adam" if k.startswith("adam") else "plain"]
             res[k]["ratio_cpu"] = res[k]["cpu"] / base["cpu"]
             res[k]["ratio_wall"] = res[k]["wall"] / base["wall"]
+            if not k.startswith("adam"):
+                res[k]["ratio_cpu_vs_prealloc"] = res[k]["cpu"] / res["plain_prealloc"]["cpu"]
             res[k]["dot_routes"] = last[k].info["dot_routes"]
+            res[k]["target_pass"] = last[k].info["target_pass"]
             res[k]["phase_wall_s"] = {p: round(last[k].timings[p], 4) for p in ("setup", "target", "train", "values")}
     res.update(n=n, m=m, batch_size=batch_size, epochs=epochs,
                steps=epochs * -(-n // batch_size))
@@ -296,6 +331,7 @@ def summary(res: dict) -> str:
         lines.append(f"inrun {k} (N={r['n']}, M={r['m']}, B={r['batch_size']}, {r['steps']} steps): plain "
                      f"{r['plain']['cpu']:.3f} s cpu (adam {r['plain_adam']['cpu']:.3f} s); " + ", ".join(
                          f"{s} {v['ratio_cpu']:.2f}x cpu / {v['ratio_wall']:.2f}x wall"
+                         + (f" ({v['target_pass']})" if "target_pass" in v else "")
                          for s, v in r.items() if isinstance(v, dict) and "ratio_cpu" in v))
     for d, r in res["detection"].items():
         if d == "machine":

@@ -45,21 +45,37 @@ force one); Embedding, norm layers and left-over parameters keep the materialise
 Adam P is elementwise (⟨g_i, P G⟩ does not factor) and at order 2 v contains H u, so both keep
 the materialised route. result.info["dot_routes"] says which route each layer took.
 
-Cost (bench/bench_ghost_methods.py, CPU, 1 thread, CPU time vs plain training on the same
-batches, interleaved; bench/RESULTS.md): the target pass is a second forward/backward every
-step, so the whole target set per step costs what its rows cost (4.4x with 4x the batch's
-rows). With a small target mini-batch (``target_batch_size`` = B/16) and SGD, the exp3 head
-(2048-100-100-10, B=128) is at 1.6x (the materialised route there: 1.9x); what remains is the
-eager per-step cost of the target pass (~0.37 ms) and the dots (~0.24 ms) next to a 2 ms step.
-Convolutions with many output positions keep the materialised dot (one extra convolution of
-the batch: small CNN 1.6x), and the text model's Embedding/LayerNorm routes have no pairwise
-form (~3x). Adam and order 2 cost 1.9-2.7x (exp3 head). The <= 1.3x of the paper's "negligible
-overhead" is not reached on these small CPU models; the ratio falls as the step itself grows
-(exp3 head with B=512: 1.44x), because the added work per step is mostly fixed overhead.
+Fused target pass (SGD, order 1, auto/pairwise routes). When the model is an nn.Sequential of
+plain Linear layers and parameter-free modules that act row by row and alike in train and eval
+mode (elementwise activations, Flatten, LayerNorm without parameters, Dropout with p = 0: no
+dropout, no BatchNorm, no custom forward), the target rows ride along in the training step: ONE
+forward over [x_B; x_T] records each Linear's input and output, ONE autograd.grad of L_B + L_T
+w.r.t. the outputs gives every layer's δ (rows do not interact, so the batch rows' δ are those of
+L_B and the target rows' those of L_T; no weight-gradient GEMM, no backward into the first
+layer's input), and the optimizer's gradients are formed from the batch rows as autograd would:
+W.grad = δ_Bᵀ a_B, b.grad = Σ δ_B. Batch and target rows are gathered into reused buffers (the
+whole target set is copied in once). Other models (and Adam, order 2, dot_route="materialised")
+keep the separate eval-mode target pass; result.info["target_pass"] says which ("fused" /
+"separate", with info["target_pass_reason"]).
+
+Cost (bench/bench_ghost_methods.py --inrun-only, CPU, 1 thread, CPU time vs plain training on
+the same batches, interleaved; bench/RESULTS.md). SGD order 1 on the exp3 head (2048-100-100-10)
+with a target mini-batch of B/16: 1.21x at B=128 (the separate pass: 1.58x) and 1.17x at B=512
+(separate: 1.33x), within the paper's "negligible overhead" of <= 1.3x (also against plain
+training that reuses a batch buffer: 1.25x / 1.28x). What remains is mostly arithmetic in the
+2048-wide first layer: the target rows' forward (T·2048·100 multiply-adds) and the pairwise
+products a_B·a_Tᵀ (B·T·2048), against the step's 2·B·2048·100: T/(2B) + T/200 of a step. So a target batch of
+B/4 costs 1.31x at B=128 and 1.53x at B=512 (T=128: the materialised dot is cheaper there, and it
+is a GEMM of the layer's size), and the whole target set per step costs what its rows cost (4.4x
+with 4x the batch's rows, 2.05x with 1x). Models outside the fused class keep the separate pass:
+the small CNN (GroupNorm; its convolutions keep the materialised dot: one extra convolution of
+the batch) ~1.7-1.8x, the text model (Embedding/LayerNorm routes without a pairwise form) ~3x;
+Adam and order 2 (materialised routes, separate pass) 1.6-2.8x.
 
 The training itself is exactly plain training: the target pass draws no random numbers, the
 per-sample gradients are read off the same forward (dropout masks included), and the target
-mini-batches come from their own generator. So the values belong to the model you would get.
+mini-batches come from their own generator. So the values belong to the model you would get (on
+the fused pass to rounding: δ_Bᵀ a_B is autograd's weight gradient, summed in its own order).
 
 BatchNorm layers are refused: in training mode their batch statistics couple the samples of a
 step, so a sample's own gradient is not defined (use GroupNorm/LayerNorm, or DVGS/TracIn).
@@ -260,8 +276,9 @@ class InRunShapley(Valuation):
 
     result.values: sum over steps; result.counts: steps the sample took part in; result.stderr:
     sqrt(counts · var) of its per-step contributions (NaN below two steps). result.info holds
-    the target loss before and after training (the values' sum approximates their difference)
-    and which route each layer took.
+    the target loss before and after training (the values' sum approximates their difference),
+    which route each layer took ("dot_routes") and whether the target rows rode along in the
+    training forward ("target_pass": "fused") or had their own pass ("separate").
     """
 
     name = "inrun_shapley"
