@@ -72,6 +72,24 @@ def test_random_values_are_chance(bc):
     assert not np.allclose(res.values, np.random.default_rng(0).random(300))
 
 
+def test_random_without_labels_autoencoder_task():
+    """With loss='mse' and no labels (an autoencoder task) random still values every row, the same
+    values as with labels (they depend on the seed and N only); shapes are still checked, and a
+    missing label set on a labelled task, or cross-entropy without labels, is refused."""
+    g = np.random.default_rng(4)
+    xs, xt = g.normal(size=(12, 5)), g.normal(size=(4, 5))
+    res = RandomValuation(loss="mse", seed=3, progress=False).fit(xs, None, xt, None)
+    assert res.values.shape == (12,) and res.counts.tolist() == [1] * 12
+    labelled = RandomValuation(loss="mse", seed=3, progress=False).fit(xs, g.normal(size=12), xt, g.normal(size=4))
+    np.testing.assert_array_equal(res.values, labelled.values)
+    with pytest.raises(ValueError, match="x_target"):
+        RandomValuation(loss="mse", seed=3).fit(xs, None, g.normal(size=(4, 6)), None)
+    with pytest.raises(ValueError, match="y_target: is None"):
+        RandomValuation(loss="mse", seed=3).fit(xs, g.normal(size=12), xt, None)
+    with pytest.raises(ValueError, match="y_source"):
+        RandomValuation(seed=3).fit(xs, None, xt, None)
+
+
 # ----------------------------------------------------------------------------- reproducibility
 REPRO = {
     "tmc_batched": (DataShapley, dict(max_permutations=2)),

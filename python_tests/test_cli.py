@@ -258,6 +258,21 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
     assert m["settings"]["config"] == str(cfg)
 
 
+def test_config_accepts_every_long_flag_name(data_file, tmp_path, capsys):
+    """A TOML key may be any long flag of an option, as on the command line: latent-channels,
+    hidden-channels and num_layers set the autoencoder's shape."""
+    gctx = data_file("lincs/modzs_n25x50.gctx")
+    cfg = tmp_path / "ae.toml"
+    cfg.write_text(f'dataset = "lincs:{gctx}"\nnoise = "feature:1.0"\n'
+                   'n-source = 15\nn-target = 10\nepochs = 1\nno-curves = true\nno-progress = true\n'
+                   'latent-channels = 3\nhidden-channels = 7\nnum_layers = 1\n')
+    out = tmp_path / "ae"
+    rc, _, err = _run(["run", "--config", str(cfg), "--out", str(out)], capsys)
+    assert rc == 0, err
+    model = json.loads((out / "metrics.json").read_text())["settings"]["model"]
+    assert "-7-3-7-" in model, model
+
+
 @pytest.mark.parametrize("text, needle", [
     ('bogus_option = 1\n', "unknown setting 'bogus_option'"),
     ('n_source = "many"\n', "n_source"),

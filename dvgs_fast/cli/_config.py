@@ -109,13 +109,16 @@ def read_toml(path: str) -> dict[str, Any]:
         raise CLIError(f"--config: cannot read {p}: {one_line(exc)}") from None
 
 
-def split_config(doc: dict[str, Any], path: str, converters: dict[str, Callable[[Any], Any]]
-                 ) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_config(doc: dict[str, Any], path: str, converters: dict[str, Callable[[Any], Any]],
+                 aliases: dict[str, str] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(run options {dest: value}, [method] table) from a parsed TOML document.
 
     Top-level keys (or those of an optional [run] table) are option names with dashes or
-    underscores (``n-source`` / ``n_source``); ``[method]`` holds keyword arguments for the method.
+    underscores (``n-source`` / ``n_source``), or any long flag of the option (``aliases``: flag
+    name with underscores -> dest, so ``latent-channels`` works as ``--latent-channels`` does);
+    ``[method]`` holds keyword arguments for the method.
     """
+    aliases = aliases or {}
     opts: dict[str, Any] = {}
     method_table: dict[str, Any] = {}
     items = list(doc.items())
@@ -127,6 +130,7 @@ def split_config(doc: dict[str, Any], path: str, converters: dict[str, Callable[
             items.extend(value.items())
             continue
         dest = key.replace("-", "_")
+        dest = aliases.get(dest, dest)
         if dest not in converters:
             raise CLIError(f"--config {path}: unknown setting {key!r}; settings are the run options "
                            f"({', '.join(sorted(k.replace('_', '-') for k in converters))}) and a [method] table")

@@ -323,9 +323,11 @@ class _Status:
 def _merge(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
     """(settings, [method] table, {dest: where it came from}) with flags over the config file."""
     converters = {dest: spec[1] for dest, spec in RUN_OPTIONS.items()}
+    aliases = {flag.lstrip("-").replace("-", "_"): dest for dest, spec in RUN_OPTIONS.items()
+               for flag in spec[0] if flag.startswith("--")}
     cfg, table = ({}, {})
     if args.config is not None:
-        cfg, table = C.split_config(C.read_toml(args.config), args.config, converters)
+        cfg, table = C.split_config(C.read_toml(args.config), args.config, converters, aliases)
     settings: dict[str, Any] = {}
     source: dict[str, str] = {}
     for dest in RUN_OPTIONS:

@@ -13,9 +13,12 @@ from dvgs_fast.methods.base import Estimate, Run, Valuation
 class RandomValuation(Valuation):
     """Uniform random values; inputs are still validated like every other method's.
 
-    `model` is accepted (and ignored) so that every method shares one constructor shape."""
+    `model` is accepted (and ignored) so that every method shares one constructor shape. Labels
+    are optional with a regression loss ("mse"): an autoencoder task (y = x, e.g. LINCS profiles)
+    has none, and the floor must be comparable there too."""
 
     name = "random"
+    requires_labels = False
 
     def __init__(self, model: Any = None, *, loss: str = "cross_entropy", n_classes: int | None = None,
                  device: Any = None, seed: int | None = None, max_time: float | None = None,
@@ -26,8 +29,18 @@ class RandomValuation(Valuation):
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
-        data = V.prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
-                                device=run.device, dtype=torch.float32, flatten=False)
+        if y_source is None and y_target is None and self.loss != "cross_entropy":
+            # unlabelled (autoencoder) task: the rows are still checked like everyone's
+            xs = V.as_float_tensor(x_source, "x_source")
+            V.check_same_features(xs, V.as_float_tensor(x_target, "x_target"), "x_source", "x_target")
+            n = xs.shape[0]
+        else:
+            if y_source is None or y_target is None:
+                missing = "y_source" if y_source is None else "y_target"
+                raise ValueError(f"{missing}: is None; pass both label sets, or neither with loss='mse' "
+                                 f"(an unlabelled task), got loss={self.loss!r}")
+            n = V.prepare_inputs(x_source, y_source, x_target, y_target, loss=self.loss, n_classes=self.n_classes,
+                                 device=run.device, dtype=torch.float32, flatten=False).n_source
         # salted so that the stream differs from np.random.default_rng(seed) a caller may use elsewhere
-        values = np.random.default_rng(np.random.SeedSequence([run.seed, 0x52414E44])).random(data.n_source)
+        values = np.random.default_rng(np.random.SeedSequence([run.seed, 0x52414E44])).random(n)
         return Estimate(values=values)
