@@ -211,7 +211,7 @@ def probe_methods(exp: Experiment, methods: list[str], data_root: str) -> tuple[
 
 
 def run_experiment(exp: Experiment, methods: list[str], seeds: list[int], budget: float, data_root: str,
-                   curve_model: str | None) -> dict[str, Any]:
+                   curve_args: list[str]) -> dict[str, Any]:
     out = HERE / exp.name
     skipped: dict[str, str] = {}
     if exp.probe:
@@ -223,10 +223,9 @@ def run_experiment(exp: Experiment, methods: list[str], seeds: list[int], budget
     argv = [*_cli(), "compare", "--dataset", _dataset_arg(exp, data_root), "--data-root", data_root,
             "--method", ",".join(methods), "--seeds", ",".join(map(str, seeds)), "--config", str(cfg),
             "--threads", "1", "--no-progress", "--out", str(out), "--overwrite"]
-    if curve_model is not None:
-        # The removal curves' retrained model (the CLI's --curve-model, e.g. "paper" for the
-        # paper's MLP refits); not given: the CLI's default.
-        argv += ["--curve-model", curve_model]
+    # The removal curves' retrained model and its training (the CLI's --curve-model, e.g. "paper"
+    # for the paper's MLP refits, --curve-epochs, --curve-repeats); not given: the CLI's defaults.
+    argv += curve_args
     print("run_quality:", " ".join(argv), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run(argv, cwd=ROOT).returncode
@@ -235,7 +234,7 @@ def run_experiment(exp: Experiment, methods: list[str], seeds: list[int], budget
     (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
     return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "budget_s": budget,
             "total_min": round((time.perf_counter() - t0) / 60, 1), "methods": methods, "seeds": seeds,
-            "curve_model": curve_model}
+            "curves": " ".join(curve_args) or "CLI default (logistic regression)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +279,36 @@ def _paper_spearman(r: dict) -> float | None:
     vals)); the CLI reports spearmanr(value, -sigma), its negative."""
     v = r["metrics"].get("noise_spearman")
     return None if v is None or not np.isfinite(v) else -float(v)
+
+
+def curves_table(doc: dict) -> list[str]:
+    """The remove-low / remove-high curves (the paper's Figures 3-4) as numbers: the test score
+    with nothing removed, with the largest fraction removed from each end, and the paper's summary
+    Σ(low - high) over the curve's points (time_vs_perf_comparison_all_experiments.ipynb: the
+    larger, the better the ranking separates helpful from harmful samples)."""
+    runs = [r for r in doc["runs"] if r["status"] != "failed" and "remove_low" in r["metrics"]
+            and "remove_high" in r["metrics"]]
+    if not runs:
+        return []
+    first = runs[0]["metrics"]["remove_low"]
+    fr = first["fractions"]
+    metric = first.get("metric", "score")
+    desc = doc.get("curves") or "removal curves: scikit-learn's logistic regression (the CLI's default)"
+    head = ["method", f"{metric}, nothing removed", f"low {fr[-1]:.0%} removed", f"high {fr[-1]:.0%} removed",
+            "Σ(low - high)", "runs"]
+    out = ["Removal curves (the paper's Figures 3-4: retrain on what is left after removing the "
+           "lowest- or highest-valued samples, score the test set" + (f"; {desc}" if desc else "") +
+           f"; fractions {', '.join(f'{f:.2f}' for f in fr)}; mean ± 2 sd over the seeds; plot "
+           "below):", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in doc["methods"]:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        low = np.array([r["metrics"]["remove_low"]["scores"] for r in rs], dtype=float)
+        high = np.array([r["metrics"]["remove_high"]["scores"] for r in rs], dtype=float)
+        out.append("| " + " | ".join([m, _ms(low[:, 0]), _ms(low[:, -1]), _ms(high[:, -1]),
+                                      _ms((low - high).sum(1)), str(len(rs))]) + " |")
+    return out + [""]
 
 
 def experiment_section(exp: Experiment) -> list[str]:
@@ -328,6 +357,7 @@ def experiment_section(exp: Experiment) -> list[str]:
     if exp.anchor_times:
         lines += ["Their run times on the paper's GPU, including the filtered retraining (minutes per run): "
                   + ", ".join(f"{k} {v}" for k, v in exp.anchor_times.items()) + ".", ""]
+    lines += curves_table(doc)
     skipped_file = folder / "skipped.json"
     skipped = json.loads(skipped_file.read_text()) if skipped_file.is_file() else {}
     if skipped:
@@ -434,6 +464,8 @@ def main() -> int:
     p.add_argument("--curve-model", default=None,
                    help="passed to dvgs-fast compare --curve-model (the model the removal curves retrain, e.g. "
                         "paper); default: not passed, the CLI's default")
+    p.add_argument("--curve-epochs", default=None, help="passed to dvgs-fast compare --curve-epochs")
+    p.add_argument("--curve-repeats", default=None, help="passed to dvgs-fast compare --curve-repeats")
     p.add_argument("--data-root", default=os.environ.get("DVGS_FAST_DATA", str(ROOT.parent / "shared" / "data")))
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots of --experiments and rewrite QUALITY.md from the committed results")
@@ -455,8 +487,10 @@ def main() -> int:
         import torch
         meta.update({"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__})
         for n in names:
+            curve_args = [x for flag, v in (("--curve-model", a.curve_model), ("--curve-epochs", a.curve_epochs),
+                                            ("--curve-repeats", a.curve_repeats)) if v is not None for x in (flag, v)]
             meta["experiments"][n] = run_experiment(EXPERIMENTS[n], methods, seeds, a.budget, a.data_root,
-                                                    a.curve_model)
+                                                    curve_args)
             meta_path.write_text(json.dumps(meta, indent=1) + "\n")     # after each: a killed run keeps its record
     write_quality_md(list(EXPERIMENTS), meta)   # every experiment that has results, run now or before
     return 0
