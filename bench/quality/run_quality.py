@@ -489,11 +489,27 @@ def main() -> int:
         for n in names:
             curve_args = [x for flag, v in (("--curve-model", a.curve_model), ("--curve-epochs", a.curve_epochs),
                                             ("--curve-repeats", a.curve_repeats)) if v is not None for x in (flag, v)]
-            meta["experiments"][n] = run_experiment(EXPERIMENTS[n], methods, seeds, a.budget, a.data_root,
-                                                    curve_args)
-            meta_path.write_text(json.dumps(meta, indent=1) + "\n")     # after each: a killed run keeps its record
+            rec = run_experiment(EXPERIMENTS[n], methods, seeds, a.budget, a.data_root, curve_args)
+            meta = _record(meta_path, meta, n, rec)      # after each: a killed run keeps its record
     write_quality_md(list(EXPERIMENTS), meta)   # every experiment that has results, run now or before
     return 0
+
+
+def _record(meta_path: Path, meta: dict, name: str, rec: dict) -> dict:
+    """Store one experiment's record in meta.json, merged under a lock with what is there now, so
+    that several run_quality processes (e.g. adult and blog run side by side on two cores) keep
+    each other's records."""
+    import fcntl
+    import tempfile
+    with open(Path(tempfile.gettempdir()) / "dvgs_run_quality_meta.lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        now = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        merged = {**now, **{k: v for k, v in meta.items() if k != "experiments"}}
+        merged["experiments"] = {**now.get("experiments", {}), name: rec}
+        tmp = meta_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(merged, indent=1) + "\n")
+        os.replace(tmp, meta_path)
+    return merged
 
 
 def _cpu_model() -> str:
