@@ -10,6 +10,26 @@ import torch
 from torch import nn
 
 
+def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: dict | None = None) -> Any:
+    """torch.func.functional_call that leaves the module's own parameters and buffers in place.
+
+    torch's (2.13, tie_weights=True) restores a module registered under two names (one
+    nn.Linear used twice in an nn.Sequential, tied input/output embeddings) with plain tensors
+    instead of its nn.Parameter objects: the optimizer then steps orphans, the model stops
+    training and every method built on per-sample gradients drifts silently. Every original
+    object is put back after the call (python_tests/test_reference_tied.py)."""
+    from torch.func import functional_call as _torch_functional_call
+    saved = [(m._parameters, dict(m._parameters)) for m in module.modules()]
+    saved += [(m._buffers, dict(m._buffers)) for m in module.modules()]
+    try:
+        return _torch_functional_call(module, tensors, args, kwargs)
+    finally:
+        for store, before in saved:
+            for k, v in before.items():
+                if store.get(k) is not v:
+                    store[k] = v
+
+
 def draw_seed() -> int:
     """A fresh seed from the OS entropy pool (for runs given seed=None; stored in result.info)."""
     return int(np.random.SeedSequence().generate_state(1)[0])

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad
+from torch.func import grad
 
-from dvgs_fast._utils import build_model
+from dvgs_fast._utils import build_model, functional_call
 from dvgs_fast.refit.optim import run_optimizer
 
 

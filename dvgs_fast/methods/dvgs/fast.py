@@ -35,10 +35,11 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dvgs_fast import ops
+from dvgs_fast._utils import functional_call
 from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
 from dvgs_fast.methods.dvgs.ghost_layers import MATERIALISE, describe_conv, ghost_dot, ghost_kind, ghost_module_stats
 from dvgs_fast.methods.dvgs.reference import SampleLoss, per_sample_grads

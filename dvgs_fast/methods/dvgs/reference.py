@@ -20,7 +20,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+
+from dvgs_fast._utils import functional_call
 
 SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
