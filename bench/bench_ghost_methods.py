@@ -158,9 +158,18 @@ def bench_snapshot(kind: str, n: int, rounds: int, chunk: int) -> dict:
                 out.append(scorer.score(x[a:b], y[a:b], tgt))
         return torch.cat(out)
 
+    params = [p for _, p in model.named_parameters()]
+
+    def plain():
+        # The floor of any snapshot: one ordinary forward + backward of the same chunks (the
+        # per-sample statistics need at least the activations and output gradients this computes).
+        for a, b in chunks:
+            torch.autograd.grad(_ce(model(x[a:b]), y[a:b]).mean(), params)
+
     sides = {"fast": lambda: run(fast), "fast_dot_only": lambda: run(fast, False),
-             "per_layer": lambda: run(per_layer), "reference": lambda: run(ref)}
+             "per_layer": lambda: run(per_layer), "reference": lambda: run(ref), "plain_fwd_bwd": plain}
     res = _interleaved(sides, rounds)
+    res["fast_over_plain_fwd_bwd"] = res["fast"]["cpu"] / res["plain_fwd_bwd"]["cpu"]
     a, b = run(fast).double(), run(ref).double()
     res["max_abs_diff_fast_vs_reference"] = float((a - b).abs().max())
     res["routes"] = fast.describe()["routes"]
