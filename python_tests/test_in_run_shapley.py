@@ -220,21 +220,26 @@ def test_fast_equals_reference(make, optimizer, order):
     assert fast.info["per_layer_func"] == [] and fast.info["reference_route_params"] == []
 
 
+def _plain_sgd(model, xs, ys, *, epochs, batch_size, lr):
+    """Plain training as the method's seed-0 run does it: the same shuffles, mean CE, SGD."""
+    gen = seed_everything(0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(xs.shape[0], generator=gen).split(batch_size):
+            opt.zero_grad()
+            _ce(model(xs[idx]), ys[idx]).mean().backward()
+            opt.step()
+    return model
+
+
 def test_training_is_plain_training_dropout_included():
     """Valuing does not change the training: same batches, same dropout masks, same model."""
     data = _data(n=30, dtype=torch.float32)
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.3), nn.ReLU(), nn.Linear(16, 3))
     res = _fit(model, data, epochs=3, batch_size=8, lr=0.1)
-    plain = copy.deepcopy(model)
-    gen = seed_everything(0)
-    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
-    for _ in range(3):
-        for idx in torch.randperm(30, generator=gen).split(8):
-            plain.train()
-            opt.zero_grad()
-            _ce(plain(data[0][idx]), data[1][idx]).mean().backward()
-            opt.step()
+    plain = _plain_sgd(copy.deepcopy(model), data[0], data[1], epochs=3, batch_size=8, lr=0.1)
     plain.eval()
     with torch.no_grad():
         end = float(_ce(plain(data[2]), data[3]).mean())
@@ -556,14 +561,7 @@ def test_fused_training_is_plain_sgd_training(dtype):
 
     res = _fit(factory, (xs, ys, xt, yt), epochs=4, batch_size=8, lr=0.3, target_batch_size=5)
     assert res.info["target_pass"] == "fused"
-    plain = copy.deepcopy(base)
-    gen = seed_everything(0)
-    opt = torch.optim.SGD(plain.parameters(), lr=0.3)
-    for _ in range(4):
-        for idx in torch.randperm(30, generator=gen).split(8):
-            opt.zero_grad()
-            _ce(plain(xs[idx]), ys[idx]).mean().backward()
-            opt.step()
+    plain = _plain_sgd(copy.deepcopy(base), xs, ys, epochs=4, batch_size=8, lr=0.3)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     moved = 0.0
     for (nm, p), q, p0 in zip(made[-1].named_parameters(), plain.parameters(), base.parameters()):
