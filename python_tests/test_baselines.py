@@ -53,12 +53,9 @@ QUICK = {
 def test_detects_flipped_labels(bc, name):
     xs, ys, xt, yt, flipped = bc
     cls, kw = QUICK[name]
-    t0 = time.perf_counter()
-    res = cls(seed=0, progress=False, **kw).fit(xs, ys, xt, yt)
-    elapsed = time.perf_counter() - t0
+    res = cls(seed=0, progress=False, **kw).fit(xs, ys, xt, yt)     # speed is measured in bench/, not here
     auroc = detection_auroc(res.values, flipped)
     assert auroc > 0.6, f"{name}: AUROC {auroc:.3f} (info {res.info})"
-    assert elapsed < 60, f"{name} took {elapsed:.1f}s"
     assert res.values.shape == (300,) and np.isfinite(res.values).all()
 
 
