@@ -15,13 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def parse_seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        a, _, b = part.partition("-")
-        out.extend(range(int(a), int(b) + 1) if b else [int(a)])
-    return out
+from _seeds import parse_seeds
 
 
 def main() -> None:
