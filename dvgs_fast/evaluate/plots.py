@@ -68,7 +68,7 @@ def plot_discovery_curve(values, is_corrupted, path: str | os.PathLike, *, fract
     ax.set_ylim(0.0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    ax.set_title(title or f"Discovery of corrupted samples ({ref.n_corrupted}/{ref.n})")
+    _set_title(ax, title or f"Discovery of corrupted samples ({ref.n_corrupted}/{ref.n})")
     return _save(fig, path)
 
 
@@ -103,7 +103,7 @@ def plot_remove_curves(curves: RemovalCurve | Iterable[RemovalCurve] | Mapping[s
     ax.set_ylabel(f"test {items[0][1].metric_label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title or "Performance after removing high / low valued data")
+    _set_title(ax, title or "Performance after removing high / low valued data")
     return _save(fig, path)
 
 
@@ -127,5 +127,12 @@ def plot_value_histogram(values, is_corrupted, path: str | os.PathLike, *, bins:
     ax.set_xlabel("data value")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)
-    ax.set_title(title or "Data values of clean vs corrupted samples")
+    _set_title(ax, title or "Data values of clean vs corrupted samples")
     return _save(fig, path)
+
+
+def _set_title(ax, text: str, width: int = 64) -> None:
+    """Titles name the dataset and file (``lincs (test_l1000_highprecision.gctx)``): wrapped, so a
+    long one stays inside the figure instead of being cut at its edges."""
+    import textwrap
+    ax.set_title(textwrap.fill(text, width))
