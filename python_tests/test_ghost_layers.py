@@ -272,3 +272,19 @@ def test_recurrent_models_fast_equals_reference_in_dvgs():
     np.testing.assert_allclose(fast.values, ref.values, rtol=1e-5, atol=1e-5)
     assert np.std(ref.values) > 1e-4
     assert fast.info["slow_route_layers"] == ["rnn (GRU)"]
+
+
+def test_slow_route_warning_names_a_layer_when_it_first_falls_back():
+    """Once per layer, not once per scorer: a layer that first falls back at a later step is still
+    named (a silent fallback would hide a slow run)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    names = [n for n, _ in model.named_parameters()]
+    scorer = FastScorer(model, names, lambda out, y: F.cross_entropy(out, y, reduction="none"), "dot")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        scorer._warn_slow([])                      # step 1: every layer on its ghost route
+        scorer._warn_slow(["2.weight"])            # a later step: layer 2 falls back
+        scorer._warn_slow(["2.weight"])            # said once
+        scorer._warn_slow(["0.weight", "2.weight"])
+    msgs = [str(r.message) for r in rec if issubclass(r.category, SlowRouteWarning)]
+    assert len(msgs) == 2 and "2 (Linear)" in msgs[0] and "0 (Linear)" in msgs[1] and "2 (Linear)" not in msgs[1]

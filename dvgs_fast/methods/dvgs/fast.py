@@ -148,7 +148,7 @@ class FastScorer:
         coupled = self.coupling_layers()
         if coupled:
             # Every parameter takes the reference route (each sample normalised on its own).
-            if not self._warned:
+            if self._warned is not True:
                 self._warned = True
                 self._runtime_fallback.extend(self.names)
                 warnings.warn(f"{self.owner} fast backend: {', '.join(coupled)} normalise with batch statistics, "
@@ -223,10 +223,13 @@ class FastScorer:
         return dot, sq, leftover
 
     def _warn_slow(self, leftover: list[str]) -> None:
-        if self._warned:
+        # Once per layer, not once per scorer: a layer that falls back at a later step (e.g. a
+        # batch call that stops being splittable) is named when it happens.
+        if self._warned is True:          # the whole model already took the reference route, said so
             return
-        self._warned = True
-        layers = self.slow_layers(leftover)
+        seen = self._warned or set()
+        layers = [ly for ly in self.slow_layers(leftover) if ly not in seen]
+        self._warned = seen | set(layers)
         if layers:
             warnings.warn(f"{self.owner} fast backend: no ghost route for {', '.join(layers)}; their per-sample "
                           f"gradients are formed with torch.func (slower; result.info['slow_route_layers'])",
