@@ -17,7 +17,7 @@ def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: dict | N
     nn.Linear used twice in an nn.Sequential, tied input/output embeddings) with plain tensors
     instead of its nn.Parameter objects: the optimizer then steps orphans, the model stops
     training and every method built on per-sample gradients drifts silently. Every original
-    object is put back after the call (python_tests/test_reference_tied.py)."""
+    object is put back after the call (python_tests/test_reference_special_modules.py)."""
     from torch.func import functional_call as _torch_functional_call
     saved = [(m._parameters, dict(m._parameters)) for m in module.modules()]
     saved += [(m._buffers, dict(m._buffers)) for m in module.modules()]

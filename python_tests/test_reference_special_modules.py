@@ -1,9 +1,13 @@
-"""Models that register one module under two names (an nn.Linear used twice in a Sequential, the
-way tied embeddings are shared): torch.func.functional_call (torch 2.13) used to leave such a
-module holding plain tensors instead of its nn.Parameters, so every reference backend (and the
-fast backend's per-layer route) trained orphans and drifted from plain training without a word.
-Each method's reference backend must equal its fast backend here, and the model must keep its
-parameter objects."""
+"""Models the reference backends (torch.func per-sample gradients) must handle or refuse plainly.
+
+A module registered under two names (an nn.Linear used twice in a Sequential, the way tied
+embeddings are shared): torch.func.functional_call (torch 2.13) used to leave such a module holding
+plain tensors instead of its nn.Parameters, so every reference backend (and the fast backend's
+per-layer route) trained orphans and drifted from plain training without a word. Each method's
+reference backend must equal its fast backend here, and the model must keep its parameter objects.
+An Embedding with max_norm writes its weight during the forward, which vmap cannot batch: refused
+up front with the way out.
+"""
 from __future__ import annotations
 
 import warnings
@@ -72,3 +76,31 @@ def test_reference_backend_equals_fast_on_a_module_used_twice(method, kw):
     scale = np.abs(fast.values).max()
     assert scale > 0 and np.std(fast.values) > 1e-3 * scale
     np.testing.assert_allclose(ref.values, fast.values, rtol=1e-8, atol=1e-10 * scale)
+
+
+class _MaxNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(30, 4, max_norm=1.0), nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.out(self.emb(ids.long()).mean(1))
+
+
+@pytest.mark.parametrize("method, kw", [
+    (InRunShapley, dict(epochs=1, batch_size=4, optimizer="sgd")),
+    (TracIn, dict(epochs=1, batch_size=4, n_checkpoints=1)),
+    (DVGS, dict(epochs=1, restarts=1)),
+], ids=["inrun_shapley", "tracin", "dvgs"])
+def test_reference_backend_refuses_embedding_max_norm_before_work(method, kw):
+    """Embedding(max_norm) writes its weight in the forward, which vmap cannot batch: the reference
+    backend says so up front, naming the layer; the fast backend runs it."""
+    g = torch.Generator().manual_seed(3)
+    xs, xt = torch.randint(0, 30, (12, 5), generator=g).float(), torch.randint(0, 30, (6, 5), generator=g).float()
+    ys, yt = torch.randint(0, 2, (12,), generator=g), torch.randint(0, 2, (6,), generator=g)
+    with pytest.raises(ValueError, match=r"model: emb \(Embedding, max_norm=1.0\).*backend='fast'"):
+        method(_MaxNormNet(), backend="reference", seed=0, progress=False, **kw).fit(xs, ys, xt, yt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = method(_MaxNormNet(), backend="fast", seed=0, progress=False, **kw).fit(xs, ys, xt, yt)
+    assert np.isfinite(res.values).all()

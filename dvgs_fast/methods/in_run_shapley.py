@@ -98,7 +98,7 @@ from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.dvgs import ghost_pairwise as GP
 from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
 from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.reference import per_sample_grads
+from dvgs_fast.methods.dvgs.reference import check_vmappable, per_sample_grads
 
 DOT_ROUTES = ("auto", "pairwise", "materialised")
 
@@ -313,6 +313,8 @@ class InRunShapley(Valuation):
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         t_start = time.perf_counter()
         prep = T.prepare(self, x_source, y_source, x_target, y_target, run.device, run.seed)
+        if self.backend == "reference":
+            check_vmappable(prep.model)           # before any training step
         bn = T.batchnorm_layers(prep.model)
         if bn:
             raise ValueError(f"model: {', '.join(bn)}: in training, batch statistics couple the samples of a "

@@ -27,6 +27,18 @@ from dvgs_fast._utils import functional_call
 SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def check_vmappable(model: nn.Module) -> None:
+    """Refuse, before any work, modules whose forward writes to their own parameters: an
+    Embedding with max_norm renormalises the looked-up rows of its weight in place, which
+    torch.func's vmap (every per-sample gradient of the reference route) cannot batch."""
+    bad = [f"{n} (Embedding, max_norm={m.max_norm})" for n, m in model.named_modules()
+           if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None]
+    if bad:
+        raise ValueError(f"model: {', '.join(bad)} renormalises its weight in place during the forward, which "
+                         f"torch.func's per-sample gradients (backend='reference') cannot run; use "
+                         f"backend='fast' (its Embedding route needs no vmap) or max_norm=None")
+
+
 def per_sample_grads(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor,
                      sample_loss: SampleLoss) -> dict[str, torch.Tensor]:
     """{name: [N, *param.shape]}: each sample's own loss gradient w.r.t. the named parameters.
@@ -34,6 +46,7 @@ def per_sample_grads(model: nn.Module, names: list[str], x: torch.Tensor, y: tor
     The model runs as it is (train mode: dropout active, one mask per sample); parameters not
     named are held fixed. `sample_loss(output, target)` returns one loss per sample.
     """
+    check_vmappable(model)
     params = dict(model.named_parameters())
     chosen = {n: params[n].detach() for n in names}
     fixed = {n: p.detach() for n, p in params.items() if n not in chosen}
@@ -103,6 +116,7 @@ class ReferenceScorer:
 
     def __init__(self, model: nn.Module, names: list[str], sample_loss: SampleLoss, similarity: str,
                  eps: float = 1e-8):
+        check_vmappable(model)
         self.model, self.names, self.sample_loss = model, list(names), sample_loss
         self.similarity, self.eps = similarity, eps
 
