@@ -199,14 +199,19 @@ def test_max_time_stops_cleanly(bc, name):
     elapsed = time.perf_counter() - t0
     assert res.info["stopped_by"] == "max_time", res.info
     assert res.status == "stopped"
-    assert elapsed < budget + 4.0, f"{name}: {elapsed:.1f}s for a {budget}s budget"
+    # The setup (the models every estimate needs: DVRL's target and full-data predictors, the
+    # reference scores) is not skippable; on a loaded machine it can outlast the budget by itself,
+    # and then the run stops right after it, before its first iteration.
+    setup = res.timings.get("setup", 0.0)
+    assert elapsed < max(budget, setup) + 4.0, f"{name}: {elapsed:.1f}s for a {budget}s budget (setup {setup:.1f}s)"
     assert np.isfinite(res.values).all()
     if name in ("tmc", "gshapley"):
         done = res.info["permutations_done"]
         assert isinstance(done, int) and (done >= 1 or name == "tmc")
         assert (res.counts == done).all()
     if name == "dvrl":
-        assert isinstance(res.info["iterations_done"], int) and res.info["iterations_done"] >= 1
+        assert isinstance(res.info["iterations_done"], int)
+        assert res.info["iterations_done"] >= 1 or setup >= budget
     if name == "loo":
         done = res.info["points_done"]
         assert 0 < done < 300 and (res.values != 0).sum() <= done
