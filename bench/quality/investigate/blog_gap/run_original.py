@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import csv
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import time
 import types
 from pathlib import Path
 
-from _seeds import parse_seeds
+from _common import parse_seeds, results_writer
 
 
 def main() -> None:
@@ -96,12 +95,7 @@ def main() -> None:
     config = utils.load_config(str(orig / args.config))
     os.chdir(cwd)
 
-    new = not Path(args.out).exists()
-    with open(args.out, "a", newline="") as fh:
-        w = csv.writer(fh)
-        if new:
-            w.writerow(["side", "randomness", "seed", "auroc", "n_flipped", "src_pos_frac", "tgt_pos_frac",
-                        "wall_s", "cpu_s"])
+    with results_writer(args.out) as w:
         for seed in parse_seeds(args.seeds):
             np.random.seed(seed)
             torch.manual_seed(seed)
@@ -128,8 +122,7 @@ def main() -> None:
                     row = [side, args.randomness if engine == "original" else "different", seed, f"{auc:.6f}",
                            int(endog.sum()), f"{float(y_tr.float().mean()):.4f}", f"{float(y_va.float().mean()):.4f}",
                            f"{wall + load_wall:.1f}", f"{cpu + load_cpu:.1f}"]
-                    w.writerow(row)
-                    fh.flush()
+                    w(row)
                     print(*row, flush=True)
 
 

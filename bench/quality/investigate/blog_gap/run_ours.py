@@ -6,7 +6,6 @@ usage: python3 run_ours.py --seeds 0-19 --out ours.csv [-- extra dvgs-fast run o
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -15,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _seeds import parse_seeds
+from _common import parse_seeds, results_writer
 
 
 def main() -> None:
@@ -26,12 +25,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help="extra dvgs-fast run options (after --)")
     args = p.parse_args()
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    new = not Path(args.out).exists()
-    with open(args.out, "a", newline="") as fh:
-        w = csv.writer(fh)
-        if new:
-            w.writerow(["side", "randomness", "seed", "auroc", "n_flipped", "src_pos_frac", "tgt_pos_frac",
-                        "wall_s", "cpu_s"])
+    with results_writer(args.out) as w:
         for seed in parse_seeds(args.seeds):
             with tempfile.TemporaryDirectory() as tmp:
                 cmd = ["dvgs-fast", "run", "--dataset", "blog", "--seed", str(seed), "--threads", "1",
@@ -42,8 +36,7 @@ def main() -> None:
                 m = json.loads(Path(f"{tmp}/run/metrics.json").read_text())
             row = [args.label, "different", seed, f"{m['metrics']['auroc']:.6f}", m["metrics"]["n_corrupted"],
                    "", "", f"{m['timings']['valuation']:.1f}", f"{m['timings']['valuation_cpu']:.1f}"]
-            w.writerow(row)
-            fh.flush()
+            w(row)
             print(*row, f"(process wall {wall:.1f} s)", flush=True)
     sys.exit(0)
 
