@@ -18,18 +18,16 @@ import dvgs_fast
 from dvgs_fast import DVRL, DataShapley, LeaveOneOut, RandomValuation, ValuationResult
 from dvgs_fast.methods.base import BudgetWarning
 from dvgs_fast.methods.shapley.tmc import convergence_error
-from dvgs_fast.datasets import flip_labels, load_breast_cancer, make_split
 from dvgs_fast.evaluate import detection_auroc
+
+from _tasks import flipped_task
 
 ALL = (DVRL, DataShapley, LeaveOneOut, RandomValuation)
 
 
 @pytest.fixture(scope="module")
 def bc():
-    ds = load_breast_cancer()
-    sp = make_split(ds.X, ds.y, 300, 150, 0, seed=0)
-    ys, flipped = flip_labels(sp.y_source, 0.2, seed=1)
-    return sp.x_source, ys, sp.x_target, sp.y_target, flipped
+    return flipped_task(300, 150, split_seed=0, flip_seed=1)
 
 
 @pytest.fixture(scope="module")

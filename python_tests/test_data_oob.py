@@ -15,6 +15,8 @@ from dvgs_fast.methods.data_oob import bootstrap_rows
 from dvgs_fast.refit.batched import build_refit_grid
 from dvgs_fast.refit.models import Refitter
 
+from _tasks import flipped_task
+
 torch.set_num_threads(1)
 
 
@@ -87,12 +89,9 @@ def test_never_out_of_bag_and_batch_size_invariance():
 
 
 def test_finds_flipped_labels_breast_cancer():
-    from dvgs_fast.datasets import flip_labels, load_breast_cancer, make_split
     from dvgs_fast.evaluate import detection_auroc
-    ds = load_breast_cancer()
-    sp = make_split(ds.X, ds.y, 300, 100, 100, seed=0)
-    y_noisy, flipped = flip_labels(sp.y_source, 0.2, seed=0)
-    res = DataOOB(seed=0, progress=False).fit(sp.x_source, y_noisy, sp.x_target, sp.y_target)
+    xs, y_noisy, xt, yt, flipped = flipped_task(300, 100, 100, split_seed=0, flip_seed=0)
+    res = DataOOB(seed=0, progress=False).fit(xs, y_noisy, xt, yt)
     assert detection_auroc(res.values, flipped) >= 0.9
     assert res.counts.min() > 0 and np.isfinite(res.stderr).all()
 

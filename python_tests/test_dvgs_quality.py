@@ -14,6 +14,8 @@ from torch import nn
 
 from dvgs_fast import DVGS
 
+from _tasks import flipped_task
+
 SEEDS = (0, 1, 2)
 
 
@@ -25,13 +27,11 @@ def adult_mlp(dropout: float = 0.25) -> nn.Module:
 
 def adult_task(data_root, seed: int):
     """(x_source, noisy y_source, x_target, y_target, is_flipped) for one seed."""
-    from dvgs_fast.datasets import flip_labels, load_adult, make_split
+    from dvgs_fast.datasets import load_adult
     ds = load_adult(data_root)
     n_train = ds.meta["n_train"]
     assert ds.X.shape[1] == 108
-    sp = make_split(ds.X, ds.y, 1000, 400, 0, seed=seed, train_idx=np.arange(n_train))
-    y_noisy, flipped = flip_labels(sp.y_source, 0.2, seed=seed)
-    return sp.x_source, y_noisy, sp.x_target, sp.y_target, flipped
+    return flipped_task(1000, 400, split_seed=seed, flip_seed=seed, ds=ds, train_idx=np.arange(n_train))
 
 
 @pytest.mark.slow

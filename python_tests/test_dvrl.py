@@ -12,19 +12,17 @@ import torch
 from scipy.stats import spearmanr
 
 from dvgs_fast import DVRL
-from dvgs_fast.datasets import flip_labels, load_breast_cancer, make_split
 from dvgs_fast.evaluate import detection_auroc
 from dvgs_fast.methods.base import BudgetWarning
 from dvgs_fast.methods.dvrl import (RunningScale, TooFewIterationsWarning, ValueEstimator, loo_advantages,
                                     reinforce_loss, reinforce_update)
 
+from _tasks import flipped_task
+
 
 @pytest.fixture(scope="module")
 def bc():
-    ds = load_breast_cancer()
-    sp = make_split(ds.X, ds.y, 120, 80, 0, seed=2)
-    ys, flipped = flip_labels(sp.y_source, 0.2, seed=3)
-    return sp.x_source, ys, sp.x_target, sp.y_target, flipped
+    return flipped_task(120, 80, split_seed=2, flip_seed=3)
 
 
 # ----------------------------------------------------------------------------- REINFORCE pieces

@@ -13,6 +13,8 @@ import torch
 from dvgs_fast import KNNShapley
 from dvgs_fast.methods.base import BudgetWarning
 
+from _tasks import flipped_task
+
 torch.set_num_threads(1)
 
 
@@ -139,12 +141,9 @@ def test_float32_and_tensor_inputs():
 
 
 def test_finds_flipped_labels():
-    from dvgs_fast.datasets import flip_labels, load_breast_cancer, make_split
     from dvgs_fast.evaluate import detection_auroc
-    ds = load_breast_cancer()
-    sp = make_split(ds.X, ds.y, 300, 100, 100, seed=0)
-    y_noisy, flipped = flip_labels(sp.y_source, 0.2, seed=0)
-    res = KNNShapley(k=10, progress=False).fit(sp.x_source, y_noisy, sp.x_target, sp.y_target)
+    xs, y_noisy, xt, yt, flipped = flipped_task(300, 100, 100, split_seed=0, flip_seed=0)
+    res = KNNShapley(k=10, progress=False).fit(xs, y_noisy, xt, yt)
     assert detection_auroc(res.values, flipped) >= 0.9
 
 

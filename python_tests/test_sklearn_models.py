@@ -21,6 +21,8 @@ from dvgs_fast import DataOOB, DataShapley, LeaveOneOut, ValuationResult
 from dvgs_fast.methods.base import BudgetWarning
 from dvgs_fast.refit.sklearn import SklearnRefit, is_sklearn_estimator
 
+from _tasks import flipped_task
+
 torch.set_num_threads(1)
 
 
@@ -40,11 +42,7 @@ def _data(seed, N, d=5, classes=2, n_target=30):
 
 
 def _breast_cancer(n_source, seed=0):
-    from dvgs_fast.datasets import flip_labels, load_breast_cancer, make_split
-    ds = load_breast_cancer()
-    sp = make_split(ds.X, ds.y, n_source, 100, 100, seed=seed)
-    y_noisy, flipped = flip_labels(sp.y_source, 0.2, seed=seed)
-    return sp.x_source, y_noisy, sp.x_target, sp.y_target, flipped
+    return flipped_task(n_source, 100, 100, split_seed=seed, flip_seed=seed)
 
 
 # ------------------------------------------------------------------------------------ adapter
