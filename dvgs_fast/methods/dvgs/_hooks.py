@@ -22,6 +22,11 @@ class Call:
     kwargs: dict
     output: torch.Tensor
 
+    @property
+    def input(self) -> Any:
+        """The module's input: its first positional argument, or `input=` given by keyword."""
+        return self.args[0] if self.args else self.kwargs.get("input")
+
 
 class ForwardRecorder:
     """Context manager: while active, every call of the given modules is recorded.

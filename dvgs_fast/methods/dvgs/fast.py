@@ -251,7 +251,7 @@ class FastScorer:
             return None                                   # not called (weight used some other way?)
         ins, ds = [], []
         for c, d in zip(calls, deltas):
-            a = c.args[0] if c.args else c.kwargs.get("input")
+            a = c.input
             if not isinstance(a, torch.Tensor) or a.dim() < 2 or a.shape[0] != n or c.output.shape[0] != n:
                 return None                               # no leading sample dim: can't split by sample
             if d is None:

@@ -265,7 +265,7 @@ def ghost_module_stats(kind: str, m: nn.Module, calls, deltas, n: int, G_w, G_b,
     for c, d in zip(calls, deltas):
         if c.output.shape[0] != n:
             return None
-        x = c.args[0] if c.args else c.kwargs.get("input")
+        x = c.input
         if not isinstance(x, torch.Tensor):
             return None
         if d is None:

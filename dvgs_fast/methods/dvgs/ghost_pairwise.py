@@ -51,7 +51,7 @@ def layer_width(m: nn.Module, kind: str) -> tuple[int, int]:
 def call_rows(m: nn.Module, kind: str, call, n: int) -> int | None:
     """Rows per sample of one recorded call (positions of a sequence / conv output), or None when
     the call cannot be split by sample (no leading sample dimension)."""
-    x = call.args[0] if call.args else call.kwargs.get("input")
+    x = call.input
     out = call.output
     if not isinstance(x, torch.Tensor) or out.dim() < 2 or out.shape[0] != n or x.dim() < 2 or x.shape[0] != n:
         return None
@@ -75,7 +75,7 @@ def rows_of(m: nn.Module, kind: str, calls, deltas, n: int):
     along the rows of each sample), None when some call cannot be split by sample, False when no
     call's output reached the loss (the layer's gradient is zero)."""
     if kind == "linear" and len(calls) == 1 and deltas[0] is not None:
-        x, d = (calls[0].args[0] if calls[0].args else calls[0].kwargs.get("input")), deltas[0]
+        x, d = calls[0].input, deltas[0]
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == n and d.dim() == 2 and d.shape[0] == n:
             return x.detach(), d, 1               # the common case: [n, d_in] in, [n, d_out] out
     As, Ds = [], []
@@ -84,7 +84,7 @@ def rows_of(m: nn.Module, kind: str, calls, deltas, n: int):
             return None
         if d is None:
             continue
-        x = c.args[0] if c.args else c.kwargs.get("input")
+        x = c.input
         x = x.detach()
         if kind == "linear":
             As.append(x.reshape(n, -1, x.shape[-1]))
