@@ -10,6 +10,14 @@ import torch
 from torch import nn
 
 
+# Parameter-free modules that act elementwise, alike in train and eval mode: a network that
+# is a chain of nn.Linear and these can be run on stacked or concatenated rows unchanged (the
+# removal curves' batched refits, In-Run Shapley's fused target pass).
+ROWWISE_ACTIVATIONS = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+                       nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+                       nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold)
+
+
 def functional_call(module: nn.Module, tensors: Any, args: Any, kwargs: dict | None = None) -> Any:
     """torch.func.functional_call that leaves the module's own parameters and buffers in place.
 

@@ -39,12 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvgs_fast._utils import ROWWISE_ACTIVATIONS
 from dvgs_fast.refit.optim import adam_update
 
-# Layers without parameters that act on the last dimension (or elementwise), so they run
-# unchanged on stacked [K, B, width] activations.
-_ELEMENTWISE = (nn.Mish, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
-                nn.Softplus, nn.Identity)
 
 
 @dataclass
@@ -117,7 +114,7 @@ def as_chain(module: nn.Module, in_features: int) -> Chain | None:
             continue                                 # the input is flat already
         elif isinstance(sub, nn.LayerNorm) and not sub.elementwise_affine and tuple(sub.normalized_shape) == (width,):
             ops.append(_Op("fn", module=sub))
-        elif isinstance(sub, _ELEMENTWISE):
+        elif isinstance(sub, ROWWISE_ACTIVATIONS):      # elementwise: run unchanged on [K, B, width]
             ops.append(_Op("fn", module=sub))
         else:
             return None

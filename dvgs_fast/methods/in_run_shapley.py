@@ -92,7 +92,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast._utils import make_optimizer
+from dvgs_fast._utils import ROWWISE_ACTIVATIONS, make_optimizer
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.dvgs import ghost_pairwise as GP
@@ -131,13 +131,10 @@ class _StepContext:
     unsplit: set = field(default_factory=set)
 
 
-# Parameter-free modules that compute every row from that row alone and do the same in train and
-# eval mode (exact types: a subclass may override forward). With these around plain Linear layers
+# ROWWISE_ACTIVATIONS (exact types here: a subclass may override forward) and the modules below
+# compute every row from that row alone. With these around plain Linear layers
 # in an nn.Sequential, one forward over [batch rows; target rows] in train mode gives both sides
 # exactly what the separate passes give (the target's in eval mode).
-_ROWWISE = (nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-            nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Hardtanh,
-            nn.Hardswish, nn.Hardsigmoid, nn.Hardshrink, nn.Softshrink, nn.Threshold)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
@@ -230,7 +227,7 @@ def fused_plan(model: nn.Module, names: list[str]) -> tuple["_FusedPlan | None",
                 return None, f"{nm} (Flatten) flattens the sample dimension"
         elif type(m) in (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm)):
             pass                                   # parameter-free here (no buffers, checked above)
-        elif type(m) not in _ROWWISE:
+        elif type(m) not in ROWWISE_ACTIVATIONS:
             return None, (f"{nm} ({type(m).__name__}) is not known to act row by row and alike in train "
                           f"and eval mode")
         ops.append((m, None, bool(getattr(m, "inplace", False))))
@@ -320,7 +317,7 @@ class InRunShapley(Valuation):
             raise ValueError(f"model: {', '.join(bn)}: in training, batch statistics couple the samples of a "
                              f"step, so a sample's own gradient (and its In-Run Shapley value) is not defined; "
                              f"use GroupNorm/LayerNorm, or DVGS/TracIn (which score with running statistics)")
-        model, names, xs, ys, xt, yt = prep.model, prep.names, prep.xs, prep.ys, prep.xt, prep.yt
+        model, names, xs, xt, yt = prep.model, prep.names, prep.xs, prep.xt, prep.yt
         n, m = xs.shape[0], xt.shape[0]
         dev = run.device
         shuffle = prep.shuffle
