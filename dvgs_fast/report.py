@@ -174,18 +174,18 @@ def write_values_early(rep: RunReport, out_dir: str | Path) -> Path:
     return p
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None   # JSON has no NaN
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, Path):
@@ -199,7 +199,7 @@ def metrics_document(rep: RunReport) -> dict[str, Any]:
            "n_valued": rep.n_valued, "banner": status_banner(rep), "metrics": rep.metrics, "timings": rep.timings, "settings": rep.settings,
            "method_settings": rep.method_settings, "notes": rep.notes, "command": rep.command}
     doc.update(rep.extra)
-    return _jsonable(doc)
+    return jsonable(doc)
 
 
 def write_metrics_json(rep: RunReport, path: Path) -> Path:
@@ -366,10 +366,10 @@ def setting_rows(rep: RunReport) -> list[list[str]]:
     rows = [["method", rep.method], ["dataset", rep.dataset],
             ["noise", f"{rep.noise} ({rep.noise_description})" if rep.noise_description else rep.noise]]
     rows += [[k.replace("_", " "), _fmt(v)] for k, v in rep.sizes.items()]
-    rows += [[k.replace("_", " "), _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(_jsonable(v))]
+    rows += [[k.replace("_", " "), _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(jsonable(v))]
              for k, v in rep.settings.items()]
     for k, v in rep.method_settings.items():
-        rows.append([f"{rep.method}.{k}", _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(_jsonable(v))])
+        rows.append([f"{rep.method}.{k}", _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(jsonable(v))])
     rows += [[f"time: {k}", f"{v:.2f} s"] for k, v in rep.timings.items()]
     if rep.command:
         rows.append(["command", rep.command])

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS
-from dvgs_fast.methods.dvgs import checkpoint as dvgs_checkpoint
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, DirLock, read_state
+from dvgs_fast import runstate as dvgs_checkpoint
+from dvgs_fast.runstate import CheckpointFiles, DirLock, read_state
 
 HERE = Path(__file__).resolve()
 
@@ -105,7 +105,7 @@ def _worker(directory: str, mode: str, n: int) -> None:
     """Run the case with checkpoint_dir=directory, SIGKILLing this process at moment (mode, n)."""
     torch.set_num_threads(1)
     from dvgs_fast import _io
-    from dvgs_fast.methods.dvgs._values_store import ValuesStore
+    from dvgs_fast.runstate import ValuesStore
     seen = {"n": 0}
 
     def die_at_nth() -> None:

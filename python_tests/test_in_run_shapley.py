@@ -17,7 +17,7 @@ from torch.func import functional_call
 from dvgs_fast import InRunShapley
 from dvgs_fast._utils import seed_everything
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.dvgs.fast import SlowRouteWarning
+from dvgs_fast.grads import SlowRouteWarning
 
 
 def _data(n=12, m=7, d=4, classes=3, seed=0, dtype=torch.float64):

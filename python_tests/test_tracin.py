@@ -15,7 +15,7 @@ from torch import nn
 from dvgs_fast import TracIn
 from dvgs_fast._utils import seed_everything
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
+from dvgs_fast import runstate as ckpt_mod
 
 
 def _data(n=14, m=9, d=4, classes=3, seed=0, dtype=torch.float64):

@@ -12,31 +12,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast.grads import cast_labels, make_sample_loss
 from dvgs_fast.result import stats_from_sums
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BACKENDS = ("fast", "reference")
-
-
-def make_sample_loss(loss: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-sample losses [N]: cross-entropy (mean over any extra output dims), squared error
-    (mean over the output's elements), or the user's callable."""
-    if loss == "cross_entropy":
-        def per_sample(out, y):
-            ce = F.cross_entropy(out, y, reduction="none")
-            # [N, C] logits give [N] already (a mean over one element would only add two ops per step)
-            return ce if out.dim() == 2 else ce.reshape(out.shape[0], -1).mean(1)
-    elif loss == "mse":
-        def per_sample(out, y):
-            return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
-    else:
-        per_sample = loss
-    return per_sample
 
 
 def check_common(loss: Any, optimizer: Any, backend: Any, grad_params: Any, model: Any):
@@ -117,9 +101,8 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     check its output against the labels of both sets (before any training).
 
     chunked_ok: x_source may be a chunked source (a GctxReader, torch Dataset or iterator
-    factory, see dvgs/sources.py); then only `source` is set (xs, ys None)."""
-    from dvgs_fast.methods.dvgs.prepare import cast_labels
-    from dvgs_fast.methods.dvgs.sources import TensorSource, as_source, is_chunked_input
+    factory, see dvgs_fast/sources.py); then only `source` is set (xs, ys None)."""
+    from dvgs_fast.sources import TensorSource, as_source, is_chunked_input
 
     chunked = is_chunked_input(x_source)
     if chunked and not chunked_ok:

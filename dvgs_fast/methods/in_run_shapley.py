@@ -95,10 +95,8 @@ from dvgs_fast import _validation as V
 from dvgs_fast._utils import ROWWISE_ACTIVATIONS, make_optimizer
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs import ghost_pairwise as GP
-from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.reference import check_vmappable, per_sample_grads
+from dvgs_fast.grads import FastScorer, ForwardRecorder, check_vmappable, per_sample_grads
+from dvgs_fast.grads import pairwise as GP
 
 DOT_ROUTES = ("auto", "pairwise", "materialised")
 
@@ -455,13 +453,13 @@ class InRunShapley(Valuation):
     @staticmethod
     def _pairwise_layers(scorer: FastScorer) -> list["_PairLayer"]:
         """Routed Linear / ungrouped conv layers whose weight is credited: pairwise candidates."""
-        name_of = {id(m): nm for nm, m in scorer.model.named_modules()}
         out = []
-        for m, kind, w, b in ([(m, "linear", w, b) for m, w, b in scorer.linear]
-                              + [(m, k, w, b) for m, k, w, b in scorer.ghost]):
-            pk = GP.pairwise_kind(m, kind)
-            if pk is not None and w is not None:
-                out.append(_PairLayer(m, pk, w, b, name_of[id(m)], *GP.layer_width(m, pk)))
+        for r in scorer.layer_routes():
+            if r.route in ("per_layer_func", "reference"):
+                continue
+            pk = GP.pairwise_kind(r.module, r.route)
+            if pk is not None and r.weight is not None:
+                out.append(_PairLayer(r.module, pk, r.weight, r.bias, r.name, *GP.layer_width(r.module, pk)))
         return out
 
     def _dot_routes(self, scorer: FastScorer, route_steps: dict) -> dict[str, str]:
@@ -469,8 +467,7 @@ class InRunShapley(Valuation):
         if not self._pairwise_possible():
             why = ("materialised (forced: dot_route='materialised')" if self.dot_route == "materialised" else
                    f"materialised ({'order 2: v = P(G - H u / 2) is no sum of target outer products' if self.order == 2 else f'{self.optimizer}: the update map P is elementwise, so <g_i, P G> does not factor into pairwise products'})")
-            layers = [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]
-            return {scorer._module_name[id(m)]: why for m in layers}
+            return {r.name: why for r in scorer.layer_routes() if r.route != "reference"}
         out = {}
         for layer, c in route_steps.items():
             if c["materialised"] == 0:
@@ -480,10 +477,9 @@ class InRunShapley(Valuation):
             else:
                 out[layer] = f"pairwise ({c['pairwise']} steps), materialised ({c['materialised']} steps)"
         pairable = {e for e in route_steps}
-        for m in [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]:
-            nm = scorer._module_name[id(m)]
-            if nm not in pairable:
-                out[nm] = "materialised (no pairwise route for this layer)"
+        for r in scorer.layer_routes():
+            if r.route != "reference" and r.name not in pairable:
+                out[r.name] = "materialised (no pairwise route for this layer)"
         return out
 
     # ---------------------------------------------------------------------------- target side

@@ -15,10 +15,10 @@ step see InRunShapley). Positive: the sample's gradient pointed downhill for the
 
 Scoring runs in eval mode (no dropout; BatchNorm with its running statistics), so every sample's
 gradient is its own and deterministic. The per-sample inner products are DVGS's scorers with
-similarity "dot": backend="fast" never forms per-sample gradients (ghost statistics per layer,
-dvgs/fast.py), "reference" forms them with torch.func (the baseline).
+similarity "dot": backend="fast" never forms per-sample gradients (the gradient engine's ghost
+statistics per layer, dvgs_fast.grads), "reference" forms them with torch.func (the baseline).
 
-Like DVGS (and with its machinery, dvgs/sources.py and dvgs/checkpoint.py):
+Like DVGS (and with the same shared machinery, dvgs_fast.sources and dvgs_fast.runstate):
 
 * x_source may be a chunked source that need not fit in memory (a GctxReader, a map-style torch
   Dataset, or a zero-argument callable returning an iterator of (x, y) chunks). Training then
@@ -52,11 +52,9 @@ from dvgs_fast._utils import make_optimizer
 from dvgs_fast.distributed import context_for
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.prepare import cast_labels
-from dvgs_fast.methods.dvgs.reference import ReferenceScorer
-from dvgs_fast.methods.dvgs.sources import SourceLengthError, source_identity
+from dvgs_fast import runstate
+from dvgs_fast.grads import FastScorer, ReferenceScorer, cast_labels
+from dvgs_fast.sources import SourceLengthError, source_identity
 
 SHUFFLES = ("full", "block")
 
@@ -127,10 +125,10 @@ class TracIn(Valuation):
         try:
             files = None
             if self.checkpoint_dir is not None:
-                files = ckpt_mod.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None,
+                files = runstate.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None,
                                                  method="TracIn")
-                lock = ckpt_mod.DirLock(files).acquire()
-            state = ckpt_mod.read_state(files) if files is not None else None
+                lock = runstate.DirLock(files).acquire()
+            state = runstate.read_state(files) if files is not None else None
             seed = self.seed if self.seed is not None else (int(state["seed"]) if state is not None else run.seed)
             seed = ctx.broadcast_object(seed)          # a drawn seed must be the same on every rank
             run.seed = seed
@@ -140,7 +138,7 @@ class TracIn(Valuation):
             if files is not None:
                 fp = self._fingerprint(prep, seed, ctx.world_size)
                 if state is not None:
-                    ckpt_mod.compare(state["fingerprint"], fp, files)
+                    runstate.compare(state["fingerprint"], fp, files)
             timings["setup"] = time.perf_counter() - t_start
             est = _Loop(self, prep, ctx, files, state, fp, seed, timings, run).run()
         finally:
@@ -151,13 +149,12 @@ class TracIn(Valuation):
         return est
 
     def _fingerprint(self, prep: T.Prepared, seed: int, world_size: int) -> dict:
-        from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
-        h = new_hash()
+        h = runstate.new_hash()
         h.update(source_identity(prep.source))
         for t in (prep.xt, prep.yt):
-            update_with_tensor(h, t)
+            runstate.update_with_tensor(h, t)
         settings = {"method": self.name, **self.settings(), "source_labels": prep.source_labels}
-        return ckpt_mod.fingerprint(settings, seed, world_size, prep.model, self.loss, h.digest())
+        return runstate.fingerprint(settings, seed, world_size, prep.model, self.loss, h.digest())
 
 
 class _Loop:
@@ -275,7 +272,7 @@ class _Loop:
             self.prep.shuffle.set_state(st["rng_shuffle"])
             epoch, pos, step, k = int(st["epoch"]), int(st["pos"]), int(st["step"]), int(st["k"])
             snap_digests = list(st["snap_digests"])
-        store = ckpt_mod.open_store(self.files, self.n, state=st, n_snapshots=cfg.n_checkpoints,
+        store = runstate.open_store(self.files, self.n, state=st, n_snapshots=cfg.n_checkpoints,
                                     keep_snapshots=cfg.keep_snapshots, snapshot_dtype=np.float64)
         snaps = store.snapshots
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -291,8 +288,8 @@ class _Loop:
             if snaps is not None:
                 while len(snap_digests) < k:
                     snap_digests.append(store.column_digest(len(snap_digests)))
-            ckpt_mod.write_state(self.files.state, {
-                "format": ckpt_mod.FORMAT, "fingerprint": self.fingerprint, "seed": self.seed,
+            runstate.write_state(self.files.state, {
+                "format": runstate.FORMAT, "fingerprint": self.fingerprint, "seed": self.seed,
                 "epoch": epoch, "pos": pos_, "step": step, "k": k, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,

@@ -23,34 +23,11 @@ from torch import nn
 
 from dvgs_fast._utils import make_optimizer, reset_parameters
 from dvgs_fast.methods.base import Budget, Estimate
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.prepare import RunSpec, cast_labels
-from dvgs_fast.methods.dvgs.sources import SourceLengthError
+from dvgs_fast import runstate
+from dvgs_fast.grads import FrozenStatistics, cast_labels
+from dvgs_fast.methods.dvgs.prepare import RunSpec
+from dvgs_fast.sources import SourceLengthError
 from dvgs_fast.result import stats_from_sums
-
-
-class FrozenStatistics:
-    """While scoring: BatchNorm in eval mode (running statistics, see method.py) and every buffer
-    restored afterwards, so scoring never changes the model (also used by dvgs_fast.compat)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.bn = [m for m in self.model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        for m in self.bn:
-            m.eval()
-        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        for m in self.bn:
-            m.train()
-        return False
 
 
 class ScoringMode(FrozenStatistics):
@@ -161,7 +138,7 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
         snap_digests = list(state["snap_digests"])
     # Per-sample running sums (and kept snapshots) live in memory-mapped files, written as
     # computed; on resume their sizes and checksums are verified against the state.
-    store = ckpt_mod.open_store(spec.files, spec.n_source, state=state, n_snapshots=n_total,
+    store = runstate.open_store(spec.files, spec.n_source, state=state, n_snapshots=n_total,
                                 keep_snapshots=cfg.keep_snapshots,
                                 snapshot_dtype=np.float64 if spec.dtype == torch.float64 else np.float32)
     snaps = store.snapshots
@@ -177,10 +154,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
 
     def save(pos: int, rng_shuffle) -> None:
         # The sums/snapshots files first, then the small state file (atomic): after a crash the
-        # state file never names a snapshot whose sums are not on disk (see _values_store.py).
+        # state file never names a snapshot whose sums are not on disk (see dvgs_fast/runstate/values_store.py).
         store.flush()
-        ckpt_mod.write_state(spec.files.state, {
-            "format": ckpt_mod.FORMAT, "fingerprint": spec.fingerprint, "seed": spec.seed,
+        runstate.write_state(spec.files.state, {
+            "format": runstate.FORMAT, "fingerprint": spec.fingerprint, "seed": spec.seed,
             "restart": restart, "epoch": epoch, "pos": pos, "step": step, "k": k,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng_cpu": torch.get_rng_state(),

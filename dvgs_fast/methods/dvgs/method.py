@@ -1,9 +1,10 @@
 """DVGS: data valuation by gradient similarity, the public class.
 
 The work is split by job: prepare.py turns fit()'s arguments into a checked, typed RunSpec;
-loop.py trains on the target set and scores the source set (a sources.Source, in memory or
-streamed); checkpoint.py owns checkpoint_dir (fingerprint, lock, checksummed state files);
-_values_store.py the memory-mapped per-sample sums; fast.py / reference.py the two scorers.
+loop.py trains on the target set and scores the source set (a dvgs_fast.sources.Source, in
+memory or streamed). What DVGS shares with the other gradient methods lives outside this
+package: the two scorers (dvgs_fast.grads: FastScorer, ReferenceScorer) and the run state
+(dvgs_fast.runstate: fingerprint, lock, checksummed state files, memory-mapped per-sample sums).
 
 The algorithm, as the original DVGS code runs it: the model is trained only on the target
 (clean) set. Each epoch shuffles the target into mini-batches; for each mini-batch the target
@@ -14,7 +15,7 @@ snapshot is kept. Then the optimizer steps on the target loss. `restarts` re-ini
 and optimizer. The value of a source sample is the mean of its similarities over all snapshots.
 
 Both backends share this loop (same seed -> same target training, same G); they only differ
-in the snapshot scorer (reference.py: explicit per-sample gradients; fast.py: per-layer
+in the snapshot scorer (ReferenceScorer: explicit per-sample gradients; FastScorer: per-layer
 statistics).
 
 Decisions worth knowing:
@@ -56,7 +57,7 @@ from torch import nn
 from dvgs_fast import _validation as V
 from dvgs_fast.distributed import context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, DirLock
+from dvgs_fast.runstate import CheckpointFiles, DirLock
 from dvgs_fast.methods.dvgs.loop import train_and_score
 from dvgs_fast.methods.dvgs.prepare import prepare
 from dvgs_fast.ops.similarity import SIMILARITIES

@@ -20,15 +20,12 @@ from dvgs_fast import _validation as V
 from dvgs_fast._utils import build_model, seed_everything
 from dvgs_fast.distributed import DistContext
 from dvgs_fast.methods.base import Run
-from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.reference import ReferenceScorer
-from dvgs_fast.methods.dvgs.sources import Source, TensorSource, as_source, is_chunked_input, source_identity
+from dvgs_fast import runstate
+from dvgs_fast.grads import FastScorer, ReferenceScorer, SampleLoss, cast_labels, make_sample_loss
+from dvgs_fast.runstate import CheckpointFiles, new_hash, update_with_tensor
+from dvgs_fast.sources import Source, TensorSource, as_source, is_chunked_input, source_identity
 
 EPS = 1e-8
-SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -64,33 +61,14 @@ class RunSpec:
 
 def make_losses(loss: Any, class_weight: torch.Tensor | None):
     """(per-sample loss [N], mean target loss) for the configured criterion."""
-    if loss == "cross_entropy":
-        def per_sample(out, y):
-            return F.cross_entropy(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
-
+    per_sample = make_sample_loss(loss)
+    if loss == "cross_entropy" and class_weight is not None:
         def batch(out, y):
-            if class_weight is None:
-                return per_sample(out, y).mean()
             return F.cross_entropy(out, y, weight=class_weight)
-    elif loss == "mse":
-        def per_sample(out, y):
-            return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
-
+    else:
         def batch(out, y):
             return per_sample(out, y).mean()
-    else:
-        per_sample = loss
-
-        def batch(out, y):
-            return loss(out, y).mean()
     return per_sample, batch
-
-
-def cast_labels(y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Float labels take the model's dtype; integer labels become int64 (class indices)."""
-    if y is None:
-        return None
-    return y.to(dtype) if y.is_floating_point() else y.long()
 
 
 @contextlib.contextmanager
@@ -212,7 +190,7 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
                          f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
 
     # A resumed run without an explicit seed must reuse the interrupted run's seed.
-    state = ckpt_mod.read_state(files) if files is not None else None
+    state = runstate.read_state(files) if files is not None else None
     seed = cfg.seed
     if seed is None and state is not None:
         seed = int(state["seed"])
@@ -269,13 +247,13 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
                 update_with_tensor(h, t)
         settings = cfg.settings()
         settings["source_labels"] = source_labels
-        fp = ckpt_mod.fingerprint(settings, seed, ctx.world_size, model, cfg.loss, h.digest())
+        fp = runstate.fingerprint(settings, seed, ctx.world_size, model, cfg.loss, h.digest())
         if state is not None:
-            ckpt_mod.compare(state["fingerprint"], fp, files)
+            runstate.compare(state["fingerprint"], fp, files)
     return RunSpec(device=device, ctx=ctx, seed=seed, gen=gen, model=model, names=names, dtype=dtype,
                    source=source, source_labels=source_labels, xt=xt.to(device),
                    yt=None if yt is None else yt.to(device), sample_loss=sample_loss, batch_loss=batch_loss,
                    scorer=scorer, files=files, state=state, fingerprint=fp)
 
 
-__all__ = ["RunSpec", "prepare", "make_losses", "cast_labels", "EPS"]
+__all__ = ["RunSpec", "prepare", "make_losses", "EPS"]

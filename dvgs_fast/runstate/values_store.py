@@ -1,5 +1,5 @@
-"""Per-sample running sums of DVGS similarities and of their squares (for the standard error)
-in a memory-mapped float64 file.
+"""Per-sample running sums of a method's per-snapshot scores (DVGS similarities, TracIn
+checkpoint terms) and of their squares (for the standard error) in a memory-mapped float64 file.
 
 The sums live on disk (in ``checkpoint_dir``, else an unlinked temporary file), so an
 N-sample run needs O(batch) memory for them, and they are written as snapshots are computed.
@@ -9,11 +9,11 @@ squares], sample). After ``k`` completed
 snapshots the valid sums are in slot ``k % 2``; snapshot ``k`` reads slot ``k % 2`` and writes
 ``sums + similarity`` into slot ``(k + 1) % 2``. A run killed in the middle of snapshot ``k``
 leaves slot ``k % 2`` untouched, and the checkpoint (written atomically after the snapshot and
-the following optimizer step, see loop.py) says which ``k`` is complete. So no copy of the
+the following optimizer step, see methods/dvgs/loop.py) says which ``k`` is complete. So no copy of the
 sums is ever put in the checkpoint itself, only the checksum of slot ``k % 2``
 (:meth:`ValuesStore.slot_digest`; the files are written in place, so their checksum is taken
 when the state is saved) and of every completed snapshot column (:meth:`column_digest`), which
-checkpoint.py verifies on resume.
+:func:`open_store` verifies on resume.
 
 ``keep_snapshots`` keeps every snapshot in a column-major ``[N, K]`` ``.npy`` memmap beside it
 (one snapshot = one contiguous column write).
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dvgs_fast.methods.dvgs._digest import digest_of_array
+from dvgs_fast.runstate.digest import digest_of_array
+from dvgs_fast.runstate.files import CheckpointFiles
 
 SUMS_NAME = "dvgs_sums.npy"
 SNAP_NAME = "dvgs_snapshots.npy"
@@ -124,4 +125,30 @@ class ValuesStore:
             self.snapshots.flush()
 
 
-__all__ = ["ValuesStore", "StoreFileError", "SUMS_NAME", "SNAP_NAME"]
+def open_store(files: CheckpointFiles | None, n: int, *, state: dict | None, n_snapshots: int,
+               keep_snapshots: bool, snapshot_dtype) -> ValuesStore:
+    """The sums (and snapshot) memmaps; on resume, their sizes and checksums are verified."""
+    resume = state is not None
+    try:
+        store = ValuesStore(n, None if files is None else files.directory, resume=resume,
+                            n_snapshots=n_snapshots, keep_snapshots=keep_snapshots,
+                            snapshot_dtype=snapshot_dtype,
+                            sums_name=(files.sums.name if files else "dvgs_sums.npy"),      # no folder: names unused
+                            snap_name=(files.snapshots.name if files else "dvgs_snapshots.npy"))
+    except StoreFileError as exc:
+        raise files.error(str(exc)) from None
+    if resume:
+        k = int(state["k"])
+        if store.slot_digest(k) != state["sums_digest"]:
+            raise files.error(f"{files.sums.name} does not match the saved state (checksum of the sums "
+                              f"after {k} snapshots): it was overwritten or corrupted")
+        if keep_snapshots:
+            digests = state["snap_digests"]
+            bad = [j for j in range(k) if j >= len(digests) or store.column_digest(j) != digests[j]]
+            if bad:
+                raise files.error(f"{files.snapshots.name} does not match the saved state (checksum of "
+                                  f"snapshot {bad[0]}): it was overwritten or corrupted")
+    return store
+
+
+__all__ = ["ValuesStore", "StoreFileError", "SUMS_NAME", "SNAP_NAME", "open_store"]
