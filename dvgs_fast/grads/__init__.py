@@ -26,6 +26,13 @@ private names):
     ``layer_routes() -> [LayerRoute]`` and ``describe()``: which route each layer takes and why.
     ``recorder()`` / ``grad_outputs(rec)`` / ``deltas_by_module`` / ``stats_from_record``: the same
     statistics from a forward/backward the caller runs itself (a training step).
+``Recording.factors() -> SampleFactors``
+    the batch's per-sample gradients in factored form (Linear/conv: inputs a and output
+    gradients δ per row; Embedding: token ids and δ; the rest explicit), detached, for
+    ``cross_gram(F, H)`` ([n_F, n_H] dots between two sets of samples: pairwise attribution),
+    ``sqnorms(F)`` and ``batch_dots(F, V)`` (dots with Q gradient-shaped tensors), all in gram.py;
+    ``dense_factors(model, names, x, y, loss)``: the same from explicit per-sample gradients;
+    ``materialise(F, shapes)``: the per-sample gradients formed, {name: [n, *shape]}.
 ``ReferenceScorer``, ``per_sample_grads(model, names, x, y, sample_loss)``
     explicit per-sample gradients by torch.func: the float64 truth for tests and the route of
     last resort. ``check_vmappable(model)`` refuses models it cannot batch, up front.
@@ -45,12 +52,16 @@ them: then every parameter takes the reference route, with a SlowRouteWarning).
 A new method plugs in as DEVELOPING.md shows ("Adding a gradient method").
 """
 from dvgs_fast.grads import pairwise
+from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors, dense_factors, materialise
 from dvgs_fast.grads.frozen import FrozenStatistics
+from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
 from dvgs_fast.grads.losses import SampleLoss, cast_labels, make_sample_loss
 from dvgs_fast.grads.record import Call, ForwardRecorder
 from dvgs_fast.grads.reference import ReferenceScorer, check_vmappable, per_sample_grads, torch_similarity
 from dvgs_fast.grads.scorer import FastScorer, LayerRoute, Recording, SlowRouteWarning
 
-__all__ = ["Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
+__all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
+           "materialise", "sqnorms",
+           "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
            "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",
            "per_sample_grads", "torch_similarity"]

@@ -404,13 +404,18 @@ class Recording:
     parameter name -> tensor), every route included; ``per_layer`` collects each layer's own
     contribution. ``calls(m)`` / ``deltas(m)``: what was recorded for routed module m (its
     inputs are ``call.input``). Parameters with no usable recorded call take the whole-model
-    reference route (per-sample gradients by torch.func) inside ``stats``."""
+    reference route (per-sample gradients by torch.func) inside ``stats``. A caller that ran its
+    own forward/backward (a training step) builds one with ``Recording(scorer, x, y, rec, deltas,
+    [], grad_scale)``."""
 
     def __init__(self, scorer: FastScorer, x: torch.Tensor, y: torch.Tensor, rec: ForwardRecorder | None,
-                 deltas, coupled: list[str]):
+                 deltas, coupled: list[str], grad_scale: float = 1.0):
         self.scorer, self.x, self.y, self.n = scorer, x, y, int(x.shape[0])
         self.rec, self.coupled = rec, coupled
         self._deltas = deltas
+        # The recorded δ are those of grad_scale · Σ_i ℓ_i (a training step's mean loss: 1/B);
+        # factors() scales the explicit per-sample gradients it forms alike.
+        self.grad_scale = float(grad_scale)
 
     def calls(self, m: nn.Module) -> list:
         return [] if self.rec is None else list(self.rec.calls[m])
@@ -419,6 +424,12 @@ class Recording:
         if self.rec is None:
             return []
         return self.scorer.deltas_by_module(self.rec, self._deltas).get(m, [])
+
+    def factors(self):
+        """This batch's per-sample gradients in factored form (factors.SampleFactors), detached:
+        the input of gram.cross_gram / sqnorms / batch_dots, projections and curvature factors."""
+        from dvgs_fast.grads.factors import factors_of
+        return factors_of(self)
 
     def stats(self, G: dict[str, torch.Tensor], need_sq: bool = True, release: bool = False,
               per_layer: dict | None = None):

@@ -19,6 +19,9 @@ _LAZY = {
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
     "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
     "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
+    "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
+    "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),
+    "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
 }
 
 __all__ = list(_LAZY)

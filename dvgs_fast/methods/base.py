@@ -150,9 +150,7 @@ class Valuation(abc.ABC):
         if self.requires_labels and y_source is None:
             raise ValueError(f"y_source: {type(self).__name__} needs the source labels")
         t0, c0 = time.perf_counter(), time.process_time()
-        run = Run(seed=self.seed if self.seed is not None else draw_seed(),
-                  device=self._resolve_device(x_source, y_source, x_target, y_target),
-                  budget=Budget(self.max_time), show_progress=self.progress)
+        run = self._new_run(x_source, y_source, x_target, y_target)
         with torch.enable_grad():      # also when fit() is called under torch.no_grad()
             est = self._fit(x_source, y_source, x_target, y_target, run)
         timings = dict(est.timings)
@@ -173,6 +171,11 @@ class Valuation(abc.ABC):
                           f"{f'; {unvalued} of {len(result)} samples were never valued (counts == 0)' if unvalued else ''}"
                           f"; result.status == 'stopped'", BudgetWarning, stacklevel=2)
         return result
+
+    def _new_run(self, *inputs: Any) -> Run:
+        """The per-call context: the seed (drawn when None), the device the inputs decide, the budget."""
+        return Run(seed=self.seed if self.seed is not None else draw_seed(), device=self._resolve_device(*inputs),
+                   budget=Budget(self.max_time), show_progress=self.progress)
 
     @abc.abstractmethod
     def _fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any, run: Run) -> Estimate:

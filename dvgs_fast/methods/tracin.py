@@ -53,13 +53,15 @@ from dvgs_fast.distributed import context_for
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast import runstate
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
+from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
 from dvgs_fast.grads import FastScorer, ReferenceScorer, cast_labels
 from dvgs_fast.sources import SourceLengthError, source_identity
 
 SHUFFLES = ("full", "block")
 
 
-class TracIn(Valuation):
+class TracIn(AttributionMixin, Valuation):
     """TracIn-CP: each source sample's gradient agreement with the target loss, summed over
     checkpoints of a training run on the source set.
 
@@ -87,10 +89,17 @@ class TracIn(Valuation):
 
     result.values: sum over checkpoints; result.counts: checkpoints scored; result.stderr:
     sqrt(counts · var) of the per-checkpoint contributions (NaN below two).
+
+    attribute(x_source, y_source, x_query, y_query): the [n_query, n_source] matrix
+    Σ_c η_c ⟨∇ℓ(z_i; θ_c), ∇ℓ(q_j; θ_c)⟩ over the same training run (TracInCP per pair), from the
+    engine's factored per-sample gradients (cross_gram: no per-sample gradient for Linear/conv
+    layers). Its mean over the queries is fit()'s value with the queries as the target set. It
+    runs in one process and keeps no checkpoint_dir (a run is re-trained, not resumed).
     """
 
     name = "tracin"
     requires_labels = False
+    attribute_accumulates = True
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
@@ -147,6 +156,29 @@ class TracIn(Valuation):
             ctx.close()
         est.timings = timings
         return est
+
+    def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
+        timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
+        ctx = context_for(self.distributed, run.device)
+        try:
+            if ctx.enabled:
+                raise ValueError("distributed: attribute() runs in one process (the score matrix is not "
+                                 "sharded across ranks); call it without torchrun or with distributed=False")
+            try:
+                prep = T.prepare(self, x_source, y_source, x_query, y_query, ctx.device_for(run.device), run.seed,
+                                 chunked_ok=True)
+            except ValueError as exc:
+                raise query_error(exc) from None
+            loop = _AttributeLoop(self, prep, ctx, None, None, None, run.seed, timings, run)
+            loop.sink, loop.query_batch_size = sink, query_batch_size
+            est = loop.run()
+        finally:
+            ctx.close()
+        if est.status == "stopped":
+            raise ValueError(f"max_time: the budget ran out after {est.progress}; attribute() returns no partial "
+                             f"matrix (raise max_time)")
+        return {**est.info, "timings": timings,
+                **({"note": "checkpoint_dir is not used by attribute()"} if self.checkpoint_dir else {})}
 
     def _fingerprint(self, prep: T.Prepared, seed: int, world_size: int) -> dict:
         h = runstate.new_hash()
@@ -357,3 +389,36 @@ class _Loop:
         return Estimate(values=values, stderr=stderr, counts=counts, status="stopped" if stopped else "completed",
                         stop_reason=stopped, info=info, snapshots=None if snaps is None else snaps[:, :k],
                         progress=f"{k} of {cfg.n_checkpoints} checkpoints")
+
+
+class _AttributeLoop(_Loop):
+    """The same training run; at each checkpoint, every (query, source) pair's η⟨g_i, g_q⟩ goes
+    into the attribute() sink, and its mean over the queries into the per-sample sums (so the
+    run's values are fit()'s with the queries as the target)."""
+
+    sink: ScoreSink
+    query_batch_size: int
+
+    def _score(self, k: int, store, step: int) -> None:
+        cfg, dev, dt = self.cfg, self.device, self.prep.dtype
+        m = self.prep.xt.shape[0]
+        was = self.model.training
+        self.model.eval()
+
+        def blocks():
+            for a, b, x, y in self.source.iter_chunks(self.lo, self.hi, cfg.source_batch_size):
+                x = x.to(device=dev, dtype=dt)
+                yield a, b, x, (x if not self.prep.source_labels else cast_labels(y, dt).to(dev))
+
+        try:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                fo = factors_fn(self.scorer)
+                queries = query_factors(fo, self.prep.xt, self.prep.yt, self.query_batch_size, False)
+                sums = score_pass(fo, blocks(), queries, self.sink, weight=cfg.lr)
+                if sums is not None:
+                    store.add(k, self.lo, self.hi, (sums / m).numpy())
+        except SourceLengthError as exc:
+            raise ValueError(f"x_source: the stream yielded {'more' if exc.more else 'fewer'} rows on the pass of "
+                             f"checkpoint {k}: {exc.got} rows, but {exc.expected} when it was counted") from None
+        finally:
+            self.model.train(was)

@@ -112,7 +112,9 @@ class _DivergenceWatch:
                          f"lower lr (now {self.lr:g}) or check the model and loss for overflow")
 
 
-def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estimate:
+def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget, snapshot_hook=None) -> Estimate:
+    """The run. snapshot_hook(k): called at each snapshot inside the scoring mode, INSTEAD of
+    scoring the source against the target gradient (DVGS.attribute's per-query pass)."""
     from tqdm.auto import tqdm
 
     model, device, scorer, ctx = spec.model, spec.device, spec.scorer, spec.ctx
@@ -221,7 +223,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                         t1 = time.perf_counter()
                         timings["train"] += t1 - t0
                         with ScoringMode(model, device, snapshot_seed(spec.seed, k)):
-                            score_snapshot(scorer.target(G), bi)
+                            if snapshot_hook is None:
+                                score_snapshot(scorer.target(G), bi)
+                            else:
+                                snapshot_hook(k)
                         k += 1
                         sync()
                         t0 = time.perf_counter()
