@@ -60,6 +60,7 @@ from dvgs_fast.grads import pairwise
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors, dense_factors, materialise
 from dvgs_fast.grads.frozen import FrozenStatistics
 from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
+from dvgs_fast.grads.project import KINDS as PROJECTION_KINDS
 from dvgs_fast.grads.project import LayerPlan, Projector
 from dvgs_fast.grads.losses import SampleLoss, cast_labels, make_sample_loss
 from dvgs_fast.grads.record import Call, ForwardRecorder
@@ -67,7 +68,7 @@ from dvgs_fast.grads.reference import ReferenceScorer, check_vmappable, per_samp
 from dvgs_fast.grads.scorer import FastScorer, LayerRoute, Recording, SlowRouteWarning
 
 __all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
-           "materialise", "sqnorms", "LayerPlan", "Projector",
+           "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "Projector",
            "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
            "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",
            "per_sample_grads", "torch_similarity"]

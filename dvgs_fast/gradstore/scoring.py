@@ -54,11 +54,12 @@ def source_blocks(stores: Sequence[GradientStore], start: int = 0, stop: int | N
         yield a, b, (parts[0][2] if len(parts) == 1 else torch.cat([p[2] for p in parts], 1))
 
 
-def gram(store: GradientStore, *, rows: int | None = None, progress=None) -> torch.Tensor:
-    """[k, k] float64: Σ_i φ_i φ_iᵀ over the store's rows."""
+def gram(store: GradientStore, *, start: int = 0, stop: int | None = None, rows: int | None = None,
+         progress=None) -> torch.Tensor:
+    """[k, k] float64: Σ_i φ_i φ_iᵀ over the store's rows [start, stop)."""
     dt = _compute_dtype([store])
     out = torch.zeros(store.dim, store.dim, dtype=torch.float64)
-    for a, b, blk in source_blocks([store], rows=rows, dtype=dt):
+    for a, b, blk in source_blocks([store], start, stop, rows=rows, dtype=dt):
         out += (blk.t() @ blk).to(torch.float64)
         if progress is not None:
             progress.update(b - a)
