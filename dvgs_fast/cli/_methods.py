@@ -27,6 +27,10 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
     "tracin": ("dvgs_fast.methods.tracin", "TracIn", {}, "TracIn-CP (Pruthi et al. 2020)"),
     "data_oob": ("dvgs_fast.methods.data_oob", "DataOOB", {}, "Data-OOB: out-of-bag scores of bootstrap refits"),
+    "trak": ("dvgs_fast.methods.trak", "TRAK", {"epochs": 30, "n_models": 5},
+             "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
+    "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
+              "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

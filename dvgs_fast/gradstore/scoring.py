@@ -55,37 +55,41 @@ def source_blocks(stores: Sequence[GradientStore], start: int = 0, stop: int | N
 
 
 def gram(store: GradientStore, *, start: int = 0, stop: int | None = None, rows: int | None = None,
-         progress=None) -> torch.Tensor:
-    """[k, k] float64: Σ_i φ_i φ_iᵀ over the store's rows [start, stop)."""
+         progress=None, device=None) -> torch.Tensor:
+    """[k, k] float64 (on the CPU): Σ_i φ_i φ_iᵀ over the store's rows [start, stop); the
+    products on `device` (e.g. a GPU) when given."""
     dt = _compute_dtype([store])
-    out = torch.zeros(store.dim, store.dim, dtype=torch.float64)
+    out = torch.zeros(store.dim, store.dim, dtype=torch.float64, device=device)
     for a, b, blk in source_blocks([store], start, stop, rows=rows, dtype=dt):
+        blk = blk.to(device) if device is not None else blk
         out += (blk.t() @ blk).to(torch.float64)
         if progress is not None:
             progress.update(b - a)
-    return out
+    return out.cpu()
 
 
 def matmul_rows(stores, V: torch.Tensor, *, start: int = 0, stop: int | None = None,
-                rows: int | None = None) -> torch.Tensor:
-    """[stop - start, r] float64: rows [start, stop) of [Φ_1 … Φ_M] times V [Σ dims, r]."""
+                rows: int | None = None, device=None) -> torch.Tensor:
+    """[stop - start, r] float64 (CPU): rows [start, stop) of [Φ_1 … Φ_M] times V [Σ dims, r]."""
     stores = _stores(stores)
     width = sum(s.dim for s in stores)
     if V.dim() != 2 or V.shape[0] != width:
         raise ValueError(f"V: expected [{width}, r], got {tuple(V.shape)}")
     dt = _compute_dtype(stores, V.dtype)
-    Vc = V.to(dt)
+    Vc = V.to(dtype=dt, device=device)
     stop = stores[0].n if stop is None else stop
     out = torch.empty(stop - start, V.shape[1], dtype=torch.float64)
     for a, b, blk in source_blocks(stores, start, stop, rows, dt):
-        out[a - start:b - start] = (blk @ Vc).to(torch.float64)
+        blk = blk.to(device) if device is not None else blk
+        out[a - start:b - start] = (blk @ Vc).to(torch.float64).cpu()
     return out
 
 
 def score_into(sink, queries: torch.Tensor | GradientStore | Sequence[GradientStore], stores, *,
                source_scale: np.ndarray | torch.Tensor | None = None, weight: float = 1.0,
                score_block_bytes: int = SCORE_BLOCK_BYTES, source_rows: int | None = None,
-               query_rows: int | None = None, progress=None, stop: Callable[[], bool] | None = None) -> bool:
+               query_rows: int | None = None, progress=None, stop: Callable[[], bool] | None = None,
+               device=None) -> bool:
     """Scores[j, i] = weight · ⟨q_j, φ_i⟩ · source_scale[i] for every query j and store row i,
     into `sink` block by block (``sink.add(q0, q1, s0, s1, block)``).
 
@@ -94,6 +98,7 @@ def score_into(sink, queries: torch.Tensor | GradientStore | Sequence[GradientSt
     source_scale  [N] per-source multiplier (TRAK's out-to-loss weights), or None
     query_rows, source_rows   block sizes (default: a score block of ~score_block_bytes)
     stop          checked after every block; True returns False (the scores are incomplete)
+    device        where the products run (e.g. a GPU: blocks are moved there); default the CPU
     Returns True when every block was scored."""
     stores = _stores(stores)
     width = sum(s.dim for s in stores)
@@ -114,16 +119,18 @@ def score_into(sink, queries: torch.Tensor | GradientStore | Sequence[GradientSt
         source_rows = max(1, min(n, SOURCE_BLOCK_BYTES // (width * item)))
     if query_rows is None:
         query_rows = max(1, min(n_query, score_block_bytes // (source_rows * item)))
-    scale = None if source_scale is None else torch.as_tensor(np.asarray(source_scale), dtype=dt).reshape(-1)
+    scale = None if source_scale is None else torch.as_tensor(np.asarray(source_scale), dtype=dt).reshape(-1).to(device)
     if scale is not None and scale.shape[0] != n:
         raise ValueError(f"source_scale: {scale.shape[0]} values for {n} source rows")
     q_iter = ((q0, min(q0 + query_rows, n_query), queries[q0:q0 + query_rows].to(dt))
               for q0 in range(0, n_query, query_rows)) if q_stores is None else \
         source_blocks(q_stores, rows=query_rows, dtype=dt)
     for q0, q1, qb in q_iter:
+        qb = qb.to(device) if device is not None else qb
         if weight != 1.0:
             qb = qb * weight
         for s0, s1, sb in source_blocks(stores, rows=source_rows, dtype=dt):
+            sb = sb.to(device) if device is not None else sb
             block = qb @ sb.t()
             if scale is not None:
                 block.mul_(scale[s0:s1])

@@ -63,7 +63,7 @@ class Session:
     def featurise(self) -> None:
         cfg, prep, run = self.cfg, self.prep, self.run
         t0 = time.perf_counter()
-        self.members, how = M.build(cfg, prep, run, self.root if cfg.store_dir is not None else None)
+        self.members, how = M.build(cfg, prep, run, self.root if cfg.store_dir is not None else None, self.ctx)
         self.timings["train"] = time.perf_counter() - t0
         t0, c0 = time.perf_counter(), time.process_time()
         digest = data_digest(prep)
@@ -91,7 +91,7 @@ class Session:
         lo, hi = self.ctx.shard(n) if self.ctx.enabled else (0, n)
         self.kern = []
         for store in self.stores:
-            xtx = gradstore.gram(store, start=lo, stop=hi)
+            xtx = gradstore.gram(store, start=lo, stop=hi, device=self.prep.xt.device)
             if self.ctx.enabled:
                 xtx = torch.from_numpy(self.ctx.all_reduce_sum(xtx.numpy()))
             self.kern.append(Kernel(xtx, relative_lambda(xtx, self.cfg.reg_value)))
@@ -107,7 +107,7 @@ class Session:
     def query_vectors(self, xq: torch.Tensor, yq: torch.Tensor, batch: int) -> torch.Tensor:
         """[n_query, Σ dims]: ψ = c/M [φ_1 K_1, …, φ_M K_M] (float64 for float64 stores, else float32)."""
         t0 = time.perf_counter()
-        c = (self.stores[0].n if self.cfg.name == "logra" else 1.0) / len(self.stores)
+        c = (self.stores[0].n if self.cfg.kernel_is_mean else 1.0) / len(self.stores)
         parts = [k.apply(mf.queries(xq, yq, batch)) * c for mf, k in zip(self.feats, self.kern)]
         psi = torch.cat(parts, 1)
         if not bool(torch.isfinite(psi).all()):
@@ -130,9 +130,23 @@ def _prepare(cfg, x_source, y_source, x_query, y_query, run, ctx, query_error=No
     seed = ctx.broadcast_object(run.seed)
     run.seed = seed
     try:
-        return T.prepare(cfg, x_source, y_source, x_query, y_query, ctx.device_for(run.device), seed, chunked_ok=True)
+        prep = T.prepare(cfg, x_source, y_source, x_query, y_query, ctx.device_for(run.device), seed, chunked_ok=True)
+        _check_classes(cfg, prep)
     except ValueError as exc:
         raise (query_error(exc) if query_error is not None else exc) from None
+    return prep
+
+
+def _check_classes(cfg, prep) -> None:
+    """Every in-memory label within the model's classes (T.prepare's probe sees two rows)."""
+    if cfg.loss != "cross_entropy":
+        return
+    with torch.no_grad():
+        c = int(prep.model.eval()(prep.xt[:1]).shape[1])
+    for name, y in (("y_target", prep.yt), ("y_source", prep.ys)):
+        if y is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
+            raise ValueError(f"{name}: labels must be in [0, {c}) (the model has {c} outputs), found range "
+                             f"[{int(y.min())}, {int(y.max())}]")
 
 
 def fit(cfg, x_source, y_source, x_target, y_target, run) -> Estimate:
@@ -153,7 +167,7 @@ def fit(cfg, x_source, y_source, x_target, y_target, run) -> Estimate:
             t0 = time.perf_counter()
             lo, hi = ctx.shard(n) if ctx.enabled else (0, n)
             v = gradstore.matmul_rows(s.stores, psi.to(torch.float64).mean(0, keepdim=True).t(), start=lo,
-                                      stop=hi)[:, 0].numpy()
+                                      stop=hi, device=prep.xt.device)[:, 0].numpy()
             scale = s.source_scale()
             if scale is not None:
                 v = v * scale[lo:hi]
@@ -189,7 +203,7 @@ def attribute(cfg, x_source, y_source, x_query, y_query, sink, run, query_batch_
             bar = run.progress(psi.shape[0] * s.stores[0].n, f"{type(cfg).__name__} scores", unit="score")
             try:
                 done = gradstore.score_into(sink, psi, s.stores, source_scale=s.source_scale(), progress=bar,
-                                            stop=run.budget.time_up)
+                                            stop=run.budget.time_up, device=prep.xt.device)
             finally:
                 bar.close()
             if not done:

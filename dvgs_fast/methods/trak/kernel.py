@@ -46,8 +46,8 @@ class Kernel:
             self.rank = self.k
 
     def apply(self, phi: torch.Tensor) -> torch.Tensor:
-        """[n, k] float64: φ (ΦᵀΦ + λI)⁻¹ (the matrix is symmetric, so row vectors solve alike)."""
-        p = phi.to(torch.float64)
+        """[n, k] float64 on the CPU: φ (ΦᵀΦ + λI)⁻¹ (the matrix is symmetric: row vectors solve alike)."""
+        p = phi.detach().to(device="cpu", dtype=torch.float64)
         if self.chol is not None:
             return torch.cholesky_solve(p.t(), self.chol).t()
         return ((p @ self.v) * self.inv) @ self.v.t()

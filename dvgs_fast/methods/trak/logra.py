@@ -45,6 +45,7 @@ class LoGraInfluence(ProjectedGradientMethod):
     name = "logra"
     requires_labels = False
     reg_name = "damping"
+    kernel_is_mean = True
     n_models = 1
     n_checkpoints = 1
     subsample = 1.0

@@ -64,8 +64,9 @@ def from_checkpoints(cfg, prep) -> list[Member]:
     return out
 
 
-def build(cfg, prep, run, store_dir: Path | None) -> tuple[list[Member], dict]:
-    """The members and a description of how they were made."""
+def build(cfg, prep, run, store_dir: Path | None, ctx) -> tuple[list[Member], dict]:
+    """The members and a description of how they were made. Under torchrun every rank trains
+    the same members (same seed and data); rank 0 alone writes them to store_dir."""
     if cfg.checkpoints is not None:
         return from_checkpoints(cfg, prep), {"members_from": "checkpoints"}
     if cfg.epochs == 0:
@@ -80,8 +81,8 @@ def build(cfg, prep, run, store_dir: Path | None) -> tuple[list[Member], dict]:
         h = runstate.new_hash()
         h.update(source_identity(prep.source))
         fp = runstate.fingerprint({"method": cfg.name, **settings}, run.seed, 1, prep.model, cfg.loss, h.digest())
-        with runstate.DirLock(files):
-            saved = runstate.read_state(files)
+        saved = runstate.read_state(files)               # written atomically: no lock needed to read
+        ctx.barrier()                                    # every rank has read before rank 0 writes
         if saved is not None and saved["fingerprint"] == fp:
             members = []
             for label, state in zip(saved["labels"], saved["states"]):
@@ -96,7 +97,7 @@ def build(cfg, prep, run, store_dir: Path | None) -> tuple[list[Member], dict]:
             members += _train_one(cfg, prep, run, j, bar)
     finally:
         bar.close()
-    if files is not None:
+    if files is not None and ctx.is_main:
         with runstate.DirLock(files):
             runstate.write_state(files.state, {"format": runstate.FORMAT, "fingerprint": fp,
                                                "labels": [m.label for m in members],

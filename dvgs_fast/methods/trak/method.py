@@ -23,6 +23,8 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
     reg_name: str = ""
     #: whether the training side is weighted by TRAK's out-to-loss Q
     weights_q: bool = False
+    #: whether the kernel is the mean over rows, ΦᵀΦ/N (LoGra's Fisher), rather than the sum (TRAK)
+    kernel_is_mean: bool = False
 
     def _common(self, model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
                 projection, grad_params, store_dir, store_dtype, source_batch_size, distributed):
@@ -38,6 +40,9 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
             if epochs:
                 raise ValueError("checkpoints: given with epochs > 0; the checkpoints are the models (epochs=0)")
             checkpoints = list(checkpoints)
+        if not epochs and checkpoints is None and not isinstance(model, nn.Module):
+            raise ValueError("epochs: 0 scores the model as passed, but `model` is a factory (an untrained model); "
+                             "pass a trained nn.Module, checkpoints=[...], or epochs > 0")
         self.checkpoints = checkpoints
         self.proj_dim = V.check_positive_int(proj_dim, "proj_dim")
         if layer_dims is not None and not isinstance(layer_dims, dict):
