@@ -17,17 +17,20 @@ Parts
           our TRAK for reg in a grid on three other tasks (breast cancer 300/100 rows, MLP
           30-32-2; Adult 1000/300, MLP 108-32-2; a 5-class make_classification 1000/300, MLP
           20-32-5), M = 1 and 5 models, k = 512; the default is the grid value with the best mean
-          LDS over those six cells. (Done once; the library's REGULARIZATION records it.)
+          LDS over those six cells (the library's REGULARIZATION records it), with the default
+          projection (dense per layer for these small layers).
   digits  sklearn digits, 1000 source / 300 query rows (split seed 0, features in [0, 1]),
           MLP 64-32-10 ReLU, Adam lr 3e-3, batch 64, 30 epochs (the attribution ground truth's
           case (b)). M = 5 models trained from seeds 0-4 on all rows, the final weights each (one
-          checkpoint per model), k = 512: our TRAK (reg 0 and the default), traker with the same
+          checkpoint per model), k = 512: our TRAK (reg 0 and the default; the projection dense
+          per layer -- what "auto" picks for layers this small -- and Kronecker), traker with the same
           checkpoints and k (its λ = 0 default, and λ from the same relative rule on its own
           features), LoGra at model 0 (damping 0.1; and k = every parameter), TracIn (ours, 5
           checkpoints of one training run with the recipe), grad-dot (model 0); a sweep of reg
           for reference only (it looks at the digits ground truth, so it chose nothing).
   speed   featurisation of the 1000 training rows at the 5 models, k = 512: ours
-          (TRAK.featurize: the engine's factors, Kronecker projection, the store written) vs
+          (TRAK.featurize: the engine's factors, dense-per-layer and Kronecker projections, the
+          store written) vs
           traker's (torch.func per-sample gradients, its BasicProjector: a dense Gaussian
           generated per batch), 1 thread (and 2 as its own row), CPU time, interleaved rounds,
           each side in its own process invocation order alternating.
@@ -187,13 +190,16 @@ def part_digits(out: Path, default_reg: float) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="traker_digits_"))
     try:
         for m in (1, M):
-            for reg, what in ((0.0, "no regularisation"), (default_reg, "default rule")):
-                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg, store_dir=store / f"m{m}",
-                         **kw).attribute(xs, ys, xq, yq)
-                rows.append(row(f"TRAK (ours), k={K}, M={m}, reg={reg} ({what})", r.scores, gt, method="trak",
-                                models=m, regularization=reg))
+            for structure in ("auto", "kronecker"):
+                for reg, what in ((0.0, "no regularisation"), (default_reg, "default rule")):
+                    r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg,
+                             projection_structure=structure, store_dir=store / f"m{m}{structure}",
+                             **kw).attribute(xs, ys, xq, yq)
+                    how = "dense per layer" if structure == "auto" else "Kronecker (LoGra)"
+                    rows.append(row(f"TRAK (ours, {how}), k={K}, M={m}, reg={reg} ({what})", r.scores, gt,
+                                    method="trak", models=m, regularization=reg, structure=structure))
             for reg in REG_GRID:
-                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg, store_dir=store / f"m{m}",
+                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg, store_dir=store / f"m{m}auto",
                          **kw).attribute(xs, ys, xq, yq)
                 sweep.append(row(f"sweep M={m} reg={reg}", r.scores, gt, models=m, regularization=reg))
         files = save_for_traker(tmp, data, mem, dims)
@@ -206,10 +212,12 @@ def part_digits(out: Path, default_reg: float) -> dict:
             rows.append(row(f"traker 0.3.2, k={K}, M={m}, lambda_reg = {default_reg} x tr(XᵀX)/k of its features "
                             f"(= {rep['lambda_reg']:.3g})", rep.pop("scores"), gt, method="traker", models=m, traker=rep))
         n_params = sum(p.numel() for p in recipe.make_model().parameters())
-        for k, label in ((K, f"k={K}"), (n_params, f"k={n_params} = every parameter (influence with a damped Fisher)")):
-            r = LoGraInfluence(recipe.make_model(), checkpoints=mem[:1], proj_dim=k, progress=False,
-                               seed=0).attribute(xs, ys, xq, yq)
-            rows.append(row(f"LoGra (ours), {label}, model 0, damping 0.1", r.scores, gt, method="logra", proj_dim=k))
+        for k, structure, label in ((K, "kronecker", f"k={K}, Kronecker"), (K, "auto", f"k={K}, dense per layer"),
+                                    (n_params, "auto", f"k={n_params} = every parameter (influence, damped Fisher)")):
+            r = LoGraInfluence(recipe.make_model(), checkpoints=mem[:1], proj_dim=k, projection_structure=structure,
+                               progress=False, seed=0).attribute(xs, ys, xq, yq)
+            rows.append(row(f"LoGra (ours), {label}, model 0, damping 0.1", r.scores, gt, method="logra", proj_dim=k,
+                            structure=structure))
         r = TracIn(recipe.make_model, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                    optimizer="adam", n_checkpoints=5, progress=False, seed=0).attribute(xs, ys, xq, yq)
         rows.append(row("TracIn (ours), 5 checkpoints of one run of the recipe", r.scores, gt, method="tracin"))
@@ -233,36 +241,37 @@ def part_speed(out: Path, rounds: int) -> dict:
     try:
         files = save_for_traker(tmp, data, mem, dims)
         for threads in (1, 2):
-            ours, theirs, loads = [], [], [load_avg()]
+            times = {"auto": [], "kronecker": [], "traker": []}
+            loads = [load_avg()]
             for r in range(rounds + 1):                       # round 0: warm-up, not counted
-                order = ("ours", "traker") if r % 2 == 0 else ("traker", "ours")
-                for who in order:
-                    if who == "ours":
+                order = ["auto", "kronecker", "traker"]
+                for who in (order if r % 2 == 0 else order[::-1]):
+                    if who != "traker":
                         torch.set_num_threads(threads)
                         d = Path(tempfile.mkdtemp(dir=tmp))
                         c0, w0 = time.process_time(), time.perf_counter()
-                        TRAK(recipe.make_model(), checkpoints=mem, proj_dim=K, store_dir=d, progress=False,
-                             seed=0).featurize(xs, ys)
+                        TRAK(recipe.make_model(), checkpoints=mem, proj_dim=K, projection_structure=who, store_dir=d,
+                             progress=False, seed=0).featurize(xs, ys)
                         c, w = time.process_time() - c0, time.perf_counter() - w0
                         shutil.rmtree(d)
-                        if r:
-                            ours.append((c, w))
                     else:
-                        rep = run_traker(files, tmp / "speed.npz", "--featurize-only", threads=threads)
-                        if r:
-                            theirs.append((rep["featurize_cpu_s"], rep["featurize_wall_s"]))
+                        rep = run_traker(files, tmp / "speed.npz", "--featurize-only", "--warmup", threads=threads)
+                        c, w = rep["featurize_cpu_s"], rep["featurize_wall_s"]
                         res["traker_versions"] = {k: rep[k] for k in ("traker", "torch", "numpy", "python", "projector")}
+                    if r:
+                        times[who].append((c, w))
                 loads.append(load_avg())
             med = lambda v, i: float(np.median([t[i] for t in v]))   # noqa: E731
-            res[f"threads_{threads}"] = {
-                "ours_cpu_s": med(ours, 0), "ours_wall_s": med(ours, 1), "traker_cpu_s": med(theirs, 0),
-                "traker_wall_s": med(theirs, 1), "cpu_ratio": med(theirs, 0) / med(ours, 0),
-                "ours_each": ours, "traker_each": theirs, "load_avg": loads, "rounds": rounds,
-                "rows": int(xs.shape[0]), "models": len(mem), "k": K,
-                "ours_rows_per_cpu_s": xs.shape[0] * len(mem) / med(ours, 0),
-                "traker_rows_per_cpu_s": xs.shape[0] * len(mem) / med(theirs, 0)}
-            print(f"  featurisation, {threads} thread(s): ours {med(ours, 0):.2f} CPU s, traker {med(theirs, 0):.2f} "
-                  f"CPU s, ratio {med(theirs, 0) / med(ours, 0):.1f}x", flush=True)
+            cell = {"load_avg": loads, "rounds": rounds, "rows": int(xs.shape[0]), "models": len(mem), "k": K,
+                    "each": times}
+            for who, v in times.items():
+                cell[f"{who}_cpu_s"], cell[f"{who}_wall_s"] = med(v, 0), med(v, 1)
+                cell[f"{who}_rows_per_cpu_s"] = xs.shape[0] * len(mem) / med(v, 0)
+            for who in ("auto", "kronecker"):
+                cell[f"{who}_cpu_ratio"] = med(times["traker"], 0) / med(times[who], 0)
+            res[f"threads_{threads}"] = cell
+            print(f"  featurisation, {threads} thread(s): dense-per-layer {cell['auto_cpu_s']:.2f}, Kronecker "
+                  f"{cell['kronecker_cpu_s']:.2f}, traker {cell['traker_cpu_s']:.2f} CPU s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return res
@@ -296,14 +305,19 @@ def markdown(results: dict) -> str:
     if "speed" in results:
         s = results["speed"]
         md += ["## Featurisation speed (digits, 1000 rows x 5 models, k = 512)", "",
-               "| threads | ours CPU s | traker CPU s | traker / ours (CPU) | ours wall s | traker wall s | "
-               "ours rows/CPU s |", "|---|---|---|---|---|---|---|"]
+               "| threads | implementation | CPU s | wall s | rows x models per CPU s | traker CPU / ours CPU |",
+               "|---|---|---|---|---|---|"]
+        names = {"auto": "ours, dense per layer (auto)", "kronecker": "ours, Kronecker (LoGra)",
+                 "traker": "traker 0.3.2, BasicProjector"}
         for t in (1, 2):
             x = s.get(f"threads_{t}")
             if x:
-                md.append(f"| {t} | {x['ours_cpu_s']:.2f} | {x['traker_cpu_s']:.2f} | **{x['cpu_ratio']:.1f}x** | "
-                          f"{x['ours_wall_s']:.2f} | {x['traker_wall_s']:.2f} | {x['ours_rows_per_cpu_s']:.0f} |")
-        md += ["", f"Medians of {s['threads_1']['rounds']} interleaved rounds; traker "
+                for who, label in names.items():
+                    ratio = f"**{x[who + '_cpu_ratio']:.1f}x**" if who != "traker" else "1"
+                    md.append(f"| {t} | {label} | {x[who + '_cpu_s']:.3f} | {x[who + '_wall_s']:.2f} | "
+                              f"{x[who + '_rows_per_cpu_s']:,.0f} | {ratio} |")
+        md += ["", f"Medians of {s['threads_1']['rounds']} interleaved rounds (a warm-up round first; traker "
+               f"warms up on one batch in each of its processes); traker "
                f"{s['traker_versions']['traker']} (torch {s['traker_versions']['torch']}, "
                f"{s['traker_versions']['projector']}), in its own virtualenv.", ""]
     return "\n".join(md)

@@ -84,7 +84,8 @@ def test_round_trip(tmp_path, dtype, n, block):
 def test_resume_after_sigkill_gives_identical_bytes(tmp_path):
     ref = _write(tmp_path / "ref")
     target = tmp_path / "killed"
-    code = f"import sys; sys.path.insert(0, {str(HERE)!r}); from test_gradstore import kill_case; kill_case({str(target)!r})"
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from test_gradstore import kill_case; "
+            f"kill_case({str(target)!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], env=os.environ.copy())
     files = runstate.CheckpointFiles(target, None, method="GradStore")
     try:

@@ -66,12 +66,15 @@ def _explicit_kron(P: Projector, g: dict, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("make", [_mlp, _cnn, _Tokens])
 @pytest.mark.parametrize("n", [7, 1])
 @pytest.mark.parametrize("dim,kind", [(30, "gaussian"), (12, "rademacher"), (10_000, "gaussian")])
-def test_factored_projection_equals_kronecker_matrix_on_explicit_gradients(make, n, dim, kind):
+@pytest.mark.parametrize("structure", ["kronecker", "dense"])
+def test_factored_projection_equals_kronecker_matrix_on_explicit_gradients(make, n, dim, kind, structure):
     model, x, y = _case(make, n)
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
-    P = Projector(dim, kind=kind, seed=3)
+    P = Projector(dim, kind=kind, seed=3, structure=structure)
     z = P.project(f)
+    want = "dense" if structure == "dense" else "kronecker"
+    assert all(p.structure == ("dense" if p.kind == "dense" else want) for p in P.layers)
     assert z.dtype == torch.float64 and z.shape == (n, P.dim)
     g = {k: v.detach() for k, v in grads.per_sample_grads(model, names, x, y, LOSS).items()}
     ref = _explicit_kron(P, g, n)
@@ -174,7 +177,19 @@ def test_dimension_split_and_layer_dims():
         P.project(other)
 
 
-@pytest.mark.parametrize("kw,match", [({"dim": 0}, "dim"), ({"dim": 2.5}, "dim"), ({"kind": "sparse"}, "kind"),
+def test_auto_structure_follows_the_dense_limit():
+    model, x, y = _case(_mlp, 3)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(30, dense_limit=300).plan(f)               # layer "0": 16 x 48 = 768 > 300; "3": 9 x 27 = 243
+    assert {p.name: p.structure for p in P.layers} == {"0": "kronecker", "3": "dense", "<dense>": "dense"}
+    assert Projector(30).plan(f).fingerprint() != P.fingerprint()
+    g = grads.per_sample_grads(model, names, x, y, LOSS)
+    torch.testing.assert_close(P.project(f), _explicit_kron(P, g, 3), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [({"dim": 0}, "dim"), ({"structure": "tucker"}, "structure"),
+                                      ({"dim": 2.5}, "dim"), ({"kind": "sparse"}, "kind"),
                                       ({"seed": -1}, "seed"), ({"layer_dims": {"a": (0, 2)}}, "layer_dims")])
 def test_bad_settings(kw, match):
     with pytest.raises(ValueError, match=match):

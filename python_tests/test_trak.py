@@ -76,14 +76,15 @@ def test_full_dimension_without_regularisation_is_the_exact_after_kernel(n, m):
     np.testing.assert_allclose(val.values, ref.mean(0).numpy(), rtol=1e-6, atol=1e-7 * top)
 
 
-def test_projected_regularised_scores_equal_the_formula_on_the_stored_features(tmp_path):
+@pytest.mark.parametrize("structure", ["kronecker", "dense"])
+def test_projected_regularised_scores_equal_the_formula_on_the_stored_features(tmp_path, structure):
     xs, ys, xq, yq = _data(50, 5)
     model = _mlp(3)
     reg, seed = 0.05, 7
     res = TRAK(model, proj_dim=20, regularization=reg, store_dtype="float64", store_dir=tmp_path, progress=False,
-               seed=seed).attribute(xs, ys, xq, yq, dtype="float64", top_k=3)
+               projection_structure=structure, seed=seed).attribute(xs, ys, xq, yq, dtype="float64", top_k=3)
     st = GradientStore.open(tmp_path / "member_00")
-    P = grads.Projector(20, seed=derive_seed(seed, 13, 0))
+    P = grads.Projector(20, seed=derive_seed(seed, 13, 0), structure=structure)
     f = grads.FastScorer(model, [k for k, _ in model.named_parameters()], margin, "dot", owner="t").record(
         xs[:2], ys[:2]).factors()
     P.plan(f)

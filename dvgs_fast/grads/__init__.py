@@ -33,10 +33,11 @@ private names):
     ``sqnorms(F)`` and ``batch_dots(F, V)`` (dots with Q gradient-shaped tensors), all in gram.py;
     ``dense_factors(model, names, x, y, loss)``: the same from explicit per-sample gradients;
     ``materialise(F, shapes)``: the per-sample gradients formed, {name: [n, *shape]}.
-``Projector(dim, layer_dims=, kind=, seed=)`` (project.py)
+``Projector(dim, layer_dims=, kind=, seed=, structure=)`` (project.py)
     random projections of per-sample gradients from their factored form: Kronecker-structured
-    P_out G P_inᵀ per Linear / conv / Embedding layer from (a, δ) (LoGra), a dense JL matrix for
-    the DenseGrads; ``project(F) -> [n, dim]``, ``project_gradients`` (the same map on explicit
+    P_out G P_inᵀ per Linear / conv / Embedding layer from (a, δ) (LoGra; or, for layers small
+    enough, a dense JL of the gradient formed from its factors), a dense JL matrix for the
+    DenseGrads; ``project(F) -> [n, dim]``, ``project_gradients`` (the same map on explicit
     gradients), ``project_vectors`` (any [n, P]); reproducible from its seed, ``fingerprint()``.
 ``ReferenceScorer``, ``per_sample_grads(model, names, x, y, sample_loss)``
     explicit per-sample gradients by torch.func: the float64 truth for tests and the route of
@@ -61,6 +62,7 @@ from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, Token
 from dvgs_fast.grads.frozen import FrozenStatistics
 from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
 from dvgs_fast.grads.project import KINDS as PROJECTION_KINDS
+from dvgs_fast.grads.project import STRUCTURES as PROJECTION_STRUCTURES
 from dvgs_fast.grads.project import LayerPlan, Projector
 from dvgs_fast.grads.losses import SampleLoss, cast_labels, make_sample_loss
 from dvgs_fast.grads.record import Call, ForwardRecorder
@@ -68,7 +70,7 @@ from dvgs_fast.grads.reference import ReferenceScorer, check_vmappable, per_samp
 from dvgs_fast.grads.scorer import FastScorer, LayerRoute, Recording, SlowRouteWarning
 
 __all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
-           "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "Projector",
+           "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "PROJECTION_STRUCTURES", "Projector",
            "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
            "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",
            "per_sample_grads", "torch_similarity"]

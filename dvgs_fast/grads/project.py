@@ -42,9 +42,12 @@ import torch
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors
 
 KINDS = ("gaussian", "rademacher")
+STRUCTURES = ("auto", "kronecker", "dense")
 DENSE = "<dense>"
 # Parameters per generated block of a dense projection (fixed: the numbers must not depend on memory).
 _DENSE_BLOCK = 8192
+# Entries of per-sample gradients formed at once for a dense-structure layer.
+_FORM_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -64,12 +67,20 @@ class LayerPlan:
     bias: str | None = None
     params: tuple[str, ...] = ()         # dense: the parameters, in order
     sizes: tuple[int, ...] = ()
+    structure: str = "kronecker"         # "kronecker" (P_out ⊗ P_in) or "dense" (one [k, d_out·d_in] matrix)
 
     @property
     def dim(self) -> int:
         return self.k_out * self.k_in
 
+    @property
+    def width(self) -> int:
+        """Entries of the layer's gradient (d_out · d_in)."""
+        return self.d_out * self.d_in
+
     def projects(self, side: str) -> bool:
+        if self.structure == "dense":
+            return side == "in" and self.k_in < self.width
         return (self.k_out < self.d_out) if side == "out" else (self.k_in < self.d_in)
 
 
@@ -111,15 +122,22 @@ class Projector:
     layer_dims   {layer name (or "<dense>"): k or (k_out, k_in)} for layers that set their own
     kind         "gaussian" or "rademacher"
     seed         the base seed; each layer's matrices are derived from it and the layer's name
-    cache_bytes  dense-part matrices kept in memory up to this size (else regenerated per call)
+    structure    for Linear / conv / Embedding layers: "kronecker" (P_out ⊗ P_in from the
+                 factors, never the gradient), "dense" (the layer's per-sample gradient formed
+                 and one dense JL matrix applied: the better projection for the same k, at
+                 d_out·d_in·k per sample), or "auto": dense where that matrix has at most
+                 ``dense_limit`` entries, Kronecker above (a layer_dims tuple is always Kronecker)
+    cache_bytes  dense matrices kept in memory up to this size (else regenerated per call)
     """
 
     def __init__(self, dim: int | None = 4096, *, layer_dims: dict[str, Any] | None = None, kind: str = "gaussian",
-                 seed: int = 0, cache_bytes: int = 256 << 20):
+                 seed: int = 0, structure: str = "auto", dense_limit: int = 1 << 22, cache_bytes: int = 256 << 20):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
             raise ValueError(f"dim: expected a positive integer or None, got {dim!r}")
         if kind not in KINDS:
             raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure: expected one of {STRUCTURES}, got {structure!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed: expected a non-negative integer, got {seed!r}")
         self.layer_dims = {}
@@ -133,6 +151,7 @@ class Projector:
                 raise ValueError(f"layer_dims: {name!r} -> {v!r}: expected a positive int or (k_out, k_in)")
         self.dim_requested = None if dim is None else int(dim)
         self.kind, self.seed, self.cache_bytes = kind, int(seed), int(cache_bytes)
+        self.structure, self.dense_limit = structure, int(dense_limit)
         self.layers: list[LayerPlan] | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -191,19 +210,27 @@ class Projector:
         for i, s in enumerate(specs):
             d_out, d_in = int(s["d_out"]), int(s["d_in"])
             want = self.layer_dims.get(s["name"], budget.get(i))
+            structure = "dense"
             if isinstance(want, tuple):
                 k_out, k_in = min(want[0], d_out), min(want[1], d_in)
-            elif s["kind"] == "dense":
-                k_out, k_in = 1, min(int(want), d_in)
+                structure = "kronecker"
+            elif s["kind"] == "dense" or self._use_dense(int(want), d_out * d_in):
+                k_out, k_in = 1, min(int(want), d_out * d_in)
             else:
                 k_out, k_in = _split(int(want), d_out, d_in)
+                structure = "kronecker"
             seed = _derive(self.seed, zlib.crc32(s["name"].encode()))
             plans.append(LayerPlan(s["name"], s["kind"], d_out, d_in, k_out, k_in, seed, offset,
                                    s.get("weight"), s.get("bias"), tuple(s.get("params", ())),
-                                   tuple(s.get("sizes", ()))))
+                                   tuple(s.get("sizes", ())), structure))
             offset += k_out * k_in
         self.layers = plans
         return self
+
+    def _use_dense(self, k: int, width: int) -> bool:
+        if self.structure == "auto":
+            return min(k, width) * width <= self.dense_limit
+        return self.structure == "dense"
 
     def _fixed_k(self, s: dict) -> int:
         v = self.layer_dims[s["name"]]
@@ -214,7 +241,7 @@ class Projector:
     # ------------------------------------------------------------------------------ matrices
     def side_matrix(self, p: LayerPlan, side: str, dtype=torch.float32, device=None) -> torch.Tensor | None:
         """[k, d] matrix of one side of a layer (None: that side is the identity)."""
-        if p.kind == "dense" or not p.projects(side):
+        if p.structure == "dense" or not p.projects(side):
             return None
         key = (p.name, side, str(dtype), str(device))
         m = self._cache.get(key)
@@ -226,9 +253,9 @@ class Projector:
 
     def _dense_blocks(self, p: LayerPlan, dtype, device):
         """(p0, p1, [k, p1 - p0]) blocks of the dense part's matrix (cached when small enough)."""
-        cache = p.k_in * p.d_in * torch.tensor([], dtype=dtype).element_size() <= self.cache_bytes
-        for j, p0 in enumerate(range(0, p.d_in, _DENSE_BLOCK)):
-            p1 = min(p0 + _DENSE_BLOCK, p.d_in)
+        cache = p.k_in * p.width * torch.tensor([], dtype=dtype).element_size() <= self.cache_bytes
+        for j, p0 in enumerate(range(0, p.width, _DENSE_BLOCK)):
+            p1 = min(p0 + _DENSE_BLOCK, p.width)
             key = (p.name, "dense", j, str(dtype), str(device))
             m = self._cache.get(key)
             if m is None:
@@ -240,9 +267,9 @@ class Projector:
     def kron_matrix(self, p: LayerPlan, dtype=torch.float64) -> torch.Tensor:
         """[k_out·k_in, d_out·d_in]: the layer's whole projection as one matrix (small layers;
         for checking the factored route)."""
-        if p.kind == "dense":
+        if p.structure == "dense":
             return torch.cat([m.to(dtype) for _, _, m in self._dense_blocks(p, torch.float32, None)], 1) \
-                if p.projects("in") else torch.eye(p.d_in, dtype=dtype)
+                if p.projects("in") else torch.eye(p.width, dtype=dtype)
         po = self.side_matrix(p, "out")
         pi = self.side_matrix(p, "in")
         po = torch.eye(p.d_out, dtype=dtype) if po is None else po.to(dtype)
@@ -261,12 +288,14 @@ class Projector:
         out = torch.empty(f.n, self.dim, dtype=acc, device=device)
         for p in self.layers:
             blk = out[:, p.offset:p.offset + p.dim]
-            if p.kind == "rows":
-                blk.copy_(self._rows(p, rows[p.name], f.n, acc))
-            elif p.kind == "tokens":
-                blk.copy_(self._tokens(p, toks[p.name], f.n, acc))
-            else:
+            if p.kind == "dense":
                 blk.copy_(self._dense(p, f.dense.g.to(acc)))
+            elif p.structure == "dense":
+                self._formed(p, rows.get(p.name) or toks[p.name], f.n, acc, blk)
+            elif p.kind == "rows":
+                blk.copy_(self._rows(p, rows[p.name], f.n, acc))
+            else:
+                blk.copy_(self._tokens(p, toks[p.name], f.n, acc))
         return out if out_dtype is None else out.to(out_dtype)
 
     @torch.no_grad()
@@ -297,6 +326,9 @@ class Projector:
             if p.bias is not None:
                 cols.append(grads[p.bias].reshape(n, p.d_out, 1).to(acc))
             G = torch.cat(cols, 2)                                        # [n, d_out, d_in]
+            if p.structure == "dense":
+                parts.append(self._dense(p, G.reshape(n, -1)))
+                continue
             po, pi = self.side_matrix(p, "out", acc, G.device), self.side_matrix(p, "in", acc, G.device)
             if po is not None:
                 G = torch.matmul(po, G)
@@ -336,9 +368,29 @@ class Projector:
         v = po[:, x.ids.reshape(-1)].t().reshape(n, t, -1)                 # [n, T, k_out]: P_v[:, id_t]
         return torch.bmm(v.transpose(1, 2), dp).reshape(n, -1)
 
+    def _formed(self, p: LayerPlan, x, n: int, acc, out: torch.Tensor) -> None:
+        """A dense-structure layer: its per-sample gradients formed (a block of samples at a
+        time: at most ~_FORM_ELEMENTS entries) and projected into `out`."""
+        step = max(1, _FORM_ELEMENTS // max(1, p.width))
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            if isinstance(x, RowFactors):
+                r = x.rows
+                sub = RowFactors(x.name, x.module, x.a[a * r:b * r].to(acc), x.d[a * r:b * r].to(acc), r, x.weight,
+                                 x.bias)
+                cols = ([sub.weight_grads()] if x.weight is not None else []) + \
+                       ([sub.bias_grads().unsqueeze(2)] if x.bias is not None else [])
+                G = torch.cat(cols, 2)
+            else:
+                ids, d = x.ids[a:b], x.d[a:b].to(acc)
+                G = torch.zeros((b - a) * p.d_out, p.d_in, dtype=acc, device=d.device)
+                key = (torch.arange(b - a, device=ids.device).unsqueeze(1) * p.d_out + ids).reshape(-1)
+                G.index_add_(0, key, d.reshape(-1, p.d_in))
+            out[a:b] = self._dense(p, G.reshape(b - a, -1))
+
     def _dense(self, p: LayerPlan, g: torch.Tensor) -> torch.Tensor:
-        if g.shape[1] != p.d_in:
-            raise ValueError(f"g: per-sample vectors of width {g.shape[1]}, the projector was planned for {p.d_in}")
+        if g.shape[1] != p.width:
+            raise ValueError(f"g: per-sample vectors of width {g.shape[1]}, the projector was planned for {p.width}")
         if not p.projects("in"):
             return g
         out = torch.zeros(g.shape[0], p.k_in, dtype=g.dtype, device=g.device)
@@ -349,7 +401,8 @@ class Projector:
     # ------------------------------------------------------------------------------ identity
     def describe(self) -> dict:
         """Everything that determines the projection (JSON-serialisable)."""
-        return {"kind": self.kind, "seed": self.seed, "dim": None if self.layers is None else self.dim,
+        return {"kind": self.kind, "seed": self.seed, "structure": self.structure, "dense_limit": self.dense_limit,
+                "dim": None if self.layers is None else self.dim,
                 "dim_requested": self.dim_requested,
                 "layer_dims": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_dims.items()},
                 "layers": None if self.layers is None else [

@@ -63,7 +63,8 @@ def create_store(directory: str | os.PathLike, n: int, dim: int, *, dtype: str =
         if same != want:
             what = _differs(same, want)
             if "fingerprint" in what:
-                what = what.replace("fingerprint", f"the fingerprint ({_differs(old['fingerprint'], meta['fingerprint'])})")
+                parts = _differs(old["fingerprint"], meta["fingerprint"])
+                what = what.replace("fingerprint", f"the fingerprint ({parts})")
             raise _error(directory, f"holds another store (different {what})")
         return old
     if n < 1 or dim < 1:

@@ -111,7 +111,8 @@ class Session:
         parts = [k.apply(mf.queries(xq, yq, batch)) * c for mf, k in zip(self.feats, self.kern)]
         psi = torch.cat(parts, 1)
         if not bool(torch.isfinite(psi).all()):
-            raise ValueError("x_query: a query's projected gradient is not finite (NaN/Inf): check the inputs or the model")
+            raise ValueError("x_query: a query's projected gradient is not finite (NaN/Inf): check the inputs or "
+                             "the model")
         self.timings["queries"] = time.perf_counter() - t0
         keep64 = any(s.dtype == np.float64 for s in self.stores)
         return psi if keep64 else psi.to(torch.float32)
@@ -195,8 +196,9 @@ def attribute(cfg, x_source, y_source, x_query, y_query, sink, run, query_batch_
             try:
                 s.featurise()
             except M.Stopped as stop:
+                again = ", or call again: store_dir keeps the work done" if cfg.store_dir else ""
                 raise ValueError(f"max_time: the budget ran out ({stop}); attribute() returns no partial matrix "
-                                 f"(raise max_time{', or call again: store_dir keeps the work done' if cfg.store_dir else ''})") from None
+                                 f"(raise max_time{again})") from None
             s.kernels()
             psi = s.query_vectors(prep.xt, prep.yt, query_batch_size)
             t0 = time.perf_counter()

@@ -31,7 +31,7 @@ class MemberFeatures:
         self.model = member.model
         self.scorer = grads.FastScorer(self.model, prep.names, output, "dot", owner=type(cfg).__name__)
         self.projector = grads.Projector(cfg.proj_dim, layer_dims=cfg.layer_dims, kind=cfg.projection,
-                                         seed=derive_seed(seed, 13, j))
+                                         structure=cfg.projection_structure, seed=derive_seed(seed, 13, j))
         self.device, self.dtype = prep.xt.device, prep.dtype
         _, _, x0, y0 = prep.source.probe(min(2, len(prep.source)))
         with grads.FrozenStatistics(self.model):

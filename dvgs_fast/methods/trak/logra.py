@@ -36,7 +36,7 @@ class LoGraInfluence(ProjectedGradientMethod):
     """Projected-gradient influence with a damped projected Fisher (see the module docstring).
 
     model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim,
-    layer_dims, projection, grad_params, store_dir, store_dtype, source_batch_size,
+    layer_dims, projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
     distributed, max_time    as TRAK (one model: the model as passed, trained for `epochs`,
                              or the average over `checkpoints`).
     damping                  λ = damping × tr(H₀)/k, H₀ = ΦᵀΦ/N.
@@ -53,12 +53,13 @@ class LoGraInfluence(ProjectedGradientMethod):
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, checkpoints: list | None = None, proj_dim: int = 4096,
-                 layer_dims: dict | None = None, projection: str = "gaussian", damping: float = DAMPING,
-                 grad_params: Any = None, store_dir=None, store_dtype: str = "float32",
-                 source_batch_size: int = 1024, distributed: bool | None = None, device: Any = None,
+                 layer_dims: dict | None = None, projection: str = "gaussian",
+                 projection_structure: str = "auto", damping: float = DAMPING, grad_params: Any = None,
+                 store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None, device: Any = None,
                  seed: int | None = None, max_time: float | None = None, progress: bool = True):
         self._common(model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
-                     projection, grad_params, store_dir, store_dtype, source_batch_size, distributed)
+                     projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
+                     distributed)
         self.damping = check_relative(damping, "damping")
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 

@@ -10,7 +10,7 @@ from torch import nn
 from dvgs_fast import _validation as V
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
 from dvgs_fast.gradstore import DTYPES
-from dvgs_fast.grads import PROJECTION_KINDS
+from dvgs_fast.grads import PROJECTION_KINDS, PROJECTION_STRUCTURES
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.trak import engine
@@ -27,7 +27,7 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
     kernel_is_mean: bool = False
 
     def _common(self, model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
-                projection, grad_params, store_dir, store_dtype, source_batch_size, distributed):
+                projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size, distributed):
         self.optimizer, _, self.grad_params = T.check_common(loss, optimizer, "fast", grad_params, model)
         self.model, self.loss = model, loss
         self.epochs = V.check_positive_int(epochs, "epochs", allow_zero=True)
@@ -35,7 +35,8 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
         self.lr = V.check_positive_float(lr, "lr")
         self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
         if checkpoints is not None:
-            if isinstance(checkpoints, (dict, nn.Module)) or not hasattr(checkpoints, "__len__") or not len(checkpoints):
+            if isinstance(checkpoints, (dict, nn.Module)) or not hasattr(checkpoints, "__len__") or \
+                    not len(checkpoints):
                 raise ValueError("checkpoints: expected a non-empty list of state dicts (or modules) of the model")
             if epochs:
                 raise ValueError("checkpoints: given with epochs > 0; the checkpoints are the models (epochs=0)")
@@ -50,6 +51,8 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
                              f"{type(layer_dims).__name__}")
         self.layer_dims = layer_dims
         self.projection = V.check_choice(projection, "projection", PROJECTION_KINDS)
+        self.projection_structure = V.check_choice(projection_structure, "projection_structure",
+                                                   PROJECTION_STRUCTURES)
         self.store_dir = None if store_dir is None else Path(store_dir)
         if self.store_dir is not None and self.store_dir.exists() and not self.store_dir.is_dir():
             raise ValueError(f"store_dir: {self.store_dir} exists and is not a folder")

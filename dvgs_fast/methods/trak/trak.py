@@ -10,9 +10,14 @@ f(z; θ) = log(p/(1-p)) of the true class and its out-to-loss weight Q = 1 - p:
 
 τ > 0: training on z_i raises q's margin (lowers its loss) -- the attribute() sign convention.
 
-The projection P_m is LoGra's Kronecker-structured one for Linear / conv / Embedding layers
-(P_out ∇ P_inᵀ from the layer's inputs and output gradients, no per-sample gradient formed) and
-a dense Gaussian/Rademacher JL for the rest (grads.Projector; a new seed per member, recorded).
+The projection P_m is per layer (grads.Projector; a new seed per member, recorded): LoGra's
+Kronecker-structured P_out ∇ P_inᵀ for large Linear / conv / Embedding layers (from the layer's
+inputs and output gradients, no per-sample gradient formed), a dense Gaussian/Rademacher JL of
+the gradient formed from the same factors for layers whose dense matrix is small (at most 4M
+entries; ``projection_structure`` overrides), a dense JL for every other parameter. At the same
+k the dense projection keeps inner products better (a Kronecker product of two JL maps has a
+relative variance ~2/k_out + 2/k_in on rank-one gradients, a dense one ~2/k), which shows in
+the LDS of a single model (bench/QUALITY.md).
 The training features go to an on-disk store per member (gradstore: float32 or float16,
 resumable, sharded under torchrun); scoring is blockwise GEMM over the stores into the
 attribute() sink (top-k per query, a memory-mapped matrix, callbacks), never holding the score
@@ -21,15 +26,16 @@ matrix unless asked.
 Regularisation: λ_m = ``regularization`` × tr(Φ_mᵀΦ_m)/k -- a factor times the mean eigenvalue of
 the member's own training kernel, set from the training features alone (never from the queries
 scored). The default 1.0 was chosen on tasks other than the one TRAK is reported on in
-bench/QUALITY.md (see bench/bench_trak.py: a sweep on wine/breast-cancer/Adult MLPs); on the
-digits MLP no regularisation gives LDS 0.19 where a good factor gives ~0.6, so this setting
-decides the result.
+bench/QUALITY.md: bench/bench_trak.py's "reg" part sweeps it on MLPs for breast cancer, Adult and
+a synthetic 5-class task (1 and 5 models, k = 512), where 1.0 has the best mean LDS (0.616; 0:
+0.253, 0.3: 0.594, 3: 0.607). On the digits MLP no regularisation gives LDS ~0.18 (one model)
+where a good factor gives ~0.45-0.55, so this setting decides the result.
 
 Where this differs from traker 0.3.2 (the reference implementation):
 
 * traker projects the whole flattened gradient with one dense matrix (its CPU projector a
-  Gaussian generated block by block per batch); here the projection is per layer, Kronecker-
-  structured (LoGra), its total dimension split over the layers by parameter count;
+  Gaussian generated block by block per batch); here the projection is per layer (dense or
+  Kronecker, above), its total dimension split over the layers by parameter count;
 * traker divides gradients by √(#parameters) and rescales each member's (ΦᵀΦ)⁻¹ by its mean
   absolute entry; here neither (the relative λ makes the kernel scale-free: φ K φᵀ is unchanged
   when a member's gradients are scaled), so members are weighted equally;
@@ -66,6 +72,11 @@ class TRAK(ProjectedGradientMethod):
     proj_dim          projected dimension per member (split over the layers; see grads.Projector).
     layer_dims        {layer name: k or (k_out, k_in)} for layers that set their own.
     projection        "gaussian" or "rademacher".
+    projection_structure  "kronecker" (LoGra: P_out ∇ P_inᵀ from the layer's factors, for any
+                      layer size), "dense" (each Linear / conv / Embedding layer's per-sample
+                      gradient formed from its factors and projected with one dense matrix: the
+                      closer to TRAK's own projection, d_out·d_in·k per sample), or "auto" (dense
+                      where the layer's matrix has at most 4M entries, Kronecker above).
     regularization    λ = regularization × tr(ΦᵀΦ)/k per member (0: TRAK without regularisation).
     grad_params       None (every trainable parameter) or names / module prefixes.
     store_dir         where the members' stores (and trained models) are kept and resumed; None:
@@ -86,15 +97,16 @@ class TRAK(ProjectedGradientMethod):
                  epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, subsample: float = 1.0, n_checkpoints: int = 1,
                  checkpoints: list | None = None, proj_dim: int = 2048, layer_dims: dict | None = None,
-                 projection: str = "gaussian", regularization: float = REGULARIZATION, grad_params: Any = None,
-                 store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024,
-                 distributed: bool | None = None, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 projection: str = "gaussian", projection_structure: str = "auto",
+                 regularization: float = REGULARIZATION, grad_params: Any = None, store_dir=None,
+                 store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None,
+                 device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True):
         if loss != "cross_entropy":
             raise ValueError(f"loss: TRAK's output function (the margin) needs loss='cross_entropy', got {loss!r}; "
                              f"for other losses use LoGraInfluence")
         self._common(model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
-                     projection, grad_params, store_dir, store_dtype, source_batch_size, distributed)
+                     projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
+                     distributed)
         self.n_models = V.check_positive_int(n_models, "n_models")
         self.n_checkpoints = V.check_positive_int(n_checkpoints, "n_checkpoints")
         self.subsample = V.check_positive_float(subsample, "subsample")
