@@ -18,19 +18,21 @@ Parts
           30-32-2; Adult 1000/300, MLP 108-32-2; a 5-class make_classification 1000/300, MLP
           20-32-5), M = 1 and 5 models, k = 512; the default is the grid value with the best mean
           LDS over those six cells (the library's REGULARIZATION records it), with the default
-          projection (dense per layer for these small layers).
+          projection (Khatri-Rao).
   digits  sklearn digits, 1000 source / 300 query rows (split seed 0, features in [0, 1]),
           MLP 64-32-10 ReLU, Adam lr 3e-3, batch 64, 30 epochs (the attribution ground truth's
           case (b)). M = 5 models trained from seeds 0-4 on all rows, the final weights each (one
-          checkpoint per model), k = 512: our TRAK (reg 0 and the default; the projection dense
-          per layer -- what "auto" picks for layers this small -- and Kronecker), traker with the same
+          checkpoint per model), k = 512: our TRAK (reg 0 and the default; the projection
+          Khatri-Rao (default), Kronecker (LoGra's) and dense per layer), traker with the same
           checkpoints and k (its λ = 0 default, and λ from the same relative rule on its own
           features), LoGra at model 0 (damping 0.1; and k = every parameter), TracIn (ours, 5
           checkpoints of one training run with the recipe), grad-dot (model 0); a sweep of reg
           for reference only (it looks at the digits ground truth, so it chose nothing).
+  seeds   the same comparison over 5 projection seeds each (ours: TRAK seed; traker:
+          projector_seed), M = 1 and 5: one draw's LDS moves by ~0.01 with the seed.
   speed   featurisation of the 1000 training rows at the 5 models, k = 512: ours
-          (TRAK.featurize: the engine's factors, dense-per-layer and Kronecker projections, the
-          store written) vs
+          (TRAK.featurize: the engine's factors, the three projection structures, the store
+          written) vs
           traker's (torch.func per-sample gradients, its BasicProjector: a dense Gaussian
           generated per batch), 1 thread (and 2 as its own row), CPU time, interleaved rounds,
           each side in its own process invocation order alternating.
@@ -65,6 +67,8 @@ from dvgs_fast.methods.trak.trak import REGULARIZATION  # noqa: E402
 
 TRAKER_PY = os.environ.get("TRAKER_PYTHON", "/work/peer-venvs/traker/bin/python")
 REG_GRID = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+STRUCTURES = ("khatri_rao", "kronecker", "dense")
+STRUCTURE_LABEL = {"khatri_rao": "Khatri-Rao (default)", "kronecker": "Kronecker (LoGra)", "dense": "dense per layer"}
 K = 512
 M = 5
 
@@ -190,17 +194,19 @@ def part_digits(out: Path, default_reg: float) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="traker_digits_"))
     try:
         for m in (1, M):
-            for structure in ("auto", "kronecker"):
+            for structure in STRUCTURES:
                 for reg, what in ((0.0, "no regularisation"), (default_reg, "default rule")):
+                    if structure == "dense" and reg == 0.0:
+                        continue
                     r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg,
                              projection_structure=structure, store_dir=store / f"m{m}{structure}",
                              **kw).attribute(xs, ys, xq, yq)
-                    how = "dense per layer" if structure == "auto" else "Kronecker (LoGra)"
+                    how = STRUCTURE_LABEL[structure]
                     rows.append(row(f"TRAK (ours, {how}), k={K}, M={m}, reg={reg} ({what})", r.scores, gt,
                                     method="trak", models=m, regularization=reg, structure=structure))
             for reg in REG_GRID:
-                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg, store_dir=store / f"m{m}auto",
-                         **kw).attribute(xs, ys, xq, yq)
+                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg,
+                         store_dir=store / f"m{m}khatri_rao", **kw).attribute(xs, ys, xq, yq)
                 sweep.append(row(f"sweep M={m} reg={reg}", r.scores, gt, models=m, regularization=reg))
         files = save_for_traker(tmp, data, mem, dims)
         for m in (1, M):
@@ -212,8 +218,9 @@ def part_digits(out: Path, default_reg: float) -> dict:
             rows.append(row(f"traker 0.3.2, k={K}, M={m}, lambda_reg = {default_reg} x tr(XᵀX)/k of its features "
                             f"(= {rep['lambda_reg']:.3g})", rep.pop("scores"), gt, method="traker", models=m, traker=rep))
         n_params = sum(p.numel() for p in recipe.make_model().parameters())
-        for k, structure, label in ((K, "kronecker", f"k={K}, Kronecker"), (K, "auto", f"k={K}, dense per layer"),
-                                    (n_params, "auto", f"k={n_params} = every parameter (influence, damped Fisher)")):
+        for k, structure, label in ((K, "kronecker", f"k={K}, Kronecker (its default)"),
+                                    (K, "khatri_rao", f"k={K}, Khatri-Rao"),
+                                    (n_params, "kronecker", f"k={n_params} = every parameter (influence, damped Fisher)")):
             r = LoGraInfluence(recipe.make_model(), checkpoints=mem[:1], proj_dim=k, projection_structure=structure,
                                progress=False, seed=0).attribute(xs, ys, xq, yq)
             rows.append(row(f"LoGra (ours), {label}, model 0, damping 0.1", r.scores, gt, method="logra", proj_dim=k,
@@ -231,6 +238,33 @@ def part_digits(out: Path, default_reg: float) -> dict:
     return {"rows": rows, "sweep": sweep, "k": K, "models": M}
 
 
+# ------------------------------------------------------------------------------------------ seeds
+def part_seeds(out: Path, default_reg: float, n_seeds: int = 5) -> dict:
+    """The projection is random: one draw's LDS moves with its seed. Ours and traker's, each over
+    the projection seeds 0..n_seeds-1 (same members, k, rule for λ), M = 1 and M = 5."""
+    data, recipe, dims = task("digits")
+    xs, ys, xq, yq = data
+    gt = ground_truth("digits", out)
+    mem = members(recipe, xs, ys)
+    tmp = Path(tempfile.mkdtemp(prefix="trak_seeds_"))
+    cells = {}
+    try:
+        files = save_for_traker(tmp, data, mem, dims)
+        for m in (1, M):
+            for s in range(n_seeds):
+                for structure in STRUCTURES:
+                    r = TRAK(recipe.make_model(), checkpoints=mem[:m], proj_dim=K, regularization=default_reg,
+                             projection_structure=structure, progress=False, seed=s).attribute(xs, ys, xq, yq)
+                    cells.setdefault(f"ours {structure} M={m}", []).append(
+                        row(f"ours {structure} M={m} seed {s}", r.scores, gt)["lds"])
+                rep = run_traker((files[0], files[1], files[2][:m]), tmp / "s.npz", "--relative-reg",
+                                 str(default_reg), "--seed", str(s))
+                cells.setdefault(f"traker M={m}", []).append(row(f"traker M={m} seed {s}", rep["scores"], gt)["lds"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {k: {"each": v, "mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1))} for k, v in cells.items()}
+
+
 # ------------------------------------------------------------------------------------------ speed
 def part_speed(out: Path, rounds: int) -> dict:
     data, recipe, dims = task("digits")
@@ -241,10 +275,10 @@ def part_speed(out: Path, rounds: int) -> dict:
     try:
         files = save_for_traker(tmp, data, mem, dims)
         for threads in (1, 2):
-            times = {"auto": [], "kronecker": [], "traker": []}
+            times = {**{st: [] for st in STRUCTURES}, "traker": []}
             loads = [load_avg()]
             for r in range(rounds + 1):                       # round 0: warm-up, not counted
-                order = ["auto", "kronecker", "traker"]
+                order = [*STRUCTURES, "traker"]
                 for who in (order if r % 2 == 0 else order[::-1]):
                     if who != "traker":
                         torch.set_num_threads(threads)
@@ -267,11 +301,11 @@ def part_speed(out: Path, rounds: int) -> dict:
             for who, v in times.items():
                 cell[f"{who}_cpu_s"], cell[f"{who}_wall_s"] = med(v, 0), med(v, 1)
                 cell[f"{who}_rows_per_cpu_s"] = xs.shape[0] * len(mem) / med(v, 0)
-            for who in ("auto", "kronecker"):
+            for who in STRUCTURES:
                 cell[f"{who}_cpu_ratio"] = med(times["traker"], 0) / med(times[who], 0)
             res[f"threads_{threads}"] = cell
-            print(f"  featurisation, {threads} thread(s): dense-per-layer {cell['auto_cpu_s']:.2f}, Kronecker "
-                  f"{cell['kronecker_cpu_s']:.2f}, traker {cell['traker_cpu_s']:.2f} CPU s", flush=True)
+            print(f"  featurisation, {threads} thread(s): " + ", ".join(f"{w} {cell[w + '_cpu_s']:.3f}" for w in times)
+                  + " CPU s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return res
@@ -302,13 +336,18 @@ def markdown(results: dict) -> str:
             vals = {x["regularization"]: x["lds"] for x in d["sweep"] if x["models"] == m}
             md.append(f"| {m} | " + " | ".join(f"{vals[g]:.3f}" for g in REG_GRID) + " |")
         md.append("")
+    if "seeds" in results:
+        md += ["## Over projection seeds (digits, k = 512, regularization 1.0, the same members)", "",
+               "| | mean LDS over 5 projection seeds | sd over seeds | each |", "|---|---|---|---|"]
+        for k, v in results["seeds"].items():
+            md.append(f"| {k} | {v['mean']:.3f} | {v['sd']:.3f} | {', '.join(f'{x:.3f}' for x in v['each'])} |")
+        md.append("")
     if "speed" in results:
         s = results["speed"]
         md += ["## Featurisation speed (digits, 1000 rows x 5 models, k = 512)", "",
                "| threads | implementation | CPU s | wall s | rows x models per CPU s | traker CPU / ours CPU |",
                "|---|---|---|---|---|---|"]
-        names = {"auto": "ours, dense per layer (auto)", "kronecker": "ours, Kronecker (LoGra)",
-                 "traker": "traker 0.3.2, BasicProjector"}
+        names = {**{st: f"ours, {STRUCTURE_LABEL[st]}" for st in STRUCTURES}, "traker": "traker 0.3.2, BasicProjector"}
         for t in (1, 2):
             x = s.get(f"threads_{t}")
             if x:
@@ -326,7 +365,7 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="/tmp/bench_trak")
-    ap.add_argument("--parts", default="reg,digits,speed")
+    ap.add_argument("--parts", default="reg,digits,seeds,speed")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -344,6 +383,9 @@ def main(argv=None) -> dict:
     if "digits" in parts:
         print("digits:", flush=True)
         results["digits"] = part_digits(out, REGULARIZATION)
+    if "seeds" in parts:
+        print("seeds:", flush=True)
+        results["seeds"] = part_seeds(out, REGULARIZATION)
     if "speed" in parts:
         print("speed:", flush=True)
         results["speed"] = part_speed(out, args.rounds)

@@ -66,15 +66,14 @@ def _explicit_kron(P: Projector, g: dict, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("make", [_mlp, _cnn, _Tokens])
 @pytest.mark.parametrize("n", [7, 1])
 @pytest.mark.parametrize("dim,kind", [(30, "gaussian"), (12, "rademacher"), (10_000, "gaussian")])
-@pytest.mark.parametrize("structure", ["kronecker", "dense"])
+@pytest.mark.parametrize("structure", ["khatri_rao", "kronecker", "dense"])
 def test_factored_projection_equals_kronecker_matrix_on_explicit_gradients(make, n, dim, kind, structure):
     model, x, y = _case(make, n)
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
     P = Projector(dim, kind=kind, seed=3, structure=structure)
     z = P.project(f)
-    want = "dense" if structure == "dense" else "kronecker"
-    assert all(p.structure == ("dense" if p.kind == "dense" else want) for p in P.layers)
+    assert all(p.structure == ("dense" if p.kind == "dense" or p.dim == p.width else structure) for p in P.layers)
     assert z.dtype == torch.float64 and z.shape == (n, P.dim)
     g = {k: v.detach() for k, v in grads.per_sample_grads(model, names, x, y, LOSS).items()}
     ref = _explicit_kron(P, g, n)
@@ -102,10 +101,11 @@ def test_selected_parameters_bias_only_and_weight_only():
     g_ = torch.Generator().manual_seed(0)
     d = torch.randn(6 * 2, 5, generator=g_, dtype=torch.float64)
     rf = grads.RowFactors("b", nn.Linear(3, 5), torch.randn(12, 3, dtype=torch.float64), d, 2, None, "b.bias")
-    Pb = Projector(3, seed=1)
-    zb = Pb.project(grads.SampleFactors(6, rows=[rf], dtype=torch.float64))
-    assert Pb.layers[0].d_in == 1
-    torch.testing.assert_close(zb, d.reshape(6, 2, 5).sum(1) @ Pb.kron_matrix(Pb.layers[0]).t())
+    for structure in ("khatri_rao", "kronecker", "dense"):
+        Pb = Projector(3, seed=1, structure=structure)
+        zb = Pb.project(grads.SampleFactors(6, rows=[rf], dtype=torch.float64))
+        assert Pb.layers[0].d_in == 1 and Pb.layers[0].structure == structure
+        torch.testing.assert_close(zb, d.reshape(6, 2, 5).sum(1) @ Pb.kron_matrix(Pb.layers[0]).t())
 
 
 def test_dense_vectors_blockwise_and_reproducible():
@@ -142,19 +142,20 @@ def test_reproducible_from_seed_and_fingerprint():
 
 
 def test_inner_products_are_preserved_on_average():
-    """E⟨Pg, Ph⟩ = ⟨g, h⟩ for the 1/k-scaled Gaussian and Rademacher sides (over seeds)."""
+    """E⟨Pg, Ph⟩ = ⟨g, h⟩ for every structure, Gaussian and Rademacher (over seeds)."""
     model, x, y = _case(_mlp, 2)
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
     exact = float(grads.cross_gram(f, f)[0, 1].detach())
     scale = float(grads.sqnorms(f).detach().prod().sqrt())
-    for kind in ("gaussian", "rademacher"):
+    for kind, structure in (("gaussian", "khatri_rao"), ("rademacher", "khatri_rao"), ("gaussian", "kronecker"),
+                            ("rademacher", "dense")):
         est = []
-        for s in range(300):
-            z = Projector(20, kind=kind, seed=s).project(f)
+        for s in range(200):
+            z = Projector(20, kind=kind, seed=s, structure=structure).project(f)
             est.append(float(z[0] @ z[1]))
         est = np.asarray(est)
-        assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est)) + 1e-3 * scale, (kind, est.mean(), exact)
+        assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est)) + 1e-3 * scale, (kind, structure)
 
 
 def test_dimension_split_and_layer_dims():
@@ -177,15 +178,19 @@ def test_dimension_split_and_layer_dims():
         P.project(other)
 
 
-def test_auto_structure_follows_the_dense_limit():
+def test_structures_differ_and_a_full_size_layer_is_the_identity():
     model, x, y = _case(_mlp, 3)
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
-    P = Projector(30, dense_limit=300).plan(f)               # layer "0": 16 x 48 = 768 > 300; "3": 9 x 27 = 243
-    assert {p.name: p.structure for p in P.layers} == {"0": "kronecker", "3": "dense", "<dense>": "dense"}
-    assert Projector(30).plan(f).fingerprint() != P.fingerprint()
+    prints = {Projector(30, structure=st).plan(f).fingerprint() for st in ("khatri_rao", "kronecker", "dense")}
+    assert len(prints) == 3
+    P = Projector(None, layer_dims={"0": 48, "3": 5, "<dense>": 4}).plan(f)   # layer "0" has 8 x 6 = 48 entries
+    plans = {p.name: p for p in P.layers}
+    assert plans["0"].structure == "dense" and not plans["0"].projects("in") and plans["3"].structure == "khatri_rao"
     g = grads.per_sample_grads(model, names, x, y, LOSS)
-    torch.testing.assert_close(P.project(f), _explicit_kron(P, g, 3), rtol=1e-10, atol=1e-12)
+    z = P.project(f)
+    torch.testing.assert_close(z[:, :48], torch.cat([g["0.weight"], g["0.bias"].unsqueeze(2)], 2).reshape(3, -1))
+    torch.testing.assert_close(z, _explicit_kron(P, g, 3), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("kw,match", [({"dim": 0}, "dim"), ({"structure": "tucker"}, "structure"),

@@ -76,7 +76,7 @@ def test_full_dimension_without_regularisation_is_the_exact_after_kernel(n, m):
     np.testing.assert_allclose(val.values, ref.mean(0).numpy(), rtol=1e-6, atol=1e-7 * top)
 
 
-@pytest.mark.parametrize("structure", ["kronecker", "dense"])
+@pytest.mark.parametrize("structure", ["khatri_rao", "kronecker", "dense"])
 def test_projected_regularised_scores_equal_the_formula_on_the_stored_features(tmp_path, structure):
     xs, ys, xq, yq = _data(50, 5)
     model = _mlp(3)

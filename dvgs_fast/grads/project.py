@@ -1,30 +1,41 @@
 """Random projections of per-sample gradients, taken from their factored form (factors.py).
 
 A Linear / conv layer's per-sample gradient is G_i = Σ_t δ_t ã_tᵀ ([d_out, d_in], ã = the input
-with a 1 appended for the bias). A Kronecker-structured projection P = P_out ⊗ P_in maps it to
+with a 1 appended for the bias). Three structures project it to k numbers, per layer:
 
-    P_out G_i P_inᵀ = Σ_t (P_out δ_t)(P_in ã_t)ᵀ          [k_out, k_in]
+* "kronecker" (LoGra, Choe et al. 2024): P = P_out ⊗ P_in, k = k_out·k_in,
+      P_out G_i P_inᵀ = Σ_t (P_out δ_t)(P_in ã_t)ᵀ              [k_out, k_in]
+  two small products per row, cost ~ √k (d_out + d_in); the coarsest: on a rank-one gradient
+  the relative variance of ⟨Pg, Ph⟩ is ~2/k_out + 2/k_in (~4/√k);
+* "khatri_rao" (the rows of P are u_r ⊗ v_r, each pair drawn on its own):
+      (P g_i)_r = Σ_t (u_rᵀ δ_t)(v_rᵀ ã_t) / √k                  [k]
+  cost k (d_out + d_in) per row, still no G_i formed; relative variance ~8/k;
+* "dense": G_i formed from the factors and one dense JL matrix applied, cost k·d_out·d_in; ~2/k.
 
--- two small matrix products per layer on the recorded (a, δ), never G_i itself (LoGra, Choe et
-al. 2024). An Embedding layer's gradient puts δ_t on row id_t, so P_v G P_dᵀ = Σ_t P_v[:, id_t]
-(P_d δ_t)ᵀ. Every other selected parameter (the engine's DenseGrads) gets a dense
-Johnson-Lindenstrauss matrix applied to its explicit per-sample gradients, block by block of
-parameters (generated from the seed per block, cached up to ``cache_bytes``).
+On the digits MLP of bench/bench_trak.py (k = 512, one model) TRAK's LDS is 0.47 (Kronecker),
+~0.51 (Khatri-Rao and dense) -- Khatri-Rao keeps the dense projection's quality at the cost of
+the Kronecker one's order, so it is the default. An Embedding layer's gradient puts δ_t on row
+id_t: Kronecker P_v G P_dᵀ = Σ_t P_v[:, id_t](P_d δ_t)ᵀ, Khatri-Rao Σ_t u_r[id_t](v_rᵀ δ_t).
+Every other selected parameter (the engine's DenseGrads) gets a dense Johnson-Lindenstrauss
+matrix applied to its explicit per-sample gradients, block by block of parameters (generated
+from the seed per block, cached up to ``cache_bytes``); so does any layer whose k reaches its
+gradient's size (then the identity: exact).
 
 Conventions (so that the projection is one linear map, reproducible from its description):
 
-* entries are N(0, 1/k) ("gaussian") or ±1/√k ("rademacher") per side, so E⟨Pg, Ph⟩ = ⟨g, h⟩;
-  a side whose k is at least its width is not projected (the identity: exact and cheaper);
+* entries are N(0, 1/k) ("gaussian") or ±1/√k ("rademacher") per side (Khatri-Rao: u_r scaled
+  1/√k, v_r unscaled), so E⟨Pg, Ph⟩ = ⟨g, h⟩; a Kronecker side whose k is at least its width is
+  not projected (the identity: exact and cheaper);
 * layer l's side matrices come from a torch.Generator seeded with a 63-bit seed derived from
   (seed, crc32 of the layer's name, side); the dense part's blocks from (seed, crc32, block);
   matrices are drawn in float32 and cast, so float32 and float64 runs use the same numbers;
-* a layer's block of the projected vector is vec(P_out G P_inᵀ) in row-major (k_out, k_in)
-  order, i.e. (P_out ⊗ P_in) vec(G) with G row-major, columns = input features then the bias;
+* a layer's block of the projected vector is P vec(G) with G row-major (columns = input
+  features then the bias) -- for Kronecker vec(P_out G P_inᵀ) in row-major (k_out, k_in) order;
   layers in the engine's order (Linear/conv, Embedding, then the dense part).
 
 ``Projector(dim)`` splits a total dimension over the layers in proportion to their parameter
-counts (no layer beyond its own size), each layer's k near k_out·k_in with k_out/k_in following
-d_out/d_in; ``layer_dims`` sets any layer's own (an int, or (k_out, k_in)). The plan is made
+counts (no layer beyond its own size; Kronecker: k near k_out·k_in with k_out/k_in following
+d_out/d_in); ``layer_dims`` sets any layer's own (an int, or (k_out, k_in): Kronecker). The plan is made
 from the first factors projected (``plan``) or from shapes (``plan_layers``), and fingerprinted.
 """
 from __future__ import annotations
@@ -42,7 +53,7 @@ import torch
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors
 
 KINDS = ("gaussian", "rademacher")
-STRUCTURES = ("auto", "kronecker", "dense")
+STRUCTURES = ("khatri_rao", "kronecker", "dense")
 DENSE = "<dense>"
 # Parameters per generated block of a dense projection (fixed: the numbers must not depend on memory).
 _DENSE_BLOCK = 8192
@@ -67,7 +78,7 @@ class LayerPlan:
     bias: str | None = None
     params: tuple[str, ...] = ()         # dense: the parameters, in order
     sizes: tuple[int, ...] = ()
-    structure: str = "kronecker"         # "kronecker" (P_out ⊗ P_in) or "dense" (one [k, d_out·d_in] matrix)
+    structure: str = "kronecker"         # "kronecker" | "khatri_rao" (k_out = 1, k_in = k) | "dense" (the same)
 
     @property
     def dim(self) -> int:
@@ -81,6 +92,8 @@ class LayerPlan:
     def projects(self, side: str) -> bool:
         if self.structure == "dense":
             return side == "in" and self.k_in < self.width
+        if self.structure == "khatri_rao":
+            return True
         return (self.k_out < self.d_out) if side == "out" else (self.k_in < self.d_in)
 
 
@@ -122,16 +135,13 @@ class Projector:
     layer_dims   {layer name (or "<dense>"): k or (k_out, k_in)} for layers that set their own
     kind         "gaussian" or "rademacher"
     seed         the base seed; each layer's matrices are derived from it and the layer's name
-    structure    for Linear / conv / Embedding layers: "kronecker" (P_out ⊗ P_in from the
-                 factors, never the gradient), "dense" (the layer's per-sample gradient formed
-                 and one dense JL matrix applied: the better projection for the same k, at
-                 d_out·d_in·k per sample), or "auto": dense where that matrix has at most
-                 ``dense_limit`` entries, Kronecker above (a layer_dims tuple is always Kronecker)
+    structure    for Linear / conv / Embedding layers: "khatri_rao" (default), "kronecker" or
+                 "dense" (module docstring; a layer_dims tuple is always Kronecker)
     cache_bytes  dense matrices kept in memory up to this size (else regenerated per call)
     """
 
     def __init__(self, dim: int | None = 4096, *, layer_dims: dict[str, Any] | None = None, kind: str = "gaussian",
-                 seed: int = 0, structure: str = "auto", dense_limit: int = 1 << 22, cache_bytes: int = 256 << 20):
+                 seed: int = 0, structure: str = "khatri_rao", cache_bytes: int = 256 << 20):
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
             raise ValueError(f"dim: expected a positive integer or None, got {dim!r}")
         if kind not in KINDS:
@@ -151,7 +161,7 @@ class Projector:
                 raise ValueError(f"layer_dims: {name!r} -> {v!r}: expected a positive int or (k_out, k_in)")
         self.dim_requested = None if dim is None else int(dim)
         self.kind, self.seed, self.cache_bytes = kind, int(seed), int(cache_bytes)
-        self.structure, self.dense_limit = structure, int(dense_limit)
+        self.structure = structure
         self.layers: list[LayerPlan] | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -210,15 +220,16 @@ class Projector:
         for i, s in enumerate(specs):
             d_out, d_in = int(s["d_out"]), int(s["d_in"])
             want = self.layer_dims.get(s["name"], budget.get(i))
-            structure = "dense"
+            structure, k_out = self.structure, 1
             if isinstance(want, tuple):
                 k_out, k_in = min(want[0], d_out), min(want[1], d_in)
                 structure = "kronecker"
-            elif s["kind"] == "dense" or self._use_dense(int(want), d_out * d_in):
-                k_out, k_in = 1, min(int(want), d_out * d_in)
-            else:
+            elif s["kind"] == "dense" or int(want) >= d_out * d_in:       # (a k this large: the identity)
+                k_in, structure = min(int(want), d_out * d_in), "dense"
+            elif structure == "kronecker":
                 k_out, k_in = _split(int(want), d_out, d_in)
-                structure = "kronecker"
+            else:
+                k_in = int(want)
             seed = _derive(self.seed, zlib.crc32(s["name"].encode()))
             plans.append(LayerPlan(s["name"], s["kind"], d_out, d_in, k_out, k_in, seed, offset,
                                    s.get("weight"), s.get("bias"), tuple(s.get("params", ())),
@@ -226,11 +237,6 @@ class Projector:
             offset += k_out * k_in
         self.layers = plans
         return self
-
-    def _use_dense(self, k: int, width: int) -> bool:
-        if self.structure == "auto":
-            return min(k, width) * width <= self.dense_limit
-        return self.structure == "dense"
 
     def _fixed_k(self, s: dict) -> int:
         v = self.layer_dims[s["name"]]
@@ -240,14 +246,18 @@ class Projector:
 
     # ------------------------------------------------------------------------------ matrices
     def side_matrix(self, p: LayerPlan, side: str, dtype=torch.float32, device=None) -> torch.Tensor | None:
-        """[k, d] matrix of one side of a layer (None: that side is the identity)."""
+        """[k, d] matrix of one side of a layer (None: that side is the identity). Khatri-Rao:
+        U (out side, rows u_r / √k) and V (in side, rows v_r), both [k, d]."""
         if p.structure == "dense" or not p.projects(side):
             return None
         key = (p.name, side, str(dtype), str(device))
         m = self._cache.get(key)
         if m is None:
-            k, d = (p.k_out, p.d_out) if side == "out" else (p.k_in, p.d_in)
-            m = _draw((k, d), self.kind, _derive(p.seed, 0 if side == "out" else 1), k).to(dtype=dtype, device=device)
+            d = p.d_out if side == "out" else p.d_in
+            k = p.k_out if side == "out" and p.structure == "kronecker" else p.k_in
+            scale = 1 if p.structure == "khatri_rao" and side == "in" else k
+            m = _draw((k, d), self.kind, _derive(p.seed, 0 if side == "out" else 1), scale).to(dtype=dtype,
+                                                                                                 device=device)
             self._cache[key] = m
         return m
 
@@ -272,6 +282,8 @@ class Projector:
                 if p.projects("in") else torch.eye(p.width, dtype=dtype)
         po = self.side_matrix(p, "out")
         pi = self.side_matrix(p, "in")
+        if p.structure == "khatri_rao":                                   # rows u_r ⊗ v_r
+            return (po.to(dtype).unsqueeze(2) * pi.to(dtype).unsqueeze(1)).reshape(p.k_in, -1)
         po = torch.eye(p.d_out, dtype=dtype) if po is None else po.to(dtype)
         pi = torch.eye(p.d_in, dtype=dtype) if pi is None else pi.to(dtype)
         return torch.kron(po, pi)
@@ -330,6 +342,9 @@ class Projector:
                 parts.append(self._dense(p, G.reshape(n, -1)))
                 continue
             po, pi = self.side_matrix(p, "out", acc, G.device), self.side_matrix(p, "in", acc, G.device)
+            if p.structure == "khatri_rao":
+                parts.append(torch.einsum("ri,nij,rj->nr", po, G, pi))
+                continue
             if po is not None:
                 G = torch.matmul(po, G)
             if pi is not None:
@@ -340,9 +355,10 @@ class Projector:
     def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc) -> torch.Tensor:
         a, d = x.a.to(acc), x.d.to(acc)
         pi, po = self.side_matrix(p, "in", acc, a.device), self.side_matrix(p, "out", acc, a.device)
-        dp = d if po is None else d @ po.t()                               # [n·L, k_out]
+        dp = d if po is None else d @ po.t()                               # [n·L, k_out] (Khatri-Rao: [n·L, k])
         if x.weight is None:                                               # bias only: ã = 1
-            ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device)
+            ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device) if pi is None else \
+                pi[:, 0].expand(a.shape[0], -1)
         elif pi is None:
             ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) if x.bias is not None else a
         else:
@@ -350,6 +366,9 @@ class Projector:
             ap = a @ w.t()
             if x.bias is not None:
                 ap += pi[:, a.shape[1]]                                    # the bias column of P_in
+        if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
+            prod = dp.mul_(ap)
+            return prod if x.rows == 1 else prod.reshape(n, x.rows, -1).sum(1)
         if x.rows == 1:
             return (dp.unsqueeze(2) * ap.unsqueeze(1)).reshape(n, -1)
         dp = dp.reshape(n, x.rows, -1)
@@ -361,6 +380,8 @@ class Projector:
         pi, po = self.side_matrix(p, "in", acc, d.device), self.side_matrix(p, "out", acc, d.device)
         dp = d if pi is None else d @ pi.t()                               # [n, T, k_in]
         t = x.ids.shape[1]
+        if p.structure == "khatri_rao":                                   # Σ_t u_r[id_t] (v_rᵀ δ_t)
+            return (po.t()[x.ids.reshape(-1)].reshape(n, t, -1) * dp).sum(1)
         if po is None:                                                     # vocabulary side not projected
             out = torch.zeros(n * p.d_out, p.k_in, dtype=acc, device=d.device)
             key = (torch.arange(n, device=x.ids.device).unsqueeze(1) * p.d_out + x.ids).reshape(-1)
@@ -401,7 +422,7 @@ class Projector:
     # ------------------------------------------------------------------------------ identity
     def describe(self) -> dict:
         """Everything that determines the projection (JSON-serialisable)."""
-        return {"kind": self.kind, "seed": self.seed, "structure": self.structure, "dense_limit": self.dense_limit,
+        return {"kind": self.kind, "seed": self.seed, "structure": self.structure,
                 "dim": None if self.layers is None else self.dim,
                 "dim_requested": self.dim_requested,
                 "layer_dims": {k: list(v) if isinstance(v, tuple) else v for k, v in self.layer_dims.items()},

@@ -36,9 +36,10 @@ class LoGraInfluence(ProjectedGradientMethod):
     """Projected-gradient influence with a damped projected Fisher (see the module docstring).
 
     model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim,
-    layer_dims, projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
-    distributed, max_time    as TRAK (one model: the model as passed, trained for `epochs`,
-                             or the average over `checkpoints`).
+    layer_dims, projection, grad_params, store_dir, store_dtype, source_batch_size, distributed,
+    max_time                 as TRAK (one model: the model as passed, trained for `epochs`, or the
+                             average over `checkpoints`).
+    projection_structure     "kronecker" (LoGra's own, the default), "khatri_rao" or "dense" (TRAK).
     damping                  λ = damping × tr(H₀)/k, H₀ = ΦᵀΦ/N.
     """
 
@@ -54,7 +55,7 @@ class LoGraInfluence(ProjectedGradientMethod):
                  epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, checkpoints: list | None = None, proj_dim: int = 4096,
                  layer_dims: dict | None = None, projection: str = "gaussian",
-                 projection_structure: str = "auto", damping: float = DAMPING, grad_params: Any = None,
+                 projection_structure: str = "kronecker", damping: float = DAMPING, grad_params: Any = None,
                  store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None, device: Any = None,
                  seed: int | None = None, max_time: float | None = None, progress: bool = True):
         self._common(model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,

@@ -10,14 +10,14 @@ f(z; θ) = log(p/(1-p)) of the true class and its out-to-loss weight Q = 1 - p:
 
 τ > 0: training on z_i raises q's margin (lowers its loss) -- the attribute() sign convention.
 
-The projection P_m is per layer (grads.Projector; a new seed per member, recorded): LoGra's
-Kronecker-structured P_out ∇ P_inᵀ for large Linear / conv / Embedding layers (from the layer's
-inputs and output gradients, no per-sample gradient formed), a dense Gaussian/Rademacher JL of
-the gradient formed from the same factors for layers whose dense matrix is small (at most 4M
-entries; ``projection_structure`` overrides), a dense JL for every other parameter. At the same
-k the dense projection keeps inner products better (a Kronecker product of two JL maps has a
-relative variance ~2/k_out + 2/k_in on rank-one gradients, a dense one ~2/k), which shows in
-the LDS of a single model (bench/QUALITY.md).
+The projection P_m is per layer (grads.Projector; a new seed per member, recorded), from the
+engine's factors of Linear / conv / Embedding layers (their inputs and output gradients; no
+per-sample gradient formed): by default Khatri-Rao rows, (Pg)_r = Σ_t (u_rᵀδ_t)(v_rᵀã_t)/√k --
+k (d_out + d_in) per row, and at the same k as good as a dense projection on bench_trak's digits
+MLP, where LoGra's Kronecker P_out ⊗ P_in (cheaper: ~√k (d_out + d_in)) loses ~0.04 LDS with
+one model (a Kronecker product of two JL maps has a relative variance ~2/k_out + 2/k_in on a
+rank-one gradient, Khatri-Rao ~8/k, dense ~2/k); a dense Gaussian/Rademacher JL for every other
+parameter.
 The training features go to an on-disk store per member (gradstore: float32 or float16,
 resumable, sharded under torchrun); scoring is blockwise GEMM over the stores into the
 attribute() sink (top-k per query, a memory-mapped matrix, callbacks), never holding the score
@@ -34,8 +34,8 @@ where a good factor gives ~0.45-0.55, so this setting decides the result.
 Where this differs from traker 0.3.2 (the reference implementation):
 
 * traker projects the whole flattened gradient with one dense matrix (its CPU projector a
-  Gaussian generated block by block per batch); here the projection is per layer (dense or
-  Kronecker, above), its total dimension split over the layers by parameter count;
+  Gaussian generated block by block per batch); here the projection is per layer (above), its
+  total dimension split over the layers by parameter count;
 * traker divides gradients by √(#parameters) and rescales each member's (ΦᵀΦ)⁻¹ by its mean
   absolute entry; here neither (the relative λ makes the kernel scale-free: φ K φᵀ is unchanged
   when a member's gradients are scaled), so members are weighted equally;
@@ -72,11 +72,10 @@ class TRAK(ProjectedGradientMethod):
     proj_dim          projected dimension per member (split over the layers; see grads.Projector).
     layer_dims        {layer name: k or (k_out, k_in)} for layers that set their own.
     projection        "gaussian" or "rademacher".
-    projection_structure  "kronecker" (LoGra: P_out ∇ P_inᵀ from the layer's factors, for any
-                      layer size), "dense" (each Linear / conv / Embedding layer's per-sample
-                      gradient formed from its factors and projected with one dense matrix: the
-                      closer to TRAK's own projection, d_out·d_in·k per sample), or "auto" (dense
-                      where the layer's matrix has at most 4M entries, Kronecker above).
+    projection_structure  how a Linear / conv / Embedding layer is projected from its factors:
+                      "khatri_rao" (rows u_r ⊗ v_r: k (d_out + d_in) per row, TRAK's dense
+                      projection's quality), "kronecker" (LoGra's P_out ⊗ P_in: cheapest,
+                      coarser), "dense" (the gradient formed, one dense matrix: k·d_out·d_in).
     regularization    λ = regularization × tr(ΦᵀΦ)/k per member (0: TRAK without regularisation).
     grad_params       None (every trainable parameter) or names / module prefixes.
     store_dir         where the members' stores (and trained models) are kept and resumed; None:
@@ -97,7 +96,7 @@ class TRAK(ProjectedGradientMethod):
                  epochs: int = 0, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, subsample: float = 1.0, n_checkpoints: int = 1,
                  checkpoints: list | None = None, proj_dim: int = 2048, layer_dims: dict | None = None,
-                 projection: str = "gaussian", projection_structure: str = "auto",
+                 projection: str = "gaussian", projection_structure: str = "khatri_rao",
                  regularization: float = REGULARIZATION, grad_params: Any = None, store_dir=None,
                  store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None,
                  device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True):
