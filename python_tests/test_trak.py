@@ -72,6 +72,7 @@ def test_full_dimension_without_regularisation_is_the_exact_after_kernel(n, m):
     np.testing.assert_allclose(res.scores, ref.numpy(), rtol=1e-6, atol=1e-7 * top)
     assert res.info["dim_per_member"] == sum(p.numel() for p in members[0].parameters())
     assert all(k["lambda"] == 0.0 for k in res.info["kernels"])
+    assert res.params["checkpoints"] == "2 given"          # the settings name them, without the weights
     val = TRAK(_mlp(), checkpoints=[mm.state_dict() for mm in members], **kw).fit(xs, ys, xq, yq)
     np.testing.assert_allclose(val.values, ref.mean(0).numpy(), rtol=1e-6, atol=1e-7 * top)
 

@@ -56,8 +56,9 @@ class LoGraInfluence(ProjectedGradientMethod):
                  weight_decay: float = 0.0, checkpoints: list | None = None, proj_dim: int = 4096,
                  layer_dims: dict | None = None, projection: str = "gaussian",
                  projection_structure: str = "kronecker", damping: float = DAMPING, grad_params: Any = None,
-                 store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None, device: Any = None,
-                 seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024,
+                 distributed: bool | None = None, device: Any = None, seed: int | None = None,
+                 max_time: float | None = None, progress: bool = True):
         self._common(model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
                      projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
                      distributed)

@@ -50,7 +50,7 @@ def _state(model: nn.Module) -> dict:
 
 def from_checkpoints(cfg, prep) -> list[Member]:
     out = []
-    for j, ck in enumerate(cfg.checkpoints):
+    for j, ck in enumerate(cfg.member_weights):
         if isinstance(ck, nn.Module):
             m = copy.deepcopy(ck)
         else:
@@ -67,7 +67,7 @@ def from_checkpoints(cfg, prep) -> list[Member]:
 def build(cfg, prep, run, store_dir: Path | None, ctx) -> tuple[list[Member], dict]:
     """The members and a description of how they were made. Under torchrun every rank trains
     the same members (same seed and data); rank 0 alone writes them to store_dir."""
-    if cfg.checkpoints is not None:
+    if cfg.member_weights is not None:
         return from_checkpoints(cfg, prep), {"members_from": "checkpoints"}
     if cfg.epochs == 0:
         return [Member(prep.model.eval(), "the model as passed")], {"members_from": "model"}

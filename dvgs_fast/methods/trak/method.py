@@ -44,7 +44,9 @@ class ProjectedGradientMethod(AttributionMixin, Valuation):
         if not epochs and checkpoints is None and not isinstance(model, nn.Module):
             raise ValueError("epochs: 0 scores the model as passed, but `model` is a factory (an untrained model); "
                              "pass a trained nn.Module, checkpoints=[...], or epochs > 0")
-        self.checkpoints = checkpoints
+        # The weights themselves are no setting to print: settings() shows how many there are.
+        self.member_weights = checkpoints
+        self.checkpoints = None if checkpoints is None else f"{len(checkpoints)} given"
         self.proj_dim = V.check_positive_int(proj_dim, "proj_dim")
         if layer_dims is not None and not isinstance(layer_dims, dict):
             raise ValueError(f"layer_dims: expected None or a dict {{layer name: k or (k_out, k_in)}}, got "
