@@ -134,12 +134,8 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
     """[n]: ‖g_i‖² over every selected parameter (the diagonal of cross_gram(F, F), without the
     off-diagonal work)."""
     acc = f.dtype
-    out = None
-
-    def add(v):
-        nonlocal out
-        out = v if out is None else out + v
-
+    terms: list[torch.Tensor] = []
+    add = terms.append
     for x in f.rows:
         n = x.a.shape[0] // x.rows
         bias = x.bias is not None
@@ -167,9 +163,7 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
         add((torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2)))
     if f.dense is not None:
         add(f.dense.g.to(acc).square().sum(1))
-    if out is None:
-        out = torch.zeros(f.n, dtype=acc)
-    return out
+    return sum(terms) if terms else torch.zeros(f.n, dtype=acc)
 
 
 def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,11 +171,8 @@ def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
     parameter (a missing name counts as zero)."""
     q = next(iter(V.values())).shape[0]
     acc = f.dtype if all(v.dtype != torch.float64 for v in V.values()) else torch.float64
-    out = None
-
-    def add(v):
-        nonlocal out
-        out = v if out is None else out + v
+    terms: list[torch.Tensor] = []
+    add = terms.append
 
     for x in f.rows:
         n = x.a.shape[0] // x.rows
@@ -207,9 +198,7 @@ def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
         cols = [V[nm].to(acc).reshape(q, -1) if nm in V else torch.zeros(q, sz, dtype=acc, device=f.dense.g.device)
                 for nm, sz in zip(f.dense.names, f.dense.sizes)]
         add(f.dense.g.to(acc) @ torch.cat(cols, 1).t())
-    if out is None:
-        out = torch.zeros(f.n, q, dtype=acc)
-    return out
+    return sum(terms) if terms else torch.zeros(f.n, q, dtype=acc)
 
 
 __all__ = ["batch_dots", "cross_gram", "sqnorms"]

@@ -53,7 +53,7 @@ from dvgs_fast.distributed import context_for
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast import runstate
-from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
 from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
 from dvgs_fast.grads import FastScorer, ReferenceScorer, cast_labels
 from dvgs_fast.sources import SourceLengthError, source_identity
@@ -159,11 +159,8 @@ class TracIn(AttributionMixin, Valuation):
 
     def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
-        ctx = context_for(self.distributed, run.device)
+        ctx = one_process(self.distributed, run.device)
         try:
-            if ctx.enabled:
-                raise ValueError("distributed: attribute() runs in one process (the score matrix is not "
-                                 "sharded across ranks); call it without torchrun or with distributed=False")
             try:
                 prep = T.prepare(self, x_source, y_source, x_query, y_query, ctx.device_for(run.device), run.seed,
                                  chunked_ok=True)
