@@ -185,13 +185,17 @@ def train_sequential(net: nn.Module, X: torch.Tensor, Y: torch.Tensor, rows: np.
     g = torch.Generator().manual_seed(int(noise_seed))
     opt = make_optimizer(cfg.optimizer, net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     idx = torch.as_tensor(rows, dtype=torch.long)
-    if order == "shared":
+    B = cfg.batch_size
+    # full batch and no dropout: the order only permutes a sum, so train on the kept rows as they
+    # are, one step per epoch, as a plain full-batch loop would (no gather per step)
+    full_batch = B >= (X.shape[0] if order == "shared" else len(rows)) and not any(
+        isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
+    if order == "shared" and not full_batch:
         keep = torch.zeros(X.shape[0], dtype=torch.bool)
         keep[idx] = True
         Xk, Yk, n = X, Y, X.shape[0]
     else:
         Xk, Yk, n = X[idx.to(X.device)], Y[idx.to(Y.device)], len(rows)
-    B = cfg.batch_size
     net.train()
     hooks, current = [], {}
     if chain is not None:
@@ -205,6 +209,11 @@ def train_sequential(net: nn.Module, X: torch.Tensor, Y: torch.Tensor, rows: np.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(noise_seed))
             for _ in range(cfg.epochs):
+                if full_batch:
+                    opt.zero_grad(set_to_none=True)
+                    _per_row_loss(net(Xk), Yk, cfg.loss).mean().backward()
+                    opt.step()
+                    continue
                 perm, masks = _draw_epoch(g, n, chain)
                 for s in range(0, n, B):
                     b = perm[s:s + B]
