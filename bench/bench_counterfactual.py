@@ -123,16 +123,9 @@ def compare(case, rounds, threads):
     }
 
 
-def full_model(recipe, data, epochs=None):
-    from dvgs_fast.evaluate.counterfactual._data import prepare
-    from dvgs_fast.evaluate.counterfactual.retrain import Retrainer
-    r = Retrainer(recipe, prepare(*data, recipe), order="shared", output="margin")
-    return r.params_of(r.fit(torch.ones(1, len(data[0]), dtype=torch.bool), 0, r.initial_params(0), epochs), 0)
-
-
 def influence(recipe, data):
-    p = full_model(recipe, data)
-    return cf.exact_linear_influence(p["weight"], p["bias"], *data, weight_decay=recipe.weight_decay)
+    m = cf.reference_model(recipe, data[0], data[1])
+    return cf.exact_linear_influence(m.weight.detach(), m.bias.detach(), *data, weight_decay=recipe.weight_decay)
 
 
 def sanity(data_digits, gt_a, gt_c, data_adult, threads):

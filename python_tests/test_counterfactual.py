@@ -197,11 +197,14 @@ def test_loo_of_l2_linear_model_matches_exact_influence(loss):
                             lr=0.5 if loss == "cross_entropy" else 0.1, epochs=1500, weight_decay=lam, dtype=F64)
     gt = cf.loo_ground_truth(rec, X, Y, Xq, Yq, seeds=1, warm_start_epochs=600, progress=False)
     assert gt.complete and gt.info["engine"] == "linear" and gt.effects.shape == (12, 60)
-    r = Retrainer(rec, prepare(X, Y, Xq, Yq, rec), order="shared", output=gt.output)
-    full = r.params_of(r.fit(torch.ones(1, 60, dtype=torch.bool), 0, r.initial_params(0)), 0)
-    infl = cf.exact_linear_influence(full["weight"], full["bias"], X, Y, Xq, Yq, weight_decay=lam, loss=loss)
-    np.testing.assert_allclose(infl, _autograd_influence(full["weight"], full["bias"], X, Y, Xq, Yq, lam, loss),
-                               rtol=1e-7, atol=1e-12)
+    full = cf.reference_model(rec, X, Y, seed=0)                 # the model LOO retrains compare with
+    np.testing.assert_allclose(cf.query_outputs(full(torch.as_tensor(Xq)), torch.as_tensor(Yq), gt.output,
+                                                loss == "cross_entropy").detach().numpy(),
+                               cf.loo_ground_truth(rec, X, Y, Xq, Yq, indices=[0, 1, 2], seeds=1,
+                                                   progress=False).full_outputs[0], rtol=1e-12, atol=1e-12)
+    W, b = full.weight.detach(), full.bias.detach()
+    infl = cf.exact_linear_influence(W, b, X, Y, Xq, Yq, weight_decay=lam, loss=loss)
+    np.testing.assert_allclose(infl, _autograd_influence(W, b, X, Y, Xq, Yq, lam, loss), rtol=1e-7, atol=1e-12)
     corr = cf.loo_correlation(infl, gt)
     assert corr.spearman.mean >= 0.99 and corr.pearson.mean >= 0.99, corr
     assert corr.spearman.per_query.min() >= 0.95

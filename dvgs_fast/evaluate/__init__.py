@@ -17,7 +17,7 @@ from .curves import (DiscoveryCurve, RemovalCurve, TorchClassifier, default_mode
                      removal_subsets, score_predictions)
 from .counterfactual import (Correlation, GroundTruth, LDSGroundTruth, LOOCorrelation, LOOGroundTruth, SeedNoise,
                              TrainingRecipe, exact_linear_influence, lds, lds_ground_truth, loo_correlation,
-                             loo_ground_truth, query_outputs, seed_noise)
+                             loo_ground_truth, query_outputs, reference_model, seed_noise)
 from .metrics import detection_auprc, detection_auroc, kmeans_f1, noise_spearman, summarize
 from .plots import plot_discovery_curve, plot_remove_curves, plot_value_histogram
 
@@ -28,4 +28,4 @@ __all__ = ["detection_auroc", "detection_auprc", "kmeans_f1", "noise_spearman", 
            "plot_discovery_curve", "plot_remove_curves", "plot_value_histogram",
            "TrainingRecipe", "loo_ground_truth", "lds_ground_truth", "GroundTruth", "LOOGroundTruth",
            "LDSGroundTruth", "lds", "loo_correlation", "seed_noise", "Correlation", "LOOCorrelation", "SeedNoise",
-           "exact_linear_influence", "query_outputs"]
+           "exact_linear_influence", "query_outputs", "reference_model"]

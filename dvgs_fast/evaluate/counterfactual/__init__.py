@@ -7,6 +7,7 @@ query's output. These functions retrain the model to find out:
   initial weights and data order as the reference; score with :func:`loo_correlation`;
 * :func:`lds_ground_truth` -- retrain on random subsets (fraction ``alpha``, several seeds
   averaged); score with :func:`lds` (the linear datamodeling score);
+* :func:`reference_model` -- the model trained on every row with the recipe: the one to attribute;
 * :func:`seed_noise` -- how much the ground truth's own seeds agree (the ceiling of any score);
 * :func:`exact_linear_influence` -- the closed-form influence of an L2-regularised linear model,
   the case where the answer is known.
@@ -22,7 +23,7 @@ The retrains follow a :class:`TrainingRecipe` and are trained many at once (batc
 from __future__ import annotations
 
 from .exact import exact_linear_influence
-from .groundtruth import lds_ground_truth, loo_ground_truth
+from .groundtruth import lds_ground_truth, loo_ground_truth, reference_model
 from .outputs import query_outputs
 from .recipe import TrainingRecipe
 from .results import GroundTruth, LDSGroundTruth, LOOGroundTruth
@@ -30,4 +31,4 @@ from .scoring import Correlation, LOOCorrelation, SeedNoise, lds, loo_correlatio
 
 __all__ = ["TrainingRecipe", "loo_ground_truth", "lds_ground_truth", "GroundTruth", "LOOGroundTruth",
            "LDSGroundTruth", "lds", "loo_correlation", "seed_noise", "Correlation", "LOOCorrelation", "SeedNoise",
-           "exact_linear_influence", "query_outputs"]
+           "exact_linear_influence", "query_outputs", "reference_model"]

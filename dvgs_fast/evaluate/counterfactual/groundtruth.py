@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast.distributed import context_for
@@ -117,6 +118,19 @@ def lds_ground_truth(recipe: TrainingRecipe, x_source, y_source, x_query, y_quer
                           settings=info.pop("settings"), info=info, timings=timings, masks=masks)
 
 
+def reference_model(recipe: TrainingRecipe, x_source, y_source, *, seed: int = 0,
+                    n_classes: int | None = None) -> nn.Module:
+    """The model a ground truth's retrains are compared with: trained on every source row with the
+    recipe and seed ``seed`` (retrain 0 of a leave-one-out ground truth without a warm start) --
+    the model whose attributions the ground truth judges. Returned in eval mode."""
+    recipe = as_recipe(recipe)
+    data = prepare(x_source, y_source, x_source[:1], y_source[:1], recipe, n_classes)
+    seed = check_seeds([seed], "seed")[0]
+    r = Retrainer(recipe, data, order=recipe.order_for("shared"), output=default_output(data.classification))
+    trained = r.fit(torch.ones(1, data.n_source, dtype=torch.bool), seed, r.initial_params(seed))
+    return r.module_with(r.params_of(trained, 0))
+
+
 # ---------------------------------------------------------------------------------------------
 def _loo_indices(indices: Any, N: int, subset_seed: Any) -> np.ndarray:
     if indices is None:
@@ -165,11 +179,20 @@ def _run(kind: str, recipe: TrainingRecipe, data: Data, opts: dict, n_jobs: int,
     done [S, J], stopped_by, info, timings)."""
     t_wall, t_cpu = time.perf_counter(), time.process_time()
     retrainer = Retrainer(recipe, data, order=opts["order"], output=opts["output"], engine=opts["engine"])
-    seeds, Q, B = opts["seeds"], data.n_query, opts["block_size"]
-    settings = {"kind": kind, "recipe": recipe.settings(), "seeds": list(seeds), "output": opts["output"],
-                "data_order": opts["order"], "warm_start_epochs": opts["warm_start_epochs"], "block_size": B,
-                "engine": retrainer.kind, "out_dim": data.out_dim, **extra}
+    settings = {"kind": kind, "recipe": recipe.settings(), "seeds": list(opts["seeds"]), "output": opts["output"],
+                "data_order": opts["order"], "warm_start_epochs": opts["warm_start_epochs"],
+                "block_size": opts["block_size"], "engine": retrainer.kind, "out_dim": data.out_dim, **extra}
     ctx = context_for(distributed, torch.device(recipe.device))
+    try:
+        return _run_blocks(kind, recipe, data, opts, n_jobs, masks_for, settings, retrainer, ctx, cache_dir,
+                           t_wall, t_cpu)
+    finally:
+        ctx.close()                                   # only if this call initialised the process group
+
+
+def _run_blocks(kind, recipe, data, opts, n_jobs, masks_for, settings, retrainer, ctx, cache_dir, t_wall, t_cpu):
+    """This rank's blocks: read from the cache, or trained (until max_time), then gathered."""
+    seeds, Q, B = opts["seeds"], data.n_query, opts["block_size"]
     cache = None
     if cache_dir is not None:
         fp = make_fingerprint(kind, settings, retrainer.template, recipe.loss, data.digest)
@@ -235,4 +258,4 @@ def _start(retrainer: Retrainer, seed: int, warm_epochs: int | None, cache, data
     return {k: v.to(device=data.x.device, dtype=data.x.dtype) for k, v in warm.items()}, warm_epochs
 
 
-__all__ = ["loo_ground_truth", "lds_ground_truth", "GroundTruth"]
+__all__ = ["loo_ground_truth", "lds_ground_truth", "reference_model", "GroundTruth"]

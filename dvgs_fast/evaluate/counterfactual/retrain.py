@@ -15,6 +15,7 @@ in float64):
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,18 +100,18 @@ class Retrainer:
             return Trained(params=params)
         modules = []
         for m in masks.cpu().numpy():
-            net = self._with_params(start)
+            net = self.module_with(start).train()
             modules.append(R.train_sequential(net, d.x, d.y, np.flatnonzero(m), seed, cfg, self.chain,
                                               order=self.order))
         return Trained(modules=modules)
 
-    def _with_params(self, params: Params) -> nn.Module:
-        import copy
+    def module_with(self, params: Params) -> nn.Module:
+        """A copy of the network holding ``params`` (eval mode)."""
         net = copy.deepcopy(self.template)
         with torch.no_grad():
             for name, p in net.named_parameters():
                 p.copy_(params[name])
-        return net
+        return net.eval()
 
     # ------------------------------------------------------------------ outputs
     def outputs(self, trained: Trained) -> np.ndarray:
