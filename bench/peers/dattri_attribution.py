@@ -32,7 +32,9 @@ Definitions (dattri 0.3.0, dattri/algorithm/tracin.py and trak.py):
   place; every call here passes all of its keys, so no setting leaks from one method to the next.
 
 Output: --out npz with scores_<method> [n_query, n_source] float64 (transposed from dattri's
-[n_train, n_test]), and <out>.json with each method's CPU / wall seconds, settings and versions.
+[n_train, n_test]), and <out>.json with each method's CPU / wall seconds, settings and versions
+(and, with --lds-gt, dattri's own LDS of each method's scores: a check of our ``lds``).
+bench/peers/export.py writes the inputs from our side.
 """
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--trak-ensemble", action="store_true", help="TRAK over every checkpoint (default: the last)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lds-gt", default=None, help="npz (actual [M, Q], indices [M, k]) from export.py: "
+                                                   "also score each method with dattri.metric.lds")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,6 +151,8 @@ def main(argv=None) -> dict:
             print(f"{method}: {int((~np.isfinite(s)).sum())} non-finite scores", file=sys.stderr)
         scores[f"scores_{method}"] = s
         report[method] = {"cpu_s": cpu, "wall_s": wall, "settings": settings}
+        if args.lds_gt is not None:
+            report[method]["dattri_lds"] = dattri_lds(s, args.lds_gt)
         print(f"{method}: {cpu:.2f} CPU s, {wall:.2f} wall s, scores {s.shape}", flush=True)
     np.savez(args.out, **scores)
     meta = {"dattri": getattr(dattri, "__version__", None) or _dist_version("dattri"), "torch": torch.__version__,
@@ -155,6 +161,18 @@ def main(argv=None) -> dict:
     with open(os.path.splitext(args.out)[0] + ".json", "w") as fh:
         json.dump(meta, fh, indent=1)
     return meta
+
+
+def dattri_lds(scores_qn: np.ndarray, gt_path: str) -> dict:
+    """dattri.metric.lds on our ground truth: its own definition (Spearman per query over the
+    subsets of the summed scores; queries whose correlation is NaN are dropped from the mean)."""
+    from dattri.metric import lds
+    g = np.load(gt_path)
+    per, _ = lds(torch.as_tensor(scores_qn.T), (torch.as_tensor(g["actual"]), torch.as_tensor(g["indices"])))
+    per = per.numpy().astype(np.float64)
+    ok = ~np.isnan(per)
+    return {"mean": float(per[ok].mean()), "stderr": float(per[ok].std(ddof=1) / np.sqrt(ok.sum())),
+            "n_nan": int((~ok).sum()), "per_query": per.tolist()}
 
 
 def _dist_version(name: str) -> str | None:
