@@ -14,7 +14,8 @@ another folder and two runs are never mixed. Inside:
 * ``<kind>.lock`` (``.rank<r>`` under torchrun): held while a process computes into the folder.
 
 The checkpoint machinery (fingerprint, atomic checksummed state files, the folder lock) is
-DVGS's; this module is the only place that imports it.
+``dvgs_fast.runstate``'s, shared with DVGS and TracIn; this module is the only place here that
+imports it.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from dvgs_fast._io import atomic_write_text
-from dvgs_fast.methods.dvgs import checkpoint as ckpt
+from dvgs_fast import runstate as ckpt
 
 
 class CacheError(ValueError):
