@@ -253,6 +253,9 @@ def test_known_linear_datamodel_scores_one(mean_model):
     assert noise.stderr == pytest.approx(np.std(ref, ddof=1) / np.sqrt(5))
     block = cf.lds(lambda rows: scores[rows], lds_gt, query_block=2)          # blockwise source
     assert block.mean == res.mean and np.array_equal(block.per_query, res.per_query)
+    from dvgs_fast.attribution import AttributionResult                         # what attribute() returns
+    att = AttributionResult(n_query=5, n_source=30, method="x", scores=scores.astype(np.float32))
+    assert cf.lds(att, lds_gt, query_block=3).mean == pytest.approx(1.0, abs=1e-12)
 
 
 def test_constant_scores_count_as_zero_with_a_warning(mean_model):

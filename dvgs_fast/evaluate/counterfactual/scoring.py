@@ -1,9 +1,11 @@
 """Scoring an attribution against a ground truth: LDS, leave-one-out correlation, seed noise.
 
 An attribution is a matrix ``scores[n_query, n_source]``: ``scores[q, i] > 0`` says that training
-on source row i raises query q's recorded output (margin or minus the loss: it *helps* q). It
-may be given whole (numpy / torch) or as a callable ``scores(query_rows) -> [len(query_rows),
-n_source]`` that is asked for blocks of queries (so that no [n_query, n_source] matrix need exist).
+on source row i raises query q's recorded output (margin or minus the loss: it *helps* q) -- the
+sign of ``method.attribute()``. It may be given whole (numpy, a memory-mapped .npy, torch, an
+``AttributionResult``; read a block of queries at a time) or as a callable ``scores(query_rows) ->
+[len(query_rows), n_source]`` asked for blocks of queries (no [n_query, n_source] matrix need
+exist).
 
 * LDS (Ilyas et al. 2022, TRAK, dattri): per query, the Spearman correlation over the subsets
   between the predicted ``sum_{i in S_m} scores[q, i]`` and the actual output after training on
@@ -102,33 +104,36 @@ def _check_gt(gt: Any, cls: type, maker: str) -> None:
 
 
 def _blocks(scores: ScoreSource, n_query: int, n_source: int, query_block: int):
-    """(query rows, float64 [len, n_source]) blocks of the scores, checked."""
+    """(query rows, float64 [len, n_source]) blocks of the scores, each checked. An array (numpy,
+    memory-mapped, torch, an AttributionResult) is read a block of rows at a time."""
     if isinstance(query_block, bool) or not isinstance(query_block, (int, np.integer)) or query_block < 1:
         raise ValueError(f"query_block: expected a positive integer, got {query_block!r}")
-    if callable(scores) and not hasattr(scores, "shape"):
-        for a in range(0, n_query, query_block):
-            rows = np.arange(a, min(a + query_block, n_query))
-            yield rows, _as_block(scores(rows), (len(rows), n_source), f"scores({a}:{rows[-1] + 1})")
-        return
-    full = _as_block(scores, (n_query, n_source), "scores")
+    whole = None
+    if not (callable(scores) and not hasattr(scores, "shape")):
+        whole = scores.detach().cpu().numpy() if hasattr(scores, "detach") else np.asarray(scores)
+        _check_array(whole, (n_query, n_source), "scores")
     for a in range(0, n_query, query_block):
         rows = np.arange(a, min(a + query_block, n_query))
-        yield rows, full[rows]
+        if whole is None:
+            name = f"scores({a}:{rows[-1] + 1})"
+            block = scores(rows)
+            block = block.detach().cpu().numpy() if hasattr(block, "detach") else np.asarray(block)
+            _check_array(block, (len(rows), n_source), name)
+        else:
+            name, block = "scores", whole[a:a + len(rows)]
+        block = block.astype(np.float64)
+        if not np.isfinite(block).all():
+            raise ValueError(f"{name}: contains {int((~np.isfinite(block)).sum())} NaN/Inf value(s) "
+                             f"(queries {a}-{rows[-1]})")
+        yield rows, block
 
 
-def _as_block(x: Any, shape: tuple, name: str) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
-    arr = np.asarray(x)
+def _check_array(arr: np.ndarray, shape: tuple, name: str) -> None:
     if arr.dtype == object or arr.dtype.kind not in "fiub":
         raise ValueError(f"{name}: expected numbers, got dtype {arr.dtype}")
     if arr.shape != shape:
         raise ValueError(f"{name}: expected shape [{shape[0]}, {shape[1]}] (n_query x n_source), got "
                          f"{tuple(arr.shape)}")
-    arr = arr.astype(np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: contains {int((~np.isfinite(arr)).sum())} NaN/Inf value(s)")
-    return arr
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
