@@ -402,6 +402,7 @@ LR = cf.TrainingRecipe(lambda: nn.Linear(5, 3), lr=0.1, epochs=2)
     (lambda: cf.lds_ground_truth(LR, **_args(), seeds=[1, 1]), "seeds: lists a seed twice"),
     (lambda: cf.lds_ground_truth(LR, **_args(), seeds=[]), "seeds: is empty"),
     (lambda: cf.lds_ground_truth(LR, **_args(), engine="fast"), "engine: unknown value"),
+    (lambda: cf.lds_ground_truth(LR, **_args(), subset_seed=-1), "subset_seed: must be >= 0"),
     (lambda: cf.lds_ground_truth(LR, **_args(), max_time=-1), "max_time: must be > 0"),
     (lambda: cf.lds_ground_truth("logistic", **_args()), "recipe: expected a TrainingRecipe"),
     (lambda: cf.loo_ground_truth(LR, **_args(), indices=[0, 1, 1]), "indices: lists a row twice"),

@@ -102,8 +102,7 @@ def lds_ground_truth(recipe: TrainingRecipe, x_source, y_source, x_query, y_quer
     if not 1 <= k < N:
         raise ValueError(f"alpha: gives subsets of {k} of the {N} source rows; choose 0 < alpha < 1 with "
                          f"1 <= int(alpha * N) < N")
-    seed0 = V.check_seed(subset_seed)
-    rng = np.random.default_rng(0 if seed0 is None else seed0)
+    rng = np.random.default_rng(V.check_positive_int(subset_seed, "subset_seed", allow_zero=True))
     masks = np.zeros((M, N), dtype=bool)
     for m in range(M):
         masks[m, rng.choice(N, k, replace=False)] = True
@@ -139,8 +138,8 @@ def _loo_indices(indices: Any, N: int, subset_seed: Any) -> np.ndarray:
         n = int(indices)
         if not 3 <= n <= N:
             raise ValueError(f"indices: the number of rows to leave out must be in [3, {N}], got {n}")
-        seed0 = V.check_seed(subset_seed)
-        return np.sort(np.random.default_rng(0 if seed0 is None else seed0).choice(N, n, replace=False))
+        rng = np.random.default_rng(V.check_positive_int(subset_seed, "subset_seed", allow_zero=True))
+        return np.sort(rng.choice(N, n, replace=False))
     arr = np.asarray(indices)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
         raise ValueError(f"indices: expected None, a count or a 1-D array of row indices, got "

@@ -22,9 +22,10 @@ leave-one-out default); ``"subset"`` shuffles the kept rows alone, in batches of
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -110,8 +111,7 @@ class TrainingRecipe:
 
     def settings(self) -> dict[str, Any]:
         """JSON-friendly settings (the model is fingerprinted separately: structure + weights)."""
-        d = asdict(self)
-        d.pop("model")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
         d["dtype"] = str(self.dtype).replace("torch.", "")
         d["device"] = torch.device(self.device).type
         return d
@@ -127,7 +127,7 @@ def check_seeds(seeds: Any, name: str = "seeds") -> tuple[int, ...]:
     """An int k -> (0, ..., k-1); a sequence of distinct non-negative ints as given."""
     if isinstance(seeds, bool):
         raise ValueError(f"{name}: expected a count or a list of seeds, got {seeds!r}")
-    if isinstance(seeds, int):
+    if isinstance(seeds, (int, np.integer)):
         return tuple(range(V.check_positive_int(seeds, name)))
     try:
         out = tuple(seeds)
@@ -136,7 +136,7 @@ def check_seeds(seeds: Any, name: str = "seeds") -> tuple[int, ...]:
     if not out:
         raise ValueError(f"{name}: is empty")
     for s in out:
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
             raise ValueError(f"{name}: seeds must be non-negative integers, got {s!r}")
     if len(set(out)) != len(out):
         raise ValueError(f"{name}: lists a seed twice ({list(out)})")
