@@ -223,7 +223,8 @@ def main(argv=None) -> dict:
         print(f"{case['label']} ...", flush=True)
         gts[key], res["cost"][key] = compare(case, args.rounds, args.threads)
         r = res["cost"][key]
-        print(f"  ours {r['ours_cpu_s']:.1f} CPU s, plain {r['plain_cpu_s']:.1f} CPU s: {r['cpu_ratio']:.1f}x", flush=True)
+        print(f"  ours {r['ours_cpu_s']:.1f} CPU s, plain {r['plain_cpu_s']:.1f} CPU s: {r['cpu_ratio']:.1f}x",
+              flush=True)
     if "b" in gts:
         sn = cf.seed_noise(gts["b"])
         res["seed_noise"]["b"] = {"label": todo["b"]["label"], "split_half": sn.split_half[:2],

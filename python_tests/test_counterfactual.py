@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
@@ -127,8 +126,8 @@ def test_batched_retrains_equal_plain_torch_loops(name):
 
 def test_dropout_networks_equal_the_plain_engine_in_both_orders():
     X, Y, Xq, Yq = _task(n=30)
-    factory = lambda: nn.Sequential(nn.Linear(5, 9), nn.Mish(), nn.Dropout(0.3), nn.LayerNorm(9, elementwise_affine=False),
-                                    nn.Linear(9, 3))  # noqa: E731
+    factory = lambda: nn.Sequential(nn.Linear(5, 9), nn.Mish(), nn.Dropout(0.3),  # noqa: E731
+                                    nn.LayerNorm(9, elementwise_affine=False), nn.Linear(9, 3))
     masks = torch.as_tensor(np.random.default_rng(2).random((4, 30)) < 0.7)
     for order, opt in (("shared", "adam"), ("subset", "sgd")):
         rec = cf.TrainingRecipe(factory, optimizer=opt, lr=0.05, epochs=3, batch_size=7, dtype=F64)
