@@ -27,6 +27,14 @@ Sanity (the answer is known): the exact influence of the L2-regularised logistic
 digits (200 rows, float64, 2000 + 500 warm epochs) and on Adult (case c) -- and its LDS on case
 (a)'s ground truth. Seed noise: case (b)'s split-half agreement between its two seeds.
 
+dattri check (``--dattri-python /work/peer-venvs/dattri/bin/python``, after
+``bash bench/peers/setup_dattri.sh``): dattri 0.3.0's TracIn (5 checkpoints of case (a)'s
+reference training, epochs 200..1000, weight = lr 1.0 each), grad-dot, grad-cos (last checkpoint)
+and TRAK (last checkpoint, regularization 1e-3), exact (``--proj identity``) and with dattri's
+default 512-dimensional normal projection, run by bench/peers/dattri_attribution.py on the same
+data; each score matrix is scored on case (a)'s ground truth by our ``lds`` and by
+``dattri.metric.lds`` (a check that the two LDS definitions agree), with dattri's CPU time.
+
 Timing: torch threads pinned (``--threads``, 1 by default; OMP_NUM_THREADS as well) and recorded,
 CPU time (time.process_time) and wall time, the 1-minute load average before and after each
 call; the two engines alternate their order every round.
@@ -149,6 +157,35 @@ def sanity(data_digits, gt_a, gt_c, data_adult, threads):
     return out
 
 
+def dattri_check(python: str, gt_a, data_digits, out: Path) -> list[dict]:
+    """dattri's attributors on case (a)'s checkpoints and data, scored by both LDS implementations."""
+    import dataclasses
+    import subprocess as sp
+    sys.path.insert(0, str(HERE / "peers"))
+    from export import export_lds_ground_truth, export_task
+    rec = lr_recipe(64, 10, 1000, torch.float32)
+    cks = [cf.reference_model(dataclasses.replace(rec, epochs=e), *data_digits[:2]) for e in (200, 400, 600, 800, 1000)]
+    files = export_task(out / "dattri_task", *data_digits, cks)
+    export_lds_ground_truth(out / "dattri_task" / "lds_gt.npz", gt_a)
+    rows = []
+    for proj in ("identity", "normal"):
+        dst = out / "dattri_task" / f"scores_{proj}.npz"
+        sp.run([python, str(HERE / "peers" / "dattri_attribution.py"), "--data", files["data"], "--model",
+                files["model"], "--checkpoints", *files["checkpoints"], "--lrs", ",".join(["1.0"] * len(cks)),
+                "--proj", proj, "--trak-reg", "1e-3", "--lds-gt", str(out / "dattri_task" / "lds_gt.npz"),
+                "--out", str(dst)], check=True, capture_output=True)
+        meta = json.loads(dst.with_suffix(".json").read_text())
+        scores = np.load(dst)
+        for method, r in meta["methods"].items():
+            ours = cf.lds(scores[f"scores_{method}"], gt_a)
+            theirs = r["dattri_lds"]
+            rows.append({"method": method, "proj": proj, "lds": ours[:2],
+                         "dattri_lds": [theirs["mean"], theirs["stderr"]],
+                         "max_per_query_diff": float(np.max(np.abs(np.asarray(theirs["per_query"]) - ours.per_query))),
+                         "dattri_cpu_s": r["cpu_s"], "dattri_version": meta["dattri"]})
+    return rows
+
+
 def facts() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
@@ -190,6 +227,15 @@ def markdown(res: dict) -> str:
     for k, v in res["seed_noise"].items():
         lines.append(f"- {v['label']}: split-half Spearman {v['split_half'][0]:.3f} ± {v['split_half'][1]:.3f} "
                      f"(stderr over queries), reliability of the 2-seed average {v['reliability']:.3f}")
+    if res.get("dattri"):
+        lines += ["", f"dattri {res['dattri'][0]['dattri_version']} on case (a) (same data, checkpoints of the same "
+                  "training; definitions in the docstring): LDS by our `lds` and by `dattri.metric.lds`", "",
+                  "| method | projection | LDS (ours) | LDS (dattri.metric.lds) | max per-query diff | dattri CPU s |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in res["dattri"]:
+            lines.append(f"| {r['method']} | {r['proj']} | {r['lds'][0]:.4f} ± {r['lds'][1]:.4f} | "
+                         f"{r['dattri_lds'][0]:.4f} ± {r['dattri_lds'][1]:.4f} | {r['max_per_query_diff']:.1e} | "
+                         f"{r['dattri_cpu_s']:.2f} |")
     lines += ["", "Sanity (the answer is known):", ""]
     for v in res["sanity"].values():
         if "lds" in v:
@@ -207,6 +253,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", default="a,b,c")
+    ap.add_argument("--dattri-python", default=None, help="dattri's venv python: also run the dattri check")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,6 +278,8 @@ def main(argv=None) -> dict:
                                   "reliability": sn.reliability}
     if "a" in gts:
         res["sanity"] = sanity(dd, gts["a"], gts.get("c"), da, args.threads)
+        if args.dattri_python:
+            res["dattri"] = dattri_check(args.dattri_python, gts["a"], dd, out)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(markdown(res))
     print(markdown(res))
