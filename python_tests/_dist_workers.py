@@ -58,7 +58,21 @@ def shapley_case(n=16, m=30, **kw):
     return {"values": np.asarray(res.values), "info": {k: res.info.get(k) for k in keys}}
 
 
-CASES = {"dvgs": dvgs_case, "shapley": shapley_case}
+def groundtruth_case(kind="lds", cache_dir=None):
+    """A small MLP's LDS (2 seeds x 2 blocks) or LOO (4 blocks) ground truth, sharded by blocks."""
+    from dvgs_fast.evaluate import counterfactual as cf
+    xs, ys, xt, yt = _data(40, 10)
+    rec = cf.TrainingRecipe(lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), optimizer="adam",
+                            lr=0.02, epochs=3, batch_size=8)
+    kw = {"cache_dir": cache_dir, "progress": False}
+    if kind == "lds":
+        gt = cf.lds_ground_truth(rec, xs, ys, xt, yt, n_subsets=7, seeds=2, block_size=4, **kw)
+    else:
+        gt = cf.loo_ground_truth(rec, xs, ys, xt, yt, indices=9, seeds=1, block_size=3, **kw)
+    return {"outputs": gt.outputs, "world_size": gt.info["world_size"], "status": gt.status}
+
+
+CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "groundtruth": groundtruth_case}
 
 
 # ------------------------------------------------------------------------------------ worker

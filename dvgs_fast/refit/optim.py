@@ -26,7 +26,7 @@ def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params]
     if name == "sgd":
         for _ in range(steps):
             g = grad_fn(params)
-            params = {k: p - lr * g[k] for k, p in params.items()}
+            params = {k: sgd_update(p, g[k], lr) for k, p in params.items()}
         return params
     if name != "adam":
         raise ValueError(f"refit_optimizer: unknown value {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -39,6 +39,12 @@ def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params]
             new[k], m[k], v[k] = adam_update(p, g[k], m[k], v[k], t, lr)
         params = new
     return params
+
+
+def sgd_update(p: torch.Tensor, g: torch.Tensor, lr) -> torch.Tensor:
+    """One plain gradient-descent step (torch.optim.SGD without momentum: p - lr * g, weight decay
+    already in g); lr may be a tensor broadcastable against p."""
+    return p - lr * g
 
 
 def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t, lr: float):
