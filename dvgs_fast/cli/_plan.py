@@ -8,7 +8,7 @@ import datetime as _dt
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ class Plan:
     progress: bool
     status: Any
     command: str = ""
+    attribution_metrics: list = field(default_factory=list)     # --metric: "lds", "loo"
 
 
 def method_list(text: str) -> list[str]:
@@ -123,10 +124,16 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
 
     methods = method_list(settings.get("method", "dvgs"))
     curve_spec(settings)               # --curve-* checked before any data is loaded
+    from ._counterfactual import parse_metrics
+    attribution_metrics = parse_metrics(settings["metric"]) if "metric" in settings else []
+    for dest in ("n_query", "lds_subsets", "gt_seeds", "loo_rows"):
+        if dest in settings and not attribution_metrics:
+            raise CLIError(f"{RUN_OPTIONS[dest][0][0]}: applies with --metric lds,loo")
     if "seed" in settings and "seeds" in settings:
         raise CLIError("--seeds: give either --seed N or --seeds LIST, not both")
     seeds = settings.get("seeds", [settings.get("seed", 0)])
     compare = getattr(args, "command", "run") == "compare" or len(methods) > 1 or "seeds" in settings
+    compare = compare or bool(attribution_metrics)     # LDS / LOO are laid out in the comparison report
     spec = parse_dataset(settings.get("dataset", "digits"))
     target_path = None
     if "target" in settings:
@@ -177,7 +184,8 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     return Plan(settings=settings, table=table, methods=methods, seeds=list(seeds), compare=compare, spec=spec,
                 target_path=target_path, noise=noise, model_choice=model_choice, device=device, out=out,
                 overwrite=overwrite, root=root, lincs_gctx=lincs_gctx, main_rank=main_rank, progress=progress,
-                status=status, command=" ".join(shlex.quote(a) for a in [PROG, *argv]))
+                status=status, command=" ".join(shlex.quote(a) for a in [PROG, *argv]),
+                attribution_metrics=attribution_metrics)
 
 
 def method_tables(table: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:

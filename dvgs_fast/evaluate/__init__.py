@@ -15,9 +15,10 @@ from __future__ import annotations
 from .curves import (DiscoveryCurve, RemovalCurve, TorchClassifier, default_model, discovery_curve,
                      paper_settings, remove_curve, remove_curves, remove_high_curve, remove_low_curve,
                      removal_subsets, score_predictions)
-from .counterfactual import (Correlation, GroundTruth, LDSGroundTruth, LOOCorrelation, LOOGroundTruth, SeedNoise,
-                             TrainingRecipe, exact_linear_influence, lds, lds_ground_truth, loo_correlation,
-                             loo_ground_truth, query_outputs, reference_model, seed_noise)
+from .counterfactual import (AttributionQuality, Correlation, GroundTruth, LDSGroundTruth, LOOCorrelation,
+                             LOOGroundTruth, SeedNoise, TrainingRecipe, evaluate_attribution, exact_linear_influence,
+                             lds, lds_ground_truth, loo_correlation, loo_ground_truth, query_outputs, reference_model,
+                             seed_noise)
 from .metrics import detection_auprc, detection_auroc, kmeans_f1, noise_spearman, summarize
 from .plots import plot_discovery_curve, plot_remove_curves, plot_value_histogram
 
@@ -28,4 +29,4 @@ __all__ = ["detection_auroc", "detection_auprc", "kmeans_f1", "noise_spearman", 
            "plot_discovery_curve", "plot_remove_curves", "plot_value_histogram",
            "TrainingRecipe", "loo_ground_truth", "lds_ground_truth", "GroundTruth", "LOOGroundTruth",
            "LDSGroundTruth", "lds", "loo_correlation", "seed_noise", "Correlation", "LOOCorrelation", "SeedNoise",
-           "exact_linear_influence", "query_outputs", "reference_model"]
+           "exact_linear_influence", "query_outputs", "reference_model", "AttributionQuality", "evaluate_attribution"]

@@ -10,7 +10,8 @@ query's output. These functions retrain the model to find out:
 * :func:`reference_model` -- the model trained on every row with the recipe: the one to attribute;
 * :func:`seed_noise` -- how much the ground truth's own seeds agree (the ceiling of any score);
 * :func:`exact_linear_influence` -- the closed-form influence of an L2-regularised linear model,
-  the case where the answer is known.
+  the case where the answer is known;
+* :func:`evaluate_attribution` -- every method's ``attribute()`` scored by both, with its cost.
 
 The retrains follow a :class:`TrainingRecipe` and are trained many at once (batched networks on
 0/1 row masks), cached on disk by fingerprint, resumable, budgeted and sharded under torchrun.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from .exact import exact_linear_influence
 from .groundtruth import lds_ground_truth, loo_ground_truth, reference_model
+from .methods import AttributionQuality, evaluate_attribution
 from .outputs import query_outputs
 from .recipe import TrainingRecipe
 from .results import GroundTruth, LDSGroundTruth, LOOGroundTruth
@@ -31,4 +33,5 @@ from .scoring import Correlation, LOOCorrelation, SeedNoise, lds, loo_correlatio
 
 __all__ = ["TrainingRecipe", "loo_ground_truth", "lds_ground_truth", "GroundTruth", "LOOGroundTruth",
            "LDSGroundTruth", "lds", "loo_correlation", "seed_noise", "Correlation", "LOOCorrelation", "SeedNoise",
-           "exact_linear_influence", "query_outputs", "reference_model"]
+           "exact_linear_influence", "query_outputs", "reference_model", "AttributionQuality",
+           "evaluate_attribution"]
