@@ -50,7 +50,12 @@ def seed_everything(seed: int | None) -> torch.Generator:
         seed = draw_seed()
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.manual_seed(seed)
+    else:
+        # The same CPU stream; torch.manual_seed would also queue a CUDA re-seed for later, capturing
+        # a stack trace on every call (~1 ms, more than a small attribute() call's own work).
+        torch.default_generator.manual_seed(seed)
     g.manual_seed(seed)
     return g
 

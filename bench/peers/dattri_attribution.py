@@ -81,6 +81,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--trak-ensemble", action="store_true", help="TRAK over every checkpoint (default: the last)")
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=1, help="calls per method; the median CPU and wall time is reported")
     ap.add_argument("--lds-gt", default=None, help="npz (actual [M, Q], indices [M, k]) from export.py: "
                                                    "also score each method with dattri.metric.lds")
     ap.add_argument("--out", required=True)
@@ -123,8 +124,8 @@ def main(argv=None) -> dict:
     target = loss_func if args.target == "loss" else margin_func
     sign = 1.0 if args.target == "loss" else -1.0
     scores, report = {}, {}
-    for method in args.methods.split(","):
-        c0, w0 = time.process_time(), time.perf_counter()
+    def run_one(method):
+        """One attributor call: (scores [n_train, n_test] as dattri returns them, settings)."""
         if method in ("tracin", "grad_dot", "grad_cos"):
             cks = ckpts if method == "tracin" else ckpts[-1:]
             weights = torch.tensor(lrs if method == "tracin" else [1.0])
@@ -133,8 +134,8 @@ def main(argv=None) -> dict:
                                    projector_kwargs=dict(proj))
             with torch.no_grad():
                 s = sign * att.attribute(train, test)
-            settings = {"checkpoints": len(cks), "weights": weights.tolist(), "target": args.target, **proj}
-        elif method == "trak":
+            return s, {"checkpoints": len(cks), "weights": weights.tolist(), "target": args.target, **proj}
+        if method == "trak":
             cks = ckpts if args.trak_ensemble else ckpts[-1:]
             task = AttributionTask(loss_func=margin_func, model=model, checkpoints=cks)
             att = TRAKAttributor(task, correct_probability_func=correct_prob, projector_kwargs=dict(proj),
@@ -142,18 +143,24 @@ def main(argv=None) -> dict:
             with torch.no_grad():
                 att.cache(train)
                 s = att.attribute(test)
-            settings = {"checkpoints": len(cks), "regularization": args.trak_reg, **proj}
-        else:
-            raise SystemExit(f"--methods: unknown method {method!r}")
-        cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+            return s, {"checkpoints": len(cks), "regularization": args.trak_reg, **proj}
+        raise SystemExit(f"--methods: unknown method {method!r}")
+
+    for method in args.methods.split(","):
+        times = []
+        for _ in range(args.rounds):
+            c0, w0 = time.process_time(), time.perf_counter()
+            s, settings = run_one(method)
+            times.append((time.process_time() - c0, time.perf_counter() - w0))
+        cpu, wall = float(np.median([c for c, _ in times])), float(np.median([w for _, w in times]))
         s = s.T.to(torch.float64).numpy()
         if not np.isfinite(s).all():
             print(f"{method}: {int((~np.isfinite(s)).sum())} non-finite scores", file=sys.stderr)
         scores[f"scores_{method}"] = s
-        report[method] = {"cpu_s": cpu, "wall_s": wall, "settings": settings}
+        report[method] = {"cpu_s": cpu, "wall_s": wall, "cpu_each": [c for c, _ in times], "settings": settings}
         if args.lds_gt is not None:
             report[method]["dattri_lds"] = dattri_lds(s, args.lds_gt)
-        print(f"{method}: {cpu:.2f} CPU s, {wall:.2f} wall s, scores {s.shape}", flush=True)
+        print(f"{method}: {cpu:.2f} CPU s (median of {len(times)}), {wall:.2f} wall s, scores {s.shape}", flush=True)
     np.savez(args.out, **scores)
     meta = {"dattri": getattr(dattri, "__version__", None) or _dist_version("dattri"), "torch": torch.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "threads": args.threads,
