@@ -50,8 +50,9 @@ def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
         dd = f.d.to(acc) @ h.d.to(acc).t()
         if not weight:
             return dd
-        aa = f.a.to(acc) @ h.a.to(acc).t()
-        return (aa.add_(1.0) if bias else aa).mul_(dd)
+        fa, ha = f.a.to(acc), h.a.to(acc)
+        aa = torch.addmm(torch.ones((), dtype=acc, device=fa.device), fa, ha.t()) if bias else fa @ ha.t()
+        return aa.mul_(dd)
     if _pairwise_cheaper(n, f.rows, m, h.rows, d_in, d_out):
         out = torch.empty(n, m, dtype=acc, device=f.a.device)
         step = max(1, _BLOCK // max(1, h.a.shape[0] * f.rows)) * f.rows     # whole samples of F per block
@@ -111,23 +112,17 @@ def cross_gram(f: SampleFactors, h: SampleFactors, per_layer: dict | None = None
     acc = torch.float64 if torch.float64 in (f.dtype, h.dtype) else torch.float32
     device = next((x.a.device for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
         or (f.dense.g.device if f.dense is not None else torch.device("cpu"))
-    out = torch.zeros(f.n, h.n, dtype=acc, device=device)
-    for a, b in rows:
-        g = _rows_gram(a, b)
-        out += g
-        if per_layer is not None:
-            per_layer[a.name] = g
-    for a, b in toks:
-        g = _tokens_gram(a, b)
-        out += g
-        if per_layer is not None:
-            per_layer[a.name] = g
+    out = None
+    parts = [(a.name, lambda a=a, b=b: _rows_gram(a, b)) for a, b in rows]
+    parts += [(a.name, lambda a=a, b=b: _tokens_gram(a, b)) for a, b in toks]
     if f.dense is not None:
-        g = f.dense.g.to(acc) @ h.dense.g.to(acc).t()
-        out += g
+        parts.append(("<dense>", lambda: f.dense.g.to(acc) @ h.dense.g.to(acc).t()))
+    for name, term in parts:
+        g = term().to(acc)
         if per_layer is not None:
-            per_layer["<dense>"] = g
-    return out
+            per_layer[name] = g
+        out = (g.clone() if per_layer is not None else g) if out is None else out.add_(g)
+    return torch.zeros(f.n, h.n, dtype=acc, device=device) if out is None else out
 
 
 def sqnorms(f: SampleFactors) -> torch.Tensor:

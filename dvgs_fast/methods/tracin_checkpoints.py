@@ -20,6 +20,7 @@ from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast import grads
+from dvgs_fast._utils import own_rng
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
 from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
 from dvgs_fast.methods import _grad_training as T
@@ -89,8 +90,7 @@ class TracInCheckpoints(AttributionMixin, Valuation):
                     raise ValueError(f"max_time: the budget ran out after {c} of {len(self._states)} checkpoints")
                 prep.model.load_state_dict(sd)
                 prep.model.eval()
-                with grads.FrozenStatistics(prep.model), torch.random.fork_rng(
-                        devices=[run.device] if run.device.type == "cuda" else []):
+                with grads.FrozenStatistics(prep.model), own_rng(run.device):
                     yield c, lr
                 bar.update(1)
         finally:
