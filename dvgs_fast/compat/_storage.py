@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dvgs_fast._io import atomic_write_bytes, create_npy_memmap, save_npy
+
 MEMMAP_BYTES = 1 << 30          # 1 GiB of snapshots
 MEMMAP_FILES = 10_000
 SNAP_FILE = "dvgs_snapshots.npy"
@@ -45,7 +47,6 @@ def file_name(k: int) -> str:
 
 
 def write_meta(run_dir: Path, **meta) -> None:
-    from dvgs_fast._io import atomic_write_bytes
     atomic_write_bytes(run_dir / META_FILE, json.dumps(meta, indent=1).encode())
 
 
@@ -66,7 +67,7 @@ class FileWriter:
         self.run_dir = Path(run_dir)
 
     def write(self, k: int, sims: np.ndarray) -> None:
-        np.save(self.run_dir / file_name(k + 1), np.asarray(sims))
+        save_npy(self.run_dir / file_name(k + 1), sims)        # never through a link
 
     def close(self, k: int) -> None:
         pass
@@ -79,8 +80,7 @@ class MemmapWriter:
 
     def __init__(self, run_dir: Path, n: int, k_total: int, dtype):
         self.run_dir = Path(run_dir)
-        self.mm = np.lib.format.open_memmap(self.run_dir / SNAP_FILE, mode="w+", dtype=dtype, shape=(n, k_total),
-                                            fortran_order=True)
+        self.mm = create_npy_memmap(self.run_dir / SNAP_FILE, dtype, (n, k_total), fortran_order=True)
 
     def write(self, k: int, sims: np.ndarray) -> None:
         self.mm[:, k] = sims

@@ -632,8 +632,8 @@ class InRunShapley(Valuation):
 
     # ------------------------------------------------------------------------------------------
     def _diverged(self, epoch: int, step: int, value: float):
-        raise ValueError(f"lr: training diverged: the source loss (or a value) is {value} at epoch {epoch}, "
-                         f"step {step}; lower lr (now {self.lr:g}) or check the model and loss for overflow")
+        raise V.diverged("InRunShapley", "the source loss (or a value)", value, f"epoch {epoch}, step {step}",
+                         lr=self.lr, before_training=step == 0)
 
     @staticmethod
     def _target_loss(model: nn.Module, prep, xt, yt) -> float:

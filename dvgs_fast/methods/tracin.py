@@ -310,8 +310,8 @@ class _Loop:
                     opt.step()
                     if dev.type == "cpu":
                         if not math.isfinite(float(loss.detach())):
-                            raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at epoch "
-                                             f"{epoch}, step {step}; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "the source loss", float(loss.detach()),
+                                             f"epoch {epoch}, step {step}", lr=cfg.lr, before_training=step == 0)
                     else:                                      # no per-step sync on GPU: checked at checkpoints
                         bad = ~torch.isfinite(loss.detach())
                         bad_loss = bad if bad_loss is None else bad_loss | bad
@@ -319,8 +319,8 @@ class _Loop:
                     if k < len(self.ckpt_steps) and step == self.ckpt_steps[k]:
                         sync()
                         if bad_loss is not None and bool(bad_loss):
-                            raise ValueError(f"lr: training diverged before checkpoint {k} (step {step}): a "
-                                             f"non-finite source loss; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "a source loss", float("nan"),
+                                             f"a step before checkpoint {k} (step {step})", lr=cfg.lr)
                         t1 = time.perf_counter()
                         timings["train"] += t1 - t0
                         self._score(k, store, step)
