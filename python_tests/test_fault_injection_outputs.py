@@ -59,21 +59,29 @@ def _rows_and_size(out: Path) -> tuple[int, int]:
     return rows, json.loads((out / "metrics.json").read_text())["n_source"]
 
 
-def test_second_run_on_a_live_out_is_refused_and_the_first_keeps_its_files(tmp_path):
+def test_live_out_is_refused_and_a_killed_runs_folder_is_replaced(tmp_path):
+    """Started while the first run writes X.incomplete, a second run on X used to take that live
+    folder for stale and delete it (values.csv from one run, the report from the other). It is
+    refused (exit 2, naming the holder) and the first run's folder is untouched; once the first
+    run is killed (-9), its folder is stale and a third run replaces it."""
     gate = tmp_path / "gate"
     first = _spawn(tmp_path, 60, "X", gate)
     try:
         _wait_staged(first)                       # X.incomplete is live: values written, report not yet
+        before = (tmp_path / "X.incomplete" / "values.csv").read_bytes()
         rc, _, err = _finish(_spawn(tmp_path, 70, "X", None))
         assert rc == 2, err
         assert err.startswith("error: --out: ") and err.count("\n") == 1, err
         assert f"X.incomplete is being written by another dvgs-fast run (pid {first.pid} " in err, err
+        assert (tmp_path / "X.incomplete" / "values.csv").read_bytes() == before
+        assert first.poll() is None                # still running, still holding its folder
     finally:
-        gate.touch()
-    rc, _, err = _finish(first)
+        first.send_signal(signal.SIGKILL)         # its lock dies with it; X.incomplete stays
+        first.wait()
+    assert (tmp_path / "X.incomplete" / "values.csv").read_bytes() == before
+    rc, _, err = _finish(_spawn(tmp_path, 70, "X", None))
     assert rc == 0, err
-    assert _rows_and_size(tmp_path / "X") == (60, 60)
-    assert not (tmp_path / "X.incomplete").exists()
+    assert _rows_and_size(tmp_path / "X") == (70, 70) and not (tmp_path / "X.incomplete").exists()
 
 
 def test_two_runs_with_the_same_default_name_get_two_folders(tmp_path):
@@ -94,18 +102,6 @@ def test_two_runs_with_the_same_default_name_get_two_folders(tmp_path):
     assert _rows_and_size(one) == (60, 60) and _rows_and_size(two) == (70, 70)
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [one.name, two.name]
     assert f"report: {SAME_DEFAULT}-2/report.html" in results[1][1]        # says where it went
-
-
-def test_staging_folder_of_a_killed_run_is_replaced(tmp_path):
-    gate = tmp_path / "gate"
-    first = _spawn(tmp_path, 60, "X", gate)
-    _wait_staged(first)
-    first.send_signal(signal.SIGKILL)             # its lock dies with it; X.incomplete stays
-    assert _finish(first)[0] == -signal.SIGKILL
-    assert (tmp_path / "X.incomplete" / "values.csv").is_file()
-    rc, _, err = _finish(_spawn(tmp_path, 70, "X", None))
-    assert rc == 0, err
-    assert _rows_and_size(tmp_path / "X") == (70, 70) and not (tmp_path / "X.incomplete").exists()
 
 
 def test_out_name_too_long_is_a_user_error(tmp_path, capsys):
