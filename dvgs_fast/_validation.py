@@ -25,6 +25,9 @@ def resolve_device(device: Any) -> torch.device:
         raise ValueError(f"device: {device!r} is not a valid torch device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} requested but CUDA is not available in this torch build/machine")
+    if dev.type == "meta":
+        raise ValueError(f"device: {device!r} holds shapes without data, nothing can be valued there; use 'cpu' "
+                         f"or 'cuda'")
     return dev
 
 
@@ -41,8 +44,12 @@ def all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(lo.item()) and math.isfinite(hi.item())
 
 
-def as_float_tensor(x: Any, name: str, *, allow_none: bool = False) -> torch.Tensor | None:
-    """numpy array / tensor / nested list -> floating tensor (float64 stays float64), checked."""
+def as_float_tensor(x: Any, name: str, *, allow_none: bool = False,
+                    keep_integers: bool = False) -> torch.Tensor | None:
+    """numpy array / tensor / nested list -> floating tensor (float64 stays float64), checked.
+
+    keep_integers: integer inputs come back as int64 (they may be token ids for an Embedding;
+    the gradient methods decide with `_utils.model_input_dtype` once the model is built)."""
     if x is None:
         if allow_none:
             return None
@@ -56,7 +63,9 @@ def as_float_tensor(x: Any, name: str, *, allow_none: bool = False) -> torch.Ten
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if t.is_complex():
         raise ValueError(f"{name}: complex values are not supported (dtype {t.dtype})")
-    if not t.is_floating_point():  # integers and booleans become float32 features
+    if keep_integers and not t.is_floating_point() and t.dtype != torch.bool:
+        t = t.to(torch.int64)
+    elif not t.is_floating_point():  # integers and booleans become float32 features
         t = t.to(torch.float32)
     if t.dim() == 0:
         raise ValueError(f"{name}: expected an array of samples, got a scalar")
@@ -139,11 +148,16 @@ def tensor_device_of(*xs: Any) -> set[torch.device]:
 
 
 def check_devices(named: dict[str, Any]) -> None:
-    """All tensor inputs must live on one device (numpy inputs are placed by the method)."""
+    """All tensor inputs must live on one device (numpy inputs are placed by the method), one that
+    holds data (not 'meta')."""
     devs = {name: x.device for name, x in named.items() if isinstance(x, torch.Tensor)}
     if len(set(devs.values())) > 1:
         desc = ", ".join(f"{k} on {v}" for k, v in devs.items())
         raise ValueError(f"inputs are on different devices ({desc}); move them to one device")
+    for name, dev in devs.items():
+        if dev.type == "meta":
+            raise ValueError(f"{name}: is on the meta device (a shape without data); pass a tensor with values "
+                             f"(on the CPU or a GPU)")
 
 
 def infer_n_classes(*ys: torch.Tensor) -> int:

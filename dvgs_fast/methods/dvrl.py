@@ -5,7 +5,7 @@ with REINFORCE. Per outer iteration:
 
 1. draw an outer batch of `batch_size` source points (capped at N);
 2. draw `n_samples` selections s_k ~ Bernoulli(p) of that batch (a selection with nothing in it
-   is redrawn with p = 0.5, as the original code);
+   is redrawn with p = 0.5, as the original code, until it is not empty);
 3. train one predictor per selection, all from the *same initial weights*, on the batch rows
    weighted by s_k (`inner_iterations` full-batch Adam steps); the K models are trained together
    as one batched model (refit/batched.py), or, for a scikit-learn predictor, one clone each;
@@ -350,10 +350,11 @@ class DVRL(Valuation):
                              lr_name="learning_rate", lr=self.learning_rate)
                 S = torch.bernoulli(p.detach().to("cpu", torch.float64).expand(K, B).contiguous(), generator=gen)
                 empty = S.sum(1) == 0
-                if bool(empty.any()):
+                while bool(empty.any()):        # redrawn until not empty: an empty selection trains on 0/0
                     resampled += int(empty.sum())
                     S[empty] = torch.bernoulli(torch.full((int(empty.sum()), B), 0.5, dtype=torch.float64),
                                                generator=gen)
+                    empty = S.sum(1) == 0
                 with naming_divergence("DVRL", lambda: f"iteration {n_done} (the {K} selections' predictors)",
                                        lr_name="predictor_lr", lr=self.predictor_lr):
                     scores = refit.scores(idx, S)      # [K] float64, CPU

@@ -539,11 +539,11 @@ class InRunShapley(Valuation):
             x[b:] = xt
             if y is not x:
                 y[b:] = yt
-        w = torch.cat([torch.full((b,), 1.0 / b, dtype=xs.dtype, device=xs.device),
-                       torch.full((t,), 1.0 / t, dtype=xs.dtype, device=xs.device)])
+        w = torch.cat([torch.full((b,), 1.0 / b, dtype=prep.dtype, device=xs.device),     # the model's dtype:
+                       torch.full((t,), 1.0 / t, dtype=prep.dtype, device=xs.device)])    # xs may hold token ids
         pw = [e.credit_w and (self.dot_route == "pairwise" or GP.pairwise_cheaper(b, 1, t, 1, e.d_in, e.d_out))
               for e in plan.linears]
-        return _FusedShape(x, y, w, pw, torch.ones((), dtype=xs.dtype, device=xs.device))
+        return _FusedShape(x, y, w, pw, torch.ones((), dtype=prep.dtype, device=xs.device))
 
     def _fused_step(self, ctx: "_StepContext", plan: _FusedPlan, prep, idx, tidx, timings) -> torch.Tensor | None:
         """One training step with the target rows in the same forward; returns φ [B], or None (and

@@ -167,14 +167,14 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
             for a, b, x, y in source.iter_chunks(lo, hi, cfg.source_batch_size):
                 if a > 0:        # chunk 0 keeps the snapshot's own stream
                     torch.manual_seed(chunk_seed(spec.seed, k, a))
-                x = x.to(device=device, dtype=dtype, non_blocking=True)
+                x = x.to(device=device, dtype=spec.x_dtype, non_blocking=True)
                 y = x if not spec.source_labels else cast_labels(y, dtype).to(device, non_blocking=True)
                 sim = scorer.score(x, y, target).detach().cpu().numpy()
                 if not np.isfinite(sim).all():
                     bad = np.flatnonzero(~np.isfinite(sim))
                     if len(bad) == len(sim) and len(sim) > 1:      # every row: the model, not the data
                         raise V.diverged("DVGS", f"the similarity of every source row {a}:{b} (the gradients "
-                                         f"overflow)", float(sim[0]), f"snapshot {k}, {where(step)}", lr=cfg.lr)
+                                         f"overflow)", float(sim[0]), f"{where(step)} (snapshot {k})", lr=cfg.lr)
                     raise ValueError(f"x_source: the similarity of source row {a + int(bad[0])} is not finite at "
                                      f"snapshot {k}, at {where(step)} ({len(bad)} of rows {a}:{b}): its loss gradient "
                                      f"overflowed; rescale the inputs or lower lr (now {cfg.lr:g})")
@@ -230,6 +230,8 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                         t0 = time.perf_counter()
                         save(pos=bi + 1, rng_shuffle=epoch_rng)
                         timings["checkpoint"] += time.perf_counter() - t0
+                    if ctx.enabled and (step - 1) % cfg.compute_every == 0:
+                        ctx.check_peers()       # a rank whose rows failed stops every rank now
                     # Every rank decides alike (rank 0's clock), so all stop after the same snapshot.
                     if (step - 1) % cfg.compute_every == 0 and budget.max_time is not None:
                         stopped = ctx.broadcast_object(budget.exhausted())
@@ -252,9 +254,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                     break                       # restart finished: go reset for the next one
             if stopped:
                 break
+        watch.check()
+        ctx.check_peers()                         # before the last collective, as in the loop
     finally:
         bar.close()
-    watch.check()
     sums = np.array(store.sums_after(k))          # [2, N]: sum of similarities and of their squares
     if ctx.enabled:                     # zeros outside each rank's rows: the sum is exact
         sums = ctx.all_reduce_sum(sums)
