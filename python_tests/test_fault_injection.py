@@ -371,8 +371,8 @@ def test_deferred_divergence_check_names_the_first_bad_step():
         watch.observe(torch.tensor(v), step)
         if step == 4:
             watch.check()                          # nothing bad yet
-    with pytest.raises(ValueError, match=r"^lr: training diverged in DVGS: the target loss is nan at restart 0, epoch 1, "
-                                         r"step 1 \(global step 5\); lower lr \(now 0.1\)"):
+    with pytest.raises(ValueError, match=r"^lr: training diverged in DVGS: the target loss is nan at restart 0, "
+                                         r"epoch 1, step 1 \(global step 5\); lower lr \(now 0.1\)"):
         watch.check()
 
 
