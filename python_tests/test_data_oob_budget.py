@@ -61,3 +61,16 @@ def test_sklearn_refits_stop_before_the_next_model():
     assert elapsed < 1.0 + 0.25 + 1.5, f"{elapsed:.1f} s for a 1 s budget"
     full = DataOOB(_Slow(), n_estimators=done, seed=0, progress=False).fit(*_data())
     np.testing.assert_array_equal(res.values, full.values)      # the first `done` models of the full run
+
+
+def test_derive_seed_keeps_its_values_and_returns_a_python_int():
+    """numpy 1.x has no `uint64 >> int` (DataOOB crashed in derive_seed on numpy 1.26; the job
+    .ci/oldest-deps runs the suite's DataOOB tests on numpy 1.23): the shift is done on a Python
+    int, with the same bits as before (these seeds pick every bootstrap, snapshot and chunk)."""
+    from dvgs_fast.methods.base import derive_seed
+    from dvgs_fast.methods.dvgs.loop import chunk_seed, snapshot_seed
+    assert derive_seed(1, 2) == 7764949442709860949 and type(derive_seed(1, 2)) is int
+    seq = np.random.SeedSequence([3, 5, 0x44564753]).generate_state(1, dtype=np.uint64)
+    assert snapshot_seed(3, 5) == int(seq[0]) >> 1
+    assert chunk_seed(3, 5, 64) == int(np.random.SeedSequence([3, 5, 64, 0x43484E4B]).generate_state(
+        1, dtype=np.uint64)[0]) >> 1
