@@ -32,8 +32,8 @@ class SymlinkError(ValueError):
             target = os.readlink(path)
         except OSError:
             target = "?"
-        super().__init__(f"{self.path} is a symbolic link (to {target}); dvgs_fast never writes through a "
-                         f"link inside a run folder: remove the link")
+        super().__init__(f"{self.path} is a symbolic link (to {target}); dvgs_fast does not write through or "
+                         f"over links in its run folders and result files: remove the link or choose another path")
 
 
 def refuse_link(path: str | os.PathLike) -> None:
