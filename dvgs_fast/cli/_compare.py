@@ -63,10 +63,12 @@ def run_compare(plan, t_start: float) -> int:
             takers = [m for m in methods if (accepted_params(m) is None or k in accepted_params(m))]
             if not takers:
                 raise CLIError(f"{flag_of(k)}: none of the methods {', '.join(methods)} has a {k!r} setting")
-    stage = StagedOutput(plan.out, plan.overwrite, names=OUTPUT_NAMES) if plan.main_rank else None
+    stage = (StagedOutput(plan.out, plan.overwrite, names=OUTPUT_NAMES, unique=plan.out_is_default)
+             if plan.main_rank else None)
     if stage is not None:
         try:
             stage.open(plan.command)
+            plan.out = stage.out           # a default name may have moved on to the next free one
         except (ValueError, OSError) as exc:
             raise CLIError(one_line(exc)) from None
         (stage.stage / VALUES_DIR).mkdir()

@@ -20,11 +20,20 @@ OPTIMIZERS = ("adam", "sgd")
 _B1, _B2, _EPS = 0.9, 0.999, 1e-8
 
 
+class BudgetHit(Exception):
+    """`should_stop()` said so between two steps: the refit is abandoned, unfinished."""
+
+
 def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params], *, steps: int,
-                  lr: float) -> Params:
-    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params."""
+                  lr: float, should_stop: Callable[[], bool] | None = None) -> Params:
+    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params.
+
+    `should_stop` (e.g. a time budget) is asked before every step; True raises BudgetHit, so a
+    long batch of refits never overruns a budget by more than one step."""
     if name == "sgd":
         for _ in range(steps):
+            if should_stop is not None and should_stop():
+                raise BudgetHit
             g = grad_fn(params)
             params = {k: sgd_update(p, g[k], lr) for k, p in params.items()}
         return params
@@ -33,6 +42,8 @@ def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params]
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
     for t in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            raise BudgetHit
         g = grad_fn(params)
         new = {}
         for k, p in params.items():

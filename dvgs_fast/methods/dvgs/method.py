@@ -55,7 +55,7 @@ from typing import Any, Callable
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast.distributed import context_for
+from dvgs_fast.distributed import PeerFailed, context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.runstate import CheckpointFiles, DirLock
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
@@ -254,6 +254,12 @@ class DVGS(AttributionMixin, Valuation):
             spec = prepare(self, x_source, y_source, x_target, y_target, ctx, base_run, files)
             timings["setup"] = time.perf_counter() - t_start
             est = train_and_score(self, spec, timings, base_run.budget)
+        except Exception as exc:
+            # Launched without torchrun, nothing else stops the other ranks: they learn of this
+            # failure at their next sync point (every collective is preceded by one).
+            if ctx.enabled and not isinstance(exc, PeerFailed):
+                ctx.check_peers(exc)          # re-raises exc
+            raise
         finally:
             if lock is not None:
                 lock.release()
