@@ -83,7 +83,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--query-chunk", type=int, default=5000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--summary", action="store_true",
+                    help="only summarise the query chunks finished so far (results_partial.md), compute nothing")
     args = ap.parse_args(argv)
+    if args.summary:
+        return summary(Path(args.out), args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +176,33 @@ def main(argv=None) -> dict:
     (out / "results.md").write_text("\n".join(md))
     print("\n".join(md))
     return result
+
+
+def summary(out: Path, args) -> dict:
+    """What the finished chunks measured, and the whole run's CPU time at their rate."""
+    chunks = [json.loads(line) for line in (out / "chunks.jsonl").read_text().splitlines()]
+    done = sum(c["q1"] - c["q0"] for c in chunks)
+    cpu = sum(c["cpu_s"] for c in chunks)
+    wall = sum(c["wall_s"] for c in chunks)
+    scores = done * args.n
+    res = {"queries_done": done, "queries": args.queries, "n_train": args.n, "dim": args.dim,
+           "cpu_s": cpu, "wall_s": wall, "gflop_per_cpu_s": 2 * scores * args.dim / cpu / 1e9,
+           "projected_total_cpu_s": cpu * args.queries / done, "peak_rss_bytes": max(c["peak_rss_bytes"] for c in chunks),
+           "chunks": chunks}
+    md = [f"# TRAK-scale scoring, partial: {done:,} of {args.queries:,} queries x {args.n:,} training rows, "
+          f"k = {args.dim}", "",
+          "| what | value |", "|---|---|",
+          f"| query chunks finished | {len(chunks)} ({done:,} queries, each against all {args.n:,} rows, "
+          f"top-{args.top_k} written) |",
+          f"| CPU time | {cpu:,.0f} s ({2 * scores * args.dim / cpu / 1e9:.1f} GFLOP per CPU second), "
+          f"{threads_note(args.threads)} |",
+          f"| wall time | {wall:,.0f} s (load average {chunks[0]['load_before']}-{chunks[-1]['load_after']}) |",
+          f"| peak RSS | {res['peak_rss_bytes'] / 2**30:.2f} GiB (ru_maxrss; the same for any number of chunks) |",
+          f"| the whole run at this rate | {res['projected_total_cpu_s']:,.0f} CPU s |", ""]
+    (out / "results_partial.md").write_text("\n".join(md))
+    (out / "results_partial.json").write_text(json.dumps(res, indent=1))
+    print("\n".join(md))
+    return res
 
 
 def threads_note(t: int) -> str:

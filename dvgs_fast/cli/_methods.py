@@ -27,6 +27,12 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
     "tracin": ("dvgs_fast.methods.tracin", "TracIn", {}, "TracIn-CP (Pruthi et al. 2020)"),
     "data_oob": ("dvgs_fast.methods.data_oob", "DataOOB", {}, "Data-OOB: out-of-bag scores of bootstrap refits"),
+    # The API scores a model as passed (epochs=0, as dattri's GradDot); the command line builds an
+    # untrained model, so it trains it on the source first, as TracIn does (its default 50 epochs).
+    "grad_dot": ("dvgs_fast.methods.grad_similarity", "GradDot", {"epochs": 50},
+                 "grad-dot: gradient dot product at the model trained on the source"),
+    "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
+                 "grad-cos: gradient cosine at the model trained on the source"),
     "trak": ("dvgs_fast.methods.trak", "TRAK", {"epochs": 30, "n_models": 5},
              "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
     "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
