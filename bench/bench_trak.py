@@ -7,10 +7,12 @@ beside traker 0.3.2, TracIn and grad-dot, and featurisation speed against traker
 Writes results.json and results.md into --out (ground truths cached there as gt_<task>.npz).
 Not collected by pytest (~30-40 minutes on 2 shared cores).
 
-Ground truth (bench/_lds.py, standing in for dvgs_fast.evaluate.counterfactual, not merged on
-this branch; same definitions): 50 random half-subsets of the training rows, 2 trainings each
-(own initialisation and data order), the queries' margins averaged; LDS = mean over queries of
-the Spearman correlation between summed scores and retrained margins, ± its standard error.
+Ground truth: ``dvgs_fast.evaluate.counterfactual.lds_ground_truth`` (random half-subsets of the
+training rows, each retrained with every seed, the queries' margins averaged; digits: 100
+subsets x 3 seeds as bench/quality/attribution; the other tasks: 50 x 2), scored by its ``lds``
+(mean over queries of the Spearman correlation between summed scores and retrained margins, ±
+its standard error). The models attributed are the recipe's (``reference_model``) with seeds
+1000-1004.
 
 Parts
   reg     the default of ``regularization`` (λ = reg × tr(ΦᵀΦ)/k), chosen WITHOUT digits: LDS of
@@ -58,10 +60,10 @@ from torch import nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _lds import Recipe, lds, lds_ground_truth, train  # noqa: E402
 from _timing import load_avg  # noqa: E402
 
 from dvgs_fast import GradDot, TracIn  # noqa: E402
+from dvgs_fast.evaluate import counterfactual as cf  # noqa: E402
 from dvgs_fast.methods.trak import TRAK, LoGraInfluence  # noqa: E402
 from dvgs_fast.methods.trak.trak import REGULARIZATION  # noqa: E402
 
@@ -89,13 +91,13 @@ def task(name):
     from dvgs_fast import datasets
     if name == "digits":
         data = _tensors(datasets.load_digits().split(n_source=1000, n_target=300, n_test=400, seed=0))
-        return data, Recipe(mlp(64, 32, 10), epochs=30, batch_size=64, lr=3e-3), (64, 32, 10)
+        return data, adam_recipe(mlp(64, 32, 10), epochs=30, batch_size=64), (64, 32, 10)
     if name == "breast_cancer":
         data = _tensors(datasets.load_breast_cancer().split(n_source=300, n_target=100, n_test=100, seed=0))
-        return data, Recipe(mlp(30, 32, 2), epochs=30, batch_size=32, lr=3e-3), (30, 32, 2)
+        return data, adam_recipe(mlp(30, 32, 2), epochs=30, batch_size=32), (30, 32, 2)
     if name == "adult":
         data = _tensors(datasets.load_adult().split(n_source=1000, n_target=300, n_test=300, seed=0))
-        return data, Recipe(mlp(108, 32, 2), epochs=20, batch_size=64, lr=3e-3), (108, 32, 2)
+        return data, adam_recipe(mlp(108, 32, 2), epochs=20, batch_size=64), (108, 32, 2)
     if name == "synthetic":
         from sklearn.datasets import make_classification
         x, y = make_classification(n_samples=1300, n_features=20, n_informative=10, n_classes=5, random_state=0)
@@ -103,31 +105,35 @@ def task(name):
         t = lambda a, dt: torch.as_tensor(a, dtype=dt)   # noqa: E731
         data = (t(x[:1000], torch.float32), t(y[:1000], torch.long), t(x[1000:], torch.float32),
                 t(y[1000:], torch.long))
-        return data, Recipe(mlp(20, 32, 5), epochs=30, batch_size=64, lr=3e-3), (20, 32, 5)
+        return data, adam_recipe(mlp(20, 32, 5), epochs=30, batch_size=64), (20, 32, 5)
     raise ValueError(name)
 
 
+def adam_recipe(make, epochs, batch_size):
+    """Adam lr 3e-3 (bench_counterfactual's MLP recipe), as a counterfactual TrainingRecipe."""
+    rec = cf.TrainingRecipe(make, optimizer="adam", lr=3e-3, epochs=epochs, batch_size=batch_size)
+    return rec
+
+
+def make_model(rec):
+    return rec.initial_module(0)
+
+
 def ground_truth(name, out: Path):
-    from _lds import GroundTruth
-    path = out / f"gt_{name}.npz"
-    data, recipe, _ = task(name)
-    if path.exists():
-        z = np.load(path)
-        return GroundTruth(z["masks"], z["outputs"], int(z["seeds"]))
-    t0 = time.process_time()
-    gt = lds_ground_truth(recipe, *data, n_subsets=50, seeds=2)
-    np.savez(path, masks=gt.masks, outputs=gt.outputs, seeds=gt.seeds, cpu_s=time.process_time() - t0)
-    return gt
+    """LDS ground truth, cached by the counterfactual module under <out>/gt (fingerprinted)."""
+    data, rec, _ = task(name)
+    n_subsets, seeds = (100, 3) if name == "digits" else (50, 2)
+    return cf.lds_ground_truth(rec, *data, n_subsets=n_subsets, seeds=seeds, cache_dir=out / "gt", progress=False)
 
 
-def members(recipe, xs, ys, m=M):
-    return [train(recipe, xs, ys, seed=1000 + s).state_dict() for s in range(m)]
+def members(rec, xs, ys, m=M):
+    return [cf.reference_model(rec, xs, ys, seed=1000 + s).state_dict() for s in range(m)]
 
 
 def row(label, scores, gt, **extra):
-    mean, se, _ = lds(np.asarray(scores), gt)
-    print(f"  {label}: LDS {mean:.3f} ± {se:.3f}", flush=True)
-    return {"label": label, "lds": mean, "stderr": se, **extra}
+    c = cf.lds(np.asarray(scores), gt)
+    print(f"  {label}: LDS {c.mean:.3f} ± {c.stderr:.3f}", flush=True)
+    return {"label": label, "lds": c.mean, "stderr": c.stderr, **extra}
 
 
 # ------------------------------------------------------------------------------------------ reg
@@ -141,7 +147,7 @@ def part_reg(out: Path) -> dict:
             store = Path(tempfile.mkdtemp(prefix="trak_reg_"))
             try:
                 for reg in REG_GRID:
-                    r = TRAK(recipe.make_model(), checkpoints=mem[:m], proj_dim=K, regularization=reg,
+                    r = TRAK(make_model(recipe), checkpoints=mem[:m], proj_dim=K, regularization=reg,
                              store_dir=store, progress=False, seed=0).attribute(xs, ys, xq, yq)
                     cells.setdefault(f"{name}, M={m}", {})[reg] = row(f"{name} M={m} reg={reg}", r.scores, gt)["lds"]
             finally:
@@ -198,14 +204,14 @@ def part_digits(out: Path, default_reg: float) -> dict:
                 for reg, what in ((0.0, "no regularisation"), (default_reg, "default rule")):
                     if structure == "dense" and reg == 0.0:
                         continue
-                    r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg,
+                    r = TRAK(make_model(recipe), checkpoints=mem[:m], regularization=reg,
                              projection_structure=structure, store_dir=store / f"m{m}{structure}",
                              **kw).attribute(xs, ys, xq, yq)
                     how = STRUCTURE_LABEL[structure]
                     rows.append(row(f"TRAK (ours, {how}), k={K}, M={m}, reg={reg} ({what})", r.scores, gt,
                                     method="trak", models=m, regularization=reg, structure=structure))
             for reg in REG_GRID:
-                r = TRAK(recipe.make_model(), checkpoints=mem[:m], regularization=reg,
+                r = TRAK(make_model(recipe), checkpoints=mem[:m], regularization=reg,
                          store_dir=store / f"m{m}khatri_rao", **kw).attribute(xs, ys, xq, yq)
                 sweep.append(row(f"sweep M={m} reg={reg}", r.scores, gt, models=m, regularization=reg))
         files = save_for_traker(tmp, data, mem, dims)
@@ -217,18 +223,18 @@ def part_digits(out: Path, default_reg: float) -> dict:
             rep = run_traker(sub, tmp / f"t{m}_rel.npz", "--relative-reg", str(default_reg))
             rows.append(row(f"traker 0.3.2, k={K}, M={m}, lambda_reg = {default_reg} x tr(XᵀX)/k of its features "
                             f"(= {rep['lambda_reg']:.3g})", rep.pop("scores"), gt, method="traker", models=m, traker=rep))
-        n_params = sum(p.numel() for p in recipe.make_model().parameters())
+        n_params = sum(p.numel() for p in make_model(recipe).parameters())
         for k, structure, label in ((K, "kronecker", f"k={K}, Kronecker (its default)"),
                                     (K, "khatri_rao", f"k={K}, Khatri-Rao"),
                                     (n_params, "kronecker", f"k={n_params} = every parameter (influence, damped Fisher)")):
-            r = LoGraInfluence(recipe.make_model(), checkpoints=mem[:1], proj_dim=k, projection_structure=structure,
+            r = LoGraInfluence(make_model(recipe), checkpoints=mem[:1], proj_dim=k, projection_structure=structure,
                                progress=False, seed=0).attribute(xs, ys, xq, yq)
             rows.append(row(f"LoGra (ours), {label}, model 0, damping 0.1", r.scores, gt, method="logra", proj_dim=k,
                             structure=structure))
-        r = TracIn(recipe.make_model, epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+        r = TracIn(lambda: make_model(recipe), epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
                    optimizer="adam", n_checkpoints=5, progress=False, seed=0).attribute(xs, ys, xq, yq)
         rows.append(row("TracIn (ours), 5 checkpoints of one run of the recipe", r.scores, gt, method="tracin"))
-        model0 = recipe.make_model()
+        model0 = make_model(recipe)
         model0.load_state_dict(mem[0])
         r = GradDot(model0, progress=False, seed=0).attribute(xs, ys, xq, yq)
         rows.append(row("grad-dot (ours), model 0", r.scores, gt, method="grad_dot"))
@@ -253,7 +259,7 @@ def part_seeds(out: Path, default_reg: float, n_seeds: int = 5) -> dict:
         for m in (1, M):
             for s in range(n_seeds):
                 for structure in STRUCTURES:
-                    r = TRAK(recipe.make_model(), checkpoints=mem[:m], proj_dim=K, regularization=default_reg,
+                    r = TRAK(make_model(recipe), checkpoints=mem[:m], proj_dim=K, regularization=default_reg,
                              projection_structure=structure, progress=False, seed=s).attribute(xs, ys, xq, yq)
                     cells.setdefault(f"ours {structure} M={m}", []).append(
                         row(f"ours {structure} M={m} seed {s}", r.scores, gt)["lds"])
@@ -284,7 +290,7 @@ def part_speed(out: Path, rounds: int) -> dict:
                         torch.set_num_threads(threads)
                         d = Path(tempfile.mkdtemp(dir=tmp))
                         c0, w0 = time.process_time(), time.perf_counter()
-                        TRAK(recipe.make_model(), checkpoints=mem, proj_dim=K, projection_structure=who, store_dir=d,
+                        TRAK(make_model(recipe), checkpoints=mem, proj_dim=K, projection_structure=who, store_dir=d,
                              progress=False, seed=0).featurize(xs, ys)
                         c, w = time.process_time() - c0, time.perf_counter() - w0
                         shutil.rmtree(d)
