@@ -93,6 +93,7 @@ def test_cli_modules_have_no_import_circle():
 
 def test_gradient_methods_use_the_engine_public_surface():
     users = [PKG / "methods" / "tracin.py", PKG / "methods" / "in_run_shapley.py", *sorted((PKG / "compat").glob("*.py")),
+             *sorted((PKG / "methods" / "trak").glob("*.py")),
              *sorted((PKG / "methods" / "dvgs").glob("*.py")), *sorted((PKG / "cli").glob("*.py"))]
     bad = []
     for path in users:

@@ -78,8 +78,10 @@ class AttributionMixin:
 
 
 def _length(x: Any, name: str) -> int:
+    from dvgs_fast.sources import as_source, is_chunked_input
     try:
-        n = len(x)
+        # a streamed source (an iterator factory) is counted by a pass over it
+        n = len(as_source(x)) if is_chunked_input(x) and not hasattr(x, "__len__") else len(x)
     except TypeError:
         raise ValueError(f"{name}: expected an array or tensor with one row per sample, got "
                          f"{type(x).__name__}") from None

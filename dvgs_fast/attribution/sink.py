@@ -109,18 +109,17 @@ class ScoreSink:
         if self.callback is not None:
             self.callback(q0, q1, s0, s1, t.numpy())
         if self._top is not None:
+            # The block's own k best first (in its dtype, no copy of the block), then a merge of
+            # 2k candidates per query: the cost stays one top-k pass over the block.
             hv, hi, lv, li = self._top
-            t64 = t.to(torch.float64)
-            idx = torch.arange(s0, s1, dtype=torch.int64).expand(q1 - q0, -1)
             k = self.top_k
-            v = torch.cat([hv[q0:q1], t64], 1)
-            i = torch.cat([hi[q0:q1], idx], 1)
-            top = v.topk(k, dim=1)
-            hv[q0:q1], hi[q0:q1] = top.values, i.gather(1, top.indices)
-            v = torch.cat([lv[q0:q1], t64], 1)
-            i = torch.cat([li[q0:q1], idx], 1)
-            bot = v.topk(k, dim=1, largest=False)
-            lv[q0:q1], li[q0:q1] = bot.values, i.gather(1, bot.indices)
+            for largest, vals, inds in ((True, hv, hi), (False, lv, li)):
+                kb = min(k, s1 - s0)
+                bt = t.topk(kb, dim=1, largest=largest)
+                v = torch.cat([vals[q0:q1], bt.values.to(torch.float64)], 1)
+                i = torch.cat([inds[q0:q1], bt.indices + s0], 1)
+                m = v.topk(k, dim=1, largest=largest)
+                vals[q0:q1], inds[q0:q1] = m.values, i.gather(1, m.indices)
 
     def scale(self, factor: float) -> None:
         """Multiply the accumulated scores (e.g. a mean over passes), before finish()."""

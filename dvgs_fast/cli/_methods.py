@@ -33,6 +33,10 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                  "grad-dot: gradient dot product at the model trained on the source"),
     "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
                  "grad-cos: gradient cosine at the model trained on the source"),
+    "trak": ("dvgs_fast.methods.trak", "TRAK", {"epochs": 30, "n_models": 5},
+             "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
+    "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
+              "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

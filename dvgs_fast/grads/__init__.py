@@ -33,6 +33,12 @@ private names):
     ``sqnorms(F)`` and ``batch_dots(F, V)`` (dots with Q gradient-shaped tensors), all in gram.py;
     ``dense_factors(model, names, x, y, loss)``: the same from explicit per-sample gradients;
     ``materialise(F, shapes)``: the per-sample gradients formed, {name: [n, *shape]}.
+``Projector(dim, layer_dims=, kind=, seed=, structure=)`` (project.py)
+    random projections of per-sample gradients from their factored form: Kronecker-structured
+    P_out G P_inᵀ per Linear / conv / Embedding layer from (a, δ) (LoGra; or, for layers small
+    enough, a dense JL of the gradient formed from its factors), a dense JL matrix for the
+    DenseGrads; ``project(F) -> [n, dim]``, ``project_gradients`` (the same map on explicit
+    gradients), ``project_vectors`` (any [n, P]); reproducible from its seed, ``fingerprint()``.
 ``ReferenceScorer``, ``per_sample_grads(model, names, x, y, sample_loss)``
     explicit per-sample gradients by torch.func: the float64 truth for tests and the route of
     last resort. ``check_vmappable(model)`` refuses models it cannot batch, up front.
@@ -55,13 +61,16 @@ from dvgs_fast.grads import pairwise
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors, dense_factors, materialise
 from dvgs_fast.grads.frozen import FrozenStatistics
 from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
+from dvgs_fast.grads.project import KINDS as PROJECTION_KINDS
+from dvgs_fast.grads.project import STRUCTURES as PROJECTION_STRUCTURES
+from dvgs_fast.grads.project import LayerPlan, Projector
 from dvgs_fast.grads.losses import SampleLoss, cast_labels, make_sample_loss
 from dvgs_fast.grads.record import Call, ForwardRecorder
 from dvgs_fast.grads.reference import ReferenceScorer, check_vmappable, per_sample_grads, torch_similarity
 from dvgs_fast.grads.scorer import FastScorer, LayerRoute, Recording, SlowRouteWarning
 
 __all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
-           "materialise", "sqnorms",
+           "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "PROJECTION_STRUCTURES", "Projector",
            "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
            "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",
            "per_sample_grads", "torch_similarity"]

@@ -23,6 +23,8 @@ _LAZY = {
     "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
     "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),
     "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
+    "TRAK": ("dvgs_fast.methods.trak", "TRAK"),
+    "LoGraInfluence": ("dvgs_fast.methods.trak", "LoGraInfluence"),
 }
 
 __all__ = list(_LAZY)
