@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvgs_fast import DVGS, GradCos, GradDot, InRunShapley, TracIn
+from dvgs_fast import DVGS, GradCos, GradDot, InRunShapley, TracIn, TracInCheckpoints
 from dvgs_fast.attribution import ScoreSink
 
 
@@ -80,6 +80,23 @@ def test_tracin_rows_equal_fit_with_one_query(backend):
         val = TracIn(_mlp(), **kw).fit(xs, ys, xq[j:j + 1], yq[j:j + 1])
         np.testing.assert_allclose(att.scores[j], val.values, rtol=1e-9, atol=1e-14)
     assert np.abs(att.scores).max() > 1e-4
+
+
+def test_tracin_over_given_checkpoints_equals_explicit_sum():
+    xs, ys, xq, yq = _data(m=4)
+    cks = [_mlp(seed=s) for s in (1, 2, 3)]
+    lrs = [0.1, 0.05, 0.2]
+    att = TracInCheckpoints(_mlp(), [c.state_dict() for c in cks], lrs, progress=False, seed=0,
+                            source_batch_size=9).attribute(xs, ys, xq, yq, dtype="float64", query_batch_size=3)
+    ref = sum(lr * (_explicit(c, xq, yq) @ _explicit(c, xs, ys).t()) for c, lr in zip(cks, lrs))
+    np.testing.assert_allclose(att.scores, ref.numpy(), rtol=1e-9, atol=1e-13)
+    val = TracInCheckpoints(_mlp(), cks, lrs, progress=False, seed=0).fit(xs, ys, xq, yq)
+    np.testing.assert_allclose(val.values, ref.mean(0).numpy(), rtol=1e-9, atol=1e-13)
+    assert val.counts.tolist() == [3] * xs.shape[0] and np.isfinite(val.stderr).all()
+    with pytest.raises(ValueError, match="lrs: 2 learning rates for 3 checkpoints"):
+        TracInCheckpoints(_mlp(), cks, [0.1, 0.2])
+    with pytest.raises(ValueError, match="checkpoints: item 0 does not fit"):
+        TracInCheckpoints(_mlp(), [nn.Linear(5, 3).double()], progress=False).fit(xs, ys, xq, yq)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])

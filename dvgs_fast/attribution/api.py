@@ -90,10 +90,22 @@ def _length(x: Any, name: str) -> int:
     return int(n)
 
 
+def one_process(distributed, device):
+    """The distributed context of an attribute() call: it runs in one process (the score matrix is
+    not sharded across ranks), so a torchrun launch is refused up front."""
+    from dvgs_fast.distributed import context_for
+    ctx = context_for(distributed, device)
+    if ctx.enabled:
+        ctx.close()
+        raise ValueError("distributed: attribute() runs in one process (the score matrix is not sharded across "
+                         "ranks); call it without torchrun or with distributed=False")
+    return ctx
+
+
 def query_error(exc: ValueError) -> ValueError:
     """A method's input check speaks of the target set; in attribute() that set is the queries."""
     msg = str(exc).replace("x_target", "x_query").replace("y_target", "y_query")
     return ValueError(msg)
 
 
-__all__ = ["AttributionMixin", "query_error"]
+__all__ = ["AttributionMixin", "one_process", "query_error"]

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from dvgs_fast import _validation as V
 from dvgs_fast import grads
 from dvgs_fast.attribution.sink import ScoreSink
 
@@ -77,7 +78,7 @@ def score_pass(factors_of: FactorsOf, source_blocks: Iterable, queries, sink: Sc
             block = pair_similarity(grads.cross_gram(qf, f), q_sq, s_sq, similarity, eps)     # [q, s]
             if weight != 1.0:
                 block = block * weight
-            if not bool(torch.isfinite(block).all()):
+            if not V.all_finite(block):
                 bad = (~torch.isfinite(block)).any(0).nonzero().reshape(-1)
                 raise ValueError(f"x_source: the gradient of source row {s0 + int(bad[0])} (or of a query) is not "
                                  f"finite: rescale the inputs, or the model diverged")

@@ -65,7 +65,8 @@ class ScoreSink:
             self.matrix = _open_npy(self._tmp, shape, self.dtype)
         elif self.keep or self.accumulate:
             if nbytes <= IN_MEMORY_BYTES and self.keep:
-                self.matrix = np.zeros(shape, dtype=self.dtype)
+                # every block is written once unless accumulating (then it must start at zero)
+                self.matrix = (np.zeros if self.accumulate else np.empty)(shape, dtype=self.dtype)
             else:                                     # too large for memory, or only needed while summing
                 fd, tmp = tempfile.mkstemp(prefix="dvgs_fast_scores.", suffix=".npy")
                 os.close(fd)

@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from ._compare_report import (COMPARE_HTML, COMPARE_JSON, COMPARE_MD, METRIC_COLUMNS, OUTPUT_NAMES, PLOTS_DIR,
-                              RUNS_CSV, VALUES_DIR, banner, curves_line, status_of,
+from ._compare_report import (COMPARE_HTML, COMPARE_JSON, COMPARE_MD, GROUND_TRUTH_DIR, METRIC_COLUMNS, OUTPUT_NAMES,
+                              PLOTS_DIR, RUNS_CSV, VALUES_DIR, banner, curves_line, status_of,
                               plot_mean_curves, plot_mean_discovery, plot_metric_by_method, plot_times,
                               render_html, render_markdown, summarize_runs, summary_table_rows, write_runs_csv)
 from ..report import jsonable
+from ._counterfactual import attribution_metrics, ground_truths
 from ._errors import CLIError, one_line
 from ._options import METHOD_OPTIONS, PROG, flag_of
 from ._pipeline import accepted_params, build_method, load_data, run_method, score_values, versions
@@ -62,10 +63,12 @@ def run_compare(plan, t_start: float) -> int:
             takers = [m for m in methods if (accepted_params(m) is None or k in accepted_params(m))]
             if not takers:
                 raise CLIError(f"{flag_of(k)}: none of the methods {', '.join(methods)} has a {k!r} setting")
-    stage = StagedOutput(plan.out, plan.overwrite, names=OUTPUT_NAMES) if plan.main_rank else None
+    stage = (StagedOutput(plan.out, plan.overwrite, names=OUTPUT_NAMES, unique=plan.out_is_default)
+             if plan.main_rank else None)
     if stage is not None:
         try:
             stage.open(plan.command)
+            plan.out = stage.out           # a default name may have moved on to the next free one
         except (ValueError, OSError) as exc:
             raise CLIError(one_line(exc)) from None
         (stage.stage / VALUES_DIR).mkdir()
@@ -77,6 +80,9 @@ def run_compare(plan, t_start: float) -> int:
     method_settings: dict[str, Any] = {}
     models: dict[str, str] = {}
     first = None
+    gt_cost: list[tuple[float, float]] = []
+    gt_reliability: list[dict] = []
+    gt_recipe = None
     try:
         for si, seed in enumerate(seeds):
             data, noise, preset, _ = load_data(plan, seed)
@@ -100,6 +106,12 @@ def run_compare(plan, t_start: float) -> int:
                     if budget is not None and plan.main_rank:
                         print(f"{PROG}: {budget}", file=sys.stderr, flush=True)
                         notes.append(budget)
+            gts = None                        # this seed's ground truth (--metric), before any valuation:
+            if plan.attribution_metrics and plan.main_rank:      # its checks fail before long work
+                gts = ground_truths(plan, data, preset, seed, stage.stage / GROUND_TRUTH_DIR)
+                gt_cost.append((gts.cpu_s, gts.wall_s))
+                gt_recipe = gts.recipe
+                gt_reliability.append(gts.reliability)
             for m in methods:
                 status(f"seed {seed}: valuing with {m}")
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -133,6 +145,12 @@ def run_compare(plan, t_start: float) -> int:
                                                        settings=settings)
                 for n in snotes + ([f"{m} seed {seed}: {skipped}"] if skipped else []):
                     notes.append(n if n.startswith(m) else f"{m} seed {seed}: {n}")
+                if gts is not None:
+                    status(f"seed {seed}: {m}: attribute() on {len(gts.x_query)} queries")
+                    am, anote = attribution_metrics(m, built[m].method, data, gts)
+                    metrics.update(am)
+                    if anote and si == 0:
+                        notes.append(anote)
                 valued = np.asarray(result.counts) > 0
                 if data.is_corrupted is not None and valued.all() and "auroc" in metrics:
                     dc = discovery_curve(values, data.is_corrupted, seed=seed)
@@ -166,6 +184,10 @@ def run_compare(plan, t_start: float) -> int:
                "loadavg_start": load_start, "loadavg_end": _loadavg(), "versions": versions(),
                "created": _dt.datetime.now().isoformat(timespec="seconds"),
                "total_s": time.perf_counter() - t_start}
+        if plan.attribution_metrics:
+            doc["ground_truth"] = {"metrics": plan.attribution_metrics, "recipe": gt_recipe,
+                                   "cpu_s": [c for c, _ in gt_cost], "wall_s": [w for _, w in gt_cost],
+                                   "reliability": gt_reliability, "folder": GROUND_TRUTH_DIR}
         pdir = stage.stage / PLOTS_DIR
         pdir.mkdir(exist_ok=True)
         plots = [p for p in (

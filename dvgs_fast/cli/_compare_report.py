@@ -21,11 +21,13 @@ COMPARE_JSON = "compare.json"
 RUNS_CSV = "runs.csv"
 VALUES_DIR = "values"
 PLOTS_DIR = "plots"
-OUTPUT_NAMES = (COMPARE_MD, COMPARE_HTML, COMPARE_JSON, RUNS_CSV, VALUES_DIR, PLOTS_DIR)
+GROUND_TRUTH_DIR = "ground_truth"       # --metric lds,loo: the retrains, cached per seed
+OUTPUT_NAMES = (COMPARE_MD, COMPARE_HTML, COMPARE_JSON, RUNS_CSV, VALUES_DIR, PLOTS_DIR, GROUND_TRUTH_DIR)
 
 # metric key -> column title; shown when any run has it
 METRIC_COLUMNS = (("auroc", "AUROC"), ("auprc", "AUPRC"), ("kmeans_f1", "k-means F1"),
-                  ("discovery_auc", "discovery AUC"), ("noise_spearman", "Spearman"))
+                  ("discovery_auc", "discovery AUC"), ("noise_spearman", "Spearman"), ("lds", "LDS"),
+                  ("loo_spearman", "LOO Spearman"))
 
 
 def mean_sd(xs: list[float]) -> tuple[float | None, float | None]:
@@ -301,6 +303,22 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def ground_truth_line(gt: dict[str, Any]) -> str:
+    """What LDS / LOO Spearman were measured against (--metric)."""
+    cpu = gt.get("cpu_s") or []
+    rel = []
+    for k in gt["metrics"]:
+        vals = [r[k] for r in gt.get("reliability") or [] if r.get(k) is not None]
+        if vals:
+            rel.append(f"{k.upper()} {min(vals):.2f}" + (f"-{max(vals):.2f}" if max(vals) > min(vals) else ""))
+    ceiling = (f" The ground truth's own seeds agree to a reliability of {', '.join(rel)} (Spearman-Brown of the "
+               f"split-half agreement): roughly the best any method can score." if rel else "")
+    return (f"LDS / LOO Spearman (--metric {','.join(gt['metrics'])}): each method's attribute() against "
+            f"retraining {gt.get('recipe')}; mean over queries per seed, then mean ± 2 sd over seeds; the ground "
+            f"truth cost {sum(cpu):.1f} CPU s in all (cached in `{gt.get('folder')}/`).{ceiling} Methods without "
+            f"attribute() show '-'.")
+
+
 def render_markdown(doc: dict[str, Any], plots: list[Path]) -> str:
     title = f"dvgs-fast compare: {doc['dataset']} ({doc['noise']}), seeds {', '.join(map(str, doc['seeds']))}"
     parts = [f"# {title}", ""]
@@ -316,6 +334,8 @@ def render_markdown(doc: dict[str, Any], plots: list[Path]) -> str:
         parts += ["Notes:", *[f"- {n}" for n in doc["notes"]], ""]
     if doc.get("curves"):
         parts += [doc["curves"][0].upper() + doc["curves"][1:] + ".", ""]
+    if doc.get("ground_truth"):
+        parts += [ground_truth_line(doc["ground_truth"]), ""]
     if plots:
         parts += ["## Plots", "", *[f"![{p.stem}]({PLOTS_DIR}/{p.name})" for p in plots], ""]
     parts += ["## Every run", "", _md_table(*per_run_rows(doc["runs"])), "",
@@ -346,6 +366,8 @@ def render_html(doc: dict[str, Any], plots: list[Path]) -> str:
         parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in doc["notes"]) + "</ul>")
     if doc.get("curves"):
         parts.append(f"<p>{html.escape(doc['curves'][0].upper() + doc['curves'][1:])}.</p>")
+    if doc.get("ground_truth"):
+        parts.append(f"<p>{html.escape(ground_truth_line(doc['ground_truth']))}</p>")
     for p in plots:
         data = base64.b64encode(Path(p).read_bytes()).decode("ascii")
         parts.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}"></figure>')

@@ -31,6 +31,12 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
              "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
     "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
               "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
+    # The API scores a model as passed (epochs=0, as dattri's GradDot); the command line builds an
+    # untrained model, so it trains it on the source first, as TracIn does (its default 50 epochs).
+    "grad_dot": ("dvgs_fast.methods.grad_similarity", "GradDot", {"epochs": 50},
+                 "grad-dot: gradient dot product at the model trained on the source"),
+    "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
+                 "grad-cos: gradient cosine at the model trained on the source"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

@@ -70,6 +70,14 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "overwrite": (("--overwrite",), C.flag, None, "replace the report in an existing output folder"),
     "no_progress": (("--no-progress",), C.flag, None, "no progress bars or status lines"),
     "no_curves": (("--no-curves",), C.flag, None, "skip the remove-high/low retraining curves"),
+    "metric": (("--metric",), C.text, "LIST",
+               "lds,loo: also score each method's attribute() against retraining (linear datamodeling score, "
+               "leave-one-out Spearman) on --n-query test rows, in a comparison report (also with one method); "
+               "methods without attribute() show '-'"),
+    "n_query": (("--n-query",), C.pos_int, "N", "--metric: queries (the first N test rows; default 100)"),
+    "lds_subsets": (("--lds-subsets",), C.pos_int, "M", "--metric lds: random half-subsets retrained (default 100)"),
+    "gt_seeds": (("--gt-seeds",), C.pos_int, "N", "--metric: retrain seeds averaged in the ground truth (default 2)"),
+    "loo_rows": (("--loo-rows",), C.pos_int, "N", "--metric loo: source rows left out one at a time (default 100)"),
     "curve_model": (("--curve-model",), lambda v: curve_model(v), "KIND",
                     "model retrained for the removal curves: logistic (default; scikit-learn's logistic "
                     "regression, test accuracy, 6 points, cheap) or paper (the DVGS paper's setup: its MLP, "

@@ -8,7 +8,7 @@ import datetime as _dt
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,23 @@ def default_out(method: str, dataset: str) -> Path:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    from ..report import STAGE_SUFFIX
+    try:
+        name_max = os.pathconf(out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    longest = name_max - len(STAGE_SUFFIX)          # the run writes into <out>.incomplete first
+    if len(os.fsencode(out.name)) > longest:
+        raise CLIError(f"--out: the folder name {out.name[:40]}... is {len(os.fsencode(out.name))} bytes long; "
+                       f"this file system allows {name_max}, and the run first writes into <name>{STAGE_SUFFIX}: "
+                       f"use at most {longest}")
+    try:
+        _check_out(out, overwrite)
+    except OSError as exc:
+        raise CLIError(f"--out: {out} cannot be used ({exc.strerror or exc})") from None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CLIError(f"--out: {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -94,6 +111,8 @@ class Plan:
     progress: bool
     status: Any
     command: str = ""
+    attribution_metrics: list = field(default_factory=list)     # --metric: "lds", "loo"
+    out_is_default: bool = False       # runs/<timestamp>-...: a taken name moves on to the next free one
 
 
 def method_list(text: str) -> list[str]:
@@ -123,10 +142,16 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
 
     methods = method_list(settings.get("method", "dvgs"))
     curve_spec(settings)               # --curve-* checked before any data is loaded
+    from ._counterfactual import parse_metrics
+    attribution_metrics = parse_metrics(settings["metric"]) if "metric" in settings else []
+    for dest in ("n_query", "lds_subsets", "gt_seeds", "loo_rows"):
+        if dest in settings and not attribution_metrics:
+            raise CLIError(f"{RUN_OPTIONS[dest][0][0]}: applies with --metric lds,loo")
     if "seed" in settings and "seeds" in settings:
         raise CLIError("--seeds: give either --seed N or --seeds LIST, not both")
     seeds = settings.get("seeds", [settings.get("seed", 0)])
     compare = getattr(args, "command", "run") == "compare" or len(methods) > 1 or "seeds" in settings
+    compare = compare or bool(attribution_metrics)     # LDS / LOO are laid out in the comparison report
     spec = parse_dataset(settings.get("dataset", "digits"))
     target_path = None
     if "target" in settings:
@@ -152,11 +177,15 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     overwrite = bool(settings.get("overwrite"))
     if main_rank:
         check_out(out, overwrite)
-        from ..report import INCOMPLETE_MARK, STAGE_SUFFIX
+        from ..report import INCOMPLETE_MARK, STAGE_SUFFIX, stage_holder
         stage = out.with_name(out.name + STAGE_SUFFIX)
         if stage.exists() and not (stage / INCOMPLETE_MARK).is_file():
             raise CLIError(f"--out: {stage} (where the run writes until it finishes) exists and is not an "
                            f"unfinished dvgs-fast run; move it away or choose another --out")
+        holder = stage_holder(stage)
+        if holder is not None and "out" in settings:     # a default name moves on to the next free one
+            raise CLIError(f"--out: {stage} is being written by another dvgs-fast run ({holder}); wait for it "
+                           f"to finish or choose another --out")
     for m in methods:
         load_class(m)                  # a missing optional package fails before loading any data
     method_tables(table, methods)     # a misplaced [method] table fails before loading data
@@ -177,7 +206,8 @@ def make_plan(args: argparse.Namespace, argv: list[str]) -> Plan:
     return Plan(settings=settings, table=table, methods=methods, seeds=list(seeds), compare=compare, spec=spec,
                 target_path=target_path, noise=noise, model_choice=model_choice, device=device, out=out,
                 overwrite=overwrite, root=root, lincs_gctx=lincs_gctx, main_rank=main_rank, progress=progress,
-                status=status, command=" ".join(shlex.quote(a) for a in [PROG, *argv]))
+                status=status, command=" ".join(shlex.quote(a) for a in [PROG, *argv]),
+                attribution_metrics=attribution_metrics, out_is_default="out" not in settings)
 
 
 def method_tables(table: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:

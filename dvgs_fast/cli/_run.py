@@ -64,10 +64,11 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         data.notes.append(budget)
 
     from ..report import RunReport, StagedOutput, summary_table, write_report, write_values_early
-    stage = StagedOutput(plan.out, plan.overwrite) if plan.main_rank else None
+    stage = StagedOutput(plan.out, plan.overwrite, unique=plan.out_is_default) if plan.main_rank else None
     if stage is not None:
         try:
             stage.open(plan.command)
+            plan.out = stage.out           # a default name may have moved on to the next free one
         except (ValueError, OSError) as exc:
             raise CLIError(one_line(exc)) from None
         if stage.replaced_stale:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dvgs_fast._utils import own_rng
 from dvgs_fast.grads.ghost_layers import embedding_rows, norm_grads
 from dvgs_fast.grads.pairwise import pairwise_kind, rows_of
 from dvgs_fast.grads.reference import per_sample_grads
@@ -154,7 +155,7 @@ def factors_of(recording) -> SampleFactors:
     dense_names = [nm for nm in dict.fromkeys(dense_names) if nm not in names]
     if dense_names:
         dev = recording.x.device
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):   # the caller's stream untouched
+        with own_rng(dev):                                        # the caller's stream untouched
             g = per_sample_grads(sc.model, dense_names, recording.x, recording.y, sc.sample_loss)
         for nm in dense_names:
             names.append(nm)

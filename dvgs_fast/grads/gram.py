@@ -50,8 +50,9 @@ def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
         dd = f.d.to(acc) @ h.d.to(acc).t()
         if not weight:
             return dd
-        aa = f.a.to(acc) @ h.a.to(acc).t()
-        return (aa.add_(1.0) if bias else aa).mul_(dd)
+        fa, ha = f.a.to(acc), h.a.to(acc)
+        aa = torch.addmm(torch.ones((), dtype=acc, device=fa.device), fa, ha.t()) if bias else fa @ ha.t()
+        return aa.mul_(dd)
     if _pairwise_cheaper(n, f.rows, m, h.rows, d_in, d_out):
         out = torch.empty(n, m, dtype=acc, device=f.a.device)
         step = max(1, _BLOCK // max(1, h.a.shape[0] * f.rows)) * f.rows     # whole samples of F per block
@@ -111,35 +112,25 @@ def cross_gram(f: SampleFactors, h: SampleFactors, per_layer: dict | None = None
     acc = torch.float64 if torch.float64 in (f.dtype, h.dtype) else torch.float32
     device = next((x.a.device for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
         or (f.dense.g.device if f.dense is not None else torch.device("cpu"))
-    out = torch.zeros(f.n, h.n, dtype=acc, device=device)
-    for a, b in rows:
-        g = _rows_gram(a, b)
-        out += g
-        if per_layer is not None:
-            per_layer[a.name] = g
-    for a, b in toks:
-        g = _tokens_gram(a, b)
-        out += g
-        if per_layer is not None:
-            per_layer[a.name] = g
+    out = None
+    parts = [(a.name, lambda a=a, b=b: _rows_gram(a, b)) for a, b in rows]
+    parts += [(a.name, lambda a=a, b=b: _tokens_gram(a, b)) for a, b in toks]
     if f.dense is not None:
-        g = f.dense.g.to(acc) @ h.dense.g.to(acc).t()
-        out += g
+        parts.append(("<dense>", lambda: f.dense.g.to(acc) @ h.dense.g.to(acc).t()))
+    for name, term in parts:
+        g = term().to(acc)
         if per_layer is not None:
-            per_layer["<dense>"] = g
-    return out
+            per_layer[name] = g
+        out = (g.clone() if per_layer is not None else g) if out is None else out.add_(g)
+    return torch.zeros(f.n, h.n, dtype=acc, device=device) if out is None else out
 
 
 def sqnorms(f: SampleFactors) -> torch.Tensor:
     """[n]: ‖g_i‖² over every selected parameter (the diagonal of cross_gram(F, F), without the
     off-diagonal work)."""
     acc = f.dtype
-    out = None
-
-    def add(v):
-        nonlocal out
-        out = v if out is None else out + v
-
+    terms: list[torch.Tensor] = []
+    add = terms.append
     for x in f.rows:
         n = x.a.shape[0] // x.rows
         bias = x.bias is not None
@@ -167,9 +158,7 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
         add((torch.bmm(d, d.transpose(1, 2)) * same).sum((1, 2)))
     if f.dense is not None:
         add(f.dense.g.to(acc).square().sum(1))
-    if out is None:
-        out = torch.zeros(f.n, dtype=acc)
-    return out
+    return sum(terms) if terms else torch.zeros(f.n, dtype=acc)
 
 
 def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -177,11 +166,8 @@ def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
     parameter (a missing name counts as zero)."""
     q = next(iter(V.values())).shape[0]
     acc = f.dtype if all(v.dtype != torch.float64 for v in V.values()) else torch.float64
-    out = None
-
-    def add(v):
-        nonlocal out
-        out = v if out is None else out + v
+    terms: list[torch.Tensor] = []
+    add = terms.append
 
     for x in f.rows:
         n = x.a.shape[0] // x.rows
@@ -207,9 +193,7 @@ def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
         cols = [V[nm].to(acc).reshape(q, -1) if nm in V else torch.zeros(q, sz, dtype=acc, device=f.dense.g.device)
                 for nm, sz in zip(f.dense.names, f.dense.sizes)]
         add(f.dense.g.to(acc) @ torch.cat(cols, 1).t())
-    if out is None:
-        out = torch.zeros(f.n, q, dtype=acc)
-    return out
+    return sum(terms) if terms else torch.zeros(f.n, q, dtype=acc)
 
 
 __all__ = ["batch_dots", "cross_gram", "sqnorms"]

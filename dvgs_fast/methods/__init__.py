@@ -18,6 +18,7 @@ _LAZY = {
     "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
     "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
+    "TracInCheckpoints": ("dvgs_fast.methods.tracin_checkpoints", "TracInCheckpoints"),
     "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
     "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
     "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),

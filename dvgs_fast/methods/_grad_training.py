@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast._utils import as_model_input, build_model, embedding_hint, model_input_dtype, seed_everything
 from dvgs_fast.grads import cast_labels, make_sample_loss
 from dvgs_fast.result import stats_from_sums
 
@@ -55,6 +55,7 @@ class Prepared:
     shuffle: torch.Generator          # seeded from the run's seed (the global RNG is seeded too)
     source: Any = None                # dvgs sources.Source over the same rows (in memory or streamed)
     source_labels: bool = True        # False: autoencoder, a row's target is the row
+    x_dtype: torch.dtype = torch.float32   # the inputs' dtype: `dtype`, or int64 token ids of an Embedding
 
     def target_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The target loss of some target rows: their mean per-sample loss."""
@@ -70,7 +71,7 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss
             out = model(x)
     except Exception as exc:
         raise ValueError(f"x_{set_name}: the model cannot run on samples of shape {tuple(x.shape[1:])} "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({type(exc).__name__}: {exc}){embedding_hint(model, x)}") from exc
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor):
@@ -108,9 +109,9 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     if chunked and not chunked_ok:
         raise ValueError(f"x_source: {type(method).__name__} needs the source in memory (an array or tensor), "
                          f"got {type(x_source).__name__}")
-    xs = None if chunked else V.as_float_tensor(x_source, "x_source")
+    xs = None if chunked else V.as_float_tensor(x_source, "x_source", keep_integers=True)   # token ids stay integer
     source = as_source(x_source, y_source) if chunked else None
-    xt = V.as_float_tensor(x_target, "x_target")
+    xt = V.as_float_tensor(x_target, "x_target", keep_integers=True)
     V.check_same_features(source if chunked else xs, xt, "x_source", "x_target")
     yt = V.labels_for_loss(y_target, xt, "y_target", method.loss)
     if chunked:
@@ -132,21 +133,22 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     names = V.resolve_grad_params(model, method.grad_params)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.to(device)
-    xt = xt.to(device=device, dtype=dtype)
+    x_dtype = model_input_dtype(model, xt[:2].to(device), dtype)     # int64 for an Embedding's token ids
+    xt = as_model_input(xt.to(device), x_dtype)
     yt = xt if yt is None else cast_labels(yt, dtype).to(device)     # autoencoder: the target is the input
     sample_loss = make_sample_loss(method.loss)
     if not chunked:
-        xs = xs.to(device=device, dtype=dtype)
+        xs = as_model_input(xs.to(device), x_dtype)
         ys = xs if ys is None else cast_labels(ys, dtype).to(device)
         source = TensorSource(xs, ys if source_labels else None)
         x_probe, y_probe = xs[:2], ys[:2]
     else:
         _, _, x_probe, y_probe = source.probe(2)
-        x_probe = x_probe.to(device=device, dtype=dtype)
+        x_probe = as_model_input(x_probe.to(device), x_dtype)
         y_probe = x_probe if not source_labels else cast_labels(y_probe, dtype).to(device)
     _probe(model, xt[:2], yt[:2], sample_loss, method.loss, "target")
     _probe(model, x_probe, y_probe, sample_loss, method.loss, "source")
-    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels)
+    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels, x_dtype)
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:

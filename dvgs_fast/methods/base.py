@@ -106,7 +106,8 @@ class Run:
 
 def derive_seed(seed: int, *salt: int) -> int:
     """A 63-bit seed derived from (seed, *salt): different salts give independent streams."""
-    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # shift a Python int: numpy 1.x has no right_shift for (uint64, int64), the types of `uint64 >> 1`
+    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class Valuation(abc.ABC):
@@ -153,6 +154,8 @@ class Valuation(abc.ABC):
         run = self._new_run(x_source, y_source, x_target, y_target)
         with torch.enable_grad():      # also when fit() is called under torch.no_grad()
             est = self._fit(x_source, y_source, x_target, y_target, run)
+        # The last guard: whatever a method missed, NaN/Inf values are never returned as a result.
+        V.check_finite_values(est.values, type(self).__name__)
         timings = dict(est.timings)
         timings["total"] = time.perf_counter() - t0
         timings["cpu"] = time.process_time() - c0

@@ -23,7 +23,7 @@ from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast import grads
-from dvgs_fast._utils import make_optimizer
+from dvgs_fast._utils import make_optimizer, own_rng
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
 from dvgs_fast.attribution.gradient_pairs import SIMILARITIES, factors_fn, query_factors, score_pass
 from dvgs_fast.methods import _grad_training as T
@@ -114,8 +114,7 @@ class GradientSimilarity(AttributionMixin, Valuation):
         n, m = prep.xs.shape[0], prep.xt.shape[0]
         t0 = time.perf_counter()
         stop: list = []
-        with grads.FrozenStatistics(prep.model), torch.random.fork_rng(
-                devices=[run.device] if run.device.type == "cuda" else []):
+        with grads.FrozenStatistics(prep.model), own_rng(run.device):
             fo = factors_fn(scorer)
             queries = query_factors(fo, prep.xt, prep.yt, self.source_batch_size, self.similarity != "dot")
             sink = ScoreSink(m, n, keep=False, callback=lambda *a: None)
@@ -138,15 +137,14 @@ class GradientSimilarity(AttributionMixin, Valuation):
         except ValueError as exc:
             raise query_error(exc) from None
         stop: list = []
-        with grads.FrozenStatistics(prep.model), torch.random.fork_rng(
-                devices=[run.device] if run.device.type == "cuda" else []):
+        with grads.FrozenStatistics(prep.model), own_rng(run.device):
             fo = factors_fn(scorer)
             queries = query_factors(fo, prep.xt, prep.yt, query_batch_size, self.similarity != "dot")
             score_pass(fo, self._source_blocks(prep, run, stop), queries, sink, similarity=self.similarity,
                        eps=self.eps)
         if stop:
-            raise ValueError(f"max_time: the budget ran out before every source row was scored; attribute() "
-                             f"returns no partial matrix (raise max_time)")
+            raise ValueError("max_time: the budget ran out before every source row was scored; attribute() "
+                             "returns no partial matrix (raise max_time)")
         return {"similarity": self.similarity, **scorer.describe()}
 
 

@@ -627,11 +627,11 @@ class InRunShapley(AttributionMixin, Valuation):
             x[b:] = xt
             if y is not x:
                 y[b:] = yt
-        w = torch.cat([torch.full((b,), 1.0 / b, dtype=xs.dtype, device=xs.device),
-                       torch.full((t,), 1.0 / t, dtype=xs.dtype, device=xs.device)])
+        w = torch.cat([torch.full((b,), 1.0 / b, dtype=prep.dtype, device=xs.device),     # the model's dtype:
+                       torch.full((t,), 1.0 / t, dtype=prep.dtype, device=xs.device)])    # xs may hold token ids
         pw = [e.credit_w and (self.dot_route == "pairwise" or GP.pairwise_cheaper(b, 1, t, 1, e.d_in, e.d_out))
               for e in plan.linears]
-        return _FusedShape(x, y, w, pw, torch.ones((), dtype=xs.dtype, device=xs.device))
+        return _FusedShape(x, y, w, pw, torch.ones((), dtype=prep.dtype, device=xs.device))
 
     def _fused_step(self, ctx: "_StepContext", plan: _FusedPlan, prep, idx, tidx, timings) -> torch.Tensor | None:
         """One training step with the target rows in the same forward; returns φ [B], or None (and
@@ -720,8 +720,8 @@ class InRunShapley(AttributionMixin, Valuation):
 
     # ------------------------------------------------------------------------------------------
     def _diverged(self, epoch: int, step: int, value: float):
-        raise ValueError(f"lr: training diverged: the source loss (or a value) is {value} at epoch {epoch}, "
-                         f"step {step}; lower lr (now {self.lr:g}) or check the model and loss for overflow")
+        raise V.diverged("InRunShapley", "the source loss (or a value)", value, f"epoch {epoch}, step {step}",
+                         lr=self.lr, before_training=step == 0)
 
     @staticmethod
     def _target_loss(model: nn.Module, prep, xt, yt) -> float:

@@ -49,11 +49,11 @@ from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast._utils import make_optimizer
-from dvgs_fast.distributed import context_for
+from dvgs_fast.distributed import PeerFailed, context_for
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast import runstate
-from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
 from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
 from dvgs_fast.grads import FastScorer, ReferenceScorer, cast_labels
 from dvgs_fast.sources import SourceLengthError, source_identity
@@ -139,6 +139,7 @@ class TracIn(AttributionMixin, Valuation):
                 lock = runstate.DirLock(files).acquire()
             state = runstate.read_state(files) if files is not None else None
             seed = self.seed if self.seed is not None else (int(state["seed"]) if state is not None else run.seed)
+            ctx.check_peers()                          # a rank whose folder failed stops every rank now
             seed = ctx.broadcast_object(seed)          # a drawn seed must be the same on every rank
             run.seed = seed
             device = ctx.device_for(run.device)
@@ -150,6 +151,12 @@ class TracIn(AttributionMixin, Valuation):
                     runstate.compare(state["fingerprint"], fp, files)
             timings["setup"] = time.perf_counter() - t_start
             est = _Loop(self, prep, ctx, files, state, fp, seed, timings, run).run()
+        except Exception as exc:
+            # Launched without torchrun, nothing else stops the other ranks: they learn of this
+            # failure at their next sync point (every collective is preceded by one).
+            if ctx.enabled and not isinstance(exc, PeerFailed):
+                ctx.check_peers(exc)                   # re-raises exc
+            raise
         finally:
             if lock is not None:
                 lock.release()
@@ -159,11 +166,8 @@ class TracIn(AttributionMixin, Valuation):
 
     def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
-        ctx = context_for(self.distributed, run.device)
+        ctx = one_process(self.distributed, run.device)
         try:
-            if ctx.enabled:
-                raise ValueError("distributed: attribute() runs in one process (the score matrix is not "
-                                 "sharded across ranks); call it without torchrun or with distributed=False")
             try:
                 prep = T.prepare(self, x_source, y_source, x_query, y_query, ctx.device_for(run.device), run.seed,
                                  chunked_ok=True)
@@ -246,7 +250,7 @@ class _Loop:
                 yield xs[idx], ys[idx]
             return
         for _, _, x, y in self.source.iter_chunks(0, self.n, cfg.source_batch_size):
-            x = x.to(device=dev, dtype=dt)
+            x = x.to(device=dev, dtype=self.prep.x_dtype)
             y = x if not self.prep.source_labels else cast_labels(y, dt).to(dev)
             for idx in torch.randperm(x.shape[0], generator=gen).to(dev).split(cfg.batch_size):
                 yield x[idx], y[idx]
@@ -272,7 +276,7 @@ class _Loop:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 target = self.scorer.target(self._target_gradient())
                 for a, b, x, y in self.source.iter_chunks(self.lo, self.hi, cfg.source_batch_size):
-                    x = x.to(device=dev, dtype=dt)
+                    x = x.to(device=dev, dtype=self.prep.x_dtype)
                     y = x if not self.prep.source_labels else cast_labels(y, dt).to(dev)
                     c = (self.scorer.score(x, y, target).detach().to(torch.float64) * cfg.lr).cpu().numpy()
                     if not np.isfinite(c).all():
@@ -342,8 +346,8 @@ class _Loop:
                     opt.step()
                     if dev.type == "cpu":
                         if not math.isfinite(float(loss.detach())):
-                            raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at epoch "
-                                             f"{epoch}, step {step}; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "the source loss", float(loss.detach()),
+                                             f"epoch {epoch}, step {step}", lr=cfg.lr, before_training=step == 0)
                     else:                                      # no per-step sync on GPU: checked at checkpoints
                         bad = ~torch.isfinite(loss.detach())
                         bad_loss = bad if bad_loss is None else bad_loss | bad
@@ -351,8 +355,8 @@ class _Loop:
                     if k < len(self.ckpt_steps) and step == self.ckpt_steps[k]:
                         sync()
                         if bad_loss is not None and bool(bad_loss):
-                            raise ValueError(f"lr: training diverged before checkpoint {k} (step {step}): a "
-                                             f"non-finite source loss; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "a source loss", float("nan"),
+                                             f"a step before checkpoint {k} (step {step})", lr=cfg.lr)
                         t1 = time.perf_counter()
                         timings["train"] += t1 - t0
                         self._score(k, store, step)
@@ -362,8 +366,10 @@ class _Loop:
                         timings["score"] += t0 - t1
                         if self.files is not None:
                             save(bi + 1, epoch_rng)
+                        self.ctx.check_peers()         # a rank whose rows failed stops every rank now
                     if self.budget.max_time is not None:
                         # Every rank decides alike (rank 0's clock).
+                        self.ctx.check_peers()
                         stopped = self.ctx.broadcast_object(self.budget.exhausted())
                         if stopped:
                             break
@@ -375,6 +381,7 @@ class _Loop:
                 bar.update(1)
         finally:
             bar.close()
+        self.ctx.check_peers()                         # before the last collective, as in the loop
         sums = np.array(store.sums_after(k))
         if self.ctx.enabled:
             sums = self.ctx.all_reduce_sum(sums)

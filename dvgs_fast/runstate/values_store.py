@@ -26,8 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from dvgs_fast import _io
 from dvgs_fast.runstate.digest import digest_of_array
-from dvgs_fast.runstate.files import CheckpointFiles
+from dvgs_fast.runstate.files import CheckpointError, CheckpointFiles
 
 SUMS_NAME = "dvgs_sums.npy"
 SNAP_NAME = "dvgs_snapshots.npy"
@@ -36,7 +37,7 @@ SNAP_NAME = "dvgs_snapshots.npy"
 def _anonymous(prefix: str, dtype, shape, fortran_order=False) -> np.memmap:
     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".npy")
     os.close(fd)
-    mm = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran_order)
+    mm = _io.create_npy_memmap(path, dtype, shape, fortran_order)      # reopened by name: never through a link
     try:
         os.unlink(path)          # the mapping stays valid; nothing is left behind on exit
     except OSError:              # pragma: no cover - Windows keeps open files
@@ -49,24 +50,22 @@ class StoreFileError(ValueError):
 
 
 def _open_existing(path: Path, dtype, shape, fortran_order: bool) -> np.memmap:
-    """Open a .npy file written by an earlier run for update, after checking its header and its
-    size: np.memmap would silently zero-extend a file truncated by a crash."""
+    """Open a .npy file written by an earlier run for update (never through a link), after
+    checking its header and its size: np.memmap would silently zero-extend a file truncated by a
+    crash."""
     try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            got_shape, got_fortran, got_dtype = read(fh)
-            offset = fh.tell()
+        mm, got_shape, got_dtype, got_fortran, offset, size = _io.open_npy_memmap(path)
+    except _io.SymlinkError:
+        raise
     except (OSError, ValueError) as exc:
         raise StoreFileError(f"{path.name} is unreadable ({type(exc).__name__}: {exc})") from None
     if tuple(got_shape) != tuple(shape) or got_dtype != np.dtype(dtype) or bool(got_fortran) != fortran_order:
         raise StoreFileError(f"{path.name} holds a {tuple(got_shape)} {got_dtype} array, this run needs "
                              f"{tuple(shape)} {np.dtype(dtype)}")
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    size = path.stat().st_size
-    if size != expected:
+    if mm is None:
+        expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         raise StoreFileError(f"{path.name} has {size} bytes, {expected} expected (truncated or overwritten)")
-    return np.lib.format.open_memmap(path, mode="r+")
+    return mm
 
 
 def _open(directory: Path | None, name: str, dtype, shape, resume: bool, fortran_order=False) -> np.memmap:
@@ -74,11 +73,11 @@ def _open(directory: Path | None, name: str, dtype, shape, resume: bool, fortran
         return _anonymous(name.split(".")[0] + "_", dtype, shape, fortran_order)
     path = Path(directory) / name
     if resume:
-        if not path.exists():
+        if not os.path.lexists(path):
             raise StoreFileError(f"the state names {name} but the file is missing")
         return _open_existing(path, dtype, shape, fortran_order)
     Path(directory).mkdir(parents=True, exist_ok=True)
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran_order)
+    return _io.create_npy_memmap(path, dtype, shape, fortran_order)
 
 
 class ValuesStore:
@@ -137,6 +136,8 @@ def open_store(files: CheckpointFiles | None, n: int, *, state: dict | None, n_s
                             snap_name=(files.snapshots.name if files else "dvgs_snapshots.npy"))
     except StoreFileError as exc:
         raise files.error(str(exc)) from None
+    except _io.SymlinkError as exc:
+        raise CheckpointError(f"checkpoint_dir: {exc}") from None
     if resume:
         k = int(state["k"])
         if store.slot_digest(k) != state["sums_digest"]:

@@ -55,10 +55,10 @@ from typing import Any, Callable
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast.distributed import context_for
+from dvgs_fast.distributed import PeerFailed, context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.runstate import CheckpointFiles, DirLock
-from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
 from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
 from dvgs_fast.grads import cast_labels
 from dvgs_fast.methods.dvgs.loop import train_and_score
@@ -207,11 +207,8 @@ class DVGS(AttributionMixin, Valuation):
         """Per-query DVGS (see the class docstring): trained on the queries; at each snapshot the
         similarity of every source gradient with every query's own gradient; the mean over snapshots."""
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
-        ctx = context_for(self.distributed, run.device)
+        ctx = one_process(self.distributed, run.device)
         try:
-            if ctx.enabled:
-                raise ValueError("distributed: attribute() runs in one process (the score matrix is not "
-                                 "sharded across ranks); call it without torchrun or with distributed=False")
             try:
                 spec = prepare(self, x_source, y_source, x_query, y_query, ctx, run, None)
             except ValueError as exc:
@@ -257,6 +254,12 @@ class DVGS(AttributionMixin, Valuation):
             spec = prepare(self, x_source, y_source, x_target, y_target, ctx, base_run, files)
             timings["setup"] = time.perf_counter() - t_start
             est = train_and_score(self, spec, timings, base_run.budget)
+        except Exception as exc:
+            # Launched without torchrun, nothing else stops the other ranks: they learn of this
+            # failure at their next sync point (every collective is preceded by one).
+            if ctx.enabled and not isinstance(exc, PeerFailed):
+                ctx.check_peers(exc)          # re-raises exc
+            raise
         finally:
             if lock is not None:
                 lock.release()

@@ -31,7 +31,8 @@ import torch
 from dvgs_fast._utils import seed_everything
 from dvgs_fast._validation import (check_bool, check_choice, check_dtype, check_model_spec,
                                    check_optional_positive_float, check_optional_positive_int,
-                                   check_positive_float, check_positive_int, prepare_inputs, resolve_metric)
+                                   check_positive_float, check_positive_int, diverged, naming_divergence,
+                                   prepare_inputs, resolve_metric)
 from dvgs_fast.distributed import context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.shapley.batched import gshapley_batched, tmc_batched
@@ -181,13 +182,22 @@ class DataShapley(Valuation):
         driver = make_driver(ctx, N, seed, max_permutations=self.max_permutations,
                                    convergence_tol=self.convergence_tol, check_every=self.check_every,
                                    budget=budget, on_complete=bar.update)
+        def where() -> str:
+            if driver.issued == 0:
+                return "the full-data refit" if self.method == "tmc" else "the learning-rate search"
+            return f"permutation {driver.issued - 1} ({len(driver.completed)} completed)"
+
+        tmc = self.method == "tmc"
         try:
-            if sk:
-                stopped = self._run_tmc_sklearn(refit, data, driver, info, timings, t_start)
-            elif self.method == "tmc":
-                stopped = self._run_tmc(refitter, grid, theta0, data, driver, info, timings, t_start)
-            else:
-                stopped = self._run_gshapley(refitter, grid, module, data, driver, info, timings, t_start, seed)
+            with naming_divergence(f"DataShapley ({'TMC' if tmc else 'G-Shapley'})", where,
+                                   lr_name="refit_lr" if tmc else "g_learning_rate",
+                                   lr=self.refit_lr if tmc else info.get("g_learning_rate", self.g_learning_rate)):
+                if sk:
+                    stopped = self._run_tmc_sklearn(refit, data, driver, info, timings, t_start)
+                elif tmc:
+                    stopped = self._run_tmc(refitter, grid, theta0, data, driver, info, timings, t_start)
+                else:
+                    stopped = self._run_gshapley(refitter, grid, module, data, driver, info, timings, t_start, seed)
             if ctx.enabled:
                 stopped = driver.finish(stopped)
                 info.update({"world_size": ctx.world_size, "rank": ctx.rank})
@@ -291,4 +301,10 @@ class DataShapley(Valuation):
         scores = one_epoch_scores(grid, inits, X, Y, Xt, Yt, perms, lrs).to("cpu", torch.float64)
         scores = scores.numpy().reshape(len(cands), reps)
         crit = scores.mean(1) - scores.std(1)
+        # a candidate with a diverged run is out (np.argmax would pick a NaN first)
+        crit = np.where(np.isfinite(crit), crit, -np.inf)
+        if not np.isfinite(crit).any():
+            raise diverged("DataShapley (G-Shapley)", "the target score of every candidate learning rate",
+                           float("nan"), f"the learning-rate search ({cands[0]:g} ... {cands[-1]:g})",
+                           lr_name="g_learning_rate")
         return float(cands[int(np.argmax(crit))])
