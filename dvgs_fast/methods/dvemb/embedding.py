@@ -34,7 +34,7 @@ def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray
           progress=None, check_every: int = 64) -> np.ndarray:
     """E [n, k] from a trajectory store of rows [g] (sgd: u = lr/B · g, ``step_lr[step]``) or
     [g | u] (preconditioned), in step order; columns ``index`` and ``step``."""
-    index, step = traj.aux("index"), traj.aux("step")
+    index, step = traj.aux("index").astype(np.int64), traj.aux("step").astype(np.int64)
     if index.shape[0] == 0:
         raise ValueError("x_source: the training took no step")
     bounds = np.flatnonzero(np.diff(step)) + 1

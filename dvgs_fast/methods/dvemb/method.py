@@ -65,7 +65,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     store_dir        None: a temporary folder for the recorded steps (deleted after the run);
                      a folder: the recorded steps and the embeddings are kept there, fingerprinted,
                      and reused by a later run with the same data and settings.
-    store_dtype      "float32" or "float16" for the recorded steps.
+    store_dtype      "float32" (default), "float16" (half the disk) or "float64" for the recorded steps.
     grad_params      None (every trainable parameter) or names / module-name prefixes.
     """
 
@@ -89,7 +89,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         self.proj_seed = V.check_positive_int(proj_seed, "proj_seed", allow_zero=True)
         self.proj_structure = V.check_choice(proj_structure, "proj_structure", grads.PROJECTION_STRUCTURES)
         self.store_dir = None if store_dir is None else Path(store_dir)
-        self.store_dtype = V.check_choice(store_dtype, "store_dtype", ("float32", "float16"))
+        self.store_dtype = V.check_choice(store_dtype, "store_dtype", ("float32", "float16", "float64"))
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
         self._cache: tuple | None = None          # (key, E, final state_dict, projector, info)
 
@@ -145,7 +145,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         k = projector.dim
         rows = self.epochs * n
         traj_dir = folder / "trajectory"
-        create_store(traj_dir, rows, k if sgd else 2 * k, dtype=self.store_dtype, aux={"index": "int64", "step": "int64"},
+        create_store(traj_dir, rows, k if sgd else 2 * k, dtype=self.store_dtype, aux={"index": "float64", "step": "float64"},
                      fingerprint={"run": key, "projector": projector.fingerprint()})
         writer = StoreWriter(traj_dir, 0, rows, checkpoint_every=3600.0).open()
         bar = run.progress(self.epochs, "DVEmb training", unit="epoch")

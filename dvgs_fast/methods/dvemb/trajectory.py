@@ -10,7 +10,7 @@ calls recorded), one ``autograd.grad`` of the mean loss to the parameters and to
 outputs (which gives every sample's δ / B), the optimizer's gradients set from it, then the step.
 
 Recorded per step, into a gradient store (dvgs_fast.gradstore; rows in step order, columns
-``index`` and ``step``):
+``index`` and ``step``, exact integers in the store's float64 columns):
 
 * g_i: sample i's loss gradient at θ_t, projected (grads.Projector: Kronecker / Khatri-Rao on the
   engine's factors for Linear / conv / Embedding layers, dense JL for the rest), [B, k];
@@ -128,7 +128,7 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
                     u = projector.project(preconditioned(f, P))        # (P ⊙ g_i) / B
                     rows = torch.cat([g, u], 1)
             writer.write(pos, pos + b, rows.detach().to(torch.float64 if rows.dtype == torch.float64 else torch.float32),
-                         {"index": idx.cpu().numpy().astype(np.int64), "step": np.full(b, step, dtype=np.int64)})
+                         {"index": idx.cpu().numpy().astype(np.float64), "step": np.full(b, step, dtype=np.float64)})
             del rec, out, outs, g_all, f
             c2 = time.process_time()
             opt.step()
