@@ -37,6 +37,8 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                  "grad-dot: gradient dot product at the model trained on the source"),
     "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
                  "grad-cos: gradient cosine at the model trained on the source"),
+    "dvemb": ("dvgs_fast.methods.dvemb", "DataValueEmbedding", {},
+              "data value embedding (Wang et al. 2024): trajectory-specific leave-one-out of one training run"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

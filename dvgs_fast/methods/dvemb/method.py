@@ -61,6 +61,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                      an approximation, see trajectory.py), weight_decay    the training.
     proj_dim         dimension k of the projected gradients (split over the layers); memory:
                      k² (the recursion) + N·k (the embeddings) floats, and epochs·N·k on disk.
+    proj_layer_dims  {layer name: k or (k_out, k_in)} for layers that set their own (the rest share proj_dim).
     proj_kind, proj_seed, proj_structure   the projection (grads.Projector), recorded in the result.
     store_dir        None: a temporary folder for the recorded steps (deleted after the run);
                      a folder: the recorded steps and the embeddings are kept there, fingerprinted,
@@ -74,8 +75,9 @@ class DataValueEmbedding(AttributionMixin, Valuation):
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 20, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
-                 weight_decay: float = 0.0, proj_dim: int = 1024, proj_kind: str = "gaussian", proj_seed: int = 0,
-                 proj_structure: str = "khatri_rao", store_dir: str | None = None, store_dtype: str = "float32",
+                 weight_decay: float = 0.0, proj_dim: int = 1024, proj_layer_dims: dict | None = None,
+                 proj_kind: str = "gaussian", proj_seed: int = 0, proj_structure: str = "khatri_rao",
+                 store_dir: str | None = None, store_dtype: str = "float32",
                  grad_params: Any = None, device: Any = None, seed: int | None = None, max_time: float | None = None,
                  progress: bool = True):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, "fast", grad_params, model)
@@ -85,6 +87,10 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         self.lr = V.check_positive_float(lr, "lr")
         self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
         self.proj_dim = V.check_positive_int(proj_dim, "proj_dim")
+        if proj_layer_dims is not None and not isinstance(proj_layer_dims, dict):
+            raise ValueError(f"proj_layer_dims: expected None or {{layer name: k or (k_out, k_in)}}, got "
+                             f"{type(proj_layer_dims).__name__}")
+        self.proj_layer_dims = None if proj_layer_dims is None else dict(proj_layer_dims)
         self.proj_kind = V.check_choice(proj_kind, "proj_kind", grads.PROJECTION_KINDS)
         self.proj_seed = V.check_positive_int(proj_seed, "proj_seed", allow_zero=True)
         self.proj_structure = V.check_choice(proj_structure, "proj_structure", grads.PROJECTION_STRUCTURES)
@@ -95,8 +101,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
 
     # ------------------------------------------------------------------------------------------
     def _projector(self) -> grads.Projector:
-        return grads.Projector(self.proj_dim, kind=self.proj_kind, seed=self.proj_seed,
-                               structure=self.proj_structure)
+        return grads.Projector(self.proj_dim, layer_dims=self.proj_layer_dims, kind=self.proj_kind,
+                               seed=self.proj_seed, structure=self.proj_structure)
 
     def _key(self, prep: T.Prepared, seed: int) -> dict:
         h = runstate.new_hash()
