@@ -87,6 +87,7 @@ class ScoreSink:
         if tuple(t.shape) != (q1 - q0, s1 - s0):
             raise RuntimeError(f"score block of shape {tuple(t.shape)} for rows {q0}:{q1} x {s0}:{s1}")
         arr = t.detach().cpu().numpy()
+        self._check(arr, q0, s0)
         if self.accumulate:
             self.matrix[q0:q1, s0:s1] += arr.astype(self.dtype, copy=False)
             return
@@ -94,13 +95,30 @@ class ScoreSink:
             self.matrix[q0:q1, s0:s1] = arr
         self._final_block(q0, q1, s0, s1, t.detach().cpu())
 
+    def _check(self, arr: np.ndarray, q0: int, s0: int) -> None:
+        """No NaN/Inf score, and none beyond what the stored dtype holds (a float32 matrix would
+        turn it into Inf silently)."""
+        if arr.size == 0:
+            return
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = np.argwhere(~np.isfinite(arr))[0]
+            raise ValueError(f"scores: the score of query {q0 + int(bad[0])} and source row {s0 + int(bad[1])} is not "
+                             f"finite (a gradient overflowed, or the model diverged); rescale the inputs or lower lr")
+        limit = float(np.finfo(self.dtype).max)
+        if max(abs(lo), abs(hi)) > limit:
+            raise ValueError(f"dtype: a score of magnitude {max(abs(lo), abs(hi)):.3g} is beyond {self.dtype.name}'s "
+                             f"range; use dtype='float64'")
+
     def add_columns(self, q0: int, q1: int, cols: torch.Tensor | np.ndarray, block) -> None:
         """Add scores of queries [q0, q1) x the source rows `cols` (distinct, any order) to the
         accumulated matrix: a training step's batch (In-Run Data Shapley)."""
         if not self.accumulate:
             raise RuntimeError("add_columns: only for sinks that accumulate")
         c = np.asarray(torch.as_tensor(cols).cpu())
-        arr = torch.as_tensor(block).detach().cpu().numpy().astype(self.dtype, copy=False)
+        arr = torch.as_tensor(block).detach().cpu().numpy()
+        self._check(arr, q0, 0)
+        arr = arr.astype(self.dtype, copy=False)
         if arr.shape != (q1 - q0, c.shape[0]):
             raise RuntimeError(f"score block of shape {arr.shape} for rows {q0}:{q1} x {c.shape[0]} columns")
         self.matrix[q0:q1, c] += arr

@@ -37,6 +37,8 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
              "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
     "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
               "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
+    "dvemb": ("dvgs_fast.methods.dvemb", "DataValueEmbedding", {},
+              "data value embedding (Wang et al. 2024): trajectory-specific leave-one-out of one training run"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

@@ -33,7 +33,6 @@ from dvgs_fast import runstate
 from dvgs_fast.gradstore.store import (DTYPES, FEATURES, FORMAT, GradientStore, StoreError, _error, check_dtype,
                                        create_npy, read_meta, write_meta)
 
-_F16_MAX = float(np.finfo(np.float16).max)
 
 
 def _plain(fp: dict) -> dict:
@@ -140,9 +139,11 @@ class StoreWriter:
             bad = a + int(np.flatnonzero(~np.isfinite(arr).all(1))[0])
             raise ValueError(f"x_source: the vector of row {bad} is not finite (NaN/Inf gradient): rescale the inputs "
                              f"or check the model")
-        if self.store.dtype == np.float16 and arr.size and float(np.abs(arr).max()) > _F16_MAX:
-            raise ValueError(f"dtype: row {a + int(np.abs(arr).max(1).argmax())} has an entry beyond float16's range "
-                             f"({_F16_MAX:g}); use dtype='float32'")
+        limit = float(np.finfo(self.store.dtype).max)
+        if arr.size and arr.dtype.itemsize > self.store.dtype.itemsize and float(np.abs(arr).max()) > limit:
+            wider = "float32" if self.store.dtype == np.float16 else "float64"
+            raise ValueError(f"dtype: row {a + int(np.abs(arr).max(1).argmax())} has an entry beyond "
+                             f"{self.store.dtype.name}'s range ({limit:g}); use dtype='{wider}'")
         arr = np.ascontiguousarray(arr, dtype=self.store.dtype)
         _pwrite(self._fds[""], arr, self._offsets[""] + a * arr.shape[1] * arr.itemsize)
         digest = runstate.digest_of_array(arr)

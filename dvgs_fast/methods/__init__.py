@@ -21,6 +21,7 @@ _LAZY = {
     "TracInCheckpoints": ("dvgs_fast.methods.tracin_checkpoints", "TracInCheckpoints"),
     "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
     "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
+    "DataValueEmbedding": ("dvgs_fast.methods.dvemb", "DataValueEmbedding"),
     "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),
     "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
     "TRAK": ("dvgs_fast.methods.trak", "TRAK"),
