@@ -33,6 +33,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
                  "grad-dot: gradient dot product at the model trained on the source"),
     "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
                  "grad-cos: gradient cosine at the model trained on the source"),
+    # A factory model is trained on the source first (50 epochs unless --epochs), then scored.
+    "influence": ("dvgs_fast.methods.influence", "InfluenceFunction", {},
+                  "influence functions (Koh & Liang 2017); --solver direct|cg|lissa|arnoldi|kfac|ekfac|datainf"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

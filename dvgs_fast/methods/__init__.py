@@ -22,6 +22,7 @@ _LAZY = {
     "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
     "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),
     "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
+    "InfluenceFunction": ("dvgs_fast.methods.influence", "InfluenceFunction"),
 }
 
 __all__ = list(_LAZY)

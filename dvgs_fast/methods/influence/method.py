@@ -157,9 +157,9 @@ class InfluenceFunction(AttributionMixin, Valuation):
             counts[lo:done[0]] = 1
             values = np.zeros(n)
             values[lo:hi] = local
-            if s.ctx.enabled:
-                values = s.ctx.gather_shards(values[lo:hi], n)
-                counts = s.ctx.gather_shards(counts[lo:hi].astype(np.float64), n).astype(np.int64)
+            if s.ctx.enabled:                      # every rank filled its own rows (whole source blocks)
+                values = s.ctx.all_reduce_sum(values)
+                counts = s.ctx.all_reduce_sum(counts.astype(np.float64)).astype(np.int64)
             return Estimate(values=values, counts=counts, status="stopped" if stop else "completed",
                             stop_reason=stop, progress=f"{int(counts.sum())} of {n} source rows",
                             info=s.info(), timings=s.timings)
@@ -183,11 +183,11 @@ class InfluenceFunction(AttributionMixin, Valuation):
             s.timings["precondition"] = time.perf_counter() - t0
             n, m = prep.xs.shape[0], prep.xt.shape[0]
             lo, hi = s.source_shard(n)
-            if s.ctx.enabled:                      # this rank's columns, gathered onto every rank at the end
-                local = np.zeros((hi - lo, m))
+            if s.ctx.enabled:                      # this rank's columns, summed onto every rank at the end
+                local = np.zeros((m, n))
 
                 def on_block(q0, q1, s0, s1, block):
-                    local[s0 - lo:s1 - lo, q0:q1] = block.t().double().cpu().numpy()
+                    local[q0:q1, s0:s1] = block.double().cpu().numpy()
             else:
                 def on_block(q0, q1, s0, s1, block):
                     sink.add(q0, q1, s0, s1, block)
@@ -195,7 +195,7 @@ class InfluenceFunction(AttributionMixin, Valuation):
                 raise ValueError("max_time: the budget ran out while scoring; attribute() returns no partial matrix "
                                  "(raise max_time; the curvature is kept in factors_dir when given)")
             if s.ctx.enabled:
-                full = s.ctx.gather_shards(local, n).T
+                full = s.ctx.all_reduce_sum(local)
                 step = max(1, (1 << 24) // max(1, m))
                 for a in range(0, n, step):
                     sink.add(0, m, a, min(a + step, n), torch.from_numpy(np.ascontiguousarray(full[:, a:a + step])))
