@@ -136,15 +136,19 @@ def _hessian_ref(model, xs, ys, xq, yq, lam, loss=None):
 
 
 # ----------------------------------------------------------------------------- iterative / low rank
-def test_cg_lissa_arnoldi_against_direct():
+def test_cg_lissa_arnoldi_against_direct(monkeypatch):
     xs, ys, xq, yq = _cls_data(n=40, m=7)
     model = _mlp()
     _, H = _hessian_ref(model, xs, ys, xq[:1], yq[:1], lam=0.0)
     lam = 0.2 - min(0.0, float(torch.linalg.eigvalsh(H)[0]))      # H + λI positive definite
     ref = _attr(model, xs, ys, xq, yq, solver="direct", damping=lam)
-    cg = np.asarray(InfluenceFunction(model, solver="cg", damping=lam, **KW).attribute(
-        xs, ys, xq, yq, dtype="float64", query_batch_size=3))
-    assert np.abs(cg - ref).max() <= 1e-6 * np.abs(ref).max()
+    from dvgs_fast.methods.influence import iterative
+    for explicit in (True, False):                 # products by the explicit Hessian, or by HVPs
+        monkeypatch.setattr(iterative, "EXPLICIT_MAX_PARAMS", 10_000 if explicit else 0)
+        res = InfluenceFunction(model, solver="cg", damping=lam, **KW).attribute(xs, ys, xq, yq, dtype="float64",
+                                                                                query_batch_size=7)
+        assert res.info["hessian"].startswith("explicit" if explicit else "Hessian-vector")
+        assert np.abs(np.asarray(res) - ref).max() <= 1e-6 * np.abs(ref).max()
     lissa = _attr(model, xs, ys, xq, yq, solver="lissa", damping=lam, hessian_batch_size=20, max_iterations=400)
     top = np.abs(ref) >= np.quantile(np.abs(ref), 0.9)
     assert (np.abs(lissa - ref)[top] <= 0.3 * np.abs(ref)[top]).all()

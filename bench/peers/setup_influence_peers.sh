@@ -10,10 +10,10 @@ mkdir -p "$ROOT"
 cd "$ROOT"
 flock "$ROOT/.pydvl.lock" bash -c '
 set -e
-if [ ! -x pydvl/bin/python ]; then
-  python3 -m venv pydvl
-  pydvl/bin/pip install -q "pydvl==0.10.0" "numpy<2" "torch==2.13.0"
-fi'
+test -x pydvl/bin/python || python3 -m venv pydvl
+# pyDVL's influence package imports dask.distributed (the "influence" extra) even for torch models
+pydvl/bin/python -c "import pydvl.influence.torch" 2>/dev/null || \
+  pydvl/bin/pip install -q "pydvl[influence]==0.10.0" "numpy<2" "torch==2.13.0"'
 flock "$ROOT/.dattri.lock" bash -c '
 set -e
 if [ ! -x dattri/bin/python ]; then

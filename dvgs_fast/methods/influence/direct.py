@@ -30,39 +30,49 @@ def exact_damping(cfg, lam_max: float) -> float:
     return fixed if fixed is not None else EXACT_AUTO_DAMPING * max(lam_max, 0.0)
 
 
+def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: str = "direct") -> HessianOperator:
+    """Fill st["H"] (p x p, CPU, the solver's dtype) with H + weight_decay·I from p Hessian-vector
+    products, _COLUMNS at a time, from column st["col"] on (a resume); symmetrised when complete."""
+    p = prob.p
+    if st.get("H") is None:
+        st["H"] = torch.zeros(p, p, dtype=prob.dtype)
+        st["col"] = 0
+    op = HessianOperator(prob)
+    H = st["H"]
+    bar = prob.progress(p, f"influence ({desc}): Hessian columns", unit="col", initial=int(st["col"]))
+    try:
+        while st["col"] < p:
+            try:
+                prob.check_time()
+            except Stopped:
+                if saver is not None:
+                    saver(lambda: st, force=True)
+                raise
+            c0 = int(st["col"])
+            c1 = min(c0 + _COLUMNS, p)
+            E = torch.zeros(c1 - c0, p, dtype=prob.dtype, device=prob.device)
+            E[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1.0
+            H[c0:c1] = op.matmat(E).cpu()          # rows = columns: H is symmetric
+            st["col"] = c1
+            bar.update(c1 - c0)
+            if saver is not None:
+                saver(lambda: st)
+            if c1 == p:
+                H.copy_(0.5 * (H + H.t()))         # exact symmetry (rounding of the two products)
+    finally:
+        bar.close()
+    return op
+
+
 class Direct(Solver):
     name = "direct"
     _factor_key = None               # (kind, damping) of the factorisation kept for later query blocks
 
     def fit(self, prob: Problem, saved: dict | None, saver: Saver) -> None:
         st = dict(saved or {})
-        p = prob.p
-        if st.get("H") is None:
-            st["H"] = torch.zeros(p, p, dtype=prob.dtype)
-            st["col"] = 0
-        op = HessianOperator(prob)
-        H = st["H"]
-        bar = prob.progress(p, "influence (direct): Hessian columns", unit="col", initial=int(st["col"]))
-        try:
-            while st["col"] < p:
-                try:
-                    prob.check_time()
-                except Stopped:
-                    saver(lambda: st, force=True)
-                    raise
-                c0 = int(st["col"])
-                c1 = min(c0 + _COLUMNS, p)
-                E = torch.zeros(c1 - c0, p, dtype=prob.dtype, device=prob.device)
-                E[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1.0
-                H[c0:c1] = op.matmat(E).cpu()          # rows = columns: H is symmetric
-                st["col"] = c1
-                bar.update(c1 - c0)
-                saver(lambda: st)
-        finally:
-            bar.close()
+        op = hessian_columns(prob, st, saver)
         if "lam_max" not in st:
-            H.copy_(0.5 * (H + H.t()))                 # exact symmetry (rounding of the two products)
-            st["lam_max"] = dense_top_eigenvalue(H)
+            st["lam_max"] = dense_top_eigenvalue(st["H"])
         self.state = st
         self.details.update({"lambda_max": st["lam_max"], "hessian_vector_products": op.products})
 

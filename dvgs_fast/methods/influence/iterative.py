@@ -4,7 +4,10 @@ query still running). Neither keeps any curvature beyond λ_max(H), which sets t
 damping (0.01·λ_max, see direct.py) and LiSSA's default scale.
 
 CG: conjugate gradients per query column (each column its own step sizes), stopping a column at
-‖r‖ ≤ rtol·‖g‖ (default 1e-6); a non-positive pᵀ(H + λI)p is negative curvature -- the damped
+‖r‖ ≤ rtol·‖g‖ (default 1e-6). Many queries on a small model: (H + λI) is applied to the
+iterates by matrix products once the explicit Hessian (p HVPs) is cheaper than the HVPs the
+iterations would take (p < 10·queries, p ≤ 8,000) -- the same iterates, fewer backward passes;
+info["hessian"] says which; a non-positive pᵀ(H + λI)p is negative curvature -- the damped
 Hessian is not positive definite -- and stops that column with a CurvatureWarning (the iterate
 so far is kept). max_iterations (default p) without convergence warns too.
 
@@ -19,12 +22,14 @@ from __future__ import annotations
 import torch
 
 from dvgs_fast.methods.base import derive_seed
-from dvgs_fast.methods.influence.direct import exact_damping
+from dvgs_fast.methods.influence.direct import exact_damping, hessian_columns
 from dvgs_fast.methods.influence.hvp import HessianOperator
 from dvgs_fast.methods.influence.problem import Problem, Saver
 from dvgs_fast.methods.influence.solver import Solver, fixed_damping
 
 CG_RTOL = 1e-6
+EXPLICIT_AFTER = 10                  # CG's iterations assumed when choosing explicit products (at least)
+EXPLICIT_MAX_PARAMS = 8000           # p x p float64: 0.5 GB
 LISSA_RTOL = 1e-4
 LISSA_ITERATIONS = 1000
 LISSA_AUTO_SCALE = 2.0
@@ -54,11 +59,27 @@ class _HvpSolver(Solver):
 class CG(_HvpSolver):
     name = "cg"
 
+    def _products(self, prob: Problem, q: int):
+        """V -> (H + weight_decay·I) V: Hessian-vector products, or -- when p is small next to the
+        products the solve will take (p < q·EXPLICIT_AFTER, p ≤ EXPLICIT_MAX_PARAMS) -- the explicit
+        Hessian from p of them, then matrix products. The CG iterates are the same either way."""
+        if "H" not in self.state and prob.p <= EXPLICIT_MAX_PARAMS and prob.p < q * EXPLICIT_AFTER:
+            st: dict = {}
+            hessian_columns(prob, st, desc="cg")
+            self.state["H"] = st["H"]
+        if "H" in self.state:
+            H = self.state["H"].to(prob.device)
+            self.details["hessian"] = f"explicit ({prob.p} Hessian-vector products, then matrix products)"
+            return lambda V: V @ H
+        self.details["hessian"] = "Hessian-vector products"
+        return self.op.matmat
+
     def precondition(self, prob: Problem, G: dict) -> dict:
         lam = self.damping()
         rtol = self.cfg.rtol if self.cfg.rtol is not None else CG_RTOL
         maxiter = self.cfg.max_iterations or prob.p
         B = prob.flat(G)                                   # [Q, p]
+        apply = self._products(prob, B.shape[0])
         X = torch.zeros_like(B)
         R = B.clone()
         P = R.clone()
@@ -73,7 +94,7 @@ class CG(_HvpSolver):
                 prob.check_time()
                 idx = active.nonzero().reshape(-1)
                 Pa = P[idx]
-                AP = self.op.matmat(Pa) + lam * Pa
+                AP = apply(Pa) + lam * Pa
                 pap = (Pa * AP).sum(1)
                 bad = pap <= 0
                 if bool(bad.any()):
