@@ -144,6 +144,7 @@ def test_cg_lissa_arnoldi_against_direct(monkeypatch):
     ref = _attr(model, xs, ys, xq, yq, solver="direct", damping=lam)
     from dvgs_fast.methods.influence import iterative
     for explicit in (True, False):                 # products by the explicit Hessian, or by HVPs
+        monkeypatch.setattr(iterative, "EXPLICIT_SWITCH", 0.0)                       # at once, when allowed
         monkeypatch.setattr(iterative, "EXPLICIT_MAX_PARAMS", 10_000 if explicit else 0)
         res = InfluenceFunction(model, solver="cg", damping=lam, **KW).attribute(xs, ys, xq, yq, dtype="float64",
                                                                                 query_batch_size=7)
@@ -389,3 +390,20 @@ def test_float32_and_hessian_subset():
     pick = torch.randperm(30, generator=torch.Generator().manual_seed(derive_seed(0, 2901)))[:12].sort().values
     ref_sub, _ = _hessian_ref(model, xs[pick], ys[pick], xq, yq, lam=0.1)
     np.testing.assert_allclose(np.asarray(got)[:, pick.numpy()], ref_sub.numpy(), rtol=1e-8, atol=1e-11)
+
+
+@pytest.mark.parametrize("p,q", [(30, 1), (40, 7), (25, 40), (1, 3)])
+def test_block_cg_solves_spd_systems_and_detects_negative_curvature(p, q):
+    from dvgs_fast.methods.influence.iterative import block_cg
+    g = torch.Generator().manual_seed(p + q)
+    M = torch.randn(p, p, generator=g, dtype=torch.float64)
+    A = M @ M.t() / p + 0.05 * torch.eye(p, dtype=torch.float64)
+    B = torch.randn(p, q, generator=g, dtype=torch.float64)
+    B[:, 0] = 0.0                                               # a zero right-hand side stays zero
+    X, it, rel, neg = block_cg(lambda P: A @ P, B, 1e-10, 10 * p)
+    torch.testing.assert_close(X, torch.linalg.solve(A, B), rtol=1e-7, atol=1e-9)
+    assert rel <= 1e-10 and not neg and it <= p
+    if p > 1:
+        A[0, 0] = -5.0                                          # indefinite
+        _, _, _, neg = block_cg(lambda P: A @ P, torch.randn(p, q, generator=g, dtype=torch.float64), 1e-10, 10 * p)
+        assert neg

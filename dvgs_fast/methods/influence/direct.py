@@ -71,18 +71,21 @@ class Direct(Solver):
     def fit(self, prob: Problem, saved: dict | None, saver: Saver) -> None:
         st = dict(saved or {})
         op = hessian_columns(prob, st, saver)
-        if "lam_max" not in st:
-            st["lam_max"] = dense_top_eigenvalue(st["H"])
         self.state = st
-        self.details.update({"lambda_max": st["lam_max"], "hessian_vector_products": op.products})
+        self.details["hessian_vector_products"] = op.products
 
     def precondition(self, prob: Problem, G: dict) -> dict:
         H = self.state["H"].to(prob.device)
-        lam = exact_damping(self.cfg, self.state["lam_max"])
+        if fixed_damping(self.cfg) is None and "lam_max" not in self.state:    # only the auto rule needs it
+            self.state["lam_max"] = dense_top_eigenvalue(H)
+        if "lam_max" in self.state:
+            self.details["lambda_max"] = self.state["lam_max"]
+        lam = exact_damping(self.cfg, self.state.get("lam_max", 0.0))
         self.details["damping"] = lam
         key = ("chol", lam)
         if self._factor_key != key:
-            A = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            A = H.clone()
+            A.diagonal().add_(lam)
             L, info = torch.linalg.cholesky_ex(A)
             if int(info) != 0:
                 low = dense_bottom_eigenvalue(A)
