@@ -194,7 +194,8 @@ def main() -> None:
                 if not ok:
                     row["error"] = got[lib][-1]["error"] if got[lib] else "not run"
                 else:
-                    row.update(cpu=float(np.median([g["cpu"] for g in ok])), wall=float(np.median([g["wall"] for g in ok])),
+                    row.update(cpu=float(np.median([g["cpu"] for g in ok])),
+                               wall=float(np.median([g["wall"] for g in ok])),
                                peak_mb=float(np.median([g["peak"] for g in ok])) / 2**20, version=ok[0]["version"],
                                pearson_vs_ours=pearson(ok[-1]["scores"], ours),
                                pearson_vs_exact=pearson(ok[-1]["scores"], exact))
@@ -210,7 +211,8 @@ def render(meta: dict, rows: list[dict]) -> str:
              f"{meta['n_query']} queries, {meta['machine']}, {meta['cpu_count']} cores, load "
              f"{meta['load_start']} -> {meta['load_end']}", ""]
     for arch, pm in meta["problems"].items():
-        lines.append(f"- {arch}: {pm['parameters']} parameters, damping {pm['damping']:.4g} (λ_max {pm['lambda_max']:.4g}), "
+        lines.append(f"- {arch}: {pm['parameters']} parameters, damping {pm['damping']:.4g} "
+                     f"(λ_max {pm['lambda_max']:.4g}), "
                      f"query accuracy {pm['query_accuracy']:.3f}")
     lines += ["", "| problem | solver | library | CPU s | wall s | peak MB | CPU ratio peer/ours | Pearson vs ours | "
                   "Pearson vs exact | version |", "|---|---|---|---|---|---|---|---|---|---|"]

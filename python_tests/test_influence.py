@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from dvgs_fast import grads
-from dvgs_fast.grads.curvature import KroneckerFactors, fisher_factors, kfac_routes
+from dvgs_fast.grads import KroneckerFactors, fisher_factors, kfac_routes
 from dvgs_fast.methods.influence import CurvatureWarning, InfluenceFunction
 from dvgs_fast.methods.influence.direct import EXACT_AUTO_DAMPING
 

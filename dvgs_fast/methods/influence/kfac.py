@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 from dvgs_fast import grads
-from dvgs_fast.grads.curvature import KroneckerFactors, fisher_factors, kfac_routes
 from dvgs_fast.methods.base import derive_seed
 from dvgs_fast.methods.influence.problem import Problem, Saver, Stopped
 from dvgs_fast.methods.influence.solver import Solver, fixed_damping
@@ -40,7 +39,7 @@ class KFAC(Solver):
     def _routes(self, prob: Problem):
         if getattr(self, "_covered", None) is None:
             full = grads.FastScorer(prob.model, prob.names, prob.sample_loss, "dot", owner="InfluenceFunction")
-            routes, left = kfac_routes(full)
+            routes, left = grads.kfac_routes(full)
             if not routes:
                 raise ValueError(f"solver: {self.name!r} covers Linear, Conv1d/Conv2d and Embedding layers; the "
                                  f"selected parameters ({', '.join(prob.names[:5])}) have none -- choose another "
@@ -57,7 +56,8 @@ class KFAC(Solver):
         names = self._routes(prob)
         scorer = grads.FastScorer(prob.model, names, prob.sample_loss, "dot", owner="InfluenceFunction")
         st = dict(saved or {"stage": "covariances", "block": 0, "factors": None})
-        kf = KroneckerFactors.from_state(st["factors"]) if st.get("factors") else KroneckerFactors(prob.dtype)
+        kf = (grads.KroneckerFactors.from_state(st["factors"]) if st.get("factors")
+              else grads.KroneckerFactors(prob.dtype))
         fisher = self.cfg.fisher
         first_block = prob.shard()[0] // prob.block
 
@@ -75,7 +75,7 @@ class KFAC(Solver):
                         saver(state, force=True)
                         raise
                     gen = torch.Generator().manual_seed(derive_seed(prob.run.seed, _STREAM, first_block + k))
-                    cols = list(fisher_factors(scorer, x, y, fisher, prob.loss, gen))
+                    cols = list(grads.fisher_factors(scorer, x, y, fisher, prob.loss, gen))
                     if cols and cols[0].dense is not None:
                         raise ValueError(f"grad_params: {', '.join(cols[0].dense.names)} belong to layers whose "
                                          f"calls cannot be split by sample at run time, which {self.name} cannot "

@@ -33,7 +33,6 @@ from dvgs_fast import _validation as V
 from dvgs_fast import grads
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
 from dvgs_fast.distributed import context_for
-from dvgs_fast.grads.curvature import FISHERS
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation, derive_seed
 from dvgs_fast.methods.influence import problem as P
@@ -114,7 +113,7 @@ class InfluenceFunction(AttributionMixin, Valuation):
         self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
         self.hessian_samples = V.check_optional_positive_int(hessian_samples, "hessian_samples")
         self.hessian_batch_size = V.check_positive_int(hessian_batch_size, "hessian_batch_size")
-        self.fisher = V.check_choice(fisher, "fisher", FISHERS)
+        self.fisher = V.check_choice(fisher, "fisher", grads.FISHERS)
         if self.fisher == "sampled" and callable(loss) and self.solver in ("kfac", "ekfac"):
             raise ValueError("fisher: 'sampled' draws labels from the model's predictive distribution, which a custom "
                              "loss does not define; use fisher='ggn' or 'empirical'")

@@ -169,7 +169,8 @@ def mean_gradient(prob: Problem, names: list[str], x: torch.Tensor, y: torch.Ten
 
 
 def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: torch.Tensor, ys: torch.Tensor,
-               lo: int, hi: int, batch: int, prob: Problem, on_block: Callable[[int, int, int, int, torch.Tensor], None]):
+               lo: int, hi: int, batch: int, prob: Problem,
+               on_block: Callable[[int, int, int, int, torch.Tensor], None]):
     """Score source rows [lo, hi) against every preconditioned query block (q0, q1, V): one
     recording per source block (``batch`` rows), ``batch_dots`` against each V, and
     ``on_block(q0, q1, s0, s1, scores [q, s])``. Checks the budget between source blocks."""
