@@ -208,3 +208,8 @@ def test_command_line_influence_and_compare(tmp_path, capsys):
     rc = main(["run", "--method", "dvgs", "--solver", "cg", "--no-progress", "--out", str(tmp_path / "x")])
     _, err = capsys.readouterr()
     assert rc == 2 and "--solver" in err                              # a method without solvers refuses it
+    # compare: --solver goes to the influence runs only
+    rc = main(["compare", "--method", "influence,random", "--solver", "kfac", "--epochs", "3", "--n-source", "80",
+               "--n-target", "30", "--no-curves", "--no-progress", "--threads", "1", "--out", str(tmp_path / "c")])
+    _, err = capsys.readouterr()
+    assert rc == 0, err
