@@ -77,7 +77,25 @@ def groundtruth_case(kind="lds", cache_dir=None):
     return {"outputs": gt.outputs, "world_size": gt.info["world_size"], "status": gt.status}
 
 
-CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "groundtruth": groundtruth_case}
+
+def influence_case(n=45, m=5, solver="ekfac", factors_dir=None, **kw):
+    """InfluenceFunction's fit() values and attribute() matrix on a small MLP (trained inside)."""
+    from dvgs_fast.methods.influence import InfluenceFunction
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    xs, ys, xt, yt = (t.double() if t.is_floating_point() else t for t in _data(n, m))
+    kw = {"epochs": 2, "source_batch_size": 8, "hessian_batch_size": 10, "seed": 3, "progress": False,
+          "lr": 1e-2, "damping": 0.5, **kw}
+    if factors_dir is not None:
+        kw["factors_dir"] = factors_dir
+    method = InfluenceFunction(net, solver=solver, **kw)
+    res = method.fit(xs, ys, xt, yt)
+    att = method.attribute(xs, ys, xt, yt, dtype="float64")
+    return {"values": np.asarray(res.values), "scores": np.asarray(att.scores),
+            "info": {k: res.info.get(k) for k in ("world_size", "rank", "n_hessian")}}
+
+
+CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "influence": influence_case, "groundtruth": groundtruth_case}
 
 
 # ------------------------------------------------------------------------------------ worker

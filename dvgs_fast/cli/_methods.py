@@ -39,6 +39,9 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
               "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
     "dvemb": ("dvgs_fast.methods.dvemb", "DataValueEmbedding", {},
               "data value embedding (Wang et al. 2024): trajectory-specific leave-one-out of one training run"),
+    # A factory model is trained on the source first (50 epochs unless --epochs), then scored.
+    "influence": ("dvgs_fast.methods.influence", "InfluenceFunction", {},
+                  "influence functions (Koh & Liang 2017); --solver direct|cg|lissa|arnoldi|kfac|ekfac|datainf"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

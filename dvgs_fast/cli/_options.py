@@ -57,6 +57,8 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
                           "DVGS: target mini-batch size (default per dataset)"),
     "source_batch_size": (("--source-batch-size", "--source_batch_size"), C.pos_int, "N",
                           "DVGS: source rows scored at a time (bounds memory; values do not depend on it)"),
+    "solver": (("--solver",), C.text, "NAME",
+               "influence: direct | cg | lissa | arnoldi | kfac | ekfac | datainf (default: ekfac)"),
     "max_time": (("--max-time",), C.pos_float, "SECONDS",
                  "wall-time budget of the method (default: none; dshap and dvrl 600)"),
     "device": (("--device",), C.text, "DEV", "cpu | cuda | cuda:N (default: cuda when available)"),
@@ -98,7 +100,7 @@ CLI_ONLY = ("config", "debug")
 # Options passed to the method's constructor when it has a parameter of that name.
 METHOD_OPTIONS = {"epochs": "--epochs", "restarts": "--restarts", "lr": "--lr", "max_time": "--max-time",
                   "compute_every": "--compute-every", "target_batch_size": "--target-batch-size",
-                  "source_batch_size": "--source-batch-size"}
+                  "source_batch_size": "--source-batch-size", "solver": "--solver"}
 
 
 REMOVAL_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)

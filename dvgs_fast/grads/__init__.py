@@ -42,6 +42,10 @@ private names):
 ``ReferenceScorer``, ``per_sample_grads(model, names, x, y, sample_loss)``
     explicit per-sample gradients by torch.func: the float64 truth for tests and the route of
     last resort. ``check_vmappable(model)`` refuses models it cannot batch, up front.
+``KroneckerFactors``, ``fisher_factors(scorer, x, y, fisher, loss)``, ``kfac_routes(scorer)``
+    curvature from the recordings (curvature.py): the Gauss-Newton's pseudo-gradients of a batch
+    in factored form ("ggn" exact, "sampled", "empirical"), and K-FAC / EK-FAC factors per Linear /
+    conv / Embedding layer accumulated from them (covariances, eigenbases, corrected eigenvalues).
 ``pairwise``
     the pairwise ("ghost dot-product") route: dots of each sample's gradient with a target
     gradient that is itself a sum of per-row outer products, without forming either
@@ -58,6 +62,7 @@ them: then every parameter takes the reference route, with a SlowRouteWarning).
 A new method plugs in as DEVELOPING.md shows ("Adding a gradient method").
 """
 from dvgs_fast.grads import pairwise
+from dvgs_fast.grads.curvature import FISHERS, KroneckerFactors, LayerFactors, fisher_factors, kfac_routes
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors, dense_factors, materialise
 from dvgs_fast.grads.frozen import FrozenStatistics
 from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
@@ -69,7 +74,8 @@ from dvgs_fast.grads.record import Call, ForwardRecorder
 from dvgs_fast.grads.reference import ReferenceScorer, check_vmappable, per_sample_grads, torch_similarity
 from dvgs_fast.grads.scorer import FastScorer, LayerRoute, Recording, SlowRouteWarning
 
-__all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
+__all__ = ["FISHERS", "KroneckerFactors", "LayerFactors", "fisher_factors", "kfac_routes",
+           "DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
            "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "PROJECTION_STRUCTURES", "Projector",
            "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
            "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",

@@ -143,7 +143,7 @@ def factors_of(recording) -> SampleFactors:
                         continue
                     i = 0 if local == "weight" else 1
                     g = sum(p[i] for p in parts)
-                    norm_parts.append((full, g.reshape(n, -1).to(acc)))
+                    norm_parts.append((full, g.reshape(n, -1).detach().to(acc)))   # built from live inputs
                 continue
             if not parts:
                 continue

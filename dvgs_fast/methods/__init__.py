@@ -26,6 +26,7 @@ _LAZY = {
     "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
     "TRAK": ("dvgs_fast.methods.trak", "TRAK"),
     "LoGraInfluence": ("dvgs_fast.methods.trak", "LoGraInfluence"),
+    "InfluenceFunction": ("dvgs_fast.methods.influence", "InfluenceFunction"),
 }
 
 __all__ = list(_LAZY)

@@ -7,6 +7,7 @@ the DVGS scorers (fast: ghost statistics; reference: torch.func per-sample gradi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -149,6 +150,32 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     _probe(model, xt[:2], yt[:2], sample_loss, method.loss, "target")
     _probe(model, x_probe, y_probe, sample_loss, method.loss, "source")
     return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels, x_dtype)
+
+
+def train_plain(prep: Prepared, run, *, optimizer: str, lr: float, weight_decay: float, epochs: int,
+                batch_size: int, owner: str) -> None:
+    """Plain mini-batch training of prep.model on the in-memory source set (shuffled by
+    prep.shuffle; TracIn's loop without its checkpoints): what grad-dot / grad-cos and influence
+    functions score afterwards. A non-finite loss is a ValueError naming lr."""
+    from dvgs_fast._utils import make_optimizer
+    model, n = prep.model, prep.xs.shape[0]
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    model.train()
+    bar = run.progress(epochs, f"{owner} training", unit="epoch")
+    try:
+        for epoch in range(epochs):
+            for step, idx in enumerate(torch.randperm(n, generator=prep.shuffle).to(prep.xs.device)
+                                       .split(batch_size)):
+                opt.zero_grad(set_to_none=True)
+                loss = prep.sample_loss(model(prep.xs[idx]), prep.ys[idx]).mean()
+                loss.backward()
+                opt.step()
+                if not math.isfinite(float(loss.detach())):
+                    raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at "
+                                     f"epoch {epoch}, step {step}; lower lr (now {lr:g})")
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:

@@ -13,7 +13,6 @@ sample by its mean score over the target set (for grad-dot: ⟨g_i, mean target 
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast import grads
-from dvgs_fast._utils import make_optimizer, own_rng
+from dvgs_fast._utils import own_rng
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
 from dvgs_fast.attribution.gradient_pairs import SIMILARITIES, factors_fn, query_factors, score_pass
 from dvgs_fast.methods import _grad_training as T
@@ -78,26 +77,8 @@ class GradientSimilarity(AttributionMixin, Valuation):
         return prep, scorer, time.perf_counter() - t0
 
     def _train(self, prep: T.Prepared, run: Run) -> None:
-        """Plain mini-batch training on the source set (the same loop as TracIn's, without checkpoints)."""
-        model, n = prep.model, prep.xs.shape[0]
-        opt = make_optimizer(self.optimizer, [p for p in model.parameters() if p.requires_grad], self.lr,
-                             self.weight_decay)
-        model.train()
-        bar = run.progress(self.epochs, f"{type(self).__name__} training", unit="epoch")
-        try:
-            for epoch in range(self.epochs):
-                for step, idx in enumerate(torch.randperm(n, generator=prep.shuffle).to(prep.xs.device)
-                                           .split(self.batch_size)):
-                    opt.zero_grad(set_to_none=True)
-                    loss = prep.sample_loss(model(prep.xs[idx]), prep.ys[idx]).mean()
-                    loss.backward()
-                    opt.step()
-                    if not math.isfinite(float(loss.detach())):
-                        raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at "
-                                         f"epoch {epoch}, step {step}; lower lr (now {self.lr:g})")
-                bar.update(1)
-        finally:
-            bar.close()
+        T.train_plain(prep, run, optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
+                      epochs=self.epochs, batch_size=self.batch_size, owner=type(self).__name__)
 
     def _source_blocks(self, prep: T.Prepared, run: Run, stop: list):
         xs, ys, n = prep.xs, prep.ys, prep.xs.shape[0]
