@@ -99,7 +99,7 @@ class DataShapley(Valuation):
                  g_learning_rate: float | None = None, hidden_dim: int = 100, batched: bool = True,
                  batch_permutations: int = 16, chunk_size: int = 32, batch_engine: str = "auto",
                  n_classes: int | None = None, dtype: str = "float32", keep_marginals: bool = False,
-                 n_jobs: int | None = None, device: Any = None, seed: int | None = None, progress: bool = True,
+                 n_jobs: int | None = None, device: Any = None, seed: int | None = None, progress: bool = True, num_threads: int | None = None,
                  distributed: bool | None = None):
         sk = is_sklearn_estimator(model)
         self.model = model if sk else check_model_spec(model)
@@ -137,7 +137,8 @@ class DataShapley(Valuation):
         self.distributed = distributed
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
         if self.max_permutations is None and self.convergence_tol is None and self.max_time is None:
             raise ValueError("max_permutations: DataShapley needs a stopping rule: set max_permutations, "
                              "convergence_tol or max_time (all three are None, so it would run forever)")
