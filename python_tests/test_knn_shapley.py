@@ -102,9 +102,11 @@ def test_k_larger_than_n_is_additive(N=7, k=10):
     """k > N: every subset is smaller than k, U is additive, the value of a point is m / k
     (the paper's base case m_N / N would give the farthest point m / N instead)."""
     X, y, Xt, yt = _data(11, N, 6, classes=2)
-    res = KNNShapley(k=k, progress=False).fit(X, y, Xt, yt)
+    with pytest.warns(UserWarning, match=f"k: {k} neighbours but only {N} source samples"):
+        res = KNNShapley(k=k, progress=False).fit(X, y, Xt, yt)     # it runs, and says the distances play no part
     np.testing.assert_allclose(res.values, (y[None, :] == yt[:, None]).mean(0) / k, rtol=0, atol=1e-12)
-    res1 = KNNShapley(k=k, progress=False).fit(X[:1], y[:1], Xt, np.full(6, y[0]))   # N = 1
+    with pytest.warns(UserWarning, match="neighbours but only 1 source"):
+        res1 = KNNShapley(k=k, progress=False).fit(X[:1], y[:1], Xt, np.full(6, y[0]))   # N = 1
     np.testing.assert_allclose(res1.values, [1.0 / k], rtol=0, atol=1e-15)
 
 

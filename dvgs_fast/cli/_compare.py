@@ -155,10 +155,10 @@ def run_compare(plan, t_start: float) -> int:
                        "threads": result.info.get("threads"), "threads_reason": result.info.get("threads_reason"),
                        "method_timings": result.timings}
                 runs.append(run)
-                status(f"seed {seed}: {m} {status_of(run)}, "
-                       + ", ".join(f"{t} {metrics[k]:.3f}" for k, t in METRIC_COLUMNS
-                                   if isinstance(metrics.get(k), float) and math.isfinite(metrics[k]))
-                       + f", {t_value:.1f} s wall / {c_value:.1f} s CPU")
+                status(", ".join([f"seed {seed}: {m} {status_of(run)}"]
+                                 + [f"{t} {metrics[k]:.3f}" for k, t in METRIC_COLUMNS
+                                    if isinstance(metrics.get(k), float) and math.isfinite(metrics[k])]
+                                 + [f"{t_value:.1f} s wall / {c_value:.1f} s CPU"]))
                 # A partial record after every run: an interrupted comparison keeps its numbers.
                 atomic_write_text(stage.stage / COMPARE_JSON, json.dumps(jsonable({"partial": True, "runs": runs}),
                                                                          indent=1) + "\n")

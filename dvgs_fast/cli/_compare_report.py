@@ -92,8 +92,8 @@ def summary_table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[l
         row = [e["method"]]
         row += [fmt_mean_sd(e[k]["values"]) if k in e else "-" for k, _ in keys]
         row += [fmt_mean_sd(e["wall_s"]["values"], 1), fmt_mean_sd(e["cpu_s"]["values"], 1)]
-        row.append("-" if e["valued_min"] is None else
-                   ("all" if e["valued_min"] >= 1.0 else f"≥ {e['valued_min']:.0%}"))
+        row.append("-" if e["valued_min"] is None else "all" if e["valued_min"] >= 1.0 else
+                   "none" if e["valued_min"] == 0 else f"≥ {e['valued_min']:.0%}")
         row.append(_status_cell(e))
         rows.append(row)
     return head, rows

@@ -23,6 +23,7 @@ refilled with the next permutation, so the grid stays full.
 """
 from __future__ import annotations
 
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 from torch.func import vmap
 
 from dvgs_fast.refit.models import Refitter, check_model_output, init_params, make_model, score_outputs
-from dvgs_fast.refit.optim import run_optimizer
+from dvgs_fast.refit.optim import RefitStopped, run_optimizer  # noqa: F401 - RefitStopped for the callers
 
 
 class GridTrainer:
@@ -51,13 +52,21 @@ class GridTrainer:
             self._train_grid = vmap(inner, in_dims=(None, 0, 0, 0))
 
     # -- training ----------------------------------------------------------------------------
-    def train(self, Xp: torch.Tensor, Yp: torch.Tensor, M: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Xp [P, L, ...], Yp [P, L], M [P, C, L] (0/1) -> params with leading dims [P, C]."""
-        if self.engine == "vmap":
-            return self._train_grid(self.theta0, Xp, Yp, M)
-        return self._train_linear(Xp, Yp, M)
+    def train(self, Xp: torch.Tensor, Yp: torch.Tensor, M: torch.Tensor,
+              stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Xp [P, L, ...], Yp [P, L], M [P, C, L] (0/1) -> params with leading dims [P, C].
 
-    def _train_linear(self, Xp, Yp, M):
+        stop: asked before every optimizer step; True raises ``RefitStopped`` (a budget that ran
+        out in the middle of the grid's training, which can take seconds)."""
+        if self.engine == "vmap":
+            self.r.stop = stop
+            try:
+                return self._train_grid(self.theta0, Xp, Yp, M)
+            finally:
+                self.r.stop = None
+        return self._train_linear(Xp, Yp, M, stop)
+
+    def _train_linear(self, Xp, Yp, M, stop=None):
         r = self.r
         P, C, L = M.shape
         W0 = self.theta0["weight"]
@@ -115,12 +124,7 @@ class GridTrainer:
             return {"weight": gW} if gb is None else {"weight": gW, "bias": gb}
 
         return run_optimizer(r.optimizer, {"weight": W} if b is None else {"weight": W, "bias": b}, grad_fn,
-                             steps=r.steps, lr=r.lr)
-
-        out = {"weight": W}
-        if b is not None:
-            out["bias"] = b
-        return out
+                             steps=r.steps, lr=r.lr, stop=stop)
 
     # -- scoring -----------------------------------------------------------------------------
     def outputs(self, params: dict[str, torch.Tensor], Xt: torch.Tensor) -> torch.Tensor:

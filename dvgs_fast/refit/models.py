@@ -79,6 +79,7 @@ class Refitter:
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.metric = metric
+        self.stop = None           # a callable asked before every optimizer step (GridTrainer.train)
         self._grad = grad(self._loss)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class Refitter:
         return self._run(self._grad, params, x, y, w)
 
     def _run(self, grad_fn, params, x, y, w):
-        return run_optimizer(self.optimizer, params, lambda ps: grad_fn(ps, x, y, w), steps=self.steps, lr=self.lr)
+        return run_optimizer(self.optimizer, params, lambda ps: grad_fn(ps, x, y, w), steps=self.steps, lr=self.lr,
+                             stop=self.stop)
 
     def sgd_step(self, params, x_row, y_row, lr, functional: bool = False):
         """One SGD step on a single sample (G-Shapley)."""

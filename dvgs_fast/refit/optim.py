@@ -20,11 +20,20 @@ OPTIMIZERS = ("adam", "sgd")
 _B1, _B2, _EPS = 0.9, 0.999, 1e-8
 
 
+class RefitStopped(Exception):
+    """`stop()` said so between two optimizer steps: a wall-clock budget ran out mid-refit."""
+
+
 def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params], *, steps: int,
-                  lr: float) -> Params:
-    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params."""
+                  lr: float, stop: Callable[[], bool] | None = None) -> Params:
+    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params.
+
+    stop: asked before every step; True raises RefitStopped, so a budget is honoured within one
+    optimizer step of a refit (a batched grid of hundreds of refits can take seconds)."""
     if name == "sgd":
         for _ in range(steps):
+            if stop is not None and stop():
+                raise RefitStopped
             g = grad_fn(params)
             params = {k: p - lr * g[k] for k, p in params.items()}
         return params
@@ -33,6 +42,8 @@ def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params]
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
     for t in range(1, steps + 1):
+        if stop is not None and stop():
+            raise RefitStopped
         g = grad_fn(params)
         new = {}
         for k, p in params.items():

@@ -177,11 +177,21 @@ class DataShapley(Valuation):
             "sklearn" if sk else grid.engine if self.batched else "sequential")}
 
         run.show_progress = run.show_progress and ctx.is_main
-        bar = run.progress(self.max_permutations, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
-                           unit="perm")
+        # The bar counts refits (G-Shapley: SGD steps), so it moves within a permutation -- on
+        # digits one TMC permutation is ~1000 refits -- and says how many permutations are done.
+        bar = run.progress(None, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
+                           unit="refit" if self.method == "tmc" else "step")
+        perms_done = [0]
+
+        def permutation_done(n: int) -> None:
+            perms_done[0] += n
+            of = f" of {self.max_permutations}" if self.max_permutations else ""
+            bar.set_postfix_str(f"{perms_done[0]}{of} permutations done", refresh=False)
+
         driver = make_driver(ctx, N, seed, max_permutations=self.max_permutations,
                                    convergence_tol=self.convergence_tol, check_every=self.check_every,
-                                   budget=budget, on_complete=bar.update)
+                                   budget=budget, on_complete=permutation_done)
+        driver.on_refits = bar.update
         try:
             if sk:
                 stopped = self._run_tmc_sklearn(refit, data, driver, info, timings, t_start)
