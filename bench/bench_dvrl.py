@@ -6,7 +6,7 @@ where the values stabilise, and BlogFeedback.
     python bench/bench_dvrl.py blog        # BlogFeedback against the DVGS repository's anchor
     $ODV_PYTHON bench/bench_dvrl.py cost   # ours vs OpenDataVal 1.3 DVRL, same process, interleaved
 
-Each writes bench/results/cpu_dvrl_<what>.json (``--out`` to change). Not collected by pytest
+Each writes runs/bench/cpu_dvrl_<what>.json (``--out`` to change; bench/results/ holds the committed record). Not collected by pytest
 (no test functions): these runs take minutes to tens of minutes on 2 shared cores.
 
 Data (real files from ../shared/data or $DVGS_FAST_DATA, as bench_baselines.py):
@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("runs") / "bench"          # untracked; a committed record is copied on purpose
 
 
 # ------------------------------------------------------------------------------ data
