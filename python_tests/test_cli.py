@@ -355,6 +355,26 @@ def test_info_lists_methods_and_datasets(capsys):
     assert "torch_version" in out
     for name in ("dvgs", "lossval", "dshap", "digits", "adult", "lincs"):
         assert name in out
+    rows = [line for line in out.splitlines() if line.strip().split(" ")[0] in _methods.METHODS]
+    assert len(rows) == len(_methods.METHODS)
+    # every column starts at the same place, long names (inrun_shapley) included
+    for col in (1, 2):
+        starts = {len(line) - len(line.lstrip()) + line.strip().index(line.split()[col]) for line in rows}
+        assert len(starts) == 1, rows
+
+
+def test_default_threads_chosen_from_the_work_and_recorded(tmp_path, capsys):
+    import torch
+    before = torch.get_num_threads()
+    out = tmp_path / "o"
+    rc = main(["run", "--method", "dvgs", "--n-source", "120", "--n-target", "60", "--epochs", "2", "--no-curves",
+               "--no-progress", "--out", str(out)])                    # no --threads
+    assert rc == 0, capsys.readouterr().err
+    assert torch.get_num_threads() == before                          # restored after the command
+    st = json.loads((out / "metrics.json").read_text())["settings"]
+    assert st["threads"] == 1 and st["evaluation_threads"] == 1
+    assert st["threads_reason"].startswith("DVGS: largest matrix product") and "one thread" in st["threads_reason"]
+    assert "threads reason" in (out / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- quality (slow)

@@ -130,7 +130,8 @@ class Run:
 
 def derive_seed(seed: int, *salt: int) -> int:
     """A 63-bit seed derived from (seed, *salt): different salts give independent streams."""
-    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # shift the Python int: numpy 1.x refuses uint64 >> int (no safe common type)
+    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class Valuation(abc.ABC):

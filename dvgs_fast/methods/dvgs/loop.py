@@ -50,11 +50,11 @@ class ScoringMode(FrozenStatistics):
 
 
 def snapshot_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, k, 0x44564753]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, k, 0x44564753]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def chunk_seed(seed: int, k: int, start: int) -> int:
-    return int(np.random.SeedSequence([seed, k, start, 0x43484E4B]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([seed, k, start, 0x43484E4B]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def rank_rows(spec: RunSpec, chunk: int) -> tuple[int, int]:
