@@ -195,16 +195,16 @@ def _run_cli(args: list[str], out: Path) -> dict:
     return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "threads": m["settings"]["threads"], "threads_reason": m["settings"].get("threads_reason"),
             "valuation_s": m["timings"]["valuation"], "auroc": m["metrics"].get("auroc"),
-            "spearman": m["metrics"].get("spearman_noise")}
+            "spearman": m["metrics"].get("noise_spearman")}
 
 
-def cli(out: Path, rounds: int, only: list[str] | None) -> dict:
+def cli(out: Path, rounds: int, only: list[str] | None, loads: tuple[str, ...] = ("idle", "loaded")) -> dict:
     rows = []
     settings = [("default", []), ("--threads 1", ["--threads", "1"]), ("--threads 2", ["--threads", "2"])]
     with tempfile.TemporaryDirectory(prefix="bench_threads_") as tmp:
         tmp = Path(tmp)
         cases = [c for c in _cli_cases(tmp) if not only or any(o in c[0] for o in only)]
-        for state in ("idle", "loaded"):
+        for state in loads:
             with load(state):
                 for name, args in cases:
                     got: dict[str, list[dict]] = {s: [] for s, _ in settings}
@@ -228,7 +228,7 @@ def cli(out: Path, rounds: int, only: list[str] | None) -> dict:
                         rows.append(row)
                         print(json.dumps(row), flush=True)
     doc = {"part": "cli", "machine": machine(), "rounds": rounds, "rows": rows}
-    _write(out, "cli", doc, cli_table(doc))
+    _write(out, "cli" + ("" if len(loads) == 2 else "_" + "_".join(loads)), doc, cli_table(doc))
     return doc
 
 
@@ -262,11 +262,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--seconds", type=float, default=1.0, help="kernels: seconds per measurement")
     ap.add_argument("--only", action="append", help="cli: run only the cases whose name contains this")
+    ap.add_argument("--loads", default="idle,loaded", help="cli: idle, loaded or both (default)")
     a = ap.parse_args(argv)
     if a.part == "kernels":
         kernels(Path(a.out), a.rounds or 3, a.seconds)
     elif a.part == "cli":
-        cli(Path(a.out), a.rounds or 2, a.only)
+        cli(Path(a.out), a.rounds or 2, a.only, tuple(a.loads.split(",")))
     else:
         for d in a.dirs:
             for f in sorted(Path(d).glob("threads_*.json")):
