@@ -5,9 +5,9 @@ Why a rule at all: torch's default is one intra-op thread per core. The work of 
 is mostly small matrix products (an MLP on a batch of a few hundred rows, a few hundred refits of
 a logistic regression), hundreds of kernels per step, and a second thread adds a synchronisation
 to every kernel. Measured on this project's 2-core machine (``bench/bench_threads.py``,
-``bench/THREADS.md``): a training step with 2 threads took 1.3x to 80x the wall time of 1 thread
-at every size from 1e6 to 4.3e9 multiply-adds per product, idle or loaded, and
-``dvgs-fast run --dataset adult`` took 91.5 s instead of 15.6 s of valuation.
+``bench/THREADS.md``): a training step with 2 threads took 1.06x to 80x the wall time of 1
+thread at every size from 1e6 to 4.3e9 multiply-adds per product, with or without added load, and
+``dvgs-fast run --dataset adult`` took 560 s instead of 87 s (131 s instead of 23 s of CPU).
 
 The rule (``choose``):
 
@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 #: Below this many multiply-adds in the largest matrix product of a step, one thread.
-#: bench/THREADS.md: 2 threads were slower at every size measured up to 4.3e9 on 2 cores; the
-#: line sits at 2^29 (5.4e8), above every default of the library except the LINCS autoencoder at
-#: full scale (4096-row chunks x 978 x 256 = 1.0e9), so that large work can use idle cores.
+#: bench/THREADS.md: 2 threads were slower at every size measured up to 4.3e9 on 2 shared cores
+#: (a gain appeared only at 8.6e9); the line sits at 2^29 (5.4e8), above every default of the
+#: library except the LINCS autoencoder at full scale (4096-row chunks x 978 x 256 = 1.0e9), so
+#: that large work can use cores that are idle -- on a busy machine the load average leaves it one.
 PARALLEL_MIN_MACS = 2 ** 29
 
 
