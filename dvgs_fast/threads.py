@@ -5,7 +5,7 @@ Why a rule at all: torch's default is one intra-op thread per core. The work of 
 is mostly small matrix products (an MLP on a batch of a few hundred rows, a few hundred refits of
 a logistic regression), hundreds of kernels per step, and a second thread adds a synchronisation
 to every kernel. Measured on this project's 2-core machine (``bench/bench_threads.py``,
-``bench/THREADS.md``): a training step with 2 threads took 1.06x to 80x the wall time of 1
+``bench/THREADS.md``): a training step with 2 threads took 1.06x to 84x the wall time of 1
 thread at every size from 1e6 to 4.3e9 multiply-adds per product, with or without added load, and
 ``dvgs-fast run --dataset adult`` took 560 s instead of 87 s (131 s instead of 23 s of CPU).
 
@@ -103,7 +103,8 @@ def using(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def largest_layer_macs(model: Any, sample_shape: tuple[int, ...], rows: int) -> int | None:
+def largest_layer_macs(model: Any, sample_shape: tuple[int, ...], rows: int,
+                       dtype: torch.dtype = torch.float32) -> int | None:
     """Multiply-adds of the largest single layer of ``model`` on ``rows`` samples of
     ``sample_shape`` (counted by torch's FlopCounterMode on one forward pass of 2 samples on the
     meta device, so nothing is computed and the model is not touched); None when the model is not
@@ -123,7 +124,7 @@ def largest_layer_macs(model: Any, sample_shape: tuple[int, ...], rows: int) -> 
         net.eval()
         leaves = {n for n, m in net.named_modules() if not list(m.children())}
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            net(torch.zeros((2, *sample_shape), device="meta"))
+            net(torch.zeros((2, *sample_shape), dtype=dtype, device="meta"))
         root = type(net).__name__
         per_module = counter.get_flop_counts()
         best = 0
@@ -180,7 +181,9 @@ def model_work(model: Any, x_source: Any, y_source: Any, x_target: Any, batch_si
         if model == "logistic":
             return rows * d * n_classes(y_source)
         return rows * max(d, hidden) * hidden
-    return largest_layer_macs(model, shape, rows)
+    integer = (x_target.dtype.is_floating_point is False if isinstance(x_target, torch.Tensor)
+               else getattr(x_target, "dtype", None) is not None and x_target.dtype.kind in "iu")
+    return largest_layer_macs(model, shape, rows, torch.long if integer else torch.float32)    # token ids
 
 
 __all__ = ["PARALLEL_MIN_MACS", "ThreadChoice", "available_cores", "choose", "idle_cores", "largest_layer_macs",

@@ -35,6 +35,10 @@ def test_largest_layer_macs_against_hand_counts():
     assert threads.largest_layer_macs(lambda: convnet((3, 32, 32), 10), (3, 32, 32), 7) == 7 * 32 * 16 * 9 * 16 * 16
     assert threads.largest_layer_macs(nn.Linear(5, 3), (5,), 1) == 15
     assert threads.largest_layer_macs("not a model", (5,), 1) is None
+    # token ids (integer inputs) reach an Embedding model as integers; the Linear after it counts
+    emb = nn.Sequential(nn.Embedding(100, 16), nn.Flatten(), nn.Linear(16 * 5, 2))
+    ids = np.zeros((40, 5), dtype=np.int64)
+    assert threads.model_work(emb, ids, None, ids[:10], [8]) == 8 * 80 * 2
 
 
 def test_estimate_leaves_the_model_and_the_random_stream_alone():
