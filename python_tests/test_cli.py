@@ -218,9 +218,10 @@ def test_csv_dataset(tmp_path, capsys):
         for row, lab in zip(X, y):
             w.writerow([*row[:2], lab, *row[2:]])
     out = tmp_path / "csv"
+    # your own CSV injects no noise by default (test_cli_csv.py); asked for, it is scored
     rc, _, err = _run(["run", "--dataset", f"csv:{path}", "--label-column", "target", "--n-source", "200",
-                       "--n-target", "100", "--epochs", "5", "--no-curves", "--out", str(out), "--no-progress"],
-                      capsys)
+                       "--n-target", "100", "--noise", "label:0.2", "--epochs", "5", "--no-curves", "--out", str(out),
+                       "--no-progress"], capsys)
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_source"] == 200 and "auroc" in m["metrics"]
