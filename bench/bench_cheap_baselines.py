@@ -21,7 +21,7 @@ so that load changes hit all sides alike; the 1-minute load average is recorded 
 each call. Values are read back and scored in this process.
 
     python bench/bench_cheap_baselines.py [--seeds 0,1,2] [--datasets breast_cancer,adult]
-        [--pydvl-python PATH] [--odv-python PATH] [--out bench/results/cpu_cheap_baselines.json]
+        [--pydvl-python PATH] [--odv-python PATH] [--out runs/bench/cpu_cheap_baselines.json]
 
 Peers are never dependencies of dvgs_fast. Their interpreters (default: $DVGS_BENCH_PYDVL_PYTHON,
 $DVGS_BENCH_ODV_PYTHON, else this python if it imports them) come from, e.g.:
@@ -182,7 +182,8 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", default="knn_shapley,data_oob")
     ap.add_argument("--pydvl-python")
     ap.add_argument("--odv-python")
-    ap.add_argument("--out", default=str(HERE / "results" / "cpu_cheap_baselines.json"))
+    ap.add_argument("--out", default=str(Path("runs") / "bench" / "cpu_cheap_baselines.json"),
+                    help="output (default runs/bench/, untracked; bench/results/ holds the committed record)")
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker)

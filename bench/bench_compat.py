@@ -1,7 +1,8 @@
 """The drop-in against the original DVGS code: the same script, only the import changed.
 
-    python bench/bench_compat.py [--original PATH] [--rounds 2] [--epochs 100] [--restarts 3]
-    pytest bench/bench_compat.py            # slow-marked, a short version (10 epochs, 1 round)
+    git clone https://github.com/nathanieljevans/DVGS /tmp/DVGS        # the original code, once
+    python bench/bench_compat.py --original /tmp/DVGS [--rounds 2] [--epochs 100] [--restarts 3] [--json OUT]
+    DVGS_ORIGINAL=/tmp/DVGS pytest bench/bench_compat.py   # slow-marked, a short version (10 epochs, 1 round)
 
 A script shaped like the original repository's ``scripts/run_valuation.py`` (written here, not
 copied) values 1000 source / 400 target samples of the real UCI Adult data with 20% flipped labels
@@ -20,7 +21,9 @@ numbers (target order, dropout masks, initialisation), so their values are compa
 rank correlation, not elementwise (elementwise equality with the native API is tested in
 python_tests/test_compat.py).
 
-Writes bench/results/cpu_compat.json (or --json) and prints a markdown table.
+Writes runs/bench/cpu_compat.json (or --json; bench/results/cpu_compat.json is the committed record,
+replaced on purpose) and prints a markdown table. The original code is found only where it is
+named (--original or $DVGS_ORIGINAL: a checkout, or a bare git mirror read with git show).
 """
 from __future__ import annotations
 
@@ -39,7 +42,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MIRROR = Path("/work/.mirror/nathanieljevans+DVGS/repo")
 ORIGINAL_IMPORT = "from DVGS import DVGS"
 OUR_IMPORT = "from dvgs_fast.compat import DVGS"
 
@@ -107,7 +109,6 @@ def find_original(arg: str | None) -> Path | None:
     cands = [Path(arg)] if arg else []
     if os.environ.get("DVGS_ORIGINAL"):
         cands.append(Path(os.environ["DVGS_ORIGINAL"]))
-    cands.append(DEFAULT_MIRROR)
     for c in cands:
         if (c / "dvgs" / "DVGS.py").is_file():
             return c / "dvgs"
@@ -160,18 +161,19 @@ def run_side(side: str, script: Path, data: Path, work: Path, original: Path, se
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--original", help="checkout or git mirror of nathanieljevans/DVGS (default: $DVGS_ORIGINAL, "
-                                       f"{DEFAULT_MIRROR})")
+    ap.add_argument("--original", help="checkout or git mirror of nathanieljevans/DVGS (default: $DVGS_ORIGINAL)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=str(HERE / "results" / "cpu_compat.json"))
+    ap.add_argument("--json", default=str(Path("runs") / "bench" / "cpu_compat.json"),
+                    help="output (default runs/bench/cpu_compat.json, untracked)")
     args = ap.parse_args(argv)
     original = find_original(args.original)
     if original is None:
         raise SystemExit("the original DVGS code was not found: pass --original PATH (a checkout or git mirror of "
-                         "github.com/nathanieljevans/DVGS) or set DVGS_ORIGINAL")
+                         "github.com/nathanieljevans/DVGS: git clone https://github.com/nathanieljevans/DVGS) or "
+                         "set DVGS_ORIGINAL")
     from dvgs_fast.evaluate import detection_auroc
     from scipy.stats import spearmanr
 

@@ -5,7 +5,7 @@ paper curve pair costs per method-seed.
     python bench/bench_curves.py full             # the paper's settings on Adult and Blog
     python bench/bench_curves.py full --epochs 50 --repeats 1    # a cheaper variant
 
-Writes bench/results/cpu_curves_<what>.json (``--out`` to change). Not collected by pytest (no
+Writes runs/bench/cpu_curves_<what>.json (``--out`` to change; bench/results/ holds the committed record). Not collected by pytest (no
 test functions): the full run takes minutes on 2 shared cores.
 
 Data: Adult and BlogFeedback from ../shared/data (or $DVGS_FAST_DATA) through the CLI's loader,
@@ -120,7 +120,8 @@ def main():
     res = engines(args) if args.what == "engines" else full(args)
     res.update({"threads": torch.get_num_threads(), "torch": torch.__version__,
                 "cpu_isa": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count()})
-    out = Path(args.out) if args.out else HERE / "results" / f"cpu_curves_{args.what}.json"
+    out = Path(args.out) if args.out else Path("runs") / "bench" / f"cpu_curves_{args.what}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {out}")
 

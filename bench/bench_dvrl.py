@@ -5,8 +5,10 @@ where the values stabilise, and BlogFeedback.
     python bench/bench_dvrl.py stability   # values vs iteration (the TooFewIterationsWarning number)
     python bench/bench_dvrl.py blog        # BlogFeedback against the DVGS repository's anchor
     $ODV_PYTHON bench/bench_dvrl.py cost   # ours vs OpenDataVal 1.3 DVRL, same process, interleaved
+    $ODV_PYTHON bench/bench_dvrl.py cost --selections 1 --fresh   # like for like: 1 selection per
+                                           # iteration on both sides, a fresh process per run
 
-Each writes bench/results/cpu_dvrl_<what>.json (``--out`` to change). Not collected by pytest
+Each writes runs/bench/cpu_dvrl_<what>.json (``--out`` to change; bench/results/ holds the committed record). Not collected by pytest
 (no test functions): these runs take minutes to tens of minutes on 2 shared cores.
 
 Data (real files from ../shared/data or $DVGS_FAST_DATA, as bench_baselines.py):
@@ -48,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path("runs") / "bench"          # untracked; a committed record is copied on purpose
 
 
 # ------------------------------------------------------------------------------ data
@@ -237,30 +239,76 @@ def run_odv(data, iterations: int, inner: int, seed: int):
             "cpu_ms_per_iteration": round(1e3 * cpu / iterations, 2)}
 
 
+def _ours_kw(args) -> dict:
+    """Our DVRL at the cost run's settings; K = --selections predictors per outer iteration (the
+    like-for-like figure is K = 1, OpenDataVal's, with the paper's moving-average baseline: the
+    leave-one-out baseline needs K >= 2)."""
+    kw = dict(n_iterations=args.iterations, convergence_tol=0.0, inner_iterations=args.inner, metric="auc",
+              n_samples=args.selections, num_threads=1)
+    if args.selections == 1:
+        kw["baseline"] = "moving_average"
+    return kw
+
+
+def cost_one(args):
+    """One side, one dataset, one seed, printed as a JSON line (a fresh process per run: --fresh)."""
+    import resource
+    data = load(args.datasets[0])
+    seed = args.seeds[0]
+    load1 = os.getloadavg()[0]
+    if args.side == "opendataval":
+        row = run_odv(data, args.iterations, args.inner, seed)
+    else:
+        _, row = run_ours(data, 1, seed=seed, **_ours_kw(args))
+        row.update(side="dvgs_fast", selections_per_iteration=args.selections)
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    row.update(dataset=args.datasets[0], seed=seed, load_avg_1min=load1, fresh_process=True,
+               process_cpu_s=round(ru.ru_utime + ru.ru_stime, 2))
+    print("ROW " + json.dumps(row), flush=True)
+
+
 def cost(args):
+    import subprocess
     import opendataval  # noqa: F401 - fail early when absent
     out = {"machine": machine(), "threads": 1, "runs": [], "settings": {
         "iterations": args.iterations, "inner_full_batch_steps": args.inner, "predictor": "logistic, lr 0.01",
-        "outer_batch": "N", "metric": "auc"}}
+        "outer_batch": "N", "metric": "auc", "selections_per_iteration": {"opendataval": 1, "dvgs_fast": args.selections},
+        "fresh_process_per_run": bool(args.fresh)}}
     for name in args.datasets:
-        data = load(name)
-        for seed in args.seeds:
-            load1 = os.getloadavg()[0]
-            row = run_odv(data, args.iterations, args.inner, seed)
-            row.update(dataset=name, seed=seed, load_avg_1min=load1)
-            out["runs"].append(row)
-            print(row, flush=True)
-            _, row = run_ours(data, 1, seed=seed, n_iterations=args.iterations, convergence_tol=0.0,
-                              inner_iterations=args.inner, metric="auc")
-            row.update(side="dvgs_fast", dataset=name, seed=seed)
-            out["runs"].append(row)
-            print(row, flush=True)
+        data = None if args.fresh else load(name)
+        for k, seed in enumerate(args.seeds):
+            sides = ("opendataval", "dvgs_fast") if k % 2 == 0 else ("dvgs_fast", "opendataval")
+            for side in sides:
+                if args.fresh:
+                    cmd = [sys.executable, __file__, "cost-one", "--side", side, "--datasets", name, "--seeds",
+                           str(seed), "--iterations", str(args.iterations), "--inner", str(args.inner),
+                           "--selections", str(args.selections)]
+                    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+                    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    line = next((x for x in p.stdout.splitlines() if x.startswith("ROW ")), None)
+                    if line is None:
+                        raise SystemExit(f"{side} {name} seed {seed} failed:\n{p.stderr[-3000:]}")
+                    row = json.loads(line[4:])
+                else:
+                    load1 = os.getloadavg()[0]
+                    if side == "opendataval":
+                        row = run_odv(data, args.iterations, args.inner, seed)
+                    else:
+                        _, row = run_ours(data, 1, seed=seed, **_ours_kw(args))
+                        row.update(side="dvgs_fast", selections_per_iteration=args.selections)
+                    row.update(dataset=name, seed=seed, load_avg_1min=load1)
+                out["runs"].append(row)
+                print(row, flush=True)
         write("cost", out, args.out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("quality", "stability", "blog", "cost"))
+    ap.add_argument("what", choices=("quality", "stability", "blog", "cost", "cost-one"))
+    ap.add_argument("--selections", type=int, default=8,
+                    help="cost: our predictors per outer iteration (OpenDataVal trains 1; 1 = like for like)")
+    ap.add_argument("--fresh", action="store_true", help="cost: every run in a fresh process")
+    ap.add_argument("--side", choices=("opendataval", "dvgs_fast"), help="cost-one: which side")
     ap.add_argument("--datasets", default=None)
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--threads", default="1,2")
@@ -273,8 +321,8 @@ def main(argv=None):
     args.threads = [int(t) for t in args.threads.split(",")]
     args.datasets = (args.datasets or "breast_cancer,adult").split(",")
     if args.iterations is None:
-        args.iterations = {"stability": 400, "cost": 200}.get(args.what)
-    {"quality": quality, "stability": stability, "blog": blog, "cost": cost}[args.what](args)
+        args.iterations = {"stability": 400, "cost": 200, "cost-one": 200}.get(args.what)
+    {"quality": quality, "stability": stability, "blog": blog, "cost": cost, "cost-one": cost_one}[args.what](args)
 
 
 if __name__ == "__main__":

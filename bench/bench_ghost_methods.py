@@ -1,6 +1,6 @@
 """Ghost layers and the gradient methods on them (issue 19), CPU.
 
-    python bench/bench_ghost_methods.py            # everything; writes bench/results/cpu_ghost_methods.json
+    python bench/bench_ghost_methods.py            # everything; writes runs/bench/cpu_ghost_methods.json
     python bench/bench_ghost_methods.py --quick    # small sizes (what `pytest bench -m "not slow"` runs)
 
 1. Per snapshot (one DVGS scoring pass over N source samples), three routes side by side:
@@ -47,7 +47,7 @@ torch.set_num_threads(1)
 from dvgs_fast._utils import seed_everything  # noqa: E402
 from dvgs_fast.grads import FastScorer, ReferenceScorer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cpu_ghost_methods.json"
+RESULTS = Path("runs") / "bench" / "cpu_ghost_methods.json"   # untracked; bench/results/ is the committed record
 
 
 # ------------------------------------------------------------------------------ workloads

@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON files into bench/REPORT.md (+ PNG plots).
 
-    python bench/report.py RESULTS.json [MORE.json ...] [--out bench/REPORT.md] [--title ...]
+    python bench/report.py RESULTS.json [MORE.json ...] [--out runs/bench/REPORT.md] [--title ...]
 
 Conventions the benchmarks follow (in `benchmark.extra_info`):
   timing          bench/_timing.py's summary of one interleaved comparison: thread count, load
@@ -83,9 +83,18 @@ def speed_table(run: dict) -> list[str]:
     lines = ["| benchmark | threads | implementation | CPU median | wall median | rounds | CPU ratio | wall ratio "
              "| of floor | load avg | peak memory |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for b in sorted(run.get("benchmarks", []), key=lambda b: b.get("group") or b["name"]):
+    benches = sorted(run.get("benchmarks", []), key=lambda b: (b.get("group") or b["name"], b["name"]))
+    per_group: dict[str, int] = {}
+    for b in benches:
+        per_group[b.get("group") or b["name"]] = per_group.get(b.get("group") or b["name"], 0) + 1
+    for b in benches:
         ei = b.get("extra_info", {})
         g = b.get("group") or b["name"]
+        if per_group[g] > 1:
+            # several tests in one group (a parametrized benchmark: seeds, configurations): every
+            # row says which one it is, e.g. "[seed=0]"
+            params = b.get("params") or {}
+            g += " [" + (", ".join(f"{k}={v}" for k, v in params.items()) if params else b["name"]) + "]"
         t = ei.get("timing")
         if t is None:  # a benchmark that does not use bench/_timing.py: wall time only
             lines.append(f"| {g} | ? | {ei.get('impl', b['name'])} | – | {_fmt_time(b['stats']['median'])} | "
@@ -239,7 +248,8 @@ def write_report(paths: list[str], out: Path, title: str, notes: list[str] | Non
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files (--benchmark-json)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "REPORT.md"))
+    ap.add_argument("--out", default=str(Path("runs") / "bench" / "REPORT.md"),
+                    help="default runs/bench/REPORT.md (untracked); --out bench/REPORT.md replaces the committed one")
     ap.add_argument("--title", default="dvgs_fast benchmark report")
     ap.add_argument("--note", action="append", default=[], help="a remark to print under Notes (repeatable)")
     args = ap.parse_args(argv)

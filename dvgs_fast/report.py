@@ -251,8 +251,8 @@ def make_plots(rep: RunReport, plots_dir: Path) -> list[Path]:
         out.append(plot_value_histogram(v, bad, plots_dir / "values_hist.png",
                                         title=f"Values of clean vs corrupted samples: {tag}"))
     else:
-        out.append(plot_value_histogram(v, np.zeros(v.shape[0], dtype=bool), plots_dir / "values_hist.png",
-                                        title=f"Data values: {tag}"))
+        # No known corruption: one histogram of all values, nothing labelled clean.
+        out.append(plot_value_histogram(v, None, plots_dir / "values_hist.png", title=f"Data values: {tag}"))
     if rep.sigma is not None:
         out.append(_plot_values_vs_noise(v, np.asarray(rep.sigma)[ok], plots_dir / "values_vs_noise.png",
                                          rep.metrics.get("noise_spearman")))
@@ -404,7 +404,8 @@ def lowest_rows(rep: RunReport, k: int = 10) -> tuple[list[str], list[list[str]]
 # documents
 # ---------------------------------------------------------------------------------------------
 def _title(rep: RunReport) -> str:
-    return f"dvgs-fast: {rep.method} on {rep.dataset} ({rep.noise})"
+    noise = "" if rep.noise == "none" else f" ({rep.noise})"    # no injected noise: nothing to name
+    return f"dvgs-fast: {rep.method} on {rep.dataset}{noise}"
 
 
 def render_markdown(rep: RunReport, plots: list[Path], plots_rel: str = PLOTS_DIR) -> str:

@@ -14,13 +14,19 @@ Every result says how complete it is:
 Two results of the same method on the same samples merge with ``a + b``: values become the
 count-weighted mean and stderr is recomputed from the pooled sums of squares (Chan et al.'s
 parallel variance), exactly as if one run had averaged all evaluations. Merging is how repeated
-or distributed runs of the same estimator are combined.
+or distributed runs of the same estimator are combined. It assumes the runs are independent:
+two results of one run (the same ``info["fingerprint"]``) or with identical values are refused,
+and values that agree far more closely than their standard errors allow (e.g. one model instance
+valued twice with different seeds, where the seed changes nothing) warn
+(``DependentRunsWarning``): their pooled stderr would understate the uncertainty.
+``a.merge(b, check_independent=False)`` skips these checks.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -104,7 +110,8 @@ class ValuationResult:
         try:
             import pandas as pd
         except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("ValuationResult.to_dataframe() needs pandas: pip install pandas") from exc
+            raise ImportError("ValuationResult.to_dataframe() needs pandas (a dependency of dvgs_fast; it is "
+                              "missing from this environment): pip install pandas") from exc
         return pd.DataFrame({"index": np.arange(len(self)), "value": self.values, "stderr": self.stderr,
                              "counts": self.counts, "rank": self.ranks()})
 
@@ -112,10 +119,19 @@ class ValuationResult:
     def __add__(self, other: "ValuationResult") -> "ValuationResult":
         if not isinstance(other, ValuationResult):
             return NotImplemented
+        return self.merge(other)
+
+    def merge(self, other: "ValuationResult", *, check_independent: bool = True) -> "ValuationResult":
+        """``self + other`` (see the module docstring); ``check_independent=False`` pools without
+        checking that the two results come from independent runs."""
+        if not isinstance(other, ValuationResult):
+            raise ValueError(f"other: expected a ValuationResult, got {type(other).__name__}")
         if other.method != self.method:
             raise ValueError(f"cannot merge a {self.method!r} result with a {other.method!r} result")
         if len(other) != len(self):
             raise ValueError(f"cannot merge results over different samples ({len(self)} vs {len(other)} values)")
+        if check_independent:
+            _check_independent(self, other)
         ca, cb = self.counts.astype(np.float64), other.counts.astype(np.float64)
         c = ca + cb
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -137,7 +153,8 @@ class ValuationResult:
                                status=status, params=dict(self.params),
                                timings={k: self.timings.get(k, 0.0) + other.timings.get(k, 0.0)
                                         for k in set(self.timings) | set(other.timings)},
-                               info={"merged_from": [_summary(self), _summary(other)]})
+                               info={"merged_from": [_summary(self), _summary(other)],
+                                     "fingerprints": _fingerprints(self) + _fingerprints(other)})
 
     # ---------------------------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> Path:
@@ -186,6 +203,48 @@ class ValuationResult:
 
 
 _META_KEYS = {"method", "status", "params", "timings", "info"}
+
+
+def _fingerprints(r: ValuationResult) -> list[str]:
+    """The runs a result holds: its own fingerprint, or those of the results merged into it."""
+    if "fingerprints" in r.info:
+        return list(r.info["fingerprints"])
+    return [r.info["fingerprint"]] if r.info.get("fingerprint") else []
+
+
+class DependentRunsWarning(UserWarning):
+    """Two pooled results look like one run twice: the pooled stderr understates the uncertainty."""
+
+
+def _check_independent(a: ValuationResult, b: ValuationResult) -> None:
+    """Refuse pooling one run with itself; warn when the values are too close to be independent."""
+    shared = set(_fingerprints(a)) & set(_fingerprints(b))
+    fa = next(iter(shared), None)
+    if a is b or shared:
+        raise ValueError("cannot pool a result with itself: both come from the same run (same method, settings, "
+                         "seed, model and data; info['fingerprint'] " f"{str(fa)[:12]}), so their evaluations are "
+                         "the same draws and pooling would shrink the stderr by sqrt(2) for nothing; pool runs "
+                         "with different seeds (or a.merge(b, check_independent=False) to force it)")
+    both = (a.counts > 0) & (b.counts > 0)
+    if both.sum() < 2:
+        return
+    va, vb = a.values[both], b.values[both]
+    if np.array_equal(va, vb) and np.ptp(va) > 0:
+        raise ValueError(f"cannot pool two results with identical values on all {int(both.sum())} samples valued "
+                         f"by both: they are one deterministic result twice (a method or model that ignores the "
+                         f"seed), and pooling would claim a spread of 0; use one of them (or "
+                         f"a.merge(b, check_independent=False) to force it)")
+    se = np.sqrt(a.stderr[both] ** 2 + b.stderr[both] ** 2)
+    ok = np.isfinite(se) & (se > 0)
+    if ok.sum() >= 10:
+        # Independent runs differ by about their combined stderr (|z| has median 0.67 when the
+        # stderrs are right, more when they understate, as DVGS's correlated snapshots do).
+        z = float(np.median(np.abs(va[ok] - vb[ok]) / se[ok]))
+        if z < 0.05:
+            warnings.warn(f"the two results agree far more closely than their standard errors allow (median "
+                          f"|a - b| / stderr = {z:.3g}, about 0.67 for independent runs): they look like one run "
+                          f"twice (e.g. the same model instance, whose initial weights the seed does not change), "
+                          f"so the pooled stderr understates the uncertainty", DependentRunsWarning, stacklevel=4)
 
 
 def _m2(stderr: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -216,6 +216,33 @@ def test_max_time_stops_cleanly(bc, name):
         assert (res.counts > 0).sum() == done and set(np.unique(res.counts)) <= {0, 1}
 
 
+def test_batched_tmc_budget_within_one_refit_and_progress_counts_refits(capsys):
+    # Issue 34: on digits (1000 source, 10 classes) one round of the batched grid trains 512
+    # models and takes seconds, longer than a short budget; the budget is asked between the
+    # grid's optimizer steps, and the bar counts refits before any permutation is done.
+    from dvgs_fast.datasets import flip_labels, load_digits
+    sp = load_digits().split(n_source=1000, n_target=200, n_test=100, seed=0)
+    y, _ = flip_labels(sp.y_source, 0.2, seed=0)
+    t0 = time.perf_counter()
+    with pytest.warns(BudgetWarning):
+        res = DataShapley(max_time=1.0, seed=0).fit(sp.x_source, y, sp.x_target, sp.y_target)
+    elapsed = time.perf_counter() - t0
+    assert res.status == "stopped" and res.info["permutations_done"] == 0 and (res.counts == 0).all()
+    assert elapsed < max(1.0, res.timings["setup"]) + 1.5, (elapsed, res.timings)
+    err = capsys.readouterr().err
+    assert "refit" in err and "perm]" not in err
+    seen = []
+    from dvgs_fast.methods.shapley import tmc
+    orig = tmc.PermutationDriver.refitted
+    try:
+        tmc.PermutationDriver.refitted = lambda self, n: (seen.append((n, len(self.completed))), orig(self, n))
+        DataShapley(max_permutations=2, seed=0, progress=False).fit(sp.x_source[:80], y[:80], sp.x_target,
+                                                                     sp.y_target)
+    finally:
+        tmc.PermutationDriver.refitted = orig
+    assert seen and seen[0] == (2 * 32, 0)        # the first grid's 2 permutations x 32 refits, none done yet
+
+
 def test_iteration_budgets(bc):
     xs, ys, xt, yt, _ = bc
     r = DataShapley(max_permutations=3, seed=0, progress=False).fit(xs, ys, xt, yt)
@@ -343,6 +370,9 @@ def test_bad_input_fails_fast(bc, cls, case):
     (LeaveOneOut, dict(batched="yes"), "batched"),
     (RandomValuation, dict(seed=-1), "seed"),
     (RandomValuation, dict(progress=None), "progress"),
+    (DataShapley, dict(max_permutation=3), "max_permutation: not an option of DataShapley; did you mean "
+                                           "'max_permutations'"),
+    (DVRL, dict(foo=1), "foo: not an option of DVRL; valid: model, "),
 ])
 def test_bad_options_fail_at_construction(cls, kw, needle):
     with pytest.raises(ValueError, match=needle):

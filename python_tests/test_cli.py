@@ -218,9 +218,10 @@ def test_csv_dataset(tmp_path, capsys):
         for row, lab in zip(X, y):
             w.writerow([*row[:2], lab, *row[2:]])
     out = tmp_path / "csv"
+    # your own CSV injects no noise by default (test_cli_csv.py); asked for, it is scored
     rc, _, err = _run(["run", "--dataset", f"csv:{path}", "--label-column", "target", "--n-source", "200",
-                       "--n-target", "100", "--epochs", "5", "--no-curves", "--out", str(out), "--no-progress"],
-                      capsys)
+                       "--n-target", "100", "--noise", "label:0.2", "--epochs", "5", "--no-curves", "--out", str(out),
+                       "--no-progress"], capsys)
     assert rc == 0, err
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_source"] == 200 and "auroc" in m["metrics"]
@@ -355,6 +356,26 @@ def test_info_lists_methods_and_datasets(capsys):
     assert "torch_version" in out
     for name in ("dvgs", "lossval", "dshap", "digits", "adult", "lincs"):
         assert name in out
+    rows = [line for line in out.splitlines() if line.strip().split(" ")[0] in _methods.METHODS]
+    assert len(rows) == len(_methods.METHODS)
+    # every column starts at the same place, long names (inrun_shapley) included
+    for col in (1, 2):
+        starts = {len(line) - len(line.lstrip()) + line.strip().index(line.split()[col]) for line in rows}
+        assert len(starts) == 1, rows
+
+
+def test_default_threads_chosen_from_the_work_and_recorded(tmp_path, capsys):
+    import torch
+    before = torch.get_num_threads()
+    out = tmp_path / "o"
+    rc = main(["run", "--method", "dvgs", "--n-source", "120", "--n-target", "60", "--epochs", "2", "--no-curves",
+               "--no-progress", "--out", str(out)])                    # no --threads
+    assert rc == 0, capsys.readouterr().err
+    assert torch.get_num_threads() == before                          # restored after the command
+    st = json.loads((out / "metrics.json").read_text())["settings"]
+    assert st["threads"] == 1 and st["evaluation_threads"] == 1
+    assert st["threads_reason"].startswith("DVGS: largest matrix product") and "one thread" in st["threads_reason"]
+    assert "threads reason" in (out / "report.md").read_text()
 
 
 # ----------------------------------------------------------------------------- quality (slow)

@@ -134,6 +134,45 @@ def test_semicolon_csv_end_to_end(tmp_path, capsys):
     assert {r["label"] for r in rows} == {"no", "yes"}          # the file's own labels, not codes
 
 
+def test_own_csv_defaults_inject_nothing_and_size_from_the_file(tmp_path, capsys):
+    # Issue 34: a user's own CSV of 300 rows (under the old fixed 1000 + 400) runs on the defaults:
+    # no injected noise, a fifth target, a fifth test, the rest valued, and a warning that the
+    # target comes from the same file; the report invents no "clean" samples and no "(none)".
+    X, y = _data(4, 300)
+    p = _write(tmp_path / "own.csv", ["a", "b", "c", "d", "label"], [[*r, lab] for r, lab in zip(X, y)])
+    out = tmp_path / "o"
+    rc, _, err = _run(["run", "--method", "random", "--dataset", f"csv:{p}", "--out", str(out), *BASE], capsys)
+    assert rc == 0, err
+    assert "warning: the target set is 60 rows drawn from own.csv itself" in err       # even with --no-progress
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n_source"], m["n_target"], m["n_test"]) == (180, 60, 60)
+    assert m["noise"] == "none" and "auroc" not in m["metrics"] and "remove_high" in m["metrics"]
+    assert any("no corruption injected" in n for n in m["notes"])
+    md = (out / "report.md").read_text()
+    assert md.splitlines()[0] == "# dvgs-fast: random on csv (own.csv)"
+    assert "(none)" not in md.splitlines()[0] and "clean (" not in md
+    rows = list(csv.DictReader(open(out / "values.csv")))
+    assert len(rows) == 180 and "corrupted" not in rows[0]
+
+
+def test_own_csv_explicit_noise_is_injected_and_scored(tmp_path, capsys):
+    X, y = _data(5, 300)
+    p = _write(tmp_path / "own.csv", ["a", "b", "c", "d", "label"], [[*r, lab] for r, lab in zip(X, y)])
+    out = tmp_path / "o"
+    rc, _, err = _run(["run", "--method", "random", "--dataset", f"csv:{p}", "--noise", "label:0.2", "--no-curves",
+                       "--out", str(out), *BASE], capsys)
+    assert rc == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["noise"] == "label:0.2" and m["metrics"]["n_corrupted"] == 36 and "auroc" in m["metrics"]
+
+
+def test_own_csv_too_small_says_how_to_proceed(tmp_path, capsys):
+    p = _write(tmp_path / "tiny.csv", ["a", "label"], [[0, "x"], [1, "y"], [2, "x"]])
+    rc, _, err = _run(["run", "--method", "random", "--dataset", f"csv:{p}", "--out", str(tmp_path / "o"), *BASE],
+                      capsys)
+    _one_line_error(rc, err, "3 rows are too few", "--target csv:CLEAN.csv")
+
+
 # ----------------------------------------------------------------------------- --target
 def _pair(tmp_path, n_src=120, n_tgt=50, reorder=False):
     Xs, ys = _data(2, n_src)

@@ -89,6 +89,34 @@ def test_compare_metrics_match_the_values(compared):
     assert loo["auroc"]["mean"] > rnd["auroc"]["mean"]          # the comparison can tell methods apart
 
 
+def test_compare_records_threads_and_plots_within_range(compared, monkeypatch, tmp_path):
+    rc, out, _, _ = compared
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["settings"]["threads"] == "1" and all(r["threads"] == 1 for r in doc["runs"])
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert rows[0]["threads"] == "1" and rows[0]["threads_reason"] == "set explicitly"
+    # the +- 2 sd bars stop at the metric's range (AUROC <= 1); one colour per method in every plot
+    import matplotlib.axes
+    from dvgs_fast.cli import _compare_report as R
+    bars, dots = [], []
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, yerr=None, **kw: bars.append((y, yerr)))
+    orig_scatter = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, *a, **kw: (dots.append(kw.get("color")), orig_scatter(self, *a, **kw))[1])
+    summary = [{"method": "dvgs", "auroc": {"values": [0.99, 0.9], "mean": 0.945, "sd": 0.0636}},
+               {"method": "loo"},                                       # no AUROC: takes no colour slot
+               {"method": "random", "auroc": {"values": [0.5, 0.52], "mean": 0.51, "sd": 0.014}}]
+    R.plot_metric_by_method(summary, "auroc", "AUROC", tmp_path / "a.png")
+    (y0, e0), (y1, e1) = bars
+    assert y0 + e0[1][0] == pytest.approx(1.0) and e0[0][0] == pytest.approx(2 * 0.0636)
+    assert e1[0][0] == e1[1][0] == pytest.approx(0.028)
+    assert dots == [R.method_color("dvgs", ["dvgs", "loo", "random"]), R.method_color("random", ["dvgs", "loo", "random"])]
+    assert dots[1] == "C2"                                              # as in the curve plots' --method order
+    head, table = R.summary_table_rows([{"method": "dshap", "wall_s": {"values": [1.0]}, "cpu_s": {"values": [1.0]},
+                                         "valued_min": 0.0, "status": {"stopped (max_time)": 1}, "n_runs": 1}])
+    assert table[0][head.index("valued")] == "none"
+
+
 def test_compare_same_split_per_seed(compared):
     rc, out, _, _ = compared
     for s in (0, 1, 2):

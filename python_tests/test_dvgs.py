@@ -222,12 +222,10 @@ def test_thread_count_determinism_as_documented():
     mlp = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.2), nn.Mish(), nn.Linear(32, 3))
     bn = nn.Sequential(nn.Linear(6, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
     out = {}
-    for threads in (1, 2):
-        torch.set_num_threads(threads)
-        try:
-            out[threads] = [_run(m, *data, "fast", epochs=3, target_batch_size=20).values for m in (mlp, bn)]
-        finally:
-            torch.set_num_threads(1)
+    for threads in (1, 2):     # explicit: num_threads=None would pick one thread for work this small
+        runs = [_run(m, *data, "fast", epochs=3, target_batch_size=20, num_threads=threads) for m in (mlp, bn)]
+        assert all(r.info["threads"] == threads == r.info["torch_threads"] for r in runs)
+        out[threads] = [r.values for r in runs]
     np.testing.assert_array_equal(out[1][0], out[2][0])
     np.testing.assert_allclose(out[1][1], out[2][1], rtol=0, atol=1e-5 * np.abs(out[1][1]).max())
 

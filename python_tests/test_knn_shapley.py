@@ -83,12 +83,19 @@ def _data(seed, N, T, d=5, classes=3, dup=False):
     return X, y, Xt, yt
 
 
+def _k_above_n(k, N):
+    """k > N still gives the exact values, and says that the distances play no part."""
+    import contextlib
+    return pytest.warns(UserWarning, match="neighbours but only") if k > N else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize("N,T,k", [(40, 7, 5), (25, 3, 10), (6, 4, 10), (1, 3, 1), (1, 1, 4), (30, 1, 3),
                                    (50, 5, 50), (50, 5, 1)])
 def test_matches_loop_recursion(N, T, k):
     X, y, Xt, yt = _data(N * 100 + T, N, T)
     ref = loop_reference(X, y, Xt, yt, k)
-    res = KNNShapley(k=k, progress=False, seed=0).fit(X, y, Xt, yt)
+    with _k_above_n(k, N):
+        res = KNNShapley(k=k, progress=False, seed=0).fit(X, y, Xt, yt)
     np.testing.assert_allclose(res.values, ref.mean(0), rtol=0, atol=1e-9)
     assert (res.counts == T).all()
     if T > 1:
@@ -102,9 +109,11 @@ def test_k_larger_than_n_is_additive(N=7, k=10):
     """k > N: every subset is smaller than k, U is additive, the value of a point is m / k
     (the paper's base case m_N / N would give the farthest point m / N instead)."""
     X, y, Xt, yt = _data(11, N, 6, classes=2)
-    res = KNNShapley(k=k, progress=False).fit(X, y, Xt, yt)
+    with pytest.warns(UserWarning, match=f"k: {k} neighbours but only {N} source samples"):
+        res = KNNShapley(k=k, progress=False).fit(X, y, Xt, yt)     # it runs, and says the distances play no part
     np.testing.assert_allclose(res.values, (y[None, :] == yt[:, None]).mean(0) / k, rtol=0, atol=1e-12)
-    res1 = KNNShapley(k=k, progress=False).fit(X[:1], y[:1], Xt, np.full(6, y[0]))   # N = 1
+    with pytest.warns(UserWarning, match="neighbours but only 1 source"):
+        res1 = KNNShapley(k=k, progress=False).fit(X[:1], y[:1], Xt, np.full(6, y[0]))   # N = 1
     np.testing.assert_allclose(res1.values, [1.0 / k], rtol=0, atol=1e-15)
 
 
@@ -124,7 +133,8 @@ def test_is_the_shapley_value(N, k, seed):
     X, y, Xt, yt = _data(seed, N, 1, d=2, classes=2, dup=True)
     X[2] = X[0]                       # a three-way tie
     phi = brute_force_shapley(X, y, Xt[0], yt[0], k)
-    res = KNNShapley(k=k, progress=False).fit(X, y, Xt[:1], yt[:1])
+    with _k_above_n(k, N):
+        res = KNNShapley(k=k, progress=False).fit(X, y, Xt[:1], yt[:1])
     np.testing.assert_allclose(res.values, phi, rtol=0, atol=1e-12)
     # efficiency: the values add up to the utility of the whole source set
     a = _order(X, Xt[0], "euclidean")

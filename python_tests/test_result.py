@@ -52,6 +52,70 @@ def test_merge_refuses_other_methods_and_sizes():
         a + ValuationResult(values=np.zeros(4), method="dvgs")
 
 
+def test_merge_refuses_one_run_twice_and_identical_values():
+    a = ValuationResult(values=[1.0, 2.0, 3.0], method="loo", info={"fingerprint": "f1"})
+    with pytest.raises(ValueError, match="same run"):
+        a + a
+    with pytest.raises(ValueError, match="same run"):
+        a + ValuationResult(values=[3.0, 2.0, 1.0], method="loo", info={"fingerprint": "f1"})
+    b = ValuationResult(values=[1.0, 2.0, 3.0], method="loo", info={"fingerprint": "f2"})
+    with pytest.raises(ValueError, match="identical values"):
+        a + b                       # a deterministic result twice would claim a spread of 0
+    c = ValuationResult(values=[1.5, 2.0, 3.0], method="loo", info={"fingerprint": "f3"})
+    ab = a + c
+    assert ab.info["fingerprints"] == ["f1", "f3"]
+    with pytest.raises(ValueError, match="same run"):
+        ab + c                      # a merged result remembers the runs it holds
+    forced = a.merge(b, check_independent=False)
+    assert (forced.counts == 2).all() and (forced.stderr == 0).all()
+
+
+def test_merge_warns_when_the_values_are_too_close_for_independent_runs():
+    from dvgs_fast.result import DependentRunsWarning
+    g = np.random.default_rng(0)
+    snaps = g.normal(size=(50, 8))
+    a = _from_snapshots(snaps)
+    twin = _from_snapshots(snaps + 1e-9 * g.normal(size=snaps.shape))   # one run again, rounding apart
+    with pytest.warns(DependentRunsWarning, match="understates"):
+        a + twin
+    other = _from_snapshots(g.normal(size=(50, 8)))                    # an independent run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DependentRunsWarning)
+        a + other
+
+
+def test_seeds_of_one_model_instance_are_caught_and_a_factory_pools(bc_small):
+    # README, "The result": two seeds of DVGS pooled. The same nn.Module instance starts both runs
+    # from the same weights, so the seeds change almost nothing and pooling warns; a factory
+    # builds each run's initial weights from its seed and pools silently. The pooled stderr is
+    # the spread over both runs' snapshots (Chan's formula, tested above).
+    from dvgs_fast.result import DependentRunsWarning
+    xs, ys, xt, yt = bc_small
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(xs.shape[1], 16), nn.Mish(), nn.Linear(16, 2))
+    kw = dict(epochs=3, progress=False)            # full-batch target steps: nothing random but the init
+    a, b = (DVGS(net, seed=s, **kw).fit(xs, ys, xt, yt) for s in (0, 1))
+    assert a.info["fingerprint"] != b.info["fingerprint"]
+    with pytest.warns(DependentRunsWarning):
+        a + b
+    fac = lambda: nn.Sequential(nn.Linear(xs.shape[1], 16), nn.Mish(), nn.Linear(16, 2))  # noqa: E731
+    c, d = (DVGS(fac, seed=s, **kw).fit(xs, ys, xt, yt) for s in (0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DependentRunsWarning)
+        both = c + d
+    assert (both.counts == c.counts + d.counts).all()
+    with pytest.raises(ValueError, match="same run"):
+        c + DVGS(fac, seed=0, **kw).fit(xs, ys, xt, yt)
+
+
+@pytest.fixture
+def bc_small():
+    from sklearn.datasets import load_breast_cancer
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype(np.float32)
+    return x[:120], y[:120], x[400:460], y[400:460]
+
+
 def test_stats_from_sums_matches_numpy():
     g = np.random.default_rng(1)
     x = g.normal(0.3, 0.01, size=(5, 40))

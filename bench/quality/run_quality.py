@@ -6,7 +6,7 @@ its published anchor.
     python3 bench/quality/run_quality.py --experiments adult_feature,lincs   # a subset
     python3 bench/quality/run_quality.py --experiments adult --seeds 0 --budget 10    # a quick look
 
-Experiments (`EXPERIMENTS` below; name = config bench/quality/<name>.toml = results bench/quality/<name>/):
+Experiments (`EXPERIMENTS` below; name = config <out>/<name>.toml = results <out>/<name>/):
 
     adult          exp1  Adult, 20% flipped labels, detection AUROC
     blog           exp2  BlogFeedback, 20% flipped labels, detection AUROC
@@ -24,9 +24,12 @@ budget stopped. Methods that cannot value an experiment (most need 1-D labels; t
 autoencoder has none) are found by a small probe run of the same command and skipped, with the
 reason printed and kept in <name>/skipped.json.
 
-Results land in bench/quality/<name>/ (compare.md, compare.json, runs.csv, plots/; the per-run
-values/ are not committed). QUALITY.md is written from those files plus the anchors below and the
-hand-written analysis in bench/quality/ANALYSIS.md.
+Results land in --out (default runs/quality/, untracked): <name>/ (compare.md, compare.json,
+runs.csv, plots/), the configs used, meta.json and QUALITY.md, written from those files plus the
+anchors below and the hand-written analysis in bench/quality/ANALYSIS.md. The committed record is
+refreshed on purpose with ``--out bench/quality`` (QUALITY.md then goes to bench/QUALITY.md; the
+per-run values/ are not committed). The machine's data folder and checkout never appear in them:
+they are written as ``$DVGS_FAST_DATA`` and as paths relative to the checkout.
 """
 from __future__ import annotations
 
@@ -49,8 +52,27 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 ROOT = BENCH.parent
-QUALITY_MD = BENCH / "QUALITY.md"
 ANALYSIS_MD = HERE / "ANALYSIS.md"
+OUT = ROOT / "runs" / "quality"          # --out; bench/quality for the committed record
+
+
+def quality_md() -> Path:
+    return BENCH / "QUALITY.md" if OUT.resolve() == HERE.resolve() else OUT / "QUALITY.md"
+
+
+def redact(folder: Path, data_root: str) -> None:
+    """Write the machine's data folder as $DVGS_FAST_DATA and the checkout's paths relative to it in
+    an experiment's report files, so that a committed record holds no machine-specific path (the
+    command stays runnable: the shell expands $DVGS_FAST_DATA)."""
+    subs = [(str(Path(data_root).resolve()), "$DVGS_FAST_DATA"), (str(Path(data_root)), "$DVGS_FAST_DATA"),
+            (str(ROOT) + os.sep, "")]
+    for name in ("compare.md", "compare.json", "compare.html", "runs.csv", "skipped.json"):
+        f = folder / name
+        if f.is_file():
+            text = f.read_text()
+            for a, b in subs:
+                text = text.replace(a, b)
+            f.write_text(text)
 LINCS_FILE = "lincs/test_l1000_highprecision.gctx"
 
 
@@ -212,13 +234,14 @@ def probe_methods(exp: Experiment, methods: list[str], data_root: str) -> tuple[
 
 def run_experiment(exp: Experiment, methods: list[str], seeds: list[int], budget: float, data_root: str,
                    curve_args: list[str]) -> dict[str, Any]:
-    out = HERE / exp.name
+    out = OUT / exp.name
     skipped: dict[str, str] = {}
     if exp.probe:
         methods, skipped = probe_methods(exp, methods, data_root)
         if not methods:
             raise SystemExit(f"run_quality: no method can run {exp.name}")
-    cfg = HERE / f"{exp.name}.toml"
+    cfg = OUT / f"{exp.name}.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
     cfg.write_text(config_text(exp, method_tables(exp, methods, budget)))
     argv = [*_cli(), "compare", "--dataset", _dataset_arg(exp, data_root), "--data-root", data_root,
             "--method", ",".join(methods), "--seeds", ",".join(map(str, seeds)), "--config", str(cfg),
@@ -232,6 +255,7 @@ def run_experiment(exp: Experiment, methods: list[str], seeds: list[int], budget
     if rc not in (0, 1):            # 1: some method failed; the others are reported
         raise SystemExit(f"run_quality: dvgs-fast compare on {exp.name} exited {rc}")
     (out / "skipped.json").write_text(json.dumps(skipped, indent=1) + "\n")
+    redact(out, data_root)
     return {"date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "budget_s": budget,
             "total_min": round((time.perf_counter() - t0) / 60, 1), "methods": methods, "seeds": seeds,
             "curves": " ".join(curve_args) or "CLI default (logistic regression)"}
@@ -312,7 +336,7 @@ def curves_table(doc: dict) -> list[str]:
 
 
 def experiment_section(exp: Experiment) -> list[str]:
-    folder = HERE / exp.name
+    folder = OUT / exp.name
     doc = json.loads((folder / "compare.json").read_text())
     runs = doc["runs"]
     s = doc["sizes"]
@@ -374,12 +398,13 @@ def experiment_section(exp: Experiment) -> list[str]:
     failed = [r for r in runs if r["status"] == "failed"]
     if failed:
         lines += ["Failed runs:", "", *[f"- {r['method']} seed {r['seed']}: {r['error']}" for r in failed], ""]
+    rel = "quality/" if quality_md().parent == BENCH else ""     # links relative to QUALITY.md
     for p in ("auroc", "spearman", "discovery", "remove_curves", "times"):
         if (folder / "plots" / f"{p}.png").is_file():
-            lines.append(f"![{exp.name} {p}](quality/{exp.name}/plots/{p}.png)")
-    lines += ["", f"Per-run numbers: [`quality/{exp.name}/runs.csv`](quality/{exp.name}/runs.csv); the "
-              f"comparison report: [`quality/{exp.name}/compare.md`](quality/{exp.name}/compare.md); settings: "
-              f"[`quality/{exp.name}.toml`](quality/{exp.name}.toml).", ""]
+            lines.append(f"![{exp.name} {p}]({rel}{exp.name}/plots/{p}.png)")
+    lines += ["", f"Per-run numbers: [`{rel}{exp.name}/runs.csv`]({rel}{exp.name}/runs.csv); the "
+              f"comparison report: [`{rel}{exp.name}/compare.md`]({rel}{exp.name}/compare.md); settings: "
+              f"[`{rel}{exp.name}.toml`]({rel}{exp.name}.toml).", ""]
     return lines
 
 
@@ -390,7 +415,7 @@ def replot(exp: Experiment) -> None:
     sys.path.insert(0, str(ROOT))
     from dvgs_fast.cli import _compare_report as K
     from dvgs_fast.evaluate import discovery_curve
-    folder = HERE / exp.name
+    folder = OUT / exp.name
     doc = json.loads((folder / "compare.json").read_text())
     pdir = folder / "plots"
     pdir.mkdir(exist_ok=True)
@@ -425,7 +450,7 @@ def _experiment_meta(meta: dict, name: str) -> dict:
 
 
 def write_quality_md(names: list[str], meta: dict) -> None:
-    ran = [(n, _experiment_meta(meta, n)) for n in names if (HERE / n / "compare.json").is_file()]
+    ran = [(n, _experiment_meta(meta, n)) for n in names if (OUT / n / "compare.json").is_file()]
     runs_line = "; ".join(f"{n} {m['date']} ({m['total_min']} min)" for n, m in ran if m.get("date"))
     lines = ["# Quality against the published results", "",
              "Produced by `bench/quality/run_quality.py` (one `dvgs-fast compare` per experiment); do not edit the "
@@ -439,8 +464,8 @@ def write_quality_md(names: list[str], meta: dict) -> None:
         lines += experiment_section(EXPERIMENTS[n])
     if ANALYSIS_MD.is_file():
         lines += [ANALYSIS_MD.read_text().rstrip(), ""]
-    QUALITY_MD.write_text("\n".join(lines))
-    print(f"run_quality: wrote {QUALITY_MD}", file=sys.stderr)
+    quality_md().write_text("\n".join(lines))
+    print(f"run_quality: wrote {quality_md()}", file=sys.stderr)
 
 
 def _names(text: str) -> list[str]:
@@ -467,10 +492,15 @@ def main() -> int:
     p.add_argument("--curve-epochs", default=None, help="passed to dvgs-fast compare --curve-epochs")
     p.add_argument("--curve-repeats", default=None, help="passed to dvgs-fast compare --curve-repeats")
     p.add_argument("--data-root", default=os.environ.get("DVGS_FAST_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--out", default=str(ROOT / "runs" / "quality"), help="results folder (default: runs/quality, untracked; "
+                   "bench/quality rewrites the committed record and bench/QUALITY.md)")
     p.add_argument("--report-only", action="store_true",
                    help="redraw the plots of --experiments and rewrite QUALITY.md from the committed results")
     a = p.parse_args()
-    meta_path = HERE / "meta.json"
+    global OUT
+    OUT = Path(a.out)
+    OUT.mkdir(parents=True, exist_ok=True)
+    meta_path = OUT / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     if "experiments" not in meta:      # the older layout: one record for the label-corruption run
         old = {k: meta[k] for k in ("date", "budget_s", "total_min", "methods", "seeds") if k in meta}
@@ -478,7 +508,7 @@ def main() -> int:
         meta["experiments"] = {n: dict(old) for n in LABEL_EXPERIMENTS} if old else {}
     if a.report_only:
         for n in _names(a.experiments):
-            if (HERE / n / "compare.json").is_file():
+            if (OUT / n / "compare.json").is_file():
                 replot(EXPERIMENTS[n])
     else:
         names = _names(a.experiments)

@@ -49,6 +49,14 @@ def _loadavg() -> str:
         return "n/a"
 
 
+def _threads_used(runs: list[dict[str, Any]]) -> str:
+    """The valuations' thread counts: '1', or per method ('dvgs 1, dshap 2') when they differ."""
+    per = {r["method"]: r.get("threads") for r in runs if r.get("threads") is not None}
+    if len(set(per.values())) <= 1:
+        return str(next(iter(per.values()), "?"))
+    return ", ".join(f"{m} {t}" for m, t in per.items())
+
+
 def run_compare(plan, t_start: float) -> int:
     from ..evaluate import discovery_curve
     from ..report import RunReport, StagedOutput, write_values_csv
@@ -93,6 +101,8 @@ def run_compare(plan, t_start: float) -> int:
                 for n in data.notes:
                     if n not in notes:
                         notes.append(n)
+                        if n.startswith("warning:") and plan.main_rank:     # even with --no-progress
+                            print(f"{PROG}: {n}", file=sys.stderr, flush=True)
             # Build every method before valuing any: a bad setting fails before long work.
             built = {}
             for m in methods:
@@ -160,12 +170,13 @@ def run_compare(plan, t_start: float) -> int:
                        "stopped_by": result.info.get("stopped_by") if result.status == "stopped" else None,
                        "progress": str(result.info.get("progress", "")) or None, "n": int(values.shape[0]),
                        "n_valued": int(valued.sum()), "metrics": metrics, "wall_s": t_value, "cpu_s": c_value,
+                       "threads": result.info.get("threads"), "threads_reason": result.info.get("threads_reason"),
                        "method_timings": result.timings}
                 runs.append(run)
-                status(f"seed {seed}: {m} {status_of(run)}, "
-                       + ", ".join(f"{t} {metrics[k]:.3f}" for k, t in METRIC_COLUMNS
-                                   if isinstance(metrics.get(k), float) and math.isfinite(metrics[k]))
-                       + f", {t_value:.1f} s wall / {c_value:.1f} s CPU")
+                status(", ".join([f"seed {seed}: {m} {status_of(run)}"]
+                                 + [f"{t} {metrics[k]:.3f}" for k, t in METRIC_COLUMNS
+                                    if isinstance(metrics.get(k), float) and math.isfinite(metrics[k])]
+                                 + [f"{t_value:.1f} s wall / {c_value:.1f} s CPU"]))
                 # A partial record after every run: an interrupted comparison keeps its numbers.
                 atomic_write_text(stage.stage / COMPARE_JSON, json.dumps(jsonable({"partial": True, "runs": runs}),
                                                                          indent=1) + "\n")
@@ -178,8 +189,8 @@ def run_compare(plan, t_start: float) -> int:
                "sizes": {"n_source": data.n_source, "n_target": data.n_target, "n_test": data.n_test},
                "banner": banner(runs), "summary": summary, "runs": runs, "notes": notes,
                "curves": curves_line(runs),
-               "settings": {"threads": torch.get_num_threads(), "device": plan.device or "auto",
-                            "data_files": data.files},
+               "settings": {"threads": _threads_used(runs), "evaluation_threads": torch.get_num_threads(),
+                            "device": plan.device or "auto", "data_files": data.files},
                "models": models, "method_settings": method_settings, "command": plan.command,
                "loadavg_start": load_start, "loadavg_end": _loadavg(), "versions": versions(),
                "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -193,7 +204,7 @@ def run_compare(plan, t_start: float) -> int:
         plots = [p for p in (
             plot_metric_by_method(summary, "auroc", "detection AUROC", pdir / "auroc.png"),
             plot_metric_by_method(summary, "noise_spearman", "Spearman(value, -noise)", pdir / "spearman.png"),
-            plot_mean_discovery(found, disc_fr, disc_opt, pdir / "discovery.png", data.name)
+            plot_mean_discovery(found, disc_fr, disc_opt, pdir / "discovery.png", data.name, methods)
             if disc_fr is not None else None,
             plot_mean_curves(runs, methods, pdir / "remove_curves.png", data.name),
             plot_times(summary, pdir / "times.png")) if p is not None]

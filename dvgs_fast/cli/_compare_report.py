@@ -94,8 +94,8 @@ def summary_table_rows(summary: list[dict[str, Any]]) -> tuple[list[str], list[l
         row = [e["method"]]
         row += [fmt_mean_sd(e[k]["values"]) if k in e else "-" for k, _ in keys]
         row += [fmt_mean_sd(e["wall_s"]["values"], 1), fmt_mean_sd(e["cpu_s"]["values"], 1)]
-        row.append("-" if e["valued_min"] is None else
-                   ("all" if e["valued_min"] >= 1.0 else f"≥ {e['valued_min']:.0%}"))
+        row.append("-" if e["valued_min"] is None else "all" if e["valued_min"] >= 1.0 else
+                   "none" if e["valued_min"] == 0 else f"≥ {e['valued_min']:.0%}")
         row.append(_status_cell(e))
         rows.append(row)
     return head, rows
@@ -161,19 +161,32 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+# The range a metric can take: the ± 2 sd bars are cut there (an AUROC bar above 1.0 shows
+# nothing that can happen).
+METRIC_RANGE = {"auroc": (0.0, 1.0), "noise_spearman": (-1.0, 1.0)}
+
+
+def method_color(method: str, methods: list[str]) -> str:
+    """One colour per method in every plot: its position in the command's --method list."""
+    return f"C{methods.index(method) % 10}" if method in methods else "0.4"
+
+
 def plot_metric_by_method(summary: list[dict[str, Any]], key: str, title: str, path: Path) -> Path | None:
     entries = [e for e in summary if key in e]
     if not entries:
         return None
+    methods = [e["method"] for e in summary]
+    lo, hi = METRIC_RANGE.get(key, (-np.inf, np.inf))
     fig = _figure((max(4.5, 0.9 * len(entries) + 2), 4.0))
     ax = fig.add_subplot(1, 1, 1)
     for i, e in enumerate(entries):
         v = np.asarray(e[key]["values"], dtype=float)
         jitter = np.linspace(-0.12, 0.12, len(v)) if len(v) > 1 else np.zeros(1)
-        ax.scatter(i + jitter, v, s=16, color=f"C{i % 10}", alpha=0.7, zorder=3)
+        ax.scatter(i + jitter, v, s=16, color=method_color(e["method"], methods), alpha=0.7, zorder=3)
         if e[key]["sd"] is not None:
-            ax.errorbar(i + 0.3, e[key]["mean"], yerr=2 * e[key]["sd"], fmt="o", color="k", capsize=4,
-                        markersize=4, zorder=4)
+            mean, two = e[key]["mean"], 2 * e[key]["sd"]
+            yerr = [[min(two, mean - lo)], [min(two, hi - mean)]]
+            ax.errorbar(i + 0.3, mean, yerr=yerr, fmt="o", color="k", capsize=4, markersize=4, zorder=4)
         else:
             ax.plot(i + 0.3, e[key]["mean"], "o", color="k", markersize=4)
     if key in ("auroc",):
@@ -182,7 +195,8 @@ def plot_metric_by_method(summary: list[dict[str, Any]], key: str, title: str, p
     ax.set_xticks(range(len(entries)))
     ax.set_xticklabels([e["method"] for e in entries], rotation=30, ha="right")
     ax.set_ylabel(title)
-    ax.set_title(f"{title} per seed (black: mean ± 2 sd)")
+    ax.set_title(f"{title} per seed (black: mean ± 2 sd" + (", cut at the metric's range)" if key in METRIC_RANGE
+                                                             else ")"))
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
@@ -230,7 +244,7 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
     drawn = metric = 0
     n_seeds = 0
     model = None
-    for i, m in enumerate(methods):
+    for m in methods:
         labelled = False
         for mode, style in (("high", "-"), ("low", "--")):
             curves = [r["metrics"][f"remove_{mode}"] for r in runs
@@ -243,7 +257,7 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
             model = model or curves_description(curves[0])
             n_seeds = max(n_seeds, len(curves))
             # one legend entry per method (its colour); the line style is keyed once below
-            ax.plot(fr, sc, linestyle=style, marker="o", markersize=3, color=f"C{i % 10}",
+            ax.plot(fr, sc, linestyle=style, marker="o", markersize=3, color=method_color(m, methods),
                     label=None if labelled else m)
             labelled = True
             drawn += 1
@@ -264,7 +278,7 @@ def plot_mean_curves(runs: list[dict[str, Any]], methods: list[str], path: Path,
 
 
 def plot_mean_discovery(found: dict[str, list[np.ndarray]], fractions: np.ndarray, optimal: np.ndarray,
-                        path: Path, dataset: str) -> Path | None:
+                        path: Path, dataset: str, methods: list[str] | None = None) -> Path | None:
     if not found:
         return None
     fig = _figure((8.0, 4.5))
@@ -272,8 +286,9 @@ def plot_mean_discovery(found: dict[str, list[np.ndarray]], fractions: np.ndarra
     ax.plot(fractions, optimal, color="0.3", linestyle="--", label="optimal")
     ax.plot(fractions, fractions, color="0.6", linestyle=":", label="random order")
     n_seeds = max(len(fs) for fs in found.values())
-    for i, (m, fs) in enumerate(found.items()):
-        ax.plot(fractions, np.mean(fs, axis=0), color=f"C{i % 10}", marker="o", markersize=2,
+    methods = list(found) if methods is None else methods
+    for m, fs in found.items():
+        ax.plot(fractions, np.mean(fs, axis=0), color=method_color(m, methods), marker="o", markersize=2,
                 label=m + (f" ({len(fs)} seeds)" if len(fs) != n_seeds else ""))
     ax.set_xlabel("fraction of data inspected (lowest values first)")
     ax.set_ylabel("fraction of corrupted samples found")
@@ -328,7 +343,7 @@ def render_markdown(doc: dict[str, Any], plots: list[Path]) -> str:
     parts += [f"{doc['sizes']['n_source']} source / {doc['sizes']['n_target']} target / {doc['sizes']['n_test']} "
               f"test samples, {doc['noise_description']}; every method sees the same split per seed. "
               f"mean ± 2 sd over the seeds (sample sd); times are the valuation's own (wall and process CPU), "
-              f"{doc['settings']['threads']} torch thread(s), load average {doc['loadavg_start']} at the start "
+              f"{doc['settings']['threads']} thread(s) for the valuations (see runs.csv for why), load average {doc['loadavg_start']} at the start "
               f"and {doc['loadavg_end']} at the end.", ""]
     if doc["notes"]:
         parts += ["Notes:", *[f"- {n}" for n in doc["notes"]], ""]
@@ -382,10 +397,11 @@ def write_runs_csv(runs: list[dict[str, Any]], path: Path) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["method", "seed", "status", "stopped_by", "progress", "n", "n_valued", *keys, "wall_s", "cpu_s",
-                "error"])
+                "threads", "threads_reason", "error"])
     for r in runs:
         w.writerow([r["method"], r["seed"], r["status"], r.get("stopped_by") or "", r.get("progress") or "",
                     r["n"], r["n_valued"],
                     *["" if r["metrics"].get(k) is None else repr(float(r["metrics"][k])) for k in keys],
-                    f"{r['wall_s']:.3f}", f"{r['cpu_s']:.3f}", r.get("error") or ""])
+                    f"{r['wall_s']:.3f}", f"{r['cpu_s']:.3f}", r.get("threads") or "", r.get("threads_reason") or "",
+                    r.get("error") or ""])
     atomic_write_text(path, buf.getvalue())

@@ -46,7 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # noise as the ground truth.
     "lincs": {"n_source": 150, "n_target": 60, "noise": "feature:3.0", "dropout": 0.0,
               "dvgs": {"epochs": 20, "lr": 1e-3, "target_batch_size": 30, "restarts": 1}},
-    "csv": {"n_source": 1000, "n_target": 400, "max_test": 2000, "noise": "label:0.2", "dropout": 0.2,
+    # Your own data: nothing is corrupted on purpose, the sizes come from the file (csv_sizes).
+    "csv": {"n_source": None, "n_target": None, "max_test": 2000, "noise": "none", "dropout": 0.2,
             "dvgs": {"epochs": 50, "lr": 1e-3, "target_batch_size": 128, "restarts": 1}},
 }
 
@@ -496,6 +497,33 @@ class RunData:
         return tuple(int(s) for s in self.x_source.shape[1:])
 
 
+def csv_sizes(n_rows: int, n_source: int | None, n_target: int | None, n_test: int | None) -> tuple[int, int]:
+    """(n_source, n_target) for --dataset csv:FILE without --target, sizes not given taken from the
+    file: a fifth of the rows as the target set (at most 1000), a fifth kept for the removal
+    curves' test set (at most 2000; see split_and_corrupt), every other row valued."""
+    t = n_target if n_target is not None else min(1000, max(1, round(0.2 * n_rows)))
+    if n_source is not None:
+        return n_source, t
+    te = n_test if n_test is not None else min(2000, round(0.2 * n_rows))
+    s = n_rows - t - te
+    if s < 2:
+        raise CLIError(f"--dataset: {n_rows} rows are too few to split into samples to value, a target set "
+                       f"({t}) and a test set ({te}); give a clean target set with --target csv:CLEAN.csv (every "
+                       f"row is then valued) or set --n-source/--n-target/--n-test")
+    return s, t
+
+
+NO_GROUND_TRUTH = ("no corruption injected (the default for your own data; --noise label:RATE injects some and "
+                   "scores its detection): there is no ground truth, so no detection metrics; the lowest values in "
+                   "values.csv are the rows that agree least with the target set")
+
+
+def same_file_target_warning(path: Path, n_target: int) -> str:
+    return (f"warning: the target set is {n_target} rows drawn from {path.name} itself, not a clean set: if the "
+            f"file's labels are noisy, so are the target's, and the values measure agreement with the file's own "
+            f"majority; give a clean target set with --target csv:CLEAN.csv (then every row is valued)")
+
+
 def split_and_corrupt(ld: Loaded, n_source: int, n_target: int, n_test: int | None,
                       noise: Noise, seed: int, *, max_test: int | None = None) -> RunData:
     if noise.kind == "label" and ld.y is None:
@@ -599,9 +627,7 @@ def split_with_target(ld: Loaded, tgt: Loaded, n_source: int | None, n_target: i
         from ..datasets import add_feature_noise
         xs, sigma = add_feature_noise(xs, noise.level, np.random.default_rng([seed, 3]))
     else:
-        notes.append("no corruption injected (--noise none, the default with --target): there is no ground "
-                     "truth, so no detection metrics; the lowest values in values.csv are the rows that "
-                     "agree least with the target set")
+        notes.append(NO_GROUND_TRUTH)
     return RunData(name=ld.name, preset=ld.preset, task="classification", n_classes=ld.n_classes,
                    x_source=np.asarray(xs, dtype=np.float32), y_source=ys, y_source_clean=y_clean,
                    x_target=np.asarray(tgt.X[tg], dtype=np.float32), y_target=tgt.y[tg],

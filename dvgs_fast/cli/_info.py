@@ -14,13 +14,18 @@ def info() -> int:
     for k, v in (bi.items() if isinstance(bi, dict) else [("build", bi)]):
         print(f"  {k}: {v}")
     print("methods:")
+    rows = []
     for name, (_, cls_name, _, desc) in METHODS.items():
         try:
             load_class(name)
             state = "available"
         except NotAvailable as exc:
             state = one_line(exc)
-        print(f"  {name:<8} {cls_name:<16} {state:<20} {desc}")
+        rows.append((name, cls_name, state, desc))
+    # columns as wide as their longest entry: names such as inrun_shapley stay aligned
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    for name, cls_name, state, desc in rows:
+        print(f"  {name:<{w[0]}}  {cls_name:<{w[1]}}  {state:<{w[2]}}  {desc}")
     try:
         root = resolve_data_root(None)
     except CLIError as exc:

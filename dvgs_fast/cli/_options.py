@@ -66,8 +66,9 @@ RUN_OPTIONS: dict[str, tuple[tuple[str, ...], Any, str | None, str]] = {
     "seeds": (("--seeds",), C.seed_list, "LIST",
               "several seeds, e.g. 0,1,2,3,4: repeat the run per seed and report mean +- 2 sd (a comparison)"),
     "threads": (("--threads",), C.pos_int, "N",
-                "CPU threads for torch and the evaluation's BLAS/OpenMP (default: torch's default; 1 is "
-                "fastest for the small default models on a busy machine)"),
+                "CPU threads for the valuation and the evaluation (default: chosen from the work: one thread "
+                "for small models, which is fastest; the idle cores for large ones; the report says which "
+                "and why)"),
     "out": (("--out", "-o"), C.text, "DIR", "output folder (default: runs/<timestamp>-<method>-<dataset>)"),
     "overwrite": (("--overwrite",), C.flag, None, "replace the report in an existing output folder"),
     "no_progress": (("--no-progress",), C.flag, None, "no progress bars or status lines"),

@@ -47,8 +47,8 @@ def load_data(plan: Plan, seed: int):
         preset = D.PRESETS[loaded.preset]
     noise = plan.noise
     if noise is None:
-        # Your own target file means your own data: nothing is corrupted on purpose unless asked.
-        noise = D.parse_noise("none" if target is not None else preset["noise"])
+        # Your own data (csv, with or without a target file): nothing is corrupted unless asked.
+        noise = D.parse_noise(preset["noise"])
     if target is not None:
         data = D.split_with_target(loaded, target, settings.get("n_source"), settings.get("n_target"),
                                    settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
@@ -57,7 +57,14 @@ def load_data(plan: Plan, seed: int):
         # An explicit --n-target is used as given; only the out-of-core LINCS run sizes its default
         # from the file (None), so it must see whether the user set it.
         n_target = settings.get("n_target", None if plan.lincs_gctx is not None else preset["n_target"])
+        if spec.kind == "csv":          # your own file: the sizes not given come from it
+            n_source, n_target = D.csv_sizes(int(loaded.X.shape[0]), settings.get("n_source"),
+                                             settings.get("n_target"), settings.get("n_test"))
         data = split(loaded, n_source, n_target, settings.get("n_test"), noise, seed, max_test=preset.get("max_test"))
+        if spec.kind == "csv":
+            data.notes.append(D.same_file_target_warning(spec.path, data.n_target))
+            if noise.kind == "none":
+                data.notes.append(D.NO_GROUND_TRUTH)
     return data, noise, preset, time.perf_counter() - t0
 
 
@@ -106,6 +113,8 @@ def build_method(plan: Plan, method: str, data, preset: dict[str, Any], seed: in
     defaults: dict[str, Any] = {"seed": seed, "progress": plan.progress}
     if plan.device is not None:
         explicit["device"] = ("--device", plan.device)
+    if "threads" in settings:
+        explicit["num_threads"] = ("--threads", settings["threads"])
     if data.task == "reconstruction":
         defaults["loss"] = "mse"
     if method == "dvgs":

@@ -17,29 +17,21 @@ from ._plan import make_plan, merge_settings, method_tables
 
 
 def run_with_threads(args: argparse.Namespace, argv: list[str]) -> int:
-    """run_command, with --threads applied for its duration (restored afterwards: main() may run in-process)."""
+    """run_command with the CLI's own work (loading, scoring, the report) on --threads N threads, or
+    on one thread by default (scikit-learn refits and k-means on at most a few thousand rows);
+    restored afterwards (main() may run in-process). The valuation's threads are the method's:
+    --threads N passed as num_threads, else dvgs_fast.threads.choose from the work's size."""
     threads = args.threads
     if threads is None and args.config is not None:
         threads = merge_settings(args)[0].get("threads")
-    if threads is None:
+    # threadpool_limits only reaches libraries already loaded: load the evaluation's BLAS/OpenMP
+    # users (scipy, scikit-learn) first.
+    import scipy.stats  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    from ..threads import using
+    with using(threads or 1):
         return run_command(args, argv)
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-            return run_command(args, argv)
-        # threadpool_limits only reaches libraries already loaded: load the evaluation's
-        # BLAS/OpenMP users (scipy, scikit-learn) first.
-        import scipy.stats  # noqa: F401
-        import sklearn.cluster  # noqa: F401
-        import sklearn.linear_model  # noqa: F401
-        with threadpool_limits(limits=threads):
-            return run_command(args, argv)
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_command(args: argparse.Namespace, argv: list[str]) -> int:
@@ -56,7 +48,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
     status(f"{data.name}: {data.n_source} source / {data.n_target} target / {data.n_test} test samples, "
            f"{noise.describe()}")
     for note in data.notes:
-        status(f"note: {note}")
+        if note.startswith("warning:"):     # shown even with --no-progress
+            print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+        else:
+            status(f"note: {note}")
     built, model_desc, budget = build_method(plan, method, data, preset, seed,
                                               method_tables(plan.table, [method])[method])
     if budget is not None and plan.main_rank:
@@ -86,7 +81,10 @@ def run_command(args: argparse.Namespace, argv: list[str]) -> int:
         import torch
         values = np.asarray(result.values, dtype=np.float64)
         run_settings = {"seed": seed, "device": result.info.get("device", plan.device or "auto"),
-                        "threads": torch.get_num_threads(), "model": model_desc, "data_files": data.files}
+                        "threads": result.info.get("threads", torch.get_num_threads()),
+                        "threads_reason": result.info.get("threads_reason", "set by the command line"),
+                        "evaluation_threads": torch.get_num_threads(), "model": model_desc,
+                        "data_files": data.files}
         if args.config:
             run_settings["config"] = str(args.config)
         rep = RunReport(

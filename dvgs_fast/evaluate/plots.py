@@ -109,9 +109,10 @@ def plot_remove_curves(curves: RemovalCurve | Iterable[RemovalCurve] | Mapping[s
 
 def plot_value_histogram(values, is_corrupted, path: str | os.PathLike, *, bins: int = 50,
                          title: str | None = None) -> Path:
-    """Overlaid histograms of the values of clean and corrupted samples (shared bins)."""
+    """Overlaid histograms of the values of clean and corrupted samples (shared bins);
+    ``is_corrupted=None`` (no ground truth): one histogram of all values."""
     v = as_values(values)
-    m = as_mask(is_corrupted, v.shape[0], need_both=False)
+    m = None if is_corrupted is None else as_mask(is_corrupted, v.shape[0], need_both=False)
     if isinstance(bins, bool) or not isinstance(bins, (int, np.integer)) or bins < 1:
         raise ValueError(f"bins: expected a positive integer, got {bins!r}")
     lo, hi = float(v.min()), float(v.max())
@@ -120,10 +121,13 @@ def plot_value_histogram(values, is_corrupted, path: str | os.PathLike, *, bins:
     edges = np.linspace(lo, hi, int(bins) + 1)
     fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
-    if (~m).any():
-        ax.hist(v[~m], bins=edges, alpha=0.6, color="C0", label=f"clean ({int((~m).sum())})")
-    if m.any():
-        ax.hist(v[m], bins=edges, alpha=0.6, color="C3", label=f"corrupted ({int(m.sum())})")
+    if m is None:
+        ax.hist(v, bins=edges, alpha=0.8, color="C7", label=f"all samples ({v.shape[0]})")
+    else:
+        if (~m).any():
+            ax.hist(v[~m], bins=edges, alpha=0.6, color="C0", label=f"clean ({int((~m).sum())})")
+        if m.any():
+            ax.hist(v[m], bins=edges, alpha=0.6, color="C3", label=f"corrupted ({int(m.sum())})")
     ax.set_xlabel("data value")
     ax.set_ylabel("samples")
     ax.legend(fontsize=8)

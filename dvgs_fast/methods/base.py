@@ -11,6 +11,10 @@ methods share, so that they behave alike:
 * budgets: ``max_time`` (seconds of wall time) for every method; methods with iterations add
   their own caps. ``run.budget.exhausted(done)`` says why a loop should stop.
 * progress: ``run.progress(total, desc)`` is a tqdm bar silenced by ``progress=False``.
+* threads: ``num_threads=None`` lets ``dvgs_fast.threads.choose`` pick the count from the size of
+  the method's matrix products (``_thread_work``; one thread for small work); ``fit`` runs
+  ``_fit`` with it (torch and the BLAS pools) and restores the caller's setting after. The count
+  and the reason are stored as ``result.info["threads"]`` / ``["threads_reason"]``.
 * the result: values, stderr, counts and status from the Estimate, the settings, the seed, the
   device, wall and CPU time; a ``"stopped"`` result warns once (``BudgetWarning``).
 * input checks: ``x_target`` is required everywhere; everything else is checked by the method
@@ -19,7 +23,9 @@ methods share, so that they behave alike:
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
+import json
 import os
 import time
 import warnings
@@ -31,15 +37,33 @@ import torch
 from torch import nn
 
 from dvgs_fast import _validation as V
+from dvgs_fast import runstate
 from dvgs_fast._utils import draw_seed
 from dvgs_fast.result import ValuationResult
+from dvgs_fast.threads import choose as choose_threads
+from dvgs_fast.threads import model_work
+from dvgs_fast.threads import using as using_threads
 
-# Constructor parameters that are not settings of the result (they do not change the values).
-_NOT_SETTINGS = ("progress",)
+# Constructor parameters that are not settings of the result: progress does not change the values;
+# the thread count is recorded in info["threads"] instead, so that a run (and a checkpoint's
+# fingerprint) does not depend on it being given (README: a resume may change the thread count).
+_NOT_SETTINGS = ("progress", "num_threads")
 
 
 class BudgetWarning(UserWarning):
     """A budget (max_time, an iteration cap) ended a run before it completed."""
+
+
+class UnknownOptionError(ValueError, TypeError):
+    """An option a method does not have. A ValueError like every bad setting (README); also a
+    TypeError, which Python raises for an unexpected keyword, so either ``except`` catches it."""
+
+
+def _unknown_option(cls_name: str, key: str, names: list[str]) -> str:
+    import difflib
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(names)}"
+    return f"{key}: not an option of {cls_name}{hint}"
 
 
 class Budget:
@@ -122,12 +146,35 @@ class Valuation(abc.ABC):
     #: whether ``fit`` needs y_source (False for methods that accept y = x autoencoders)
     requires_labels: ClassVar[bool] = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's constructor refuses an unknown option with a ValueError naming it (and the
+        closest valid one), as every other bad setting, instead of Python's TypeError."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_checks_options", False):
+            return
+        params = inspect.signature(init).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        names = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+        @functools.wraps(init)
+        def checked(self, *args: Any, **kw: Any) -> None:
+            unknown = [k for k in kw if k not in params]
+            if unknown:
+                raise UnknownOptionError(_unknown_option(cls.__name__, unknown[0], names))
+            init(self, *args, **kw)
+
+        checked._checks_options = True  # type: ignore[attr-defined]
+        cls.__init__ = checked  # type: ignore[method-assign]
+
     def __init__(self, *, device: Any = None, seed: int | None = None, max_time: float | None = None,
-                 progress: bool = True):
+                 progress: bool = True, num_threads: int | None = None):
         self.device = None if device is None else V.resolve_device(device)
         self.seed = V.check_seed(seed)
         self.max_time = V.check_optional_positive_float(max_time, "max_time")
         self.progress = V.check_bool(progress, "progress")
+        self.num_threads = V.check_optional_positive_int(num_threads, "num_threads")
 
     # ------------------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
@@ -152,7 +199,10 @@ class Valuation(abc.ABC):
             raise ValueError(f"y_source: {type(self).__name__} needs the source labels")
         t0, c0 = time.perf_counter(), time.process_time()
         run = self._new_run(x_source, y_source, x_target, y_target)
-        with torch.enable_grad():      # also when fit() is called under torch.no_grad()
+        threads = choose_threads(self.num_threads, self._thread_work(x_source, y_source, x_target),
+                                 what=type(self).__name__)
+        # also when fit() is called under torch.no_grad()
+        with torch.enable_grad(), using_threads(threads.n):
             est = self._fit(x_source, y_source, x_target, y_target, run)
         # The last guard: whatever a method missed, NaN/Inf values are never returned as a result.
         V.check_finite_values(est.values, type(self).__name__)
@@ -161,7 +211,8 @@ class Valuation(abc.ABC):
         timings["cpu"] = time.process_time() - c0
         status = est.status
         reason = est.stop_reason or status
-        info = {"seed": run.seed, "device": str(run.device), **est.info, "stopped_by": reason}
+        info = {"seed": run.seed, "device": str(run.device), **threads.as_info(), **est.info, "stopped_by": reason,
+                "fingerprint": self._run_identity(run.seed, (x_source, y_source, x_target, y_target))}
         if est.progress:
             info["progress"] = est.progress
         result = ValuationResult(values=est.values, method=self.name, stderr=est.stderr, counts=est.counts,
@@ -180,6 +231,30 @@ class Valuation(abc.ABC):
         return Run(seed=self.seed if self.seed is not None else draw_seed(), device=self._resolve_device(*inputs),
                    budget=Budget(self.max_time), show_progress=self.progress)
 
+    def _run_identity(self, seed: int, inputs: tuple) -> str:
+        """A digest of what makes this run: method, settings, seed, the model's initial weights (or
+        the factory's code) and the data. Stored as ``result.info["fingerprint"]``; ``a + b`` refuses
+        two results of one run (pooling assumes independent runs)."""
+        h = runstate.new_hash()
+        h.update(json.dumps({"method": self.name, "settings": self.settings(), "seed": int(seed)},
+                            sort_keys=True, default=repr).encode())
+        model = getattr(self, "model", None)
+        if isinstance(model, nn.Module):
+            h.update(runstate.model_weights(model).encode())
+        elif callable(model):
+            h.update(runstate.callable_identity(model).encode())
+        for x in inputs:
+            _update_with_input(h, x)
+        return h.hexdigest()
+
+    def _thread_work(self, x_source: Any, y_source: Any, x_target: Any) -> int | None:
+        """Multiply-adds of the largest matrix product of this method's steps, for the thread
+        rule (None: unknown). The default reads the method's model (an nn.Module, a factory of
+        one, or 'logistic' / 'mlp') and the largest of its batch sizes, at most the rows given."""
+        return model_work(getattr(self, "model", None), x_source, y_source, x_target,
+                          [getattr(self, k, None) for k in ("source_batch_size", "target_batch_size", "batch_size")],
+                          hidden=getattr(self, "hidden_dim", 100))
+
     @abc.abstractmethod
     def _fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any, run: Run) -> Estimate:
         """The method's algorithm: validate its inputs, value the source, return an Estimate."""
@@ -197,6 +272,27 @@ class Valuation(abc.ABC):
         if in_dev is not None and in_dev.type != "cpu":
             return in_dev
         return V.resolve_device(None)
+
+
+def _update_with_input(h, x: Any) -> None:
+    """Feed an input into the run's digest: every byte up to 64 MB, else its shape and an evenly
+    strided sample of its rows (a digest must not cost a pass over a large input); a streamed
+    source by its type and length."""
+    if x is None:
+        h.update(b"none")
+        return
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = torch.as_tensor(np.asarray(x)) if isinstance(x, (np.ndarray, list, tuple)) else x
+        except (TypeError, ValueError):
+            pass
+    if isinstance(x, torch.Tensor):
+        n = int(x.shape[0]) if x.dim() else 1
+        step = max(1, -(-x.numel() * x.element_size() // (64 << 20)))
+        h.update(repr(("rows", n, step)).encode())
+        runstate.update_with_tensor(h, x if step == 1 or x.dim() == 0 else x[::step])
+        return
+    h.update(repr((type(x).__qualname__, len(x) if hasattr(x, "__len__") else None)).encode())
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

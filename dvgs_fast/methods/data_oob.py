@@ -72,7 +72,7 @@ class DataOOB(Valuation):
                  refit_optimizer: str = "adam", weight_decay: float = 0.0, hidden_dim: int = 100,
                  batch_size: int = 100, batch_engine: str = "auto", n_jobs: int | None = None,
                  n_classes: int | None = None, dtype: str = "float32", device: Any = None,
-                 seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self.model = model if is_sklearn_estimator(model) else V.check_model_spec(model)
         self.n_estimators = V.check_positive_int(n_estimators, "n_estimators")
         if max_samples is not None:
@@ -100,7 +100,8 @@ class DataOOB(Valuation):
         self.dtype = V.check_dtype(dtype)
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:

@@ -198,11 +198,10 @@ class DVRL(Valuation):
     check_every, window, convergence_tol, patience : the convergence monitor (module docstring);
         convergence_tol=0 turns early stopping off (the checks still run and are reported).
     average_over : number of last checks the values are averaged over (1 = the last iterate).
-    num_threads : intra-op threads for the run (torch.set_num_threads inside fit, restored after).
-        None (default): 1 when the iteration's largest matrix product is below 2^25 multiply-adds
-        (breast_cancer, Adult, BlogFeedback at 1000 points), else torch.get_num_threads(). An
-        iteration of these sizes is hundreds of tiny kernels; a second thread only adds a
-        synchronisation per kernel (measured on 2 cores: 2-35x the CPU time, up to 0.9 s per
+    num_threads : intra-op threads for the run (None: ``dvgs_fast.threads.choose`` from the
+        iteration's largest matrix product; one thread at breast_cancer, Adult and BlogFeedback
+        sizes). An iteration of these sizes is hundreds of tiny kernels; a second thread only adds
+        a synchronisation per kernel (measured on 2 cores: 2-35x the CPU time, up to 0.9 s per
         iteration when the cores are shared with other jobs) and never speeds it up.
     keep_checks : keep the values of every check in ``result.snapshots`` (and their iterations in
         ``info["check_iterations"]``), e.g. to see how the values settle.
@@ -260,21 +259,26 @@ class DVRL(Valuation):
         self.patience = check_positive_int(patience, "patience")
         self.average_over = check_positive_int(average_over, "average_over")
         self.keep_checks = check_bool(keep_checks, "keep_checks")
-        self.num_threads = check_optional_positive_int(num_threads, "num_threads")
         self.predictor_hidden = check_positive_int(predictor_hidden, "predictor_hidden")
         self.n_classes = check_optional_positive_int(n_classes, "n_classes")
         self.dtype = check_dtype(dtype)
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
-    def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
-        old_threads = torch.get_num_threads()
-        try:
-            return self._run(x_source, y_source, x_target, y_target, run)
-        finally:
-            torch.set_num_threads(old_threads)
+    def _thread_work(self, x_source, y_source, x_target) -> int | None:
+        """The iteration's largest product: K selections' predictors on a batch, or the estimator."""
+        if not hasattr(x_source, "shape") or _is_sklearn(self.model):
+            return None
+        n, d = int(x_source.shape[0]), int(np.prod(x_source.shape[1:]))
+        if self.loss == "mse":
+            out = int(np.prod(getattr(y_source, "shape", (n,))[1:])) or 1
+        else:
+            from dvgs_fast.threads import n_classes
+            out = self.n_classes or n_classes(y_source)
+        B = min(self.batch_size, n)
+        return max(self.n_samples * B * d * out, B * max(d, self.hidden_dim) * self.hidden_dim)
 
-    def _run(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
+    def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         t0 = time.perf_counter()
         budget = run.budget
         budget.max_iterations = self.n_iterations
@@ -288,8 +292,6 @@ class DVRL(Valuation):
         N = data.n_source
         B = min(self.batch_size, N)
         K = self.n_samples
-        threads = self.num_threads or _auto_threads(B, K, int(np.prod(X.shape[1:])), data.out_dim, self.hidden_dim)
-        torch.set_num_threads(threads)
         dev = run.device
         classification = data.classification
         seed_everything(run.seed)                       # the predictor's and the estimator's initial weights
@@ -404,7 +406,7 @@ class DVRL(Valuation):
                 "converged": converged,
                 "convergence_distance": history[-1][1] if history else None,
                 "convergence_history": [[i, round(d, 6)] for i, d in history],
-                "values_averaged_over": len(tail), "threads": threads}
+                "values_averaged_over": len(tail)}
         snapshots = None
         if self.keep_checks:
             info["check_iterations"] = check_its
@@ -503,12 +505,6 @@ class _SklearnPredictor:
         base = np.arange(X.shape[0]) if idx is None else idx.numpy()
         row_sets = [base[s.numpy().astype(bool)] for s in S]
         return torch.as_tensor(self.r.fit_score_many(X, Y, Xt, Yt, row_sets), dtype=torch.float64)
-
-
-def _auto_threads(B: int, K: int, d: int, out_dim: int, hidden: int) -> int:
-    """1 intra-op thread for small iterations (see `num_threads`), else the process setting."""
-    largest = max(K * B * d * out_dim, B * max(d, hidden) * hidden)
-    return 1 if largest < 2 ** 25 else torch.get_num_threads()
 
 
 def _is_sklearn(model: Any) -> bool:

@@ -297,7 +297,7 @@ class InRunShapley(AttributionMixin, Valuation):
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
                  weight_decay: float = 0.0, order: int = 1, target_batch_size: int | None = None,
                  grad_params: Any = None, backend: str = "fast", dot_route: str = "auto", device: Any = None,
-                 seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, backend, grad_params, model)
         self.model, self.loss = model, loss
         self.epochs = V.check_positive_int(epochs, "epochs")
@@ -313,7 +313,8 @@ class InRunShapley(AttributionMixin, Valuation):
             raise ValueError(f"dot_route: 'pairwise' needs optimizer='sgd', order=1 and backend='fast' (got "
                              f"{self.optimizer!r}, order {self.order}, {self.backend!r}): only there is the "
                              f"target vector lr*G a sum of per-row outer products")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:

@@ -27,6 +27,7 @@ of target points averaged (all samples alike; fewer when ``max_time`` stopped th
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,8 @@ class KNNShapley(Valuation):
 
     Parameters
     ----------
-    k : number of neighbours of the KNN classifier (k > N is allowed: every point is then a
-        neighbour and the value of a point is 1[label matches] / k).
+    k : number of neighbours of the KNN classifier (k > N runs but warns: every point is then a
+        neighbour and the value of a point is just 1[label matches] / k).
     metric : 'euclidean' (default), 'cosine' (1 - cosine similarity) or 'manhattan'.
     block_size : target points per block (None: as many as fit in ~2M distance entries).
     dtype : 'float64' (default) or 'float32' for the distances (the recursion is always float64).
@@ -62,12 +63,20 @@ class KNNShapley(Valuation):
 
     def __init__(self, k: int = 10, *, metric: str = "euclidean", block_size: int | None = None,
                  dtype: str = "float64", device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self.k = V.check_positive_int(k, "k")
         self.metric = V.check_choice(metric, "metric", METRICS)
         self.block_size = V.check_optional_positive_int(block_size, "block_size")
         self.dtype = V.check_dtype(dtype)
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
+
+    def _thread_work(self, x_source, y_source, x_target) -> int | None:
+        """A block's distances: [block, N] pairs of d features."""
+        if not (hasattr(x_source, "shape") and hasattr(x_target, "shape")):
+            return None
+        n, t, d = int(x_source.shape[0]), int(x_target.shape[0]), int(np.prod(x_source.shape[1:]))
+        return (self.block_size or max(1, min(t, _BLOCK_ELEMENTS // max(n, 1)))) * n * d
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         t0 = time.perf_counter()
@@ -75,6 +84,10 @@ class KNNShapley(Valuation):
                                 device=run.device, dtype=self.dtype, flatten=True)
         X, Y, Xt, Yt = data.x_source, data.y_source, data.x_target, data.y_target
         N, T = data.n_source, int(Xt.shape[0])
+        if self.k > N:
+            warnings.warn(f"k: {self.k} neighbours but only {N} source samples: every sample is a neighbour of "
+                          f"every target point, so each value is just 1[label matches] / k and the distances play "
+                          f"no part; choose k < {N}", UserWarning, stacklevel=3)
         promoted = X.dtype == torch.float32 and float32_distances_unsafe(X, Xt)
         if promoted:        # the float32 values are exact in float64; their distances then are too
             X, Xt = X.double(), Xt.double()

@@ -49,7 +49,7 @@ class LeaveOneOut(Valuation):
                  weight_decay: float = 0.0, hidden_dim: int = 100, batched: bool = True, batch_size: int = 64,
                  batch_engine: str = "auto", max_points: int | None = None, max_time: float | None = None,
                  n_classes: int | None = None, dtype: str = "float32", n_jobs: int | None = None,
-                 device: Any = None, seed: int | None = None, progress: bool = True):
+                 device: Any = None, seed: int | None = None, progress: bool = True, num_threads: int | None = None):
         self.model = model if is_sklearn_estimator(model) else V.check_model_spec(model)
         self.loss = V.check_choice(loss, "loss", V.LOSSES)
         if metric is not None:
@@ -71,7 +71,8 @@ class LeaveOneOut(Valuation):
         self.n_jobs = n_jobs
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         if is_sklearn_estimator(self.model):

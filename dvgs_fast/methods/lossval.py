@@ -110,7 +110,7 @@ class LossVal(Valuation):
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str = "cross_entropy", epochs: int = 30,
                  lr: float = 0.01, batch_size: int = 128, device: Any = None, seed: int | None = None,
-                 progress: bool = True, backend: str = "fast", blur: float = 0.05, scaling: float = 0.5,
+                 progress: bool = True, num_threads: int | None = None, backend: str = "fast", blur: float = 0.05, scaling: float = 0.5,
                  diameter_factor: float = 1.1, max_time: float | None = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
@@ -126,7 +126,8 @@ class LossVal(Valuation):
         if not self.scaling < 1:
             raise ValueError(f"scaling: must be in (0, 1), got {scaling!r}")
         self.diameter_factor = V.check_positive_float(diameter_factor, "diameter_factor")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         """Train model and weights on the source set; the final weights are the values."""

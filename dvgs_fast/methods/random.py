@@ -24,11 +24,15 @@ class RandomValuation(AttributionMixin, Valuation):
 
     def __init__(self, model: Any = None, *, loss: str = "cross_entropy", n_classes: int | None = None,
                  device: Any = None, seed: int | None = None, max_time: float | None = None,
-                 progress: bool = True):
+                 progress: bool = True, num_threads: int | None = None):
         self.model = model
         self.loss = V.check_choice(loss, "loss", V.LOSSES)
         self.n_classes = V.check_optional_positive_int(n_classes, "n_classes")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
+
+    def _thread_work(self, x_source, y_source, x_target) -> int | None:
+        return 0                       # no matrix products: one thread
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         if y_source is None and y_target is None and self.loss != "cross_entropy":

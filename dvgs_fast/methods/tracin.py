@@ -107,7 +107,7 @@ class TracIn(AttributionMixin, Valuation):
                  backend: str = "fast", source_batch_size: int = 1024, target_batch_size: int = 1024,
                  shuffle: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  keep_snapshots: bool = False, distributed: bool | None = None, device: Any = None,
-                 seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, backend, grad_params, model)
         self.model, self.loss = model, loss
         self.epochs = V.check_positive_int(epochs, "epochs")
@@ -123,7 +123,8 @@ class TracIn(AttributionMixin, Valuation):
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:

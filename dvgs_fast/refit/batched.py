@@ -23,6 +23,7 @@ refilled with the next permutation, so the grid stays full.
 """
 from __future__ import annotations
 
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torch.func import vmap
 
 from dvgs_fast.refit.models import (Refitter, check_model_output, guard_outputs, init_params, make_model,
                                     score_outputs)
-from dvgs_fast.refit.optim import run_optimizer
+from dvgs_fast.refit.optim import BudgetHit, run_optimizer  # noqa: F401 - BudgetHit for the callers
 
 
 class GridTrainer:
@@ -52,11 +53,22 @@ class GridTrainer:
             self._train_grid = vmap(inner, in_dims=(None, 0, 0, 0))
 
     # -- training ----------------------------------------------------------------------------
-    def train(self, Xp: torch.Tensor, Yp: torch.Tensor, M: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Xp [P, L, ...], Yp [P, L], M [P, C, L] (0/1) -> params with leading dims [P, C]."""
-        if self.engine == "vmap":
-            return self._train_grid(self.theta0, Xp, Yp, M)
-        return self._train_linear(Xp, Yp, M)
+    def train(self, Xp: torch.Tensor, Yp: torch.Tensor, M: torch.Tensor,
+              stop: Callable[[], bool] | None = None) -> dict[str, torch.Tensor]:
+        """Xp [P, L, ...], Yp [P, L], M [P, C, L] (0/1) -> params with leading dims [P, C].
+
+        stop: asked before every optimizer step (instead of the refitter's own ``should_stop``);
+        True raises ``BudgetHit`` (a budget that ran out in the middle of the grid's training,
+        which can take seconds)."""
+        saved = self.r.should_stop
+        if stop is not None:
+            self.r.should_stop = stop
+        try:
+            if self.engine == "vmap":
+                return self._train_grid(self.theta0, Xp, Yp, M)
+            return self._train_linear(Xp, Yp, M)
+        finally:
+            self.r.should_stop = saved
 
     def _train_linear(self, Xp, Yp, M):
         r = self.r

@@ -176,7 +176,11 @@ class SklearnRefit:
         k = max(self._n_classes(), int(cls.max()) + 1)
         out = np.zeros((n, k), dtype=np.float64)
         if hasattr(fitted, "predict_proba"):
-            out[:, cls] = fitted.predict_proba(x)
+            # An estimator fitted on float32 rows returns float32 probabilities, whose rows sum to 1
+            # only to ~1e-7; scikit-learn's log_loss checks float64 sums to 1.5e-8 and warns.
+            p = np.asarray(fitted.predict_proba(x), dtype=np.float64)
+            s = p.sum(1, keepdims=True)
+            out[:, cls] = np.divide(p, s, out=p, where=s > 0)
         else:
             out[np.arange(n), np.asarray(fitted.predict(x)).astype(np.int64)] = 1.0
         return out

@@ -162,7 +162,7 @@ class DVGS(AttributionMixin, Valuation):
                  weight_decay: float = 0.0, compute_every: int = 1, target_batch_size: int = 512,
                  source_batch_size: int = 1024, similarity: str = "cosine", grad_params: Any = None,
                  class_weight: Any = None, backend: str = "fast", device: Any = None, seed: int | None = None,
-                 progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
+                 progress: bool = True, num_threads: int | None = None, checkpoint_dir: str | os.PathLike | None = None,
                  keep_snapshots: bool = False, distributed: bool | None = None, max_time: float | None = None):
         if not isinstance(model, nn.Module) and not callable(model):
             raise ValueError(f"model: expected an nn.Module or a zero-argument callable returning one, "
@@ -200,7 +200,8 @@ class DVGS(AttributionMixin, Valuation):
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):

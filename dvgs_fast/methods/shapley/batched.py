@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dvgs_fast.methods.shapley.tmc import PermState, PermutationDriver
-from dvgs_fast.refit.batched import GridTrainer
+from dvgs_fast.refit.batched import BudgetHit, GridTrainer
 from dvgs_fast.refit.models import stack_params
 
 
@@ -51,7 +51,11 @@ def tmc_batched(grid: GridTrainer, X, Y, Xt, Yt, *, driver: PermutationDriver, m
             Xp, Yp = X[rows], Y[rows]
             ks = torch.tensor([[min(s.pos + j + 1, N) for j in range(chunk)] for s in busy], device=X.device)
             M = (torch.arange(L, device=X.device).view(1, 1, L) < ks.unsqueeze(-1)).to(X.dtype)
-            params = grid.train(Xp, Yp, M)
+            try:      # a grid can train for seconds: the budget is asked between its steps
+                params = grid.train(Xp, Yp, M, stop=budget.time_up)
+            except BudgetHit:
+                return "max_time"
+            driver.refitted(len(busy) * chunk)
             scores = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()  # [P, C]
         for p, s in enumerate(busy):
             for j in range(chunk):
@@ -96,6 +100,7 @@ def gshapley_batched(grid: GridTrainer, init_fn, X, Y, Xt, Yt, *, lr: float, dri
             new = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()
             marg[ar, perms_np[:, t]] = new - prev
             prev = new
+            driver.refitted(P)
             if budget.time_up():
                 return "max_time"
         for p, i in enumerate(idxs):

@@ -100,7 +100,7 @@ class DataShapley(Valuation):
                  g_learning_rate: float | None = None, hidden_dim: int = 100, batched: bool = True,
                  batch_permutations: int = 16, chunk_size: int = 32, batch_engine: str = "auto",
                  n_classes: int | None = None, dtype: str = "float32", keep_marginals: bool = False,
-                 n_jobs: int | None = None, device: Any = None, seed: int | None = None, progress: bool = True,
+                 n_jobs: int | None = None, device: Any = None, seed: int | None = None, progress: bool = True, num_threads: int | None = None,
                  distributed: bool | None = None):
         sk = is_sklearn_estimator(model)
         self.model = model if sk else check_model_spec(model)
@@ -138,7 +138,8 @@ class DataShapley(Valuation):
         self.distributed = distributed
         if self.batch_engine == "linear" and self.model == "mlp":
             raise ValueError("batch_engine: 'linear' needs model='logistic' (or an nn.Linear), got 'mlp'")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress,
+                         num_threads=num_threads)
         if self.max_permutations is None and self.convergence_tol is None and self.max_time is None:
             raise ValueError("max_permutations: DataShapley needs a stopping rule: set max_permutations, "
                              "convergence_tol or max_time (all three are None, so it would run forever)")
@@ -177,11 +178,21 @@ class DataShapley(Valuation):
             "sklearn" if sk else grid.engine if self.batched else "sequential")}
 
         run.show_progress = run.show_progress and ctx.is_main
-        bar = run.progress(self.max_permutations, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
-                           unit="perm")
+        # The bar counts refits (G-Shapley: SGD steps), so it moves within a permutation -- on
+        # digits one TMC permutation is ~1000 refits -- and says how many permutations are done.
+        bar = run.progress(None, "TMC-Shapley" if self.method == "tmc" else "G-Shapley",
+                           unit="refit" if self.method == "tmc" else "step")
+        perms_done = [0]
+
+        def permutation_done(n: int) -> None:
+            perms_done[0] += n
+            of = f" of {self.max_permutations}" if self.max_permutations else ""
+            bar.set_postfix_str(f"{perms_done[0]}{of} permutations done", refresh=False)
+
         driver = make_driver(ctx, N, seed, max_permutations=self.max_permutations,
                                    convergence_tol=self.convergence_tol, check_every=self.check_every,
-                                   budget=budget, on_complete=bar.update)
+                                   budget=budget, on_complete=permutation_done)
+        driver.on_refits = bar.update
         def where() -> str:
             if driver.issued == 0:
                 return "the full-data refit" if self.method == "tmc" else "the learning-rate search"

@@ -42,6 +42,7 @@ def tmc_sklearn(refit: SklearnRefit, X: np.ndarray, Y: np.ndarray, Xt: np.ndarra
             if st is None:
                 timed_out = True
                 continue
+            driver.refitted(st.refits)
             driver.complete(st.index, st.marg, st.refits, st.truncated)
         if timed_out:
             return "max_time"

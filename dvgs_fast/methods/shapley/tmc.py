@@ -125,7 +125,13 @@ class PermutationDriver:
         self.converged_at: int | None = None
         self.last_error: float | None = None
         self.on_complete = on_complete
+        self.on_refits: Callable[[int], None] | None = None     # progress within permutations
         self.stats: dict[int, tuple[int, bool]] = {}
+
+    def refitted(self, n: int) -> None:
+        """n more models refit (or SGD steps taken): the progress bar moves within a permutation."""
+        if self.on_refits is not None:
+            self.on_refits(n)
 
     def can_issue(self) -> bool:
         if self.converged_at is not None:
@@ -194,6 +200,7 @@ def tmc_sequential(refitter, theta0, X, Y, Xt, Yt, *, driver: PermutationDriver,
                 rows = perm_d[:k]
                 params = refitter.train(theta0, X[rows], Y[rows], torch.ones(k, dtype=X.dtype, device=X.device))
                 st.feed(float(refitter.score(params, Xt, Yt)))
+                driver.refitted(1)
             else:
                 st.feed(None)
             if budget.time_up() and not st.done:
@@ -217,6 +224,7 @@ def gshapley_sequential(refitter, init_fn, X, Y, Xt, Yt, *, lr: float, driver: P
             new = float(refitter.score(params, Xt, Yt))
             marg[j] = new - prev
             prev = new
+            driver.refitted(1)
             if budget.time_up():
                 return "max_time"
         driver.complete(idx, marg, driver.n, False)

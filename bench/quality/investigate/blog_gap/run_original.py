@@ -3,8 +3,7 @@ min-max scaling, NN model and DVGS class) end to end on CPU, one run per seed, a
 AUROC of roc_auc_score(noise_labels, -values) as the paper's notebook computes it.
 
 The original code is NOT part of this project: point --orig at an unpacked copy of the original
-repository (e.g. `git --git-dir=/work/.mirror/nathanieljevans+DVGS/repo archive HEAD dvgs configs
-| tar x -C /tmp/dvgs_orig`). Nothing in it is edited; this driver only
+repository (e.g. `git clone https://github.com/nathanieljevans/DVGS /tmp/dvgs_orig`). Nothing in it is edited; this driver only
   * serves BlogFeedback.zip from disk where the original downloads it from UCI (same archive),
   * builds the balanced class weights on the CPU (scripts/run_valuation.py puts them on 'cuda'),
   * optionally forces vmap(randomness="different"), which is what the original does on a GPU
@@ -35,7 +34,7 @@ from _common import parse_seeds, results_writer
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--orig", default="/tmp/dvgs_orig", help="unpacked original repository (holds dvgs/ and configs/)")
-    p.add_argument("--zip", default="/work/shared/data/BlogFeedback.zip")
+    p.add_argument("--zip", default=None, help="BlogFeedback.zip (default: the one in $DVGS_FAST_DATA or ../shared/data)")
     p.add_argument("--config", default="configs/exp2.py", help="relative to --orig")
     p.add_argument("--seeds", default="0-9")
     p.add_argument("--randomness", choices=("different", "same"), default="different",
@@ -66,6 +65,12 @@ def main() -> None:
     import utils         # noqa: E402
     import DVGS as dvgs_mod  # noqa: E402
 
+    if args.zip is None:
+        from dvgs_fast.datasets import default_data_root
+        root = default_data_root()
+        if root is None or not (root / "BlogFeedback.zip").is_file():
+            raise SystemExit("BlogFeedback.zip not found: pass --zip PATH or set $DVGS_FAST_DATA")
+        args.zip = root / "BlogFeedback.zip"
     zip_bytes = Path(args.zip).read_bytes()
 
     class _Resp:
