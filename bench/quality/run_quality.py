@@ -53,6 +53,9 @@ HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 ROOT = BENCH.parent
 ANALYSIS_MD = HERE / "ANALYSIS.md"
+# Sections other scripts write (kept on every regeneration, after the analysis): the attribution
+# table (attribution/run_attribution.py) and the TRAK / LoGra comparison with traker (bench_trak.py).
+ATTRIBUTION_MDS = (HERE / "attribution" / "attribution.md", HERE / "attribution" / "projected.md")
 OUT = ROOT / "runs" / "quality"          # --out; bench/quality for the committed record
 
 
@@ -464,6 +467,9 @@ def write_quality_md(names: list[str], meta: dict) -> None:
         lines += experiment_section(EXPERIMENTS[n])
     if ANALYSIS_MD.is_file():
         lines += [ANALYSIS_MD.read_text().rstrip(), ""]
+    for extra in ATTRIBUTION_MDS:
+        if extra.is_file():
+            lines += [extra.read_text().rstrip(), ""]
     quality_md().write_text("\n".join(lines))
     print(f"run_quality: wrote {quality_md()}", file=sys.stderr)
 

@@ -50,7 +50,7 @@ class GradientSimilarity(AttributionMixin, Valuation):
                  similarity: str = "dot", epochs: int = 0, batch_size: int = 64, lr: float = 1e-3,
                  optimizer: str = "adam", weight_decay: float = 0.0, grad_params: Any = None,
                  source_batch_size: int = 1024, eps: float = 1e-8, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, "fast", grad_params, model)
         self.model, self.loss = model, loss
         self.similarity = V.check_choice(similarity, "similarity", SIMILARITIES)
@@ -60,7 +60,7 @@ class GradientSimilarity(AttributionMixin, Valuation):
         self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
         self.source_batch_size = V.check_positive_int(source_batch_size, "source_batch_size")
         self.eps = V.check_positive_float(eps, "eps")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _prepare(self, xs, ys, xt, yt, run: Run):
@@ -137,9 +137,9 @@ class GradDot(GradientSimilarity):
     def __init__(self, model, loss="cross_entropy", epochs: int = 0, batch_size: int = 64, lr: float = 1e-3,
                  optimizer: str = "adam", weight_decay: float = 0.0, grad_params: Any = None,
                  source_batch_size: int = 1024, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         super().__init__(model, loss, "dot", epochs, batch_size, lr, optimizer, weight_decay, grad_params,
-                         source_batch_size, 1e-8, device, seed, max_time, progress)
+                         source_batch_size, 1e-8, device, seed, max_time, progress, num_threads)
 
 
 class GradCos(GradientSimilarity):
@@ -150,9 +150,9 @@ class GradCos(GradientSimilarity):
     def __init__(self, model, loss="cross_entropy", epochs: int = 0, batch_size: int = 64, lr: float = 1e-3,
                  optimizer: str = "adam", weight_decay: float = 0.0, grad_params: Any = None,
                  source_batch_size: int = 1024, eps: float = 1e-8, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         super().__init__(model, loss, "cosine", epochs, batch_size, lr, optimizer, weight_decay, grad_params,
-                         source_batch_size, eps, device, seed, max_time, progress)
+                         source_batch_size, eps, device, seed, max_time, progress, num_threads)
 
 
 __all__ = ["GradientSimilarity", "GradDot", "GradCos"]

@@ -58,7 +58,7 @@ class TracInCheckpoints(AttributionMixin, Valuation):
     def __init__(self, model: nn.Module | Callable[[], nn.Module], checkpoints: Sequence[Any],
                  lrs: float | Sequence[float] = 1.0, loss: str | Callable = "cross_entropy", grad_params: Any = None,
                  source_batch_size: int = 1024, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         _, self.backend, self.grad_params = T.check_common(loss, "sgd", "fast", grad_params, model)
         self.model, self.loss = model, loss
         self._states = _state_dicts(checkpoints)
@@ -70,7 +70,7 @@ class TracInCheckpoints(AttributionMixin, Valuation):
             raise ValueError(f"lrs: {len(lrs)} learning rates for {len(self._states)} checkpoints")
         self.lrs = lrs
         self.source_batch_size = V.check_positive_int(source_batch_size, "source_batch_size")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
     def _prepare(self, xs, ys, xt, yt, run: Run):
         prep = T.prepare(self, xs, ys, xt, yt, run.device, run.seed)

@@ -32,6 +32,10 @@ checkpoints of that same run, at 20/40/60/80/100% of its epochs):
   TracIn, In-Run Data Shapley (first order) and DVGS as users run them: each trains its own model
   with the recipe's optimizer settings (DVGS: on the queries, as it is defined); not the reference
   model, so their scores are judged as predictions of the recipe's retraining;
+  influence functions (InfluenceFunction, every solver, at the reference model, damping 'auto');
+  TRAK (k = 512: the reference model alone, and 5 models of its own training), LoGra (the reference
+  model, its defaults); data value embedding (replays the reference run, k = 1024; 64 on the
+  full-batch convex tasks, whose 1000 steps of every row make the store epochs x N x k);
   random scores (the floor).
 dattri 0.3.0 (its own venv, bench/peers/dattri_attribution.py on the exported data and
 checkpoints): TracIn, grad-dot, grad-cos and TRAK (last checkpoint, regularisation 1e-3), with
@@ -67,7 +71,8 @@ from _timing import load_avg, pinned_threads  # noqa: E402
 from bench_counterfactual import adult, digits, facts, lr_recipe, mlp_recipe  # noqa: E402
 from export import export_lds_ground_truth, export_task  # noqa: E402
 
-from dvgs_fast import DVGS, GradCos, GradDot, InRunShapley, RandomValuation, TracIn, TracInCheckpoints  # noqa: E402
+from dvgs_fast import (DVGS, TRAK, DataValueEmbedding, GradCos, GradDot, InfluenceFunction, InRunShapley,  # noqa: E402
+                       LoGraInfluence, RandomValuation, TracIn, TracInCheckpoints)
 from dvgs_fast.evaluate import counterfactual as cf  # noqa: E402
 
 N_SUBSETS, LOO_ROWS = 100, 100
@@ -134,7 +139,32 @@ def our_methods(task, cks) -> dict:
                          progress=False), "cosine, Adam 1e-3, 30 epochs on the queries (its definition)"),
         "random": (lambda: RandomValuation(seed=0, progress=False), "the floor"),
     }
+    for solver in INFLUENCE_SOLVERS:
+        methods[f"influence ({solver})"] = (
+            lambda solver=solver: InfluenceFunction(ref, solver=solver, progress=False, seed=0),
+            "at the reference model, damping 'auto'")
+    methods["TRAK (reference model)"] = (
+        lambda: TRAK(factory_of(rec), checkpoints=[ref.state_dict()], proj_dim=PROJ_DIM, progress=False, seed=0),
+        f"k = {PROJ_DIM}, Khatri-Rao projection, regularization 1.0 (its default)")
+    methods["TRAK (5 models, own training)"] = (
+        lambda: TRAK(factory_of(rec), n_models=5, proj_dim=PROJ_DIM, **train),
+        f"k = {PROJ_DIM}; 5 models trained with the recipe's settings from their own seeds")
+    methods["LoGra (reference model)"] = (
+        lambda: LoGraInfluence(ref, proj_dim=PROJ_DIM, progress=False, seed=0),
+        f"k = {PROJ_DIM}, Kronecker projection, damping 0.1 (its defaults)")
+    # The embedding's training replays the recipe's reference run (same initialisation and data
+    # order): it predicts exactly the trajectory-specific LOO the ground truth retrains. Its store
+    # holds epochs x N x k floats, so the 1000-step full-batch tasks use a small k.
+    k_dve = 1024 if rec.batch_size else 64
+    methods["data value embedding (own training)"] = (
+        lambda: DataValueEmbedding(factory_of(rec), proj_dim=k_dve, **train),
+        f"k = {k_dve}; replays the reference run" + (" (Adam: preconditioned step, approximate)"
+                                                      if rec.optimizer != "sgd" else ""))
     return methods
+
+
+INFLUENCE_SOLVERS = ("direct", "cg", "lissa", "arnoldi", "kfac", "ekfac", "datainf")
+PROJ_DIM = 512
 
 
 # The methods dattri also runs (fast: timed as the median of --rounds calls on both sides).

@@ -31,9 +31,13 @@ _IN_MEMORY = 256 << 20
 
 
 def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray, out_path=None,
-          progress=None, check_every: int = 64) -> np.ndarray:
+          progress=None, check_every: int = 64, exact: bool = False) -> np.ndarray:
     """E [n, k] from a trajectory store of rows [g] (sgd: u = lr/B · g, ``step_lr[step]``) or
-    [g | u] (preconditioned), in step order; columns ``index`` and ``step``."""
+    [g | u] (preconditioned), in step order; columns ``index`` and ``step``.
+
+    exact: the recursion in float64 (for a float64 store); otherwise in float32, which the
+    recorded rows (float32 / float16) cannot resolve beyond anyway, at half the cost of its
+    2·B·k² multiply-adds per step."""
     index, step = traj.aux("index").astype(np.int64), traj.aux("step").astype(np.int64)
     if index.shape[0] == 0:
         raise ValueError("x_source: the training took no step")
@@ -43,10 +47,10 @@ def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray
     big = n * k * 8 > _IN_MEMORY and out_path is not None
     E = (np.lib.format.open_memmap(out_path, mode="w+", dtype=np.float32, shape=(n, k)) if big
          else np.zeros((n, k), dtype=np.float64))
-    dt = torch.float64
+    dt = torch.float64 if exact else torch.float32
     M = torch.zeros(k, k, dtype=dt)
     for j, (a, b) in enumerate(zip(starts[::-1], stops[::-1])):
-        rows = torch.from_numpy(traj.read(int(a), int(b)).astype(np.float64, copy=False))
+        rows = torch.from_numpy(traj.read(int(a), int(b)).astype(np.float64 if exact else np.float32, copy=False))
         g = rows[:, :k]
         u = g * float(step_lr[step[a]]) if sgd else rows[:, k:2 * k]
         e = u - u @ M.t()

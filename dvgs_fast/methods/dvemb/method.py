@@ -66,7 +66,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     store_dir        None: a temporary folder for the recorded steps (deleted after the run);
                      a folder: the recorded steps and the embeddings are kept there, fingerprinted,
                      and reused by a later run with the same data and settings.
-    store_dtype      "float32" (default), "float16" (half the disk) or "float64" for the recorded steps.
+    store_dtype      "float32" (default), "float16" (half the disk) or "float64" for the recorded steps
+                     (float64 also runs the recursion in float64; otherwise it runs in float32).
     grad_params      None (every trainable parameter) or names / module-name prefixes.
     """
 
@@ -79,7 +80,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                  projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "khatri_rao",
                  store_dir: str | None = None, store_dtype: str = "float32",
                  grad_params: Any = None, device: Any = None, seed: int | None = None, max_time: float | None = None,
-                 progress: bool = True):
+                 progress: bool = True, num_threads: int | None = None):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, "fast", grad_params, model)
         self.model, self.loss = model, loss
         self.epochs = V.check_positive_int(epochs, "epochs")
@@ -96,7 +97,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         self.projection_structure = V.check_choice(projection_structure, "projection_structure", grads.PROJECTION_STRUCTURES)
         self.store_dir = None if store_dir is None else Path(store_dir)
         self.store_dtype = V.check_choice(store_dtype, "store_dtype", ("float32", "float16", "float64"))
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
         self._cache: tuple | None = None          # (key, E, final state_dict, projector, info)
 
     # ------------------------------------------------------------------------------------------
@@ -168,7 +169,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         bar = run.progress(traj.steps, "DVEmb embedding", unit="step")
         c1 = time.process_time()
         try:
-            E = embed(store, n, k, sgd=sgd, step_lr=np.asarray(traj.lrs), progress=bar, out_path=embedding_path)
+            E = embed(store, n, k, sgd=sgd, step_lr=np.asarray(traj.lrs), progress=bar, out_path=embedding_path,
+                      exact=self.store_dtype == "float64")
         finally:
             bar.close()
         info = {"steps": traj.steps, "proj_dim": k, "projector": projector.describe(),

@@ -98,7 +98,7 @@ class InfluenceFunction(AttributionMixin, Valuation):
                  rtol: float | None = None, lissa_scale: float | None = None, dtype: str = "float64",
                  source_batch_size: int = 1024, target_batch_size: int = 1024,
                  factors_dir: str | os.PathLike | None = None, distributed: bool | None = None,
-                 device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         _, _, self.grad_params = T.check_common(loss, "adam", "fast", grad_params, model)
         self.model, self.loss = model, loss
         self.solver = V.check_choice(solver, "solver", tuple(SOLVERS))
@@ -128,7 +128,7 @@ class InfluenceFunction(AttributionMixin, Valuation):
         if distributed is not None and not isinstance(distributed, bool):
             raise ValueError(f"distributed: expected None, True or False, got {distributed!r}")
         self.distributed = distributed
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
     # ------------------------------------------------------------------------------------------
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:

@@ -58,12 +58,12 @@ class LoGraInfluence(ProjectedGradientMethod):
                  projection_structure: str = "kronecker", damping: float = DAMPING, grad_params: Any = None,
                  store_dir=None, store_dtype: str = "float32", source_batch_size: int = 1024,
                  distributed: bool | None = None, device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True):
+                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         self._common(model, loss, epochs, batch_size, lr, optimizer, weight_decay, checkpoints, proj_dim, layer_dims,
                      projection, projection_structure, grad_params, store_dir, store_dtype, source_batch_size,
                      distributed)
         self.damping = check_relative(damping, "damping")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
 
 __all__ = ["DAMPING", "LoGraInfluence"]

@@ -99,7 +99,7 @@ class TRAK(ProjectedGradientMethod):
                  projection: str = "gaussian", projection_structure: str = "khatri_rao",
                  regularization: float = REGULARIZATION, grad_params: Any = None, store_dir=None,
                  store_dtype: str = "float32", source_batch_size: int = 1024, distributed: bool | None = None,
-                 device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True):
+                 device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
         if loss != "cross_entropy":
             raise ValueError(f"loss: TRAK's output function (the margin) needs loss='cross_entropy', got {loss!r}; "
                              f"for other losses use LoGraInfluence")
@@ -115,7 +115,7 @@ class TRAK(ProjectedGradientMethod):
             raise ValueError("epochs: 0 scores the model as passed (one member); n_models, n_checkpoints and "
                              "subsample need training (epochs > 0), or pass checkpoints=[...]")
         self.regularization = check_relative(regularization, "regularization")
-        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
+        super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
 
     def output_function(self, prep) -> Callable:
         return margin
