@@ -152,6 +152,22 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels, x_dtype)
 
 
+
+def recorded_step(scorer, sample_loss, model: nn.Module, xb, yb, tparams: list) -> tuple:
+    """One training step's forward and backward with the engine recording it: the mean loss's
+    gradients go to the parameters' ``.grad`` (what the optimizer then steps on) and the layer
+    outputs' gradients come back with the recording, so the step's per-sample factors cost no
+    second pass. Returns (loss, recording, output gradients); the caller checks the loss."""
+    with scorer.recorder() as rec:
+        out = model(xb)
+    loss = sample_loss(out, yb).mean()
+    outs = scorer.grad_outputs(rec)
+    g_all = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
+    for p, g in zip(tparams, g_all[:len(tparams)]):
+        p.grad = None if g is None else g.detach()
+    return loss.detach(), rec, list(g_all[len(tparams):])
+
+
 def train_plain(prep: Prepared, run, *, optimizer: str, lr: float, weight_decay: float, epochs: int,
                 batch_size: int, owner: str) -> None:
     """Plain mini-batch training of prep.model on the in-memory source set (shuffled by

@@ -496,22 +496,16 @@ class InRunShapley(AttributionMixin, Valuation):
                     model.train()
                     # ---- the training step, as fit()'s: one forward, one backward of the mean loss
                     xb, yb = xs[idx], ys[idx]
-                    with scorer.recorder() as rec:
-                        out = model(xb)
-                    loss = prep.sample_loss(out, yb).mean()
-                    outs = scorer.grad_outputs(rec)
-                    g_all = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
-                    for p, g in zip(tparams, g_all[:len(tparams)]):
-                        p.grad = None if g is None else g.detach()
-                    if not math.isfinite(float(loss.detach())):
-                        self._diverged(epoch, steps, float(loss.detach()))
+                    loss, rec, out_grads = T.recorded_step(scorer, prep.sample_loss, model, xb, yb, tparams)
+                    if not math.isfinite(float(loss)):
+                        self._diverged(epoch, steps, float(loss))
                     if ref is None:
-                        bf = grads.Recording(scorer, xb, yb, rec, g_all[len(tparams):], [], 1.0 / b).factors()
+                        bf = grads.Recording(scorer, xb, yb, rec, out_grads, [], 1.0 / b).factors()
                     else:
                         with fork():
                             bf = grads.dense_factors(model, names, xb, yb, prep.sample_loss)
                         bf.dense.g.div_(b)
-                    del rec, out, outs
+                    del rec, out_grads
                     # ---- each query's credit to each batch sample: (1/B)⟨g_i, P g_q⟩
                     P = None if self.optimizer == "sgd" else T.update_map(opt, self.optimizer, params, names, self.lr)
                     for q0, q1, qf in qfs:

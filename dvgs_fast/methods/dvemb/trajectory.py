@@ -105,21 +105,15 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
             b = idx.shape[0]
             model.train()
             xb, yb = xs[idx], ys[idx]
-            with scorer.recorder() as rec:
-                out = model(xb)
-            loss = prep.sample_loss(out, yb).mean()
-            outs = scorer.grad_outputs(rec)
-            g_all = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
-            for p, g in zip(tparams, g_all[:len(tparams)]):
-                p.grad = None if g is None else g.detach()
-            lv = float(loss.detach())
+            loss, rec, out_grads = T.recorded_step(scorer, prep.sample_loss, model, xb, yb, tparams)
+            lv = float(loss)
             if not math.isfinite(lv):
                 raise ValueError(f"lr: training diverged: the source loss is {lv} at epoch {epoch}, step {step}; "
                                  f"lower lr (now {method.lr:g})")
             c1 = time.process_time()
             # ---- the step's per-sample gradients (δ of the mean loss: g_i / B), projected
             with own_rng(dev):
-                f = grads.Recording(scorer, xb, yb, rec, g_all[len(tparams):], [], 1.0 / b).factors()
+                f = grads.Recording(scorer, xb, yb, rec, out_grads, [], 1.0 / b).factors()
                 g = projector.project(f) * b                           # g_i
                 if sgd:
                     rows = g
@@ -129,7 +123,7 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
                     rows = torch.cat([g, u], 1)
             writer.write(pos, pos + b, rows.detach().to(torch.float64 if rows.dtype == torch.float64 else torch.float32),
                          {"index": idx.cpu().numpy().astype(np.float64), "step": np.full(b, step, dtype=np.float64)})
-            del rec, out, outs, g_all, f
+            del rec, out_grads, f
             c2 = time.process_time()
             opt.step()
             t_train += (c1 - c0) + (time.process_time() - c2)
