@@ -171,6 +171,14 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         try:
             E = embed(store, n, k, sgd=sgd, step_lr=np.asarray(traj.lrs), progress=bar, out_path=embedding_path,
                       exact=self.store_dtype == "float64")
+        except ValueError as exc:
+            if sgd:
+                raise
+            # Adam's per-coordinate step does not shrink with the gradient, so the propagated
+            # change (u gᵀ per sample) can exceed the step's own size and the recursion grows.
+            raise ValueError(f"{exc}; with optimizer={self.optimizer!r} the embedding propagates the preconditioned "
+                             f"steps (an approximation) and these can grow without bound: use optimizer='sgd' "
+                             f"(exact) or a lower lr") from None
         finally:
             bar.close()
         info = {"steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
