@@ -55,7 +55,8 @@ ROOT = BENCH.parent
 ANALYSIS_MD = HERE / "ANALYSIS.md"
 # Sections other scripts write (kept on every regeneration, after the analysis): the attribution
 # table (attribution/run_attribution.py) and the TRAK / LoGra comparison with traker (bench_trak.py).
-ATTRIBUTION_MDS = (HERE / "attribution" / "attribution.md", HERE / "attribution" / "projected.md")
+ATTRIBUTION_MDS = (HERE / "attribution" / "attribution.md", HERE / "attribution" / "analysis.md",
+                   HERE / "attribution" / "projected.md")
 OUT = ROOT / "runs" / "quality"          # --out; bench/quality for the committed record
 
 
