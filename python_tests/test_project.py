@@ -178,6 +178,18 @@ def test_dimension_split_and_layer_dims():
         P.project(other)
 
 
+def test_kronecker_split_of_a_prime_dimension_is_not_lopsided():
+    """971 is prime: its only exact split is 1 x 971, which would project the layer's 100 outputs
+    onto one direction; the split takes the layer's aspect within 5% of the dimension instead."""
+    import math
+    P = Projector(971, structure="kronecker").plan_layers([{"name": "l", "kind": "rows", "d_out": 100, "d_in": 2049}])
+    p = P.layers[0]
+    assert p.k_out > 1 and 0.95 * 971 <= p.k_out * p.k_in <= 971
+    assert abs(math.log(p.k_out / p.k_in) - math.log(100 / 2049)) <= math.log(2.0)
+    q = Projector(70, structure="kronecker").plan_layers([{"name": "l", "kind": "rows", "d_out": 10, "d_in": 33}])
+    assert (q.layers[0].k_out, q.layers[0].k_in) == (5, 14)          # an exact, balanced split is kept
+
+
 def test_structures_differ_and_a_full_size_layer_is_the_identity():
     model, x, y = _case(_mlp, 3)
     names = [nm for nm, _ in model.named_parameters()]

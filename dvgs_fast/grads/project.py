@@ -112,20 +112,24 @@ def _draw(shape: tuple[int, int], kind: str, seed: int, scale_k: int) -> torch.T
 
 def _split(k: int, d_out: int, d_in: int) -> tuple[int, int]:
     """(k_out, k_in) with k_out·k_in as close to k as possible (not above), k_out ≤ d_out,
-    k_in ≤ d_in, the aspect following d_out/d_in."""
+    k_in ≤ d_in, the aspect following d_out/d_in -- unless the closest product is lopsided (its
+    aspect off the layer's by more than 2x, e.g. a prime k whose only exact split is 1 × k, which
+    would project a layer's outputs onto one direction and cost k·d_in per sample): then the
+    best aspect among the products within 5% of k."""
     k = max(1, min(int(k), d_out * d_in))
-    best = None
+    target = math.log(d_out / d_in)
+    cands = []
     for k_out in range(1, d_out + 1):
         k_in = min(d_in, k // k_out)
         if k_in < 1:
             break
-        prod = k_out * k_in
-        # closeness to k first, then the aspect (log-ratio against the layer's own)
-        aspect = abs(math.log(k_out / k_in) - math.log(d_out / d_in))
-        key = (k - prod, round(aspect, 9), -k_out)          # ties: project fewer output rows
-        if best is None or key < best[0]:
-            best = (key, (k_out, k_in))
-    return best[1]
+        cands.append((k_out * k_in, round(abs(math.log(k_out / k_in) - target), 9), k_out, k_in))
+    # closeness to k first, then the aspect; ties: project fewer output rows
+    prod, aspect, k_out, k_in = min(cands, key=lambda c: (k - c[0], c[1], c[2]))
+    if aspect > math.log(2.0):
+        near = [c for c in cands if c[0] >= 0.95 * prod]
+        prod, aspect, k_out, k_in = min(near, key=lambda c: (c[1], -c[0], c[2]))
+    return k_out, k_in
 
 
 class Projector:
