@@ -145,7 +145,15 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
         else:
             a = x.a.to(acc).reshape(n, x.rows, -1)
             d = x.d.to(acc).reshape(n, x.rows, -1)
-            if x.weight is not None:
+            d_in, d_out = a.shape[2], d.shape[2]
+            if x.weight is not None and x.rows * (d_in + d_out + 1) > d_in * d_out:
+                # L²·(d_in + d_out) for the row Gram vs L·d_in·d_out to form the gradient (a conv
+                # layer's many positions): form it, a block of samples at a time
+                step = max(1, _BLOCK // max(1, d_out * d_in + x.rows * (d_in + d_out)))
+                wn = torch.cat([torch.bmm(d[s:s + step].transpose(1, 2), a[s:s + step]).square().sum((1, 2))
+                                for s in range(0, n, step)])
+                add(wn + d.sum(1).square().sum(1) if bias else wn)
+            elif x.weight is not None:
                 aa = torch.bmm(a, a.transpose(1, 2))
                 if bias:
                     aa = aa + 1.0
