@@ -197,13 +197,18 @@ def main() -> None:
                     row.update(cpu=float(np.median([g["cpu"] for g in ok])),
                                wall=float(np.median([g["wall"] for g in ok])),
                                peak_mb=float(np.median([g["peak"] for g in ok])) / 2**20, version=ok[0]["version"],
+                               torch=ok[0]["torch"],
                                pearson_vs_ours=pearson(ok[-1]["scores"], ours),
                                pearson_vs_exact=pearson(ok[-1]["scores"], exact))
                 rows.append(row)
+        write(out, meta, rows)                      # after every problem: a long run killed later keeps these
+    print((out / "influence.md").read_text())
+
+
+def write(out: Path, meta: dict, rows: list[dict]) -> None:
     meta["load_end"] = load_avg()
     (out / "influence.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "influence.md").write_text(render(meta, rows))
-    print((out / "influence.md").read_text())
 
 
 def render(meta: dict, rows: list[dict]) -> str:
@@ -226,7 +231,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         f = (lambda v: "" if v is None else f"{v:.4f}")
         lines.append(f"| {r['problem']} | {r['solver']} | {r['lib']} | {r['cpu']:.2f} | {r['wall']:.2f} | "
                      f"{r['peak_mb']:.0f} | {ratio} | {f(r['pearson_vs_ours'])} | {f(r['pearson_vs_exact'])} | "
-                     f"{r['version']} |")
+                     f"{r['version']}, torch {r.get('torch', '?')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -120,6 +120,33 @@ def test_cross_gram_sqnorms_batch_dots_equal_explicit(name, n, m):
     assert abs(float((Gs @ Gq.t()).abs().max())) > 1e-6      # not trivially zero
 
 
+@pytest.mark.parametrize("name", ["shared_seq", "conv1d", "conv2d"])
+@pytest.mark.parametrize("explicit", [False, True])
+@pytest.mark.parametrize("m", [1, 5])
+def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
+    """Layers with several rows per sample: batch_dots' ghost form and its per-sample-gradient
+    form (chosen by cost, forced here) both == explicit gradients."""
+    from dvgs_fast.grads import gram
+    monkeypatch.setattr(gram, "_batch_explicit_cheaper", lambda *a: explicit)
+    model, kind = _models()[name]
+    model = model.double()
+    g = torch.Generator().manual_seed(7 + m)
+    x, xq = _inputs(kind, 9, g), _inputs(kind, m, g)
+    y, yq = torch.randint(0, 3, (9,), generator=g), torch.randint(0, 3, (m,), generator=g)
+    names = [nm for nm, _ in model.named_parameters()]
+    Gs, Gq = _explicit(model, names, x, y), _explicit(model, names, xq, yq)
+    fs = _factors(model, names, x, y)
+    assert any(r.rows > 1 for r in fs.rows)
+    params = dict(model.named_parameters())
+    V, off = {}, 0
+    for nm in names:
+        k = params[nm].numel()
+        V[nm] = Gq[:, off:off + k].reshape(m, *params[nm].shape)
+        off += k
+    torch.testing.assert_close(grads.batch_dots(fs, V), Gs @ Gq.t(), rtol=1e-10, atol=1e-12)
+    assert float((Gs @ Gq.t()).abs().max()) > 1e-6
+
+
 def test_routes_taken_by_factors():
     model = _models()["text"][0].double()
     g = torch.Generator().manual_seed(1)

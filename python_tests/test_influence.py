@@ -320,11 +320,16 @@ def test_kfac_covariances_equal_explicit_outer_products():
 
 
 # ----------------------------------------------------------------------------- DataInf
-def test_datainf_equals_its_formula():
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_datainf_equals_its_formula(arch):
+    """(conv: several rows per sample, the weighted sum formed from per-sample gradients)"""
     xs, ys, xq, yq = _cls_data(n=17, m=4)
-    model = _mlp(seed=2)
+    if arch == "conv":
+        xs, xq = _inputs("img", 17, 11), _inputs("img", 4, 12)
+    model = _mlp(seed=2) if arch == "mlp" else _conv()
     params = list(model.named_parameters())
-    layers = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    layers = [["0.weight", "0.bias"], ["2.weight", "2.bias"]] if arch == "mlp" else \
+        [["0.weight", "0.bias"], ["3.weight", "3.bias"]]
 
     def per(x, y):
         out = []
@@ -347,7 +352,7 @@ def test_datainf_equals_its_formula():
     got = InfluenceFunction(model, solver="datainf", hessian_batch_size=5, **KW).attribute(xs, ys, xq, yq,
                                                                                           dtype="float64")
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-9, atol=1e-12)
-    assert got.info["damping"] == pytest.approx({"0": lams[0], "2": lams[1]}, rel=1e-12)
+    assert got.info["damping"] == pytest.approx({"0": lams[0], layers[1][0][0]: lams[1]}, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------- damping and warnings

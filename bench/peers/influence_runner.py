@@ -123,8 +123,9 @@ def run_dattri(model, xs, ys, xq, yq, solver, st):
         att = IFAttributorEKFAC(task, damping=lam,
                                 module_name=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
     elif solver == "datainf":
+        # per-sample train gradients at any batch size (dattri vmaps over the rows); its attribute()
+        # redoes the DataInf transform of the queries once per train batch, so one batch of all rows
         att = IFAttributorDataInf(task, regularization=lam)
-        train = DataLoader(TensorDataset(xs, ys), batch_size=1)
     else:
         raise ValueError(solver)
     att.cache(train)
