@@ -124,10 +124,11 @@ def test_cross_gram_sqnorms_batch_dots_equal_explicit(name, n, m):
 @pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("m", [1, 5])
 def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
-    """Layers with several rows per sample: batch_dots' ghost form and its per-sample-gradient
-    form (chosen by cost, forced here) both == explicit gradients."""
+    """Layers with several rows per sample: batch_dots' and sqnorms' ghost forms and their
+    per-sample-gradient forms (chosen by cost, forced here) all == explicit gradients."""
     from dvgs_fast.grads import gram
     monkeypatch.setattr(gram, "_batch_explicit_cheaper", lambda *a: explicit)
+    monkeypatch.setattr(gram, "_sqnorm_explicit_cheaper", lambda *a: explicit)
     model, kind = _models()[name]
     model = model.double()
     g = torch.Generator().manual_seed(7 + m)
@@ -144,6 +145,7 @@ def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
         V[nm] = Gq[:, off:off + k].reshape(m, *params[nm].shape)
         off += k
     torch.testing.assert_close(grads.batch_dots(fs, V), Gs @ Gq.t(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grads.sqnorms(fs), Gs.square().sum(1), rtol=1e-10, atol=1e-12)
     assert float((Gs @ Gq.t()).abs().max()) > 1e-6
 
 

@@ -146,9 +146,8 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
             a = x.a.to(acc).reshape(n, x.rows, -1)
             d = x.d.to(acc).reshape(n, x.rows, -1)
             d_in, d_out = a.shape[2], d.shape[2]
-            if x.weight is not None and x.rows * (d_in + d_out + 1) > d_in * d_out:
-                # L²·(d_in + d_out) for the row Gram vs L·d_in·d_out to form the gradient (a conv
-                # layer's many positions): form it, a block of samples at a time
+            if x.weight is not None and _sqnorm_explicit_cheaper(x.rows, d_in, d_out):
+                # a conv layer's many positions: form the gradient, a block of samples at a time
                 step = max(1, _BLOCK // max(1, d_out * d_in + x.rows * (d_in + d_out)))
                 wn = torch.cat([torch.bmm(d[s:s + step].transpose(1, 2), a[s:s + step]).square().sum((1, 2))
                                 for s in range(0, n, step)])
@@ -168,6 +167,12 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
     if f.dense is not None:
         add(f.dense.g.to(acc).square().sum(1))
     return sum(terms) if terms else torch.zeros(f.n, dtype=acc)
+
+
+def _sqnorm_explicit_cheaper(rows: int, d_in: int, d_out: int) -> bool:
+    """‖g_i‖² of a sample with several rows: the row Gram costs L²·(d_in + d_out + 1) per sample,
+    forming the gradient L·d_in·d_out."""
+    return rows * (d_in + d_out + 1) > d_in * d_out
 
 
 def _batch_explicit_cheaper(rows: int, q: int, d_in: int, d_out: int) -> bool:
