@@ -17,7 +17,7 @@ from torch import nn
 import dvgs_fast
 from dvgs_fast import DVRL, DataShapley, LeaveOneOut, RandomValuation, ValuationResult
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.shapley.tmc import convergence_error
+from dvgs_fast.methods.semivalues.stopping import HistoryDeviation, Progress
 from dvgs_fast.evaluate import detection_auroc
 
 from _tasks import flipped_task
@@ -227,12 +227,23 @@ def test_iteration_budgets(bc):
     assert (r.values != 0).sum() <= 10
 
 
+def _history_error(mem):
+    """The original DShap convergence error of a [permutations, N] marginal history (None: not
+    checked, fewer than 100 permutations), as DataShapley's HistoryDeviation rule computes it."""
+    means = np.cumsum(mem, 0) / np.arange(1, len(mem) + 1)[:, None]
+    rule = HistoryDeviation(tol=0.1, window=100)
+    fired = rule.check(Progress(samples=len(mem), elapsed=0.0, values=means[-1], stderr=np.zeros(mem.shape[1]),
+                                counts=np.full(mem.shape[1], len(mem)), history=lambda: means))
+    assert (fired is rule) == (rule.last_error is not None and rule.last_error < 0.1)
+    return rule.last_error
+
+
 def test_convergence_criterion():
-    assert convergence_error(np.ones((50, 4))) == 1.0          # fewer than 100: not converged
-    assert convergence_error(np.ones((150, 4))) == pytest.approx(0.0)
+    assert _history_error(np.ones((50, 4))) is None           # fewer than 100: not checked
+    assert _history_error(np.ones((150, 4))) == pytest.approx(0.0)
     g = np.random.default_rng(0)
     noisy = g.normal(1.0, 5.0, size=(120, 4))
-    assert convergence_error(noisy) > 0.05
+    assert _history_error(noisy) > 0.05
 
 
 def test_converges_with_the_original_criterion(small):
