@@ -19,6 +19,12 @@ _LAZY = {
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
     "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
     "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
+    "Semivalue": ("dvgs_fast.methods.semivalues", "Semivalue"),
+    "BetaShapley": ("dvgs_fast.methods.semivalues", "BetaShapley"),
+    "DataBanzhaf": ("dvgs_fast.methods.semivalues", "DataBanzhaf"),
+    "AsymmetricShapley": ("dvgs_fast.methods.semivalues", "AsymmetricShapley"),
+    "ExactSemivalue": ("dvgs_fast.methods.semivalues", "ExactSemivalue"),
+    "LAVA": ("dvgs_fast.methods.lava", "LAVA"),
 }
 
 __all__ = list(_LAZY)

@@ -189,20 +189,21 @@ def tmc_batched(u, *, driver, make_state, n_slots: int, chunk: int) -> str | Non
             else:
                 busy.append(s)
         if busy:
-            L = min(N, max(s.pos + chunk for s in busy))
+            C = min(chunk, max(N - s.pos for s in busy))     # no columns past every permutation's end
+            L = min(N, max(s.pos + C for s in busy))
             rows = torch.stack([rows_cache[s.index][:L] for s in busy])  # [P, L]
             Xp, Yp = X[rows], Y[rows]
-            ks = torch.tensor([[min(s.pos + j + 1, N) for j in range(chunk)] for s in busy], device=X.device)
+            ks = torch.tensor([[min(s.pos + j + 1, N) for j in range(C)] for s in busy], device=X.device)
             M = (torch.arange(L, device=X.device).view(1, 1, L) < ks.unsqueeze(-1)).to(X.dtype)
             params = grid.train(Xp, Yp, M)
             scores = grid.score(params, Xt, Yt).to("cpu", torch.float64).numpy()  # [P, C]
             u.refits += scores.size
             for p, s in enumerate(busy):
                 if cache is not None:
-                    for j in range(min(chunk, N - s.pos)):
+                    for j in range(min(C, N - s.pos)):
                         if s.pos + j + 1 >= s.cover_len:
                             cache.put(s.key(j), scores[p, j])
-                for j in range(chunk):
+                for j in range(C):
                     if s.done:
                         break
                     s.feed(scores[p, j] if s.needs_refit() else None)

@@ -212,8 +212,8 @@ class MaxTime(StoppingRule):
 
 class StderrBelow(StoppingRule):
     """Stop when the Monte Carlo standard error is at most ``threshold`` for at least
-    ``fraction`` of the points (``relative=True``: at most threshold x |value|, where the value
-    is not 0), after at least ``min_samples`` samples (a few samples can agree by chance and
+    ``fraction`` of the points (``relative=True``: at most threshold x |value|; a value of 0
+    then needs a stderr of 0), after at least ``min_samples`` samples (a few samples can agree by chance and
     report a spuriously small spread). The stderr measures the sampling error only: a noisy
     utility can have a small stderr around a wrong value."""
 
