@@ -58,7 +58,19 @@ def shapley_case(n=16, m=30, **kw):
     return {"values": np.asarray(res.values), "info": {k: res.info.get(k) for k in keys}}
 
 
-CASES = {"dvgs": dvgs_case, "shapley": shapley_case}
+def semivalue_case(n=16, m=30, cls="DataBanzhaf", **kw):
+    """The semivalue core's other samplers and the resampling phase on the sharded driver."""
+    from dvgs_fast.methods import semivalues
+    kw = {"refit_steps": 15, "check_every": 4, "seed": 11, "progress": False, **kw}
+    res = getattr(semivalues, cls)(**kw).fit(*_data(n, m, classes=2, seed=1))
+    keys = ("stopped_by", "subsets_done", "permutations_done", "resampling_samples", "world_size", "rank")
+    out = {"values": np.asarray(res.values), "info": {k: res.info.get(k) for k in keys}}
+    if res.resampling_stderr is not None:
+        out["resampling_stderr"] = np.asarray(res.resampling_stderr)
+    return out
+
+
+CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "semivalue": semivalue_case}
 
 
 # ------------------------------------------------------------------------------------ worker

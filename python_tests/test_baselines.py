@@ -119,7 +119,7 @@ def test_batched_tmc_matches_sequential_reference(small, model, dtype):
     seq = DataShapley(batched=False, **kw).fit(xs, ys, xt, yt)
     bat = DataShapley(batched=True, **kw).fit(xs, ys, xt, yt)
     assert seq.info["engine"] == "sequential"
-    assert bat.info["engine"] == ("linear" if model == "logistic" else "vmap")
+    assert bat.info["engine"] == ("linear" if model == "logistic" else "mlp")
     # truncation did happen, and not at the same place in every permutation
     refits = (seq.snapshots != 0).sum(0)
     assert seq.info["truncated_fraction"] > 0 and len(set(refits.tolist())) > 1, seq.info

@@ -194,13 +194,33 @@ def test_mlp_and_sklearn_utilities_match_exact():
     kw = dict(model=_mlp(), weight=("beta", 4, 1), **REFIT)
     ex = ExactSemivalue(**kw).fit(*small)
     mc = Semivalue(tolerance=None, max_updates=150, seed=6, **kw).fit(*small)
-    assert mc.info["engine"] == "vmap"
+    assert mc.info["engine"] == "mlp" and ex.info["engine"] == "mlp"
     _within_stderr(mc, ex)
     small = _game(n=7, seed=2)
     ex = ExactSemivalue(_Centroids(), metric="accuracy", progress=False).fit(*small)
     mc = DataBanzhaf(_Centroids(), metric="accuracy", max_updates=1500, seed=7, progress=False).fit(*small)
     assert mc.info["engine"] == "sklearn"
     _within_stderr(mc, ex)
+
+
+@pytest.mark.parametrize("loss, kw", [("cross_entropy", dict(weight_decay=0.01)), ("mse", dict(refit_optimizer="sgd"))])
+def test_mlp_engine_equals_vmap(loss, kw):
+    """The hand-derived MLP grid (refit/batched_mlp.py) trains the same networks as vmap."""
+    xs, ys, xt, yt = _game(n=25, m=20, seed=5)
+    if loss == "mse":
+        ys, yt = xs[:, 0] - xs[:, 1], xt[:, 0] - xt[:, 1]
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 1 if loss == "mse" else 2))
+    base = dict(model=mlp, loss=loss, refit_steps=12, refit_lr=0.05, dtype="float64", progress=False, seed=3,
+                cache=False, **kw)
+    for make in (lambda **k: DataShapley(max_permutations=3, convergence_tol=None, chunk_size=5, **k),
+                 lambda **k: DataBanzhaf(max_updates=20, batch_size=8, **k),
+                 lambda **k: DataShapley(method="gshapley", g_learning_rate=0.1, max_permutations=2, **k)):
+        a = make(batch_engine="auto", **base).fit(xs, ys, xt, yt)
+        b = make(batch_engine="vmap", **base).fit(xs, ys, xt, yt)
+        assert a.info["engine"] == "mlp" and b.info["engine"] == "vmap"
+        np.testing.assert_allclose(a.values, b.values, atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="batch_engine"):
+        DataBanzhaf(model="logistic", loss=loss, batch_engine="mlp", max_updates=2, progress=False).fit(xs, ys, xt, yt)
 
 
 def test_exact_refuses_large_games(game):

@@ -38,7 +38,7 @@ from dvgs_fast.methods.semivalues.weights import (BanzhafWeight, BetaWeight, Sem
 from dvgs_fast.refit.sklearn import is_sklearn_estimator
 
 SAMPLERS = ("permutation", "msr")
-ENGINES = ("auto", "vmap", "linear")
+ENGINES = ("auto", "vmap", "linear", "mlp")
 RESAMPLING = ("pick_freeze", "double_mc")
 METRICS = ("accuracy", "auc", "neg_log_loss", "neg_mse", "neg_mae", "r2")
 
@@ -82,7 +82,8 @@ class Semivalue(Valuation):
     batched : torch models: train many refits as one batch (default) or one at a time.
     batch_size : permutations in flight (permutation sampler) or subsets per batch (MSR).
     chunk_size : consecutive prefixes of a permutation trained together (batched permutations).
-    batch_engine : 'auto' (hand-derived GEMMs for a linear model, vmap otherwise) | 'vmap' | 'linear'.
+    batch_engine : 'auto' (hand-derived GEMMs for a linear model or a Linear-ReLU-Linear MLP, vmap
+        otherwise) | 'vmap' | 'linear' | 'mlp'.
     dtype : 'float32' or 'float64' (torch refits).
     cache : cache every utility by subset hash (`cache.py`).
     n_jobs : joblib workers for an sklearn estimator (None: this process; -1: all cores).

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from dvgs_fast.methods.semivalues.cache import SubsetHasher, UtilityCache
-from dvgs_fast.refit.batched import build_refit_grid
+from dvgs_fast.refit.batched import GridTrainer, build_refit_grid
+from dvgs_fast.refit.batched_mlp import is_relu_mlp
 from dvgs_fast.refit.models import chance_score
 from dvgs_fast.refit.sklearn import SklearnRefit, is_sklearn_estimator
 
@@ -54,6 +55,8 @@ class RefitUtility:
             self.engine = "sklearn"
         else:
             self.module, self.refitter, self.theta0, self.grid = build_refit_grid(spec, self.X, data, metric)
+            if spec.batch_engine == "auto" and is_relu_mlp(self.module):   # hand-derived GEMMs: faster than vmap
+                self.grid = GridTrainer(self.refitter, self.theta0, "mlp")
             self.engine = self.grid.engine if batched else "sequential"
         self.chance = chance_score(self.Yt, metric, data.n_classes)
         if data.classification:

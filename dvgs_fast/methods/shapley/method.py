@@ -72,7 +72,8 @@ class DataShapley(Semivalue):
     batched : train many prefix models at once (default) or run the sequential reference loop.
     batch_permutations : permutations in flight in the batched path (TMC slots / G-Shapley group).
     chunk_size : consecutive prefixes per permutation trained together in the batched TMC path.
-    batch_engine : 'auto' (hand-derived GEMMs for a linear model, vmap otherwise) | 'vmap' | 'linear'.
+    batch_engine : 'auto' (hand-derived GEMMs for a linear model or a Linear-ReLU-Linear MLP, vmap
+        otherwise) | 'vmap' | 'linear' | 'mlp'.
     n_jobs : joblib workers for an sklearn estimator: the `batch_permutations` permutations of a
         round run in parallel (None: in this process; -1: all cores).
     dtype : 'float32' (default) or 'float64'. Both paths run the same arithmetic; they differ only in
