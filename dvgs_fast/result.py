@@ -120,8 +120,10 @@ class ValuationResult:
         if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
             raise ValueError(f"level: expected a number in (0, 1), got {level!r}")
         if self.resampling_stderr is None:
-            raise ValueError(f"ci: this {self.method!r} result has no resampling variance; run a semivalue method "
-                             f"(DataShapley, BetaShapley, ...) with resampling_samples > 0 (e.g. 50)")
+            why = self.info.get("resampling_skipped")
+            raise ValueError(f"ci: this {self.method!r} result has no resampling variance "
+                             f"({'skipped: ' + why if why else 'not estimated'}); run a semivalue method (DataShapley, "
+                             f"BetaShapley, ...) with resampling_samples > 0 (e.g. 50) and enough max_time")
         from scipy.stats import norm
         z = float(norm.ppf(0.5 + level / 2))
         half = z * np.sqrt(self.resampling_stderr ** 2 + self.stderr ** 2)

@@ -51,6 +51,7 @@ BENCH = HERE.parent
 ROOT = BENCH.parent
 QUALITY_MD = BENCH / "QUALITY.md"
 ANALYSIS_MD = HERE / "ANALYSIS.md"
+SEMIVALUES_MD = HERE / "semivalues" / "SECTION.md"
 LINCS_FILE = "lincs/test_l1000_highprecision.gctx"
 
 
@@ -126,7 +127,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         probe=True),
 ]}
 LABEL_EXPERIMENTS = ("adult", "blog")
-BUDGETED = ("dshap", "dvrl")
+BUDGETED = ("dshap", "dvrl", "beta_shapley", "banzhaf")
 
 
 def registered_methods() -> list[str]:
@@ -155,6 +156,9 @@ def method_tables(exp: Experiment, methods: list[str], budget: float) -> dict[st
         "dvrl": {"model": "logistic", "max_time": budget},
         # bootstrap refits: a linear model keeps 1000 of them to seconds (the MLP takes minutes)
         "data_oob": {"model": "logistic"},
+        # the retraining semivalues: the logistic refits and the budget of Data Shapley
+        "beta_shapley": {"model": "logistic", "max_time": budget},
+        "banzhaf": {"model": "logistic", "max_time": budget},
     }
     if exp.dvgs:
         tables["dvgs"] = dict(exp.dvgs)
@@ -437,6 +441,8 @@ def write_quality_md(names: list[str], meta: dict) -> None:
              "Experiments: " + ", ".join(n for n, _ in ran) + ".", ""]
     for n, _ in ran:
         lines += experiment_section(EXPERIMENTS[n])
+    if SEMIVALUES_MD.is_file():     # written by run_semivalues_quality.py; kept on every regeneration
+        lines += [SEMIVALUES_MD.read_text().rstrip(), ""]
     if ANALYSIS_MD.is_file():
         lines += [ANALYSIS_MD.read_text().rstrip(), ""]
     QUALITY_MD.write_text("\n".join(lines))

@@ -49,7 +49,7 @@ class UtilityCache:
     """subset key -> utility, with a hit counter (reported in ``result.info``; the refits done
     are ``info["utility_refits"]``)."""
 
-    def __init__(self, max_entries: int = 1_000_000):
+    def __init__(self, max_entries: int = 250_000):        # ~50 MB of dict entries
         self.max_entries = int(max_entries)
         self._d: dict[Key, float] = {}
         self.hits = 0

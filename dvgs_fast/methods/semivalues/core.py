@@ -261,7 +261,9 @@ class Semivalue(Valuation):
         for r in find_rule(rule, HistoryDeviation):
             info["convergence_error"] = r.last_error
         resampling = None
-        if self.resampling_samples and not (status == "stopped" and run.budget.time_up()):
+        if self.resampling_samples and status == "stopped" and run.budget.time_up():
+            info["resampling_skipped"] = "max_time ran out in the main loop"
+        elif self.resampling_samples:
             from dvgs_fast.methods.semivalues.resampling import estimate_resampling_variance
             t0 = time.perf_counter()
             resampling, rinfo = estimate_resampling_variance(self, ctx, run, u)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from dvgs_fast.methods.semivalues.stopping import Progress, StoppingRule
+from dvgs_fast.methods.semivalues.stopping import MaxTime, Progress, StoppingRule, find_rule
 
 
 class SampleDriver:
@@ -109,7 +109,6 @@ class SampleDriver:
             return self.fired.status, self.fired.describe()
         if loop_stopped == "max_time" or self.time_up():
             if self.deadline is not None and not self.budget.time_up():
-                from dvgs_fast.methods.semivalues.stopping import MaxTime, find_rule
                 rule = next((r for r in find_rule(self.stop, MaxTime) if r.deadline() == self.deadline), None)
                 return "stopped", rule.describe() if rule else "max_time"
             return "stopped", "max_time"

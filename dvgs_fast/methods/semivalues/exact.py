@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from dvgs_fast import _validation as V
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.semivalues.core import Semivalue
+from dvgs_fast.methods.semivalues.core import Semivalue, resolve_weight
 from dvgs_fast.methods.semivalues.methods import check_groups
 from dvgs_fast.methods.semivalues.utility import RefitUtility
 
@@ -40,8 +41,6 @@ class ExactSemivalue(Semivalue):
                  hidden_dim: int = 100, batched: bool = True, batch_engine: str = "auto",
                  n_classes: int | None = None, dtype: str = "float32", n_jobs: int | None = None, max_n: int = 16,
                  device: Any = None, seed: int | None = None, max_time: float | None = None, progress: bool = True):
-        from dvgs_fast import _validation as V
-        from dvgs_fast.methods.semivalues.core import resolve_weight
         self.weight = resolve_weight(weight)
         self.groups = self.order = None
         self._members = None
