@@ -72,9 +72,14 @@ def make_task(out: Path, name: str, n_source: int, hidden: int = 32, seed: int =
     return path
 
 
-def run_job(out: Path, job: dict) -> dict:
+def run_job(out: Path, job: dict, reuse: bool = False) -> dict:
+    """Run one job in its own process; ``reuse``: take an earlier result of the very same job
+    from OUT/jobs (the agreement runs are not timings, so a rerun of the speed rows keeps them)."""
     jpath = out / "jobs" / f"{job['id']}.json"
     rpath = out / "jobs" / f"{job['id']}.out.json"
+    if reuse and rpath.is_file() and jpath.is_file() and json.loads(jpath.read_text()) == job:
+        print(f"  {job['id']}: reused {rpath}", flush=True)
+        return json.loads(rpath.read_text())
     jpath.parent.mkdir(parents=True, exist_ok=True)
     jpath.write_text(json.dumps(job))
     env = dict(os.environ)
@@ -109,8 +114,9 @@ def agreement(out: Path, task: Path, quick: bool) -> list[dict]:
         if quick:
             k_ours = k_peer = max(10, k_ours // 10)
         base = {"task": str(task), "model": "sklearn_logistic", "method": method, "seed": 1, "threads": 1, **extra}
-        ours = run_job(out, {**base, "id": f"agree-{method}-ours", "lib": "ours", "samples": k_ours})
-        peer = run_job(out, {**base, "id": f"agree-{method}-pydvl", "lib": "pydvl", "samples": k_peer, "seed": 2})
+        ours = run_job(out, {**base, "id": f"agree-{method}-ours", "lib": "ours", "samples": k_ours}, reuse=True)
+        peer = run_job(out, {**base, "id": f"agree-{method}-pydvl", "lib": "pydvl", "samples": k_peer, "seed": 2},
+                       reuse=True)
         a, b = np.array(ours["values"]), np.array(peer["values"])
         sa, sb = np.array(ours["stderr"], dtype=float), np.array(peer["stderr"], dtype=float)
         z = (a - b) / np.sqrt(sa ** 2 + sb ** 2)

@@ -133,8 +133,22 @@ class RefitUtility:
                                              torch.ones(len(rows), dtype=X.dtype, device=X.device))
                 out.append(float(self.refitter.score(params, self.Xt, self.Yt)))
             return np.asarray(out)
-        M = torch.as_tensor(masks, device=X.device).to(X.dtype).unsqueeze(0)          # [1, B, N]
-        params = self.grid.train(X.unsqueeze(0), Y.unsqueeze(0), M)
+        if self.grid.engine == "linear":
+            # one slot holding all N rows, a 0/1 mask per subset: the models share the rows, so
+            # the forward pass is one GEMM [B x classes, d] x [d, N] (measured 3x faster than below)
+            M = torch.as_tensor(masks, device=X.device).to(X.dtype).unsqueeze(0)          # [1, B, N]
+            params = self.grid.train(X.unsqueeze(0), Y.unsqueeze(0), M)
+            return self.grid.score(params, self.Xt, self.Yt).reshape(-1).to("cpu", torch.float64).numpy()
+        # Hidden layers: every subset its own slot with only its rows (padded to the largest, the
+        # padding masked out). A random subset holds about half the points: half the work of
+        # masking all N rows (measured 1.45x faster for a 108-32-2 MLP on 500 rows).
+        sizes = masks.sum(1)
+        idx = np.zeros((len(masks), int(sizes.max())), dtype=np.int64)
+        keep = np.arange(idx.shape[1])[None, :] < sizes[:, None]
+        idx[keep] = np.nonzero(masks)[1]
+        rows = torch.as_tensor(idx, device=X.device)
+        M = torch.as_tensor(keep, device=X.device).to(X.dtype).unsqueeze(1)            # [B, 1, L]
+        params = self.grid.train(X[rows], Y[rows], M)
         return self.grid.score(params, self.Xt, self.Yt).reshape(-1).to("cpu", torch.float64).numpy()
 
     # ------------------------------------------------------------------------------ report
