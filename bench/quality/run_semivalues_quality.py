@@ -51,15 +51,37 @@ def run(dataset: str, seeds: str, perms: int, subsets: int, budget: float, data_
     cfg = OUT / f"{dataset}.toml"
     OUT.mkdir(parents=True, exist_ok=True)
     cfg.write_text(config(perms, subsets, budget, DATASETS[dataset]))
+    # checkout-relative paths (the command runs in ROOT), so the recorded command is portable
     argv = [sys.executable, "-m", "dvgs_fast.cli", "compare", "--dataset", dataset, "--method", ",".join(METHODS),
-            "--seeds", seeds, "--config", str(cfg), "--threads", "1", "--no-progress", "--no-curves",
-            "--out", str(folder), "--overwrite"]
+            "--seeds", seeds, "--config", str(cfg.relative_to(ROOT)), "--threads", "1", "--no-progress",
+            "--no-curves", "--out", str(folder.relative_to(ROOT)), "--overwrite"]
     if data_root:
         argv += ["--data-root", data_root]
     print("run_semivalues_quality:", " ".join(argv), file=sys.stderr, flush=True)
     rc = subprocess.run(argv, cwd=ROOT).returncode
     if rc not in (0, 1):
         raise SystemExit(f"run_semivalues_quality: dvgs-fast compare on {dataset} exited {rc}")
+    portable(folder, data_root)
+
+
+def portable(folder: Path, data_root: str | None) -> None:
+    """Rewrite this machine's paths in the committed records: the checkout becomes relative
+    paths, the data folder ``$DVGS_FAST_DATA`` (the files hold the resolved paths)."""
+    subs = [(str(ROOT) + os.sep, ""), (str(ROOT), ".")]
+    if data_root:
+        subs.insert(0, (str(Path(data_root).resolve()), "$DVGS_FAST_DATA"))
+        subs.insert(0, (str(data_root).rstrip(os.sep), "$DVGS_FAST_DATA"))
+    for f in folder.rglob("*"):
+        if f.suffix not in (".json", ".md", ".html", ".csv", ".txt") or not f.is_file():
+            continue
+        text = f.read_text()
+        new = text
+        for old, rep in subs:
+            new = new.replace(old, rep)
+        if new != text:
+            tmp = f.with_suffix(f.suffix + ".tmp")
+            tmp.write_text(new)
+            os.replace(tmp, f)
 
 
 def _ms(v):
@@ -84,7 +106,11 @@ def section() -> str:
             continue
         doc = json.loads(f.read_text())
         s = doc["sizes"]
-        L += [f"### {ds}: {s['n_source']} source / {s['n_target']} target, seeds {', '.join(map(str, doc['seeds']))}", "",
+        ms = doc.get("method_settings", {})
+        budget = ", ".join(f"{m} {k} {v}" for m, t in ms.items() for k, v in t.items()
+                           if k in ("max_permutations", "max_updates"))
+        L += [f"### {ds}: {s['n_source']} source / {s['n_target']} target, seeds {', '.join(map(str, doc['seeds']))}",
+              "", f"Samples: {budget or 'see the settings file'}.", "",
               "| method | AUROC | AUPRC | k-means F1 | CPU s / run | wall s / run | done (seed 0) | status |",
               "|---|---|---|---|---|---|---|---|"]
         for m in doc["methods"]:
@@ -110,14 +136,20 @@ def section() -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default=",".join(DATASETS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--permutations", type=int, default=50)
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--permutations", type=int, default=30)
     p.add_argument("--subsets", type=int, default=3000)
     p.add_argument("--max-time", dest="budget", type=float, default=3600.0, help="safety net per run (wall s)")
     p.add_argument("--data-root", default=os.environ.get("DVGS_FAST_DATA"))
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--portable-only", action="store_true",
+                   help="only rewrite this machine's paths in the existing records, then the section")
     a = p.parse_args()
-    if not a.report_only:
+    if a.portable_only:
+        for ds in a.datasets.split(","):
+            if (OUT / ds).is_dir():
+                portable(OUT / ds, a.data_root)
+    elif not a.report_only:
         for ds in a.datasets.split(","):
             if ds not in DATASETS:
                 raise SystemExit(f"run_semivalues_quality: --datasets: unknown {ds!r}; choose from {', '.join(DATASETS)}")
