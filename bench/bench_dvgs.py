@@ -27,7 +27,7 @@ from torch import nn
 
 from _timing import Comparison, record
 from dvgs_fast import DVGS
-from dvgs_fast.methods.dvgs.fast import FastScorer
+from dvgs_fast.grads import FastScorer
 
 warnings.filterwarnings("ignore", message="input's size at dim")  # InstanceNorm1d on [N, h], as the original
 

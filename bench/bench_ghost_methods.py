@@ -45,8 +45,7 @@ from torch import nn
 torch.set_num_threads(1)
 
 from dvgs_fast._utils import seed_everything  # noqa: E402
-from dvgs_fast.methods.dvgs.fast import FastScorer  # noqa: E402
-from dvgs_fast.methods.dvgs.reference import ReferenceScorer  # noqa: E402
+from dvgs_fast.grads import FastScorer, ReferenceScorer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_ghost_methods.json"
 

@@ -97,7 +97,7 @@ def _report(benchmark, res, peak, n, where, extra=None):
 
 def _stream_only(r) -> float:
     """Seconds for one read + z-score pass over the file, no DVGS (the IO share of a snapshot)."""
-    from dvgs_fast.methods.dvgs.sources import GctxSource
+    from dvgs_fast.sources import GctxSource
     t0 = time.perf_counter()
     for _ in GctxSource(r).iter_chunks(size=SOURCE_BATCH):
         pass

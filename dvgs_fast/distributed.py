@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 
 
+class PeerFailed(RuntimeError):
+    """Another rank of the process group failed (its error is in the message)."""
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -111,6 +115,35 @@ class DistContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def check_peers(self, error: BaseException | None = None) -> None:
+        """A status exchange at a sync point: every rank says whether it failed since the last one.
+
+        Without torchrun nothing stops the other ranks when one raises: they would wait in their
+        next collective until the process group's timeout (30 min). So a method calls this
+        before each collective of its loop, and from its error handler with the error: when any
+        rank failed, every rank raises (the failed one its own error, the others PeerFailed
+        naming it) at the same sync point. One all_reduce of one integer when all is well."""
+        if not self.enabled:
+            if error is not None:
+                raise error
+            return
+        try:
+            flag = torch.tensor([0 if error is None else 1], dtype=torch.int64, device=self._comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if int(flag.item()) == 0:
+                return
+            msgs: list = [None] * self.world_size
+            dist.all_gather_object(msgs, None if error is None else f"{type(error).__name__}: {error}")
+        except Exception:  # noqa: BLE001 - a peer that died hard: our own error (if any) says more
+            if error is not None:
+                raise error from None
+            raise
+        if error is not None:
+            raise error
+        bad = next(r for r, m in enumerate(msgs) if m is not None)
+        raise PeerFailed(f"distributed: rank {bad} of {self.world_size} failed, so rank {self.rank} stops too: "
+                         f"{msgs[bad]}")
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_bytes, atomic_write_text
+from ._io import LockBusy, SymlinkError, atomic_write_bytes, atomic_write_text, hold_lock, refuse_link, release_lock
 
 VALUES_CSV = "values.csv"
 METRICS_JSON = "metrics.json"
@@ -174,18 +174,18 @@ def write_values_early(rep: RunReport, out_dir: str | Path) -> Path:
     return p
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (np.floating, float)):
         f = float(obj)
         return f if math.isfinite(f) else None   # JSON has no NaN
     if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, Path):
@@ -199,7 +199,7 @@ def metrics_document(rep: RunReport) -> dict[str, Any]:
            "n_valued": rep.n_valued, "banner": status_banner(rep), "metrics": rep.metrics, "timings": rep.timings, "settings": rep.settings,
            "method_settings": rep.method_settings, "notes": rep.notes, "command": rep.command}
     doc.update(rep.extra)
-    return _jsonable(doc)
+    return jsonable(doc)
 
 
 def write_metrics_json(rep: RunReport, path: Path) -> Path:
@@ -366,10 +366,10 @@ def setting_rows(rep: RunReport) -> list[list[str]]:
     rows = [["method", rep.method], ["dataset", rep.dataset],
             ["noise", f"{rep.noise} ({rep.noise_description})" if rep.noise_description else rep.noise]]
     rows += [[k.replace("_", " "), _fmt(v)] for k, v in rep.sizes.items()]
-    rows += [[k.replace("_", " "), _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(_jsonable(v))]
+    rows += [[k.replace("_", " "), _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(jsonable(v))]
              for k, v in rep.settings.items()]
     for k, v in rep.method_settings.items():
-        rows.append([f"{rep.method}.{k}", _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(_jsonable(v))])
+        rows.append([f"{rep.method}.{k}", _fmt(v) if not isinstance(v, (dict, list)) else json.dumps(jsonable(v))])
     rows += [[f"time: {k}", f"{v:.2f} s"] for k, v in rep.timings.items()]
     if rep.command:
         rows.append(["command", rep.command])
@@ -470,6 +470,7 @@ def render_html(rep: RunReport, plots: list[Path]) -> str:
 
 def clear_previous(out_dir: Path) -> None:
     """Remove the files an earlier report wrote here (only those; nothing else is touched)."""
+    refuse_links_in(out_dir, ())
     for name in OUTPUT_NAMES:
         p = out_dir / name
         if p.is_file():
@@ -480,8 +481,65 @@ def clear_previous(out_dir: Path) -> None:
             p.unlink()
 
 
+def refuse_links_in(out_dir: Path, names: tuple[str, ...]) -> None:
+    """SymlinkError when a file or folder a report writes in `out_dir` is a link (a `plots` link
+    would send the plots, and the removal of old ones, to another folder). `out_dir` itself may
+    be a link: where the report lives is the user's choice."""
+    for name in (*OUTPUT_NAMES, PLOTS_DIR, *names):
+        refuse_link(out_dir / name)
+    for name in PLOT_NAMES:
+        refuse_link(out_dir / PLOTS_DIR / name)
+
+
 INCOMPLETE_MARK = "INCOMPLETE.txt"
 STAGE_SUFFIX = ".incomplete"
+STAGE_LOCK = ".dvgs-fast.lock"          # in <out>.incomplete: held by the run writing it
+
+
+def stage_holder(stage: Path) -> str | None:
+    """Who holds the staging folder `stage` ("pid 123 on host since ..."), or None when no live
+    process does (a stale folder of a killed run, or none at all). Takes nothing."""
+    lock = stage / STAGE_LOCK
+    if not lock.is_file() or lock.is_symlink():
+        return None
+    try:
+        import fcntl
+    except ImportError:                   # pragma: no cover - not POSIX: no liveness test
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return os.read(fd, 200).decode(errors="replace").strip() or "holder's pid unknown"
+    finally:
+        os.close(fd)
+    return None
+
+
+class _ParentLock:
+    """A short exclusive flock on the folder that holds `out` and `<out>.incomplete`: deciding
+    whether a staging folder is stale, removing it and creating a new one (or renaming it at the
+    end) is one step for every dvgs-fast process writing there."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.fd = folder, None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:               # pragma: no cover - not POSIX
+            return self
+        self.fd = os.open(self.folder, os.O_RDONLY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class StagedOutput:
@@ -493,37 +551,90 @@ class StagedOutput:
     ``.incomplete`` folder, never a half-written ``out``; one that is interrupted after its values
     were written keeps them there (``kept()`` says where).
 
-    A stale ``.incomplete`` folder of an earlier run (it has the mark) is replaced: rerunning the
-    same command recomputes the same values. A folder of that name without the mark is not ours
-    and is refused. ``out`` itself may exist only when ``overwrite``: then only the files a report
-    writes are replaced in it (others are kept).
+    The run holds an flock on ``<out>.incomplete/.dvgs-fast.lock`` for its whole life. A
+    ``.incomplete`` folder whose lock no live process holds is stale (an earlier run was killed)
+    and is replaced: rerunning the same command recomputes the same values. One held by a live
+    run is refused (two runs never write one folder). A folder of that name without the mark is
+    not ours and is refused. ``unique`` (a name dvgs-fast chose itself, ``runs/<timestamp>-...``):
+    a taken name is not an error, the next free one (``-2``, ``-3``, ...) is used and ``out``
+    says which. ``out`` itself may exist only when ``overwrite``: then only the files a report
+    writes are replaced in it (others are kept); any of them that is a symbolic link is refused.
     """
 
-    def __init__(self, out: str | Path, overwrite: bool, names: tuple[str, ...] = ()):
+    def __init__(self, out: str | Path, overwrite: bool, names: tuple[str, ...] = (), unique: bool = False):
         self.out = Path(out)
-        self.stage = self.out.with_name(self.out.name + STAGE_SUFFIX)
         self.overwrite = overwrite
         self.names = names              # extra report files/folders to replace in an existing out
+        self.unique = unique
         self.replaced_stale = False
+        self._fd: int | None = None     # the held stage lock
+        self._owned = False             # the staging folder is ours (created by this object)
+
+    @property
+    def stage(self) -> Path:
+        return self.out.with_name(self.out.name + STAGE_SUFFIX)
 
     def open(self, description: str = "") -> Path:
         import datetime as _dt
-        import shutil
-        if self.stage.exists():
-            if not (self.stage.is_dir() and (self.stage / INCOMPLETE_MARK).is_file()):
-                raise ValueError(f"--out: {self.stage} exists and is not an unfinished dvgs-fast output "
-                                 f"folder (no {INCOMPLETE_MARK}); move it away or choose another --out")
-            shutil.rmtree(self.stage)
-            self.replaced_stale = True
-        self.stage.mkdir(parents=True)
-        atomic_write_text(self.stage / INCOMPLETE_MARK,
-                          f"This folder holds an unfinished dvgs-fast run (started "
-                          f"{_dt.datetime.now().isoformat(timespec='seconds')}).\n"
-                          f"When the run finishes it is renamed to {self.out.name}; if it is still here, "
-                          f"the run was interrupted or killed. {VALUES_CSV}, if present, holds its values "
-                          f"(complete for the valuation; the report files are missing or partial).\n"
-                          + (f"command: {description}\n" if description else ""))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        with _ParentLock(self.out.parent):
+            if self.unique:
+                base, k = self.out, 2
+                while os.path.lexists(self.out) or os.path.lexists(self.stage):
+                    self.out = base.with_name(f"{base.name}-{k}")
+                    k += 1
+            self._claim_stage()
+        if self.overwrite and self.out.is_dir():
+            self._refuse_links()
+        try:
+            atomic_write_text(self.stage / INCOMPLETE_MARK,
+                              f"This folder holds an unfinished dvgs-fast run (started "
+                              f"{_dt.datetime.now().isoformat(timespec='seconds')}).\n"
+                              f"When the run finishes it is renamed to {self.out.name}; if it is still here, "
+                              f"the run was interrupted or killed. {VALUES_CSV}, if present, holds its values "
+                              f"(complete for the valuation; the report files are missing or partial).\n"
+                              + (f"command: {description}\n" if description else ""))
+        except BaseException:
+            self.abandon()
+            raise
         return self.stage
+
+    def _claim_stage(self) -> None:
+        """Under the parent lock: replace a stale staging folder, refuse a live or foreign one,
+        create ours and take its lock."""
+        import shutil
+        stage = self.stage
+        if stage.is_symlink():
+            raise ValueError(f"--out: {SymlinkError(stage)}")
+        if stage.exists():
+            if not (stage.is_dir() and (stage / INCOMPLETE_MARK).is_file()):
+                raise ValueError(f"--out: {stage} exists and is not an unfinished dvgs-fast output "
+                                 f"folder (no {INCOMPLETE_MARK}); move it away or choose another --out")
+            holder = stage_holder(stage)
+            if holder is not None:
+                raise ValueError(f"--out: {stage} is being written by another dvgs-fast run ({holder}); wait for "
+                                 f"it to finish or choose another --out")
+            shutil.rmtree(stage)
+            self.replaced_stale = True
+        stage.mkdir()
+        self._owned = True
+        try:
+            self._fd = hold_lock(stage / STAGE_LOCK)
+        except LockBusy as busy:          # pragma: no cover - only under the parent lock
+            raise ValueError(f"--out: {stage} is being written by another dvgs-fast run ({busy.holder})") from None
+        except ImportError:               # pragma: no cover - not POSIX: no lock
+            self._fd = None
+
+    def _refuse_links(self) -> None:
+        try:
+            refuse_links_in(self.out, self.names)
+        except SymlinkError as exc:
+            raise ValueError(f"--out: {exc}") from None
+
+    def _release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            release_lock(fd)
 
     def has_values(self) -> bool:
         # values.csv of a run, values/METHOD-seedN.csv of a comparison
@@ -531,42 +642,53 @@ class StagedOutput:
 
     def abandon(self) -> str | None:
         """After a failure: a line saying where the kept values are, or None (then the folder,
-        holding nothing of value, is removed)."""
+        holding nothing of value, is removed). Releases the folder's lock either way."""
         import shutil
-        if not self.stage.is_dir():
+        try:
+            if not self._owned or not self.stage.is_dir():
+                return None
+            if self.has_values():
+                return (f"the run did not finish; its values are kept in {self.stage} (marked incomplete by "
+                        f"{INCOMPLETE_MARK}; the report files are missing)")
+            shutil.rmtree(self.stage, ignore_errors=True)
             return None
-        if self.has_values():
-            return (f"the run did not finish; its values are kept in {self.stage} (marked incomplete by "
-                    f"{INCOMPLETE_MARK}; the report files are missing)")
-        shutil.rmtree(self.stage, ignore_errors=True)
-        return None
+        finally:
+            self._release()
 
     def finish(self) -> Path:
         import shutil
-        (self.stage / INCOMPLETE_MARK).unlink(missing_ok=True)
-        if self.out.is_dir() and any(self.out.iterdir()):
-            if not self.overwrite:   # checked before the run; someone created it meanwhile
-                raise ValueError(f"--out: {self.out} appeared during the run; the report is in {self.stage}")
-            clear_previous(self.out)
-            for name in self.names:
-                p = self.out / name
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-            for entry in self.stage.iterdir():
-                dest = self.out / entry.name
-                if entry.is_dir() and dest.is_dir():      # plots/: merge (old report plots are cleared)
-                    for f in entry.iterdir():
-                        os.replace(f, dest / f.name)
-                    entry.rmdir()
-                else:
-                    os.replace(entry, dest)
-            self.stage.rmdir()
-        else:
-            if self.out.is_dir():
-                self.out.rmdir()                          # an empty folder the user made
-            os.replace(self.stage, self.out)
+        with _ParentLock(self.out.parent):
+            occupied = self.out.is_dir() and any(self.out.iterdir())
+            if occupied:
+                if not self.overwrite:   # checked before the run; someone created it meanwhile
+                    raise ValueError(f"--out: {self.out} appeared during the run; the report is in {self.stage}")
+                self._refuse_links()
+            (self.stage / INCOMPLETE_MARK).unlink(missing_ok=True)
+            (self.stage / STAGE_LOCK).unlink(missing_ok=True)     # still held through the descriptor
+            # a folder with files, or a link to a folder (the user's choice of place): move into it
+            if occupied or (self.out.is_symlink() and self.out.is_dir()):
+                clear_previous(self.out)
+                for name in self.names:
+                    p = self.out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+                for entry in self.stage.iterdir():
+                    dest = self.out / entry.name
+                    if entry.is_dir() and dest.is_dir():      # plots/: merge (old report plots are cleared)
+                        for f in entry.iterdir():
+                            os.replace(f, dest / f.name)
+                        entry.rmdir()
+                    else:
+                        os.replace(entry, dest)
+                self.stage.rmdir()
+            else:
+                if self.out.is_dir():
+                    self.out.rmdir()                          # an empty folder the user made
+                os.replace(self.stage, self.out)
+            self._release()
+            self._owned = False
         return self.out
 
 

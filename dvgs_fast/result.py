@@ -26,13 +26,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_bytes
+from ._io import SymlinkError, atomic_write_bytes
 
 STATUSES = ("completed", "converged", "stopped")
 
@@ -195,21 +197,35 @@ class ValuationResult:
             arrays["resampling_stderr"] = self.resampling_stderr
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except SymlinkError as exc:
+            raise ValueError(f"path: {exc}") from None
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ValuationResult":
+        """Read a file written by :meth:`save`; a damaged or foreign file is one ValueError naming it."""
         path = Path(path)
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
-                return cls(values=z["values"], stderr=z["stderr"], counts=z["counts"],
-                           snapshots=z["snapshots"] if "snapshots" in z.files else None,
-                           resampling_stderr=z["resampling_stderr"] if "resampling_stderr" in z.files else None,
-                           **meta)
-        except (OSError, KeyError, ValueError, EOFError) as exc:
-            raise ValueError(f"path: {path} is not a readable ValuationResult file ({type(exc).__name__}: {exc})") from exc
+                if not isinstance(meta, dict) or set(meta) - _META_KEYS or "method" not in meta:
+                    what = type(meta).__name__ if not isinstance(meta, dict) else \
+                        f"keys {sorted(set(meta) - _META_KEYS) or ['method (missing)']}"
+                    raise ValueError(f"its metadata is not a ValuationResult's ({what})")
+                arrays = {k: z[k] for k in ("values", "stderr", "counts")}
+                snapshots = z["snapshots"] if "snapshots" in z.files else None
+                resampling = z["resampling_stderr"] if "resampling_stderr" in z.files else None
+            return cls(**arrays, snapshots=snapshots, resampling_stderr=resampling, **meta)
+        except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zlib.error,
+                UnicodeDecodeError) as exc:
+            detail = str(exc).replace("\n", " ")
+            raise ValueError(f"path: {path} is not a readable ValuationResult file "
+                             f"({type(exc).__name__}: {detail})") from None
+
+
+_META_KEYS = {"method", "status", "params", "timings", "info"}
 
 
 def _m2(stderr: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import traceback
 
 import numpy as np
@@ -31,8 +32,9 @@ def _data(n: int, m: int, d: int = 6, classes: int = 3, seed: int = 0):
     return xs, ys, xt, yt
 
 
-def dvgs_case(n=50, m=24, dropout=0.3, checkpoint_dir=None, **kw):
-    """A small MLP with dropout and LayerNorm; returns what the tests compare."""
+def dvgs_case(n=50, m=24, dropout=0.3, checkpoint_dir=None, overflow_row=None, **kw):
+    """A small MLP with dropout and LayerNorm; returns what the tests compare. overflow_row: that
+    source row is set to 3e38 (finite, but its forward overflows: only its rank fails)."""
     from dvgs_fast import DVGS
     torch.manual_seed(5)
     net = nn.Sequential(nn.Linear(6, 16), nn.Dropout(dropout), nn.Mish(), nn.LayerNorm(16), nn.Linear(16, 3))
@@ -40,7 +42,10 @@ def dvgs_case(n=50, m=24, dropout=0.3, checkpoint_dir=None, **kw):
           "lr": 1e-2, **kw}
     if checkpoint_dir is not None:
         kw["checkpoint_dir"] = checkpoint_dir
-    res = DVGS(net, **kw).fit(*_data(n, m))
+    xs, ys, xt, yt = _data(n, m)
+    if overflow_row is not None:
+        xs[overflow_row] = 3e38
+    res = DVGS(net, **kw).fit(xs, ys, xt, yt)
     out = {"values": np.asarray(res.values), "k": res.info["snapshots"], "info": {
         k: res.info.get(k) for k in ("world_size", "rank", "shard", "steps")}}
     if checkpoint_dir is not None:
@@ -70,12 +75,47 @@ def semivalue_case(n=16, m=30, cls="DataBanzhaf", **kw):
     return out
 
 
-CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "semivalue": semivalue_case}
+def groundtruth_case(kind="lds", cache_dir=None):
+    """A small MLP's LDS (2 seeds x 2 blocks) or LOO (4 blocks) ground truth, sharded by blocks."""
+    from dvgs_fast.evaluate import counterfactual as cf
+    xs, ys, xt, yt = _data(40, 10)
+    rec = cf.TrainingRecipe(lambda: nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), optimizer="adam",
+                            lr=0.02, epochs=3, batch_size=8)
+    kw = {"cache_dir": cache_dir, "progress": False}
+    if kind == "lds":
+        gt = cf.lds_ground_truth(rec, xs, ys, xt, yt, n_subsets=7, seeds=2, block_size=4, **kw)
+    else:
+        gt = cf.loo_ground_truth(rec, xs, ys, xt, yt, indices=9, seeds=1, block_size=3, **kw)
+    return {"outputs": gt.outputs, "world_size": gt.info["world_size"], "status": gt.status}
+
+
+def influence_case(n=45, m=5, solver="ekfac", factors_dir=None, **kw):
+    """InfluenceFunction's fit() values and attribute() matrix on a small MLP (trained inside)."""
+    from dvgs_fast.methods.influence import InfluenceFunction
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    xs, ys, xt, yt = (t.double() if t.is_floating_point() else t for t in _data(n, m))
+    kw = {"epochs": 2, "source_batch_size": 8, "hessian_batch_size": 10, "seed": 3, "progress": False,
+          "lr": 1e-2, "damping": 0.5, **kw}
+    if factors_dir is not None:
+        kw["factors_dir"] = factors_dir
+    method = InfluenceFunction(net, solver=solver, **kw)
+    res = method.fit(xs, ys, xt, yt)
+    att = method.attribute(xs, ys, xt, yt, dtype="float64")
+    return {"values": np.asarray(res.values), "scores": np.asarray(att.scores),
+            "info": {k: res.info.get(k) for k in ("world_size", "rank", "n_hessian")}}
+
+
+CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "influence": influence_case, "groundtruth": groundtruth_case,
+         "semivalue": semivalue_case}
 
 
 # ------------------------------------------------------------------------------------ worker
-def run_cases(rank: int, world: int, port: int, cases: list, q) -> None:
-    """Join a gloo group on 127.0.0.1:port, run [(name, case, kwargs)], put (rank, {name: out}, err)."""
+def run_cases(rank: int, world: int, port: int, cases: list, q, linger_on_error: float = 0.0) -> None:
+    """Join a gloo group on 127.0.0.1:port, run [(name, case, kwargs)], put (rank, {name: out}, err).
+
+    linger_on_error: after a failure, report it and stay alive that long with the group open (a
+    caller that catches the error, a notebook), instead of closing the connections at once."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -90,6 +130,12 @@ def run_cases(rank: int, world: int, port: int, cases: list, q) -> None:
                 if kwargs.get("checkpoint_dir") is not None:      # a folder per rank would hide clashes
                     kwargs["checkpoint_dir"] = str(kwargs["checkpoint_dir"])
                 out[name] = CASES[case](**kwargs)
+        except Exception:  # noqa: BLE001
+            if not linger_on_error:
+                raise
+            q.put((rank, out, traceback.format_exc()))
+            time.sleep(linger_on_error)
+            return
         finally:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the parent

@@ -154,7 +154,7 @@ def test_subprocess_smoke(tmp_path):
 
 @pytest.mark.parametrize("method, extra", [
     ("dshap", ["--max-time", "3"]), ("dvrl", ["--max-time", "3"]), ("lossval", ["--epochs", "3"]),
-    ("loo", []), ("random", []),
+    ("loo", []), ("random", []), ("trak", ["--epochs", "2"]), ("logra", ["--epochs", "2"]),
 ])
 def test_every_method_runs_through_the_cli(tmp_path, capsys, method, extra):
     try:

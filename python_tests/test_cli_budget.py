@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from dvgs_fast.cli import main
-from dvgs_fast.cli._main import DEFAULT_MAX_TIME
+from dvgs_fast.cli._pipeline import DEFAULT_MAX_TIME
 from dvgs_fast.evaluate import detection_auprc, detection_auroc
 
 BASE = ["--no-progress", "--threads", "1"]
@@ -122,7 +122,7 @@ def test_interrupt_during_curves_keeps_values(tmp_path, capsys, monkeypatch):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(ev, "remove_curves", interrupted)   # what _score calls (both curves at once)
+    monkeypatch.setattr(ev, "remove_curves", interrupted)   # what score_values calls (both curves at once)
     out = tmp_path / "run"
     rc, _, err = _run(["run", "--method", "random", "--n-source", "100", "--n-target", "50", "--out", str(out),
                        *BASE], capsys)

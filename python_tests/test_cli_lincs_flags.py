@@ -18,7 +18,7 @@ from torch import nn
 
 from dvgs_fast.cli import main
 from dvgs_fast.cli import _models as M
-from dvgs_fast.cli._main import build_parser
+from dvgs_fast.cli import build_parser
 
 F272 = "lincs/modzs_n272x978.gctx"
 F377 = "lincs/test_l1000_highprecision.gctx"

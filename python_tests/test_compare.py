@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dvgs_fast.cli import main
-from dvgs_fast.cli._compare import fmt_mean_sd, mean_sd
+from dvgs_fast.cli._compare_report import fmt_mean_sd, mean_sd
 from dvgs_fast.evaluate import detection_auprc, detection_auroc, kmeans_f1
 
 BASE = ["--no-progress", "--threads", "1", "--n-source", "120", "--n-target", "60"]

@@ -119,3 +119,38 @@ def test_cli_under_torchrun_equals_single_process(tmp_path, monkeypatch):
     import json
     info = json.loads((tmp_path / "multi" / "metrics.json").read_text())
     assert '"world_size": 2' in json.dumps(info)
+
+
+def test_a_failing_rank_stops_the_other_promptly():
+    """Issue 33: without torchrun, a rank whose rows hit an error left the others waiting in the
+    final all-reduce until the group's timeout (120 s in these workers) when the failed process
+    stays alive (a caller that catches the error). Rank 1's row 40 overflows at snapshot 0 and
+    rank 1 lingers; rank 0 must stop at the next sync point, naming rank 1 and its error."""
+    import queue
+    import time
+
+    import torch.multiprocessing as mp
+    from _dist_workers import free_port, run_cases
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    cases = [("bad", "dvgs", {"overflow_row": 40, "epochs": 20})]
+    procs = [ctx.Process(target=run_cases, args=(r, 2, port, cases, q, 600.0 if r == 1 else 0.0)) for r in range(2)]
+    for p in procs:
+        p.start()
+    errors = {}
+    try:
+        t0 = time.perf_counter()
+        while len(errors) < 2:
+            try:
+                rank, _, err = q.get(timeout=max(1.0, 100 - (time.perf_counter() - t0)))
+            except queue.Empty:
+                raise AssertionError(f"rank 0 did not stop within 100 s (got {sorted(errors)})") from None
+            errors[rank] = err or ""
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(timeout=30)
+    assert "ValueError: x_source: the similarity of source row 40 is not finite at snapshot 0" in errors[1]
+    assert ("PeerFailed: distributed: rank 1 of 2 failed, so rank 0 stops too: ValueError: x_source: the "
+            "similarity of source row 40") in errors[0], errors[0]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS, ValuationResult
-from dvgs_fast.methods.dvgs import checkpoint as dvgs_checkpoint
+from dvgs_fast import runstate as dvgs_checkpoint
 from dvgs_fast.methods.dvgs import loop as dvgs_loop
 
 ATOL = RTOL = 1e-5

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS
-from dvgs_fast.methods.dvgs import fast as dvgs_fast_mod
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, read_state
-from dvgs_fast.methods.dvgs.sources import (DatasetSource, GctxSource, IteratorSource, TensorSource, as_source)
+from dvgs_fast import grads as dvgs_fast_mod
+from dvgs_fast.runstate import CheckpointFiles, read_state
+from dvgs_fast.sources import (DatasetSource, GctxSource, IteratorSource, TensorSource, as_source)
 
 LINCS = "lincs/modzs_n272x978.gctx"
 
@@ -230,7 +230,7 @@ def test_source_identity_is_hashed_in_blocks():
     that of the plain bytes, whatever the block size or memory layout, and it sees one changed
     value."""
     import hashlib
-    from dvgs_fast.methods.dvgs._digest import update_with_tensor
+    from dvgs_fast.runstate import update_with_tensor
     x = torch.randn(301, 7, generator=torch.Generator().manual_seed(0))
 
     def digest(t, block):

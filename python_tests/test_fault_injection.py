@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from dvgs_fast import DVGS
-from dvgs_fast.methods.dvgs import checkpoint as dvgs_checkpoint
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, DirLock, read_state
+from dvgs_fast import runstate as dvgs_checkpoint
+from dvgs_fast.runstate import CheckpointFiles, DirLock, read_state
 
 HERE = Path(__file__).resolve()
 
@@ -105,7 +105,7 @@ def _worker(directory: str, mode: str, n: int) -> None:
     """Run the case with checkpoint_dir=directory, SIGKILLing this process at moment (mode, n)."""
     torch.set_num_threads(1)
     from dvgs_fast import _io
-    from dvgs_fast.methods.dvgs._values_store import ValuesStore
+    from dvgs_fast.runstate import ValuesStore
     seen = {"n": 0}
 
     def die_at_nth() -> None:
@@ -351,12 +351,12 @@ def test_changed_data_is_refused(tmp_path):
 def test_divergence_names_the_step_and_suggests_a_lower_lr():
     xs, ys, xt, yt = case_data()
     # The loss itself, or (first) every source gradient, stops being finite: both name the step.
-    with pytest.raises(ValueError, match=r"^lr: training diverged: .* at restart 0, epoch \d+, step \d+ "
+    with pytest.raises(ValueError, match=r"^lr: training diverged in DVGS: .* at restart 0, epoch \d+, step \d+ "
                                          r"\(global step \d+\).*lower lr \(now 1e\+08\)"):
         DVGS(case_model(p=0.0), optimizer="sgd", lr=1e8, epochs=5, target_batch_size=8, progress=False,
              seed=0).fit(xs * 1e3, ys, xt * 1e3, yt)
     # Snapshots only at step 0: the non-finite target loss itself is what stops the run.
-    with pytest.raises(ValueError, match=r"^lr: training diverged: the target loss is (nan|inf) at restart 0, "
+    with pytest.raises(ValueError, match=r"^lr: training diverged in DVGS: the target loss is (nan|inf) at restart 0, "
                                          r"epoch \d+, step \d+ \(global step \d+\); lower lr \(now 1e\+08\)"):
         DVGS(case_model(p=0.0), optimizer="sgd", lr=1e8, epochs=5, target_batch_size=8, compute_every=10**6,
              progress=False, seed=0).fit(xs * 1e3, ys, xt * 1e3, yt)
@@ -371,8 +371,8 @@ def test_deferred_divergence_check_names_the_first_bad_step():
         watch.observe(torch.tensor(v), step)
         if step == 4:
             watch.check()                          # nothing bad yet
-    with pytest.raises(ValueError, match=r"^lr: training diverged: the target loss is nan at restart 0, epoch 1, "
-                                         r"step 1 \(global step 5\); lower lr \(now 0.1\)"):
+    with pytest.raises(ValueError, match=r"^lr: training diverged in DVGS: the target loss is nan at restart 0, "
+                                         r"epoch 1, step 1 \(global step 5\); lower lr \(now 0.1\)"):
         watch.check()
 
 
@@ -386,7 +386,7 @@ def test_non_finite_model_output_before_training():
             return self.lin(x) * float("inf")
 
     xs, ys, xt, yt = case_data()
-    with pytest.raises(ValueError, match=r"^model: the target loss is nan before any update"):
+    with pytest.raises(ValueError, match=r"^model: DVGS: the target loss is nan before any update"):
         DVGS(Broken(), epochs=1, progress=False, seed=0).fit(xs, ys, xt, yt)
 
 

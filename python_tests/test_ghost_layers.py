@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvgs_fast.methods.dvgs.fast import FastScorer, SlowRouteWarning
+from dvgs_fast.grads import FastScorer, SlowRouteWarning
 
 
 def _ce(out, y):

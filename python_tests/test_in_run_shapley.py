@@ -17,7 +17,7 @@ from torch.func import functional_call
 from dvgs_fast import InRunShapley
 from dvgs_fast._utils import seed_everything
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.dvgs.fast import SlowRouteWarning
+from dvgs_fast.grads import SlowRouteWarning
 
 
 def _data(n=12, m=7, d=4, classes=3, seed=0, dtype=torch.float64):
@@ -358,7 +358,7 @@ def test_diverging_training_names_the_step():
     g = torch.Generator().manual_seed(11)
     xs, xt = torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(6, 4, generator=g, dtype=torch.float64)
     ae = nn.Sequential(nn.Linear(4, 4)).double()
-    with pytest.raises(ValueError, match=r"lr: training diverged: .* at epoch \d+, step \d+"):
+    with pytest.raises(ValueError, match=r"lr: training diverged in InRunShapley: .* at epoch \d+, step \d+"):
         InRunShapley(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, optimizer="sgd", progress=False).fit(
             xs, None, xt, None)
 

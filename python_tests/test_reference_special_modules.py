@@ -19,7 +19,7 @@ from torch import nn
 
 from dvgs_fast import DVGS, InRunShapley, TracIn
 from dvgs_fast._utils import functional_call
-from dvgs_fast.methods.dvgs.reference import per_sample_grads
+from dvgs_fast.grads import per_sample_grads
 
 
 def _shared_model(seed=23, d=6):

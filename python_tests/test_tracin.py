@@ -15,7 +15,7 @@ from torch import nn
 from dvgs_fast import TracIn
 from dvgs_fast._utils import seed_everything
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
+from dvgs_fast import runstate as ckpt_mod
 
 
 def _data(n=14, m=9, d=4, classes=3, seed=0, dtype=torch.float64):
@@ -343,5 +343,6 @@ def test_bad_inputs_fail_before_training():
 def test_diverging_training_names_the_step():
     xs, _, xt, _ = _data(n=10)
     ae = nn.Sequential(nn.Linear(4, 4)).double()
-    with pytest.raises(ValueError, match=r"lr: training diverged: the source loss is (nan|inf) at epoch \d+, step \d+"):
+    with pytest.raises(ValueError, match=r"lr: training diverged in TracIn: the source loss is (nan|inf) at "
+                                         r"epoch \d+, step \d+"):
         TracIn(ae, loss="mse", epochs=50, batch_size=5, lr=1e3, optimizer="sgd", progress=False).fit(xs, None, xt, None)

@@ -392,7 +392,7 @@ def replot(exp: Experiment) -> None:
     so that --report-only picks up plotting changes without rerunning the valuations."""
     import csv
     sys.path.insert(0, str(ROOT))
-    from dvgs_fast.cli import _compare as K
+    from dvgs_fast.cli import _compare_report as K
     from dvgs_fast.evaluate import discovery_curve
     folder = HERE / exp.name
     doc = json.loads((folder / "compare.json").read_text())

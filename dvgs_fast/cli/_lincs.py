@@ -11,7 +11,7 @@ paper, out of core.
   over the values of a sample metadata field with ``--target-balance-by FIELD`` (e.g. pert_id):
   round-robin over the field's values in random order, random samples within each value.
 * Source: every sample of the file (the target samples are valued too), streamed from the
-  file for every snapshot (``dvgs_fast.methods.dvgs.sources.GctxSource``), never loaded whole;
+  file for every snapshot (``dvgs_fast.sources.GctxSource``), never loaded whole;
   ``--n-source N`` values the first N samples only.
 * Model: the paper's autoencoder (the original code's ``AE``), 978 -> 256 -> 64 -> 256 -> 978 (Mish)
   by default, or as the original script's flags say (``--num_layers 2 --hidden_channels 500
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dvgs_fast.methods.dvgs.sources import GctxSource, Source
+from dvgs_fast.sources import GctxSource, Source
 from ._errors import CLIError, one_line
 
 PRESET = {"n_source": None, "n_target": 5000, "noise": "none", "dropout": 0.0,

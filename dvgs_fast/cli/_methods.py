@@ -34,6 +34,21 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "banzhaf": ("dvgs_fast.methods.semivalues", "DataBanzhaf", {"max_updates": 2000},
                 "Data Banzhaf by maximum sample reuse (Wang & Jia 2023), batched refits"),
     "lava": ("dvgs_fast.methods.lava", "LAVA", {}, "LAVA: optimal-transport data values (Just et al. 2023)"),
+    # The API scores a model as passed (epochs=0, as dattri's GradDot); the command line builds an
+    # untrained model, so it trains it on the source first, as TracIn does (its default 50 epochs).
+    "grad_dot": ("dvgs_fast.methods.grad_similarity", "GradDot", {"epochs": 50},
+                 "grad-dot: gradient dot product at the model trained on the source"),
+    "grad_cos": ("dvgs_fast.methods.grad_similarity", "GradCos", {"epochs": 50},
+                 "grad-cos: gradient cosine at the model trained on the source"),
+    "trak": ("dvgs_fast.methods.trak", "TRAK", {"epochs": 30, "n_models": 5},
+             "TRAK (Park et al. 2023): projected gradients of 5 models trained 30 epochs (--epochs)"),
+    "logra": ("dvgs_fast.methods.trak", "LoGraInfluence", {"epochs": 30},
+              "LoGra influence (Choe et al. 2024): projected gradients, damped Fisher"),
+    "dvemb": ("dvgs_fast.methods.dvemb", "DataValueEmbedding", {},
+              "data value embedding (Wang et al. 2024): trajectory-specific leave-one-out of one training run"),
+    # A factory model is trained on the source first (50 epochs unless --epochs), then scored.
+    "influence": ("dvgs_fast.methods.influence", "InfluenceFunction", {},
+                  "influence functions (Koh & Liang 2017); --solver direct|cg|lissa|arnoldi|kfac|ekfac|datainf"),
 }
 _MODEL_PARAMS = ("model", "model_or_factory", "predictor")
 

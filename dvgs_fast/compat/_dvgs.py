@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import _validation as V
+from .._io import save_npy
 from ..result import ValuationResult, stats_from_sums
 from . import _identify as I
 from . import _storage as S
@@ -268,7 +269,7 @@ class DVGS:
         k = int(res.info.get("snapshots", snaps.shape[1]))
         if layout == "files":
             for j in range(k):
-                np.save(run_dir / S.file_name(j + 1), np.ascontiguousarray(snaps[:, j]))
+                save_npy(run_dir / S.file_name(j + 1), np.ascontiguousarray(snaps[:, j]))
         else:
             fname = Path(getattr(snaps, "filename", "") or (run_dir / S.SNAP_FILE))
             if fname.parent.resolve() != run_dir.resolve():

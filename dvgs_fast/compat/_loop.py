@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvgs_fast.methods.dvgs.loop import FrozenStatistics
+from dvgs_fast.grads import FrozenStatistics
 
 from .._utils import iter_chunks
 from ._identify import reset_model
@@ -45,8 +45,7 @@ def run_loop(model: nn.Module, *, xs: torch.Tensor, ys: torch.Tensor, xt: torch.
     """Run the original loop; snapshots go to `writer`. Returns sums and counters."""
     from tqdm.auto import tqdm
 
-    from dvgs_fast.methods.dvgs.fast import FastScorer
-    from dvgs_fast.methods.dvgs.reference import per_sample_grads
+    from dvgs_fast.grads import FastScorer, per_sample_grads
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dvgs_fast._io import atomic_write_bytes, create_npy_memmap, save_npy
+
 MEMMAP_BYTES = 1 << 30          # 1 GiB of snapshots
 MEMMAP_FILES = 10_000
 SNAP_FILE = "dvgs_snapshots.npy"
@@ -45,7 +47,6 @@ def file_name(k: int) -> str:
 
 
 def write_meta(run_dir: Path, **meta) -> None:
-    from dvgs_fast._io import atomic_write_bytes
     atomic_write_bytes(run_dir / META_FILE, json.dumps(meta, indent=1).encode())
 
 
@@ -53,7 +54,14 @@ def read_meta(run_dir: Path) -> dict | None:
     p = Path(run_dir) / META_FILE
     if not p.exists():
         return None
-    return json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"path: {p.name} in {p.parent} cannot be read ({type(exc).__name__}): it is damaged; "
+                         f"rerun the run") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"path: {p.name} in {p.parent} holds a {type(meta).__name__}, not a run's description")
+    return meta
 
 
 class FileWriter:
@@ -66,7 +74,7 @@ class FileWriter:
         self.run_dir = Path(run_dir)
 
     def write(self, k: int, sims: np.ndarray) -> None:
-        np.save(self.run_dir / file_name(k + 1), np.asarray(sims))
+        save_npy(self.run_dir / file_name(k + 1), sims)        # never through a link
 
     def close(self, k: int) -> None:
         pass
@@ -79,8 +87,7 @@ class MemmapWriter:
 
     def __init__(self, run_dir: Path, n: int, k_total: int, dtype):
         self.run_dir = Path(run_dir)
-        self.mm = np.lib.format.open_memmap(self.run_dir / SNAP_FILE, mode="w+", dtype=dtype, shape=(n, k_total),
-                                            fortran_order=True)
+        self.mm = create_npy_memmap(self.run_dir / SNAP_FILE, dtype, (n, k_total), fortran_order=True)
 
     def write(self, k: int, sims: np.ndarray) -> None:
         self.mm[:, k] = sims
@@ -102,6 +109,16 @@ def _snapshot_files(path: Path) -> list[Path]:
     return sorted(hits, key=key)
 
 
+def _load(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """np.load, with a damaged file named in one line (numpy's own error does not say which)."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"path: {path.name} in {path.parent} cannot be read ({detail}): it is truncated or "
+                         f"damaged; move it away (agg reads the other snapshots) or rerun the run") from None
+
+
 class Snapshots:
     """Read access to a run folder's snapshots in either layout: n, k, column blocks."""
 
@@ -115,7 +132,7 @@ class Snapshots:
                 raise ValueError(f"path: {self.path} holds {SNAP_FILE} but no completed run ({META_FILE} "
                                  f"missing): the run was interrupted; call run() again with the same uid to "
                                  f"resume it")
-            mm = np.load(self.path / meta.get("file", SNAP_FILE), mmap_mode="r")
+            mm = _load(self.path / meta.get("file", SNAP_FILE), mmap_mode="r")
             self.k = int(meta["snapshots"])
             self.mm = mm[:, :self.k]
             self.n = int(mm.shape[0])
@@ -126,7 +143,7 @@ class Snapshots:
             if not self.files:
                 raise ValueError(f"path: {self.path} holds no snapshot files (data_value_iter=K.npy) and no "
                                  f"{SNAP_FILE}")
-            first = np.load(self.files[0], mmap_mode="r")
+            first = _load(self.files[0], mmap_mode="r")
             self.n = int(first.size)
             self.k = len(self.files)
             self.mm = None
@@ -135,7 +152,7 @@ class Snapshots:
     def column(self, j: int) -> np.ndarray:
         if self.mm is not None:
             return np.asarray(self.mm[:, j])
-        a = np.load(self.files[j]).ravel()
+        a = _load(self.files[j]).ravel()
         if a.size != self.n:
             raise ValueError(f"path: {self.files[j].name} has {a.size} values, {self.files[0].name} has {self.n}")
         return a

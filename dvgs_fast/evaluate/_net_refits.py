@@ -23,7 +23,16 @@ float summation order), checked in python_tests/test_removal_curves_paper.py aga
   own Adam step count, so the bias correction is theirs; the last partial batch is padded with
   rows of weight 0 and the loss is sum(w * l) / sum(w);
 * Adam is torch.optim.Adam's arithmetic (``refit.optim.adam_update``, the one Adam of every
-  refit; L2 weight decay added to the gradient).
+  refit; L2 weight decay added to the gradient); SGD is torch.optim.SGD's without momentum
+  (``refit.optim.sgd_update``).
+
+:func:`train_batched_masked` is the other data order, the one of the counterfactual ground truth
+(``evaluate.counterfactual``): every network sees the *same* batch order of all N rows (one
+generator) and network k keeps the rows of its 0/1 mask. A removed row is masked (weight 0) in
+its batch, so every other batch is untouched -- leaving one row out changes one batch, not the
+whole order; a batch's loss is the mean over its kept rows (sum(w * l) / sum(w)), and a batch
+with no kept row is skipped (no step; Adam's step count stays). ``train_sequential(...,
+order="shared")`` is the plain loop that does the same.
 
 Only networks that are a chain of ``nn.Linear`` and parameter-free layers (activations,
 ``LayerNorm`` without affine parameters, ``Dropout``, ``Flatten`` of already flat input) are
@@ -39,8 +48,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from dvgs_fast._utils import ROWWISE_ACTIVATIONS
-from dvgs_fast.refit.optim import adam_update
+from dvgs_fast._utils import ROWWISE_ACTIVATIONS, make_optimizer
+from dvgs_fast.refit.optim import adam_update, sgd_update
+
+OPTIMIZERS = ("adam", "sgd")
 
 
 
@@ -53,6 +64,7 @@ class NetSettings:
     batch_size: int = 128
     weight_decay: float = 0.0
     loss: str = "ce"                 # "ce" (classification) or "mse" (regression / reconstruction)
+    optimizer: str = "adam"          # "adam" or "sgd" (no momentum)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
 
@@ -157,8 +169,13 @@ def _per_row_loss(out: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor
 # sequential reference (and the fallback for networks that are not chains)
 # ---------------------------------------------------------------------------------------------
 def train_sequential(net: nn.Module, X: torch.Tensor, Y: torch.Tensor, rows: np.ndarray, noise_seed: int,
-                     cfg: NetSettings, chain: Chain | None) -> nn.Module:
-    """Train ``net`` (in place) on ``X[rows]`` with mini-batch Adam: the plain torch loop.
+                     cfg: NetSettings, chain: Chain | None, *, order: str = "subset") -> nn.Module:
+    """Train ``net`` (in place) on ``X[rows]`` with mini-batch Adam or SGD: the plain torch loop.
+
+    ``order="subset"``: each epoch shuffles the kept rows (``randperm(len(rows))``) and splits them
+    into batches of B. ``order="shared"``: each epoch shuffles *all* N rows (``randperm(N)``), splits
+    the positions into batches of B and drops the rows not in ``rows`` from their batch (an empty
+    batch is skipped), the order of :func:`train_batched_masked`.
 
     With a ``chain``, dropout masks follow the module docstring's protocol (so the result equals
     the batched trainer's); otherwise the network's own dropout draws from the global RNG,
@@ -166,10 +183,19 @@ def train_sequential(net: nn.Module, X: torch.Tensor, Y: torch.Tensor, rows: np.
     """
     net = net.to(device=cfg.device, dtype=cfg.dtype)
     g = torch.Generator().manual_seed(int(noise_seed))
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     idx = torch.as_tensor(rows, dtype=torch.long)
-    Xk, Yk = X[idx.to(X.device)], Y[idx.to(Y.device)]
-    n, B = len(rows), cfg.batch_size
+    B = cfg.batch_size
+    # full batch and no dropout: the order only permutes a sum, so train on the kept rows as they
+    # are, one step per epoch, as a plain full-batch loop would (no gather per step)
+    full_batch = B >= (X.shape[0] if order == "shared" else len(rows)) and not any(
+        isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules())
+    if order == "shared" and not full_batch:
+        keep = torch.zeros(X.shape[0], dtype=torch.bool)
+        keep[idx] = True
+        Xk, Yk, n = X, Y, X.shape[0]
+    else:
+        Xk, Yk, n = X[idx.to(X.device)], Y[idx.to(Y.device)], len(rows)
     net.train()
     hooks, current = [], {}
     if chain is not None:
@@ -183,11 +209,23 @@ def train_sequential(net: nn.Module, X: torch.Tensor, Y: torch.Tensor, rows: np.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(noise_seed))
             for _ in range(cfg.epochs):
+                if full_batch:
+                    opt.zero_grad(set_to_none=True)
+                    _per_row_loss(net(Xk), Yk, cfg.loss).mean().backward()
+                    opt.step()
+                    continue
                 perm, masks = _draw_epoch(g, n, chain)
                 for s in range(0, n, B):
-                    b = perm[s:s + B].to(Xk.device)
+                    b = perm[s:s + B]
+                    sel = slice(None)
+                    if order == "shared":
+                        sel = keep[b]
+                        b = b[sel]
+                        if b.numel() == 0:
+                            continue
+                    b = b.to(Xk.device)
                     for j, mk in enumerate(masks):
-                        current[j] = mk[s:s + B].to(Xk.device)
+                        current[j] = mk[s:s + B][sel].to(Xk.device)
                     opt.zero_grad(set_to_none=True)
                     out = net(Xk[b])
                     _per_row_loss(out, Yk[b], cfg.loss).mean().backward()
@@ -220,6 +258,42 @@ def chain_forward(chain: Chain, params: dict[str, torch.Tensor], x: torch.Tensor
     return x
 
 
+def _optimizer_state(P: dict[str, torch.Tensor], K: int):
+    """Adam's moments and each network's own step count (all zero; SGD ignores them)."""
+    m = {k: torch.zeros_like(v) for k, v in P.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in P.items()}
+    t = torch.zeros(K, dtype=next(iter(P.values())).dtype, device=next(iter(P.values())).device)
+    return m, v2, t
+
+
+def _update(P, m, v2, t, ps, grads, cfg: NetSettings, live: torch.Tensor | None = None) -> None:
+    """One optimizer step of the first Ks networks (``ps`` holds their parameters) in place.
+
+    ``live`` [Ks] (bool, None = all): networks whose batch had no kept row sit this step out --
+    parameters, Adam moments and step count unchanged, as a plain loop that skips the batch."""
+    Ks = next(iter(ps.values())).shape[0]
+    with torch.no_grad():
+        t[:Ks] += 1 if live is None else live.to(t.dtype)
+        for (name, p), gr in zip(ps.items(), grads):
+            p = p.detach()
+            if cfg.weight_decay:
+                gr = gr + cfg.weight_decay * p
+            shape = (Ks,) + (1,) * (p.dim() - 1)
+            if cfg.optimizer == "sgd":
+                new, mk, vk = sgd_update(p, gr, cfg.lr), None, None
+            else:                                                   # each network's own step count
+                tk = t[:Ks].clamp_min(1).view(shape)
+                new, mk, vk = adam_update(p, gr, m[name][:Ks], v2[name][:Ks], tk, cfg.lr)
+            if live is not None:
+                lv = live.view(shape)
+                new = torch.where(lv, new, p)
+                if mk is not None:
+                    mk, vk = torch.where(lv, mk, m[name][:Ks]), torch.where(lv, vk, v2[name][:Ks])
+            P[name][:Ks] = new
+            if mk is not None:
+                m[name][:Ks], v2[name][:Ks] = mk, vk
+
+
 def train_batched(chain: Chain, params0: dict[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
                   subsets: list[np.ndarray], noise_seeds: list[int], cfg: NetSettings,
                   progress: Callable[[Any], Any] | None = None) -> dict[str, torch.Tensor]:
@@ -236,9 +310,7 @@ def train_batched(chain: Chain, params0: dict[str, torch.Tensor], X: torch.Tenso
     L = S * B
     active = [int((steps_o > s).sum()) for s in range(S)]
     P = {k: v[torch.as_tensor(order)].to(device=dev, dtype=dt).clone() for k, v in params0.items()}
-    m = {k: torch.zeros_like(v) for k, v in P.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in P.items()}
-    t = torch.zeros(K, dtype=dt, device=dev)               # each network's own Adam step count
+    m, v2, t = _optimizer_state(P, K)
     gens = [torch.Generator().manual_seed(int(noise_seeds[i])) for i in order]
     sub_t = [torch.as_tensor(subsets[i], dtype=torch.long) for i in order]
     scales = [1.0 / (1.0 - op.p) for op in chain.dropouts]
@@ -266,16 +338,48 @@ def train_batched(chain: Chain, params0: dict[str, torch.Tensor], X: torch.Tenso
                 out = chain_forward(chain, ps, X[idx], [M[:Ks, sl] for M in Ms])
                 per = (_per_row_loss(out, Y[idx], cfg.loss) * w).sum(1) / w.sum(1)
                 grads = torch.autograd.grad(per.sum(), list(ps.values()))
-            with torch.no_grad():
-                t[:Ks] += 1
-                for (name, p), gr in zip(ps.items(), grads):
-                    if cfg.weight_decay:
-                        gr = gr + cfg.weight_decay * p
-                    tk = t[:Ks].view((Ks,) + (1,) * (p.dim() - 1))      # each network's own step count
-                    P[name][:Ks], m[name][:Ks], v2[name][:Ks] = adam_update(
-                        p.detach(), gr, m[name][:Ks], v2[name][:Ks], tk, cfg.lr)
+            _update(P, m, v2, t, ps, grads, cfg)
     inv = torch.as_tensor(np.argsort(order))
     return {k: v[inv.to(dev)] for k, v in P.items()}
+
+
+def train_batched_masked(chain: Chain, params0: dict[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor,
+                         keep: torch.Tensor, order_seed: int, cfg: NetSettings,
+                         progress: Callable[[Any], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Train K networks at once on one shared batch order: network k starts from
+    ``params0[name][k]`` and trains on the rows where ``keep[k]`` ([K, N], 0/1). Every epoch draws,
+    from one ``torch.Generator(order_seed)``, ``randperm(N)`` and then a keep-mask per dropout layer
+    over the N positions (shared by all networks); a removed row is masked in its batch and a
+    batch with no kept row is skipped (see the module docstring). Returns the trained [K, ...]
+    params; equals ``train_sequential(..., order="shared")`` network by network."""
+    K, N = keep.shape
+    dev, dt = X.device, X.dtype
+    B = cfg.batch_size
+    P = {k: v.to(device=dev, dtype=dt).clone() for k, v in params0.items()}
+    m, v2, t = _optimizer_state(P, K)
+    W = keep.to(device=dev, dtype=dt)
+    g = torch.Generator().manual_seed(int(order_seed))
+    scales = [1.0 / (1.0 - op.p) for op in chain.dropouts]
+    epochs = range(cfg.epochs) if progress is None else progress(range(cfg.epochs))
+    for _ in epochs:
+        perm, masks = _draw_epoch(g, N, chain)
+        perm = perm.to(dev)
+        masks = [mk.to(device=dev, dtype=dt) * sc for mk, sc in zip(masks, scales)]
+        for s in range(0, N, B):
+            pos = perm[s:s + B]
+            w = W[:, pos]                                           # [K, b]
+            n_kept = w.sum(1)
+            live = n_kept > 0
+            if not bool(live.any()):
+                continue
+            y = Y[pos]
+            ps = {k: v.detach().requires_grad_(True) for k, v in P.items()}
+            with torch.enable_grad():
+                out = chain_forward(chain, ps, X[pos], [mk[s:s + B] for mk in masks])   # rows shared
+                per = (_per_row_loss(out, y.expand(K, *y.shape), cfg.loss) * w).sum(1) / n_kept.clamp_min(1)
+                grads = torch.autograd.grad(per.sum(), list(ps.values()))
+            _update(P, m, v2, t, ps, grads, cfg, None if bool(live.all()) else live)
+    return P
 
 
 def batched_outputs(chain: Chain, params: dict[str, torch.Tensor], Xt: torch.Tensor,

@@ -18,6 +18,7 @@ _LAZY = {
     "KNNShapley": ("dvgs_fast.methods.knn_shapley", "KNNShapley"),
     "InRunShapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley"),
     "TracIn": ("dvgs_fast.methods.tracin", "TracIn"),
+    "TracInCheckpoints": ("dvgs_fast.methods.tracin_checkpoints", "TracInCheckpoints"),
     "DataOOB": ("dvgs_fast.methods.data_oob", "DataOOB"),
     "Semivalue": ("dvgs_fast.methods.semivalues", "Semivalue"),
     "BetaShapley": ("dvgs_fast.methods.semivalues", "BetaShapley"),
@@ -25,6 +26,13 @@ _LAZY = {
     "AsymmetricShapley": ("dvgs_fast.methods.semivalues", "AsymmetricShapley"),
     "ExactSemivalue": ("dvgs_fast.methods.semivalues", "ExactSemivalue"),
     "LAVA": ("dvgs_fast.methods.lava", "LAVA"),
+    "GradientSimilarity": ("dvgs_fast.methods.grad_similarity", "GradientSimilarity"),
+    "DataValueEmbedding": ("dvgs_fast.methods.dvemb", "DataValueEmbedding"),
+    "GradDot": ("dvgs_fast.methods.grad_similarity", "GradDot"),
+    "GradCos": ("dvgs_fast.methods.grad_similarity", "GradCos"),
+    "TRAK": ("dvgs_fast.methods.trak", "TRAK"),
+    "LoGraInfluence": ("dvgs_fast.methods.trak", "LoGraInfluence"),
+    "InfluenceFunction": ("dvgs_fast.methods.influence", "InfluenceFunction"),
 }
 
 __all__ = list(_LAZY)

@@ -7,36 +7,21 @@ the DVGS scorers (fast: ghost statistics; reference: torch.func per-sample gradi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast._utils import as_model_input, build_model, embedding_hint, model_input_dtype, seed_everything
+from dvgs_fast.grads import cast_labels, make_sample_loss
 from dvgs_fast.result import stats_from_sums
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 BACKENDS = ("fast", "reference")
-
-
-def make_sample_loss(loss: Any) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Per-sample losses [N]: cross-entropy (mean over any extra output dims), squared error
-    (mean over the output's elements), or the user's callable."""
-    if loss == "cross_entropy":
-        def per_sample(out, y):
-            ce = F.cross_entropy(out, y, reduction="none")
-            # [N, C] logits give [N] already (a mean over one element would only add two ops per step)
-            return ce if out.dim() == 2 else ce.reshape(out.shape[0], -1).mean(1)
-    elif loss == "mse":
-        def per_sample(out, y):
-            return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
-    else:
-        per_sample = loss
-    return per_sample
 
 
 def check_common(loss: Any, optimizer: Any, backend: Any, grad_params: Any, model: Any):
@@ -71,6 +56,7 @@ class Prepared:
     shuffle: torch.Generator          # seeded from the run's seed (the global RNG is seeded too)
     source: Any = None                # dvgs sources.Source over the same rows (in memory or streamed)
     source_labels: bool = True        # False: autoencoder, a row's target is the row
+    x_dtype: torch.dtype = torch.float32   # the inputs' dtype: `dtype`, or int64 token ids of an Embedding
 
     def target_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The target loss of some target rows: their mean per-sample loss."""
@@ -86,7 +72,7 @@ def _probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sample_loss, loss
             out = model(x)
     except Exception as exc:
         raise ValueError(f"x_{set_name}: the model cannot run on samples of shape {tuple(x.shape[1:])} "
-                         f"({type(exc).__name__}: {exc})") from exc
+                         f"({type(exc).__name__}: {exc}){embedding_hint(model, x)}") from exc
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor):
@@ -117,17 +103,16 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     check its output against the labels of both sets (before any training).
 
     chunked_ok: x_source may be a chunked source (a GctxReader, torch Dataset or iterator
-    factory, see dvgs/sources.py); then only `source` is set (xs, ys None)."""
-    from dvgs_fast.methods.dvgs.prepare import cast_labels
-    from dvgs_fast.methods.dvgs.sources import TensorSource, as_source, is_chunked_input
+    factory, see dvgs_fast/sources.py); then only `source` is set (xs, ys None)."""
+    from dvgs_fast.sources import TensorSource, as_source, is_chunked_input
 
     chunked = is_chunked_input(x_source)
     if chunked and not chunked_ok:
         raise ValueError(f"x_source: {type(method).__name__} needs the source in memory (an array or tensor), "
                          f"got {type(x_source).__name__}")
-    xs = None if chunked else V.as_float_tensor(x_source, "x_source")
+    xs = None if chunked else V.as_float_tensor(x_source, "x_source", keep_integers=True)   # token ids stay integer
     source = as_source(x_source, y_source) if chunked else None
-    xt = V.as_float_tensor(x_target, "x_target")
+    xt = V.as_float_tensor(x_target, "x_target", keep_integers=True)
     V.check_same_features(source if chunked else xs, xt, "x_source", "x_target")
     yt = V.labels_for_loss(y_target, xt, "y_target", method.loss)
     if chunked:
@@ -149,21 +134,48 @@ def prepare(method, x_source, y_source, x_target, y_target, device: torch.device
     names = V.resolve_grad_params(model, method.grad_params)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     model.to(device)
-    xt = xt.to(device=device, dtype=dtype)
+    x_dtype = model_input_dtype(model, xt[:2].to(device), dtype)     # int64 for an Embedding's token ids
+    xt = as_model_input(xt.to(device), x_dtype)
     yt = xt if yt is None else cast_labels(yt, dtype).to(device)     # autoencoder: the target is the input
     sample_loss = make_sample_loss(method.loss)
     if not chunked:
-        xs = xs.to(device=device, dtype=dtype)
+        xs = as_model_input(xs.to(device), x_dtype)
         ys = xs if ys is None else cast_labels(ys, dtype).to(device)
         source = TensorSource(xs, ys if source_labels else None)
         x_probe, y_probe = xs[:2], ys[:2]
     else:
         _, _, x_probe, y_probe = source.probe(2)
-        x_probe = x_probe.to(device=device, dtype=dtype)
+        x_probe = as_model_input(x_probe.to(device), x_dtype)
         y_probe = x_probe if not source_labels else cast_labels(y_probe, dtype).to(device)
     _probe(model, xt[:2], yt[:2], sample_loss, method.loss, "target")
     _probe(model, x_probe, y_probe, sample_loss, method.loss, "source")
-    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels)
+    return Prepared(model, names, xs, ys, xt, yt, sample_loss, dtype, shuffle, source, source_labels, x_dtype)
+
+
+def train_plain(prep: Prepared, run, *, optimizer: str, lr: float, weight_decay: float, epochs: int,
+                batch_size: int, owner: str) -> None:
+    """Plain mini-batch training of prep.model on the in-memory source set (shuffled by
+    prep.shuffle; TracIn's loop without its checkpoints): what grad-dot / grad-cos and influence
+    functions score afterwards. A non-finite loss is a ValueError naming lr."""
+    from dvgs_fast._utils import make_optimizer
+    model, n = prep.model, prep.xs.shape[0]
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad], lr, weight_decay)
+    model.train()
+    bar = run.progress(epochs, f"{owner} training", unit="epoch")
+    try:
+        for epoch in range(epochs):
+            for step, idx in enumerate(torch.randperm(n, generator=prep.shuffle).to(prep.xs.device)
+                                       .split(batch_size)):
+                opt.zero_grad(set_to_none=True)
+                loss = prep.sample_loss(model(prep.xs[idx]), prep.ys[idx]).mean()
+                loss.backward()
+                opt.step()
+                if not math.isfinite(float(loss.detach())):
+                    raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at "
+                                     f"epoch {epoch}, step {step}; lower lr (now {lr:g})")
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 def batchnorm_layers(model: nn.Module) -> list[str]:

@@ -107,7 +107,8 @@ class Run:
 
 def derive_seed(seed: int, *salt: int) -> int:
     """A 63-bit seed derived from (seed, *salt): different salts give independent streams."""
-    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # shift a Python int: numpy 1.x has no right_shift for (uint64, int64), the types of `uint64 >> 1`
+    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 class Valuation(abc.ABC):
@@ -151,11 +152,11 @@ class Valuation(abc.ABC):
         if self.requires_labels and y_source is None:
             raise ValueError(f"y_source: {type(self).__name__} needs the source labels")
         t0, c0 = time.perf_counter(), time.process_time()
-        run = Run(seed=self.seed if self.seed is not None else draw_seed(),
-                  device=self._resolve_device(x_source, y_source, x_target, y_target),
-                  budget=Budget(self.max_time), show_progress=self.progress)
+        run = self._new_run(x_source, y_source, x_target, y_target)
         with torch.enable_grad():      # also when fit() is called under torch.no_grad()
             est = self._fit(x_source, y_source, x_target, y_target, run)
+        # The last guard: whatever a method missed, NaN/Inf values are never returned as a result.
+        V.check_finite_values(est.values, type(self).__name__)
         timings = dict(est.timings)
         timings["total"] = time.perf_counter() - t0
         timings["cpu"] = time.process_time() - c0
@@ -174,6 +175,11 @@ class Valuation(abc.ABC):
                           f"{f'; {unvalued} of {len(result)} samples were never valued (counts == 0)' if unvalued else ''}"
                           f"; result.status == 'stopped'", BudgetWarning, stacklevel=2)
         return result
+
+    def _new_run(self, *inputs: Any) -> Run:
+        """The per-call context: the seed (drawn when None), the device the inputs decide, the budget."""
+        return Run(seed=self.seed if self.seed is not None else draw_seed(), device=self._resolve_device(*inputs),
+                   budget=Budget(self.max_time), show_progress=self.progress)
 
     @abc.abstractmethod
     def _fit(self, x_source: Any, y_source: Any, x_target: Any, y_target: Any, run: Run) -> Estimate:

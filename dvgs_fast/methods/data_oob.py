@@ -34,6 +34,7 @@ import torch
 from dvgs_fast import _validation as V
 from dvgs_fast.methods.base import Estimate, Run, Valuation, derive_seed
 from dvgs_fast.refit.batched import build_refit_grid
+from dvgs_fast.refit.optim import BudgetHit
 from dvgs_fast.refit.sklearn import SklearnRefit, is_sklearn_estimator, to_numpy
 from dvgs_fast.result import stats_from_sums
 
@@ -56,8 +57,10 @@ class DataOOB(Valuation):
     refit_steps, refit_lr, refit_optimizer, weight_decay, hidden_dim, batch_engine, dtype : the
         torch refit procedure, as in LeaveOneOut / DataShapley (ignored for sklearn estimators).
     batch_size : bootstrap models trained at once (torch) / handed to the workers per round
-        (sklearn); the budget is checked between rounds, and once a round's cost is known a
-        round is shrunk to what the time left affords.
+        (sklearn). The budget is checked at every optimizer step of a round (torch) or before
+        every model (sklearn): a round cut short keeps its models done in order (sklearn) or
+        none of them (torch: they train together); once a round's cost is known, a round is
+        shrunk to what the time left affords, so little work is thrown away.
     n_jobs : joblib workers for sklearn estimators (None: in this process; -1: all cores).
     max_time : wall-clock budget; a stopped run averages the models trained so far.
     """
@@ -144,13 +147,20 @@ class DataOOB(Valuation):
                     b = max(1, min(b, int(left / per_model)))
                 t_round = time.perf_counter()
                 rows = [bootstrap_rows(run.seed, j, N, n_draw) for j in range(done, done + b)]
-                score, oob = score_batch(rows, range(done, done + b))     # [b, N] each
-                per_model = (time.perf_counter() - t_round) / b
+                with V.naming_divergence("DataOOB", lambda: f"bootstrap models {done} ... {done + b - 1}",
+                                         lr_name="refit_lr", lr=self.refit_lr):
+                    score, oob = score_batch(rows, range(done, done + b))     # [got, N] each, got <= b
+                got = score.shape[0]           # fewer: the budget ran out inside the round
+                if got:
+                    per_model = (time.perf_counter() - t_round) / got
                 s1 += (score * oob).sum(0)
                 s2 += (score * score * oob).sum(0)
                 cnt += oob.sum(0).astype(np.int64)
-                done += b
-                bar.update(b)
+                done += got
+                bar.update(got)
+                if got < b:
+                    stopped = "max_time"
+                    break
         finally:
             bar.close()
         values, stderr = stats_from_sums(s1, s2, cnt)
@@ -168,7 +178,9 @@ class DataOOB(Valuation):
         N = data.n_source
         torch.manual_seed(run.seed)
         metric = "accuracy" if data.classification else "neg_mse"    # unused: OOB scores are per sample
-        _, _, _, grid = build_refit_grid(self, X, data, metric)
+        _, refitter, _, grid = build_refit_grid(self, X, data, metric)
+        if run.budget.max_time is not None:
+            refitter.should_stop = run.budget.time_up      # asked at every optimizer step
         Xg, Yg = X.unsqueeze(0), Y.unsqueeze(0)
 
         def score_batch(rows, _model_ids):
@@ -177,7 +189,10 @@ class DataOOB(Valuation):
                 M[b] = torch.from_numpy(np.bincount(r, minlength=N)).to(X.dtype)
             M = M.to(X.device)
             with torch.no_grad():
-                params = grid.train(Xg, Yg, M.unsqueeze(0))          # leading dims [1, b]
+                try:
+                    params = grid.train(Xg, Yg, M.unsqueeze(0))          # leading dims [1, b]
+                except BudgetHit:               # the round's models train together: none is done
+                    return np.zeros((0, N)), np.zeros((0, N), dtype=bool)
                 score = torch.empty(len(rows), N, dtype=torch.float64, device=X.device)
                 step = max(1, _OUT_ELEMENTS // max(1, len(rows) * data.out_dim))
                 for a in range(0, N, step):
@@ -200,13 +215,18 @@ class DataOOB(Valuation):
 
         def score_batch(rows, model_ids):
             seeds = [derive_seed(run.seed, _SALT_SKLEARN, j) for j in model_ids]
+            # the budget as a wall-clock deadline: the workers are other processes
+            b = run.budget
+            deadline = None if b.max_time is None else time.time() + (b.max_time - b.elapsed())
             # one task per worker (not per model): the source arrays are pickled once per task
             parts = np.array_split(np.arange(len(rows)), min(len(rows), n_workers))
-            res = refit.map(_oob_chunk, [(refit, X, Y, [rows[i] for i in p], [seeds[i] for i in p])
+            res = refit.map(_oob_chunk, [(refit, X, Y, [rows[i] for i in p], [seeds[i] for i in p], deadline)
                                          for p in parts if len(p)])
             res = [r for chunk in res for r in chunk]
-            score = np.zeros((len(rows), N))
-            oob = np.zeros((len(rows), N), dtype=bool)
+            if None in res:                    # past the deadline: keep the models done in order
+                res = res[:res.index(None)]
+            score = np.zeros((len(res), N))
+            oob = np.zeros((len(res), N), dtype=bool)
             for b, (idx, sc) in enumerate(res):
                 score[b, idx] = sc
                 oob[b, idx] = True
@@ -221,8 +241,15 @@ def bootstrap_rows(seed: int, model: int, n: int, n_draw: int) -> np.ndarray:
     return rng.integers(0, n, size=n_draw)
 
 
-def _oob_chunk(refit: SklearnRefit, X, Y, rows_list, seeds) -> list:
-    return [_oob_task(refit, X, Y, r, s) for r, s in zip(rows_list, seeds)]
+def _oob_chunk(refit: SklearnRefit, X, Y, rows_list, seeds, deadline: float | None = None) -> list:
+    """One worker's models in order; None for each one not started before `deadline` (time.time())."""
+    out = []
+    for r, s in zip(rows_list, seeds):
+        if deadline is not None and time.time() >= deadline:
+            out.append(None)
+        else:
+            out.append(_oob_task(refit, X, Y, r, s))
+    return out
 
 
 def _oob_task(refit: SklearnRefit, X, Y, rows, seed):

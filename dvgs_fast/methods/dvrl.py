@@ -5,7 +5,7 @@ with REINFORCE. Per outer iteration:
 
 1. draw an outer batch of `batch_size` source points (capped at N);
 2. draw `n_samples` selections s_k ~ Bernoulli(p) of that batch (a selection with nothing in it
-   is redrawn with p = 0.5, as the original code);
+   is redrawn with p = 0.5, as the original code, until it is not empty);
 3. train one predictor per selection, all from the *same initial weights*, on the batch rows
    weighted by s_k (`inner_iterations` full-batch Adam steps); the K models are trained together
    as one batched model (refit/batched.py), or, for a scikit-learn predictor, one clone each;
@@ -67,8 +67,9 @@ import torch
 from torch import nn
 
 from dvgs_fast._utils import seed_everything
-from dvgs_fast._validation import (check_bool, check_choice, check_dtype, check_optional_positive_int,
-                                   check_positive_float, check_positive_int, prepare_inputs, resolve_metric)
+from dvgs_fast._validation import (check_bool, check_choice, check_dtype, check_finite, check_optional_positive_int,
+                                   check_positive_float, check_positive_int, naming_divergence, prepare_inputs,
+                                   resolve_metric)
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.refit.batched import GridTrainer
 from dvgs_fast.refit.models import Refitter, check_model_output, init_params, make_model
@@ -298,9 +299,13 @@ class DVRL(Valuation):
 
         # y encoding and |y - y_hat| from a model trained on the target set (the original)
         y_enc = (nn.functional.one_hot(Y, data.n_classes).to(self.dtype) if classification else Y.reshape(-1, 1))
-        y_hat = refit.target_model_predictions()
+        with naming_divergence("DVRL", lambda: "the target model's training (on x_target)", lr_name="predictor_lr",
+                               lr=self.predictor_lr):
+            y_hat = refit.target_model_predictions()
+        with naming_divergence("DVRL", lambda: "the full-data model's training", lr_name="predictor_lr",
+                               lr=self.predictor_lr):
+            full_score = refit.full_data_score()        # the Google code's fixed baseline
         y_diff = (y_enc - y_hat).abs()
-        full_score = refit.full_data_score()            # the Google code's fixed baseline
 
         X_flat = X.reshape(N, -1)
         estimator = ValueEstimator(X_flat.shape[1], y_enc.shape[1], self.hidden_dim, self.comb_dim,
@@ -340,13 +345,21 @@ class DVRL(Valuation):
                     t[idx.to(dev)] for t in (X_flat, Y, y_enc, y_diff))
                 xb, yb, yeb, db = rows
                 p = estimator(xb, yeb, db)
+                # torch.bernoulli would fail with "Expected p_in >= 0 && p_in <= 1" on a NaN
+                check_finite(p, "DVRL", "a selection probability of the value estimator", f"iteration {n_done}",
+                             lr_name="learning_rate", lr=self.learning_rate)
                 S = torch.bernoulli(p.detach().to("cpu", torch.float64).expand(K, B).contiguous(), generator=gen)
                 empty = S.sum(1) == 0
-                if bool(empty.any()):
+                while bool(empty.any()):        # redrawn until not empty: an empty selection trains on 0/0
                     resampled += int(empty.sum())
                     S[empty] = torch.bernoulli(torch.full((int(empty.sum()), B), 0.5, dtype=torch.float64),
                                                generator=gen)
-                scores = refit.scores(idx, S)          # [K] float64, CPU
+                    empty = S.sum(1) == 0
+                with naming_divergence("DVRL", lambda: f"iteration {n_done} (the {K} selections' predictors)",
+                                       lr_name="predictor_lr", lr=self.predictor_lr):
+                    scores = refit.scores(idx, S)      # [K] float64, CPU
+                check_finite(scores, "DVRL", "a selection's reward", f"iteration {n_done}", lr_name="predictor_lr",
+                             lr=self.predictor_lr)
                 if self.baseline == "loo":
                     adv = loo_advantages(scores)
                 else:
@@ -421,7 +434,7 @@ class _TorchPredictor:
         X = data.x_source
         module = make_model(est.model, int(np.prod(X.shape[1:])), data.out_dim,
                             hidden_dim=est.predictor_hidden).to(device=dev, dtype=est.dtype)
-        check_model_output(module, X, data.out_dim)
+        check_model_output(module, X, data.out_dim, owner="DVRL")
         theta0 = init_params(module)
         kw = dict(classification=data.classification, lr=est.predictor_lr, optimizer="adam", metric=metric)
         self.inner = GridTrainer(Refitter(module, steps=est.inner_iterations, **kw), theta0)

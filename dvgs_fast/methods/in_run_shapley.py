@@ -95,10 +95,11 @@ from dvgs_fast import _validation as V
 from dvgs_fast._utils import ROWWISE_ACTIVATIONS, make_optimizer
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs import ghost_pairwise as GP
-from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.reference import check_vmappable, per_sample_grads
+from dvgs_fast import grads
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
+from dvgs_fast.attribution.gradient_pairs import factors_fn
+from dvgs_fast.grads import FastScorer, ForwardRecorder, check_vmappable, per_sample_grads
+from dvgs_fast.grads import pairwise as GP
 
 DOT_ROUTES = ("auto", "pairwise", "materialised")
 
@@ -238,7 +239,7 @@ def fused_plan(model: nn.Module, names: list[str]) -> tuple["_FusedPlan | None",
     return _FusedPlan(ops, linears), ""
 
 
-class InRunShapley(Valuation):
+class InRunShapley(AttributionMixin, Valuation):
     """In-Run Data Shapley: each sample's Shapley share of every training step's target-loss decrease.
 
     >>> res = InRunShapley(model, epochs=20, lr=0.05).fit(x_source, y_source, x_target, y_target)
@@ -276,10 +277,18 @@ class InRunShapley(Valuation):
     the target loss before and after training (the values' sum approximates their difference),
     which route each layer took ("dot_routes") and whether the target rows rode along in the
     training forward ("target_pass": "fused") or had their own pass ("separate").
+
+    attribute(x_source, y_source, x_query, y_query): the first-order term per query, the
+    [n_query, n_source] matrix Σ_t [i ∈ B_t] (1/B)⟨g_i(θ_t), P_t g_q(θ_t)⟩ over the same training run
+    (P_t: lr for SGD, Adam's preconditioned direction), from the engine's factored per-sample
+    gradients. Row j equals fit()'s values with x_target = query j alone (and target_batch_size
+    None); order 2's interaction term needs a Hessian-vector product per query and is not
+    defined there (order=2 is refused).
     """
 
     name = "inrun_shapley"
     requires_labels = False
+    attribute_accumulates = True
     # False: never take the fused target pass (tests and bench/bench_ghost_methods.py compare it
     # with the separate one; not a user setting, the two give the same values)
     _allow_fused = True
@@ -447,6 +456,83 @@ class InRunShapley(Valuation):
                         stop_reason=stopped, info=info, timings=timings,
                         progress=f"{steps} of {self.epochs * steps_per_epoch} steps")
 
+    # ---------------------------------------------------------------------------- attribute
+    def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
+        if self.order != 1:
+            raise ValueError("order: attribute() gives In-Run Data Shapley's first-order term per query; order 2's "
+                             "interaction term would need a Hessian-vector product per query (use order=1)")
+        try:
+            prep = T.prepare(self, x_source, y_source, x_query, y_query, run.device, run.seed)
+        except ValueError as exc:
+            raise query_error(exc) from None
+        if self.backend == "reference":
+            check_vmappable(prep.model)
+        bn = T.batchnorm_layers(prep.model)
+        if bn:
+            raise ValueError(f"model: {', '.join(bn)}: in training, batch statistics couple the samples of a "
+                             f"step, so a sample's own gradient is not defined; use GroupNorm/LayerNorm")
+        model, names, xs, ys, xq, yq = prep.model, prep.names, prep.xs, prep.ys, prep.xt, prep.yt
+        n, dev = xs.shape[0], run.device
+        params = dict(model.named_parameters())
+        shapes = {nm: params[nm].shape for nm in names}
+        tparams = [p for p in params.values() if p.requires_grad]
+        opt = make_optimizer(self.optimizer, tparams, self.lr, self.weight_decay)
+        scorer = FastScorer(model, names, prep.sample_loss, "dot", owner="InRunShapley")
+        ref = None if self.backend == "fast" else grads.ReferenceScorer(model, names, prep.sample_loss, "dot")
+        fork = (lambda: torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []))
+        steps, t0 = 0, time.perf_counter()
+        bar = run.progress(self.epochs, "InRunShapley attribute", unit="epoch")
+        try:
+            for epoch in range(self.epochs):
+                for idx in torch.randperm(n, generator=prep.shuffle).to(dev).split(self.batch_size):
+                    b = idx.shape[0]
+                    # ---- the queries at θ_t (eval mode, as fit()'s target side)
+                    model.eval()
+                    with fork():
+                        qfs = [(q0, min(q0 + query_batch_size, xq.shape[0]),
+                                factors_fn(ref or scorer)(xq[q0:q0 + query_batch_size], yq[q0:q0 + query_batch_size]))
+                               for q0 in range(0, xq.shape[0], query_batch_size)]
+                    model.train()
+                    # ---- the training step, as fit()'s: one forward, one backward of the mean loss
+                    xb, yb = xs[idx], ys[idx]
+                    with scorer.recorder() as rec:
+                        out = model(xb)
+                    loss = prep.sample_loss(out, yb).mean()
+                    outs = scorer.grad_outputs(rec)
+                    g_all = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
+                    for p, g in zip(tparams, g_all[:len(tparams)]):
+                        p.grad = None if g is None else g.detach()
+                    if not math.isfinite(float(loss.detach())):
+                        self._diverged(epoch, steps, float(loss.detach()))
+                    if ref is None:
+                        bf = grads.Recording(scorer, xb, yb, rec, g_all[len(tparams):], [], 1.0 / b).factors()
+                    else:
+                        with fork():
+                            bf = grads.dense_factors(model, names, xb, yb, prep.sample_loss)
+                        bf.dense.g.div_(b)
+                    del rec, out, outs
+                    # ---- each query's credit to each batch sample: (1/B)⟨g_i, P g_q⟩
+                    P = None if self.optimizer == "sgd" else T.update_map(opt, self.optimizer, params, names, self.lr)
+                    for q0, q1, qf in qfs:
+                        if P is None:
+                            block = grads.cross_gram(qf, bf) * self.lr
+                        else:
+                            vq = grads.materialise(qf, shapes)
+                            block = grads.batch_dots(bf, {nm: vq[nm] * P[nm] for nm in names}).t()
+                        if not bool(torch.isfinite(block).all()):
+                            self._diverged(epoch, steps, float("nan"))
+                        sink.add_columns(q0, q1, idx, block)
+                    opt.step()
+                    steps += 1
+                    if run.budget.exhausted():
+                        raise ValueError(f"max_time: the budget ran out at epoch {epoch}, step {steps}; attribute() "
+                                         f"returns no partial matrix (raise max_time)")
+                bar.update(1)
+        finally:
+            bar.close()
+        return {"steps": steps, "order": 1, "optimizer": self.optimizer,
+                "timings": {"attribute": time.perf_counter() - t0}, **scorer.describe()}
+
     # ---------------------------------------------------------------------------- dot routes
     def _pairwise_possible(self) -> bool:
         return (self.backend == "fast" and self.optimizer == "sgd" and self.order == 1
@@ -455,13 +541,13 @@ class InRunShapley(Valuation):
     @staticmethod
     def _pairwise_layers(scorer: FastScorer) -> list["_PairLayer"]:
         """Routed Linear / ungrouped conv layers whose weight is credited: pairwise candidates."""
-        name_of = {id(m): nm for nm, m in scorer.model.named_modules()}
         out = []
-        for m, kind, w, b in ([(m, "linear", w, b) for m, w, b in scorer.linear]
-                              + [(m, k, w, b) for m, k, w, b in scorer.ghost]):
-            pk = GP.pairwise_kind(m, kind)
-            if pk is not None and w is not None:
-                out.append(_PairLayer(m, pk, w, b, name_of[id(m)], *GP.layer_width(m, pk)))
+        for r in scorer.layer_routes():
+            if r.route in ("per_layer_func", "reference"):
+                continue
+            pk = GP.pairwise_kind(r.module, r.route)
+            if pk is not None and r.weight is not None:
+                out.append(_PairLayer(r.module, pk, r.weight, r.bias, r.name, *GP.layer_width(r.module, pk)))
         return out
 
     def _dot_routes(self, scorer: FastScorer, route_steps: dict) -> dict[str, str]:
@@ -469,8 +555,7 @@ class InRunShapley(Valuation):
         if not self._pairwise_possible():
             why = ("materialised (forced: dot_route='materialised')" if self.dot_route == "materialised" else
                    f"materialised ({'order 2: v = P(G - H u / 2) is no sum of target outer products' if self.order == 2 else f'{self.optimizer}: the update map P is elementwise, so <g_i, P G> does not factor into pairwise products'})")
-            layers = [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]
-            return {scorer._module_name[id(m)]: why for m in layers}
+            return {r.name: why for r in scorer.layer_routes() if r.route != "reference"}
         out = {}
         for layer, c in route_steps.items():
             if c["materialised"] == 0:
@@ -480,10 +565,9 @@ class InRunShapley(Valuation):
             else:
                 out[layer] = f"pairwise ({c['pairwise']} steps), materialised ({c['materialised']} steps)"
         pairable = {e for e in route_steps}
-        for m in [m for m, *_ in scorer.linear] + [m for m, *_ in scorer.ghost] + [m for m, _ in scorer.generic]:
-            nm = scorer._module_name[id(m)]
-            if nm not in pairable:
-                out[nm] = "materialised (no pairwise route for this layer)"
+        for r in scorer.layer_routes():
+            if r.route != "reference" and r.name not in pairable:
+                out[r.name] = "materialised (no pairwise route for this layer)"
         return out
 
     # ---------------------------------------------------------------------------- target side
@@ -543,11 +627,11 @@ class InRunShapley(Valuation):
             x[b:] = xt
             if y is not x:
                 y[b:] = yt
-        w = torch.cat([torch.full((b,), 1.0 / b, dtype=xs.dtype, device=xs.device),
-                       torch.full((t,), 1.0 / t, dtype=xs.dtype, device=xs.device)])
+        w = torch.cat([torch.full((b,), 1.0 / b, dtype=prep.dtype, device=xs.device),     # the model's dtype:
+                       torch.full((t,), 1.0 / t, dtype=prep.dtype, device=xs.device)])    # xs may hold token ids
         pw = [e.credit_w and (self.dot_route == "pairwise" or GP.pairwise_cheaper(b, 1, t, 1, e.d_in, e.d_out))
               for e in plan.linears]
-        return _FusedShape(x, y, w, pw, torch.ones((), dtype=xs.dtype, device=xs.device))
+        return _FusedShape(x, y, w, pw, torch.ones((), dtype=prep.dtype, device=xs.device))
 
     def _fused_step(self, ctx: "_StepContext", plan: _FusedPlan, prep, idx, tidx, timings) -> torch.Tensor | None:
         """One training step with the target rows in the same forward; returns φ [B], or None (and
@@ -636,8 +720,8 @@ class InRunShapley(Valuation):
 
     # ------------------------------------------------------------------------------------------
     def _diverged(self, epoch: int, step: int, value: float):
-        raise ValueError(f"lr: training diverged: the source loss (or a value) is {value} at epoch {epoch}, "
-                         f"step {step}; lower lr (now {self.lr:g}) or check the model and loss for overflow")
+        raise V.diverged("InRunShapley", "the source loss (or a value)", value, f"epoch {epoch}, step {step}",
+                         lr=self.lr, before_training=step == 0)
 
     @staticmethod
     def _target_loss(model: nn.Module, prep, xt, yt) -> float:

@@ -55,7 +55,9 @@ class KNNShapley(Valuation):
     metric : 'euclidean' (default), 'cosine' (1 - cosine similarity) or 'manhattan'.
     block_size : target points per block (None: as many as fit in ~2M distance entries).
     dtype : 'float64' (default) or 'float32' for the distances (the recursion is always float64).
-        float32 is faster on GPUs; near-equal distances may then order differently.
+        float32 is faster on GPUs; near-equal distances may then order differently. Features whose
+        magnitude would over- or underflow float32 distances (above 2^50 or all below 2^-50) are
+        measured in float64 instead (``info["distances_dtype"]``).
     max_time : wall-clock budget; a run stopped by it averages the target points done so far.
     groups, order : asymmetric Data Shapley: the [N] group label of every source sample and the
         labels earliest first (default: sorted); see `knn_asymmetric.py`. None: Data Shapley.
@@ -97,6 +99,9 @@ class KNNShapley(Valuation):
                 rank[torch.as_tensor(members, dtype=torch.long)] = r
             rank = rank.to(X.device)
             from dvgs_fast.methods.knn_asymmetric import knn_asymmetric_block   # it imports this module
+        promoted = X.dtype == torch.float32 and float32_distances_unsafe(X, Xt)
+        if promoted:        # the float32 values are exact in float64; their distances then are too
+            X, Xt = X.double(), Xt.double()
         if self.metric == "cosine":   # cosine distance is monotone in the distance of unit vectors
             X = torch.nn.functional.normalize(X, dim=1)
             Xt = torch.nn.functional.normalize(Xt, dim=1)
@@ -132,8 +137,22 @@ class KNNShapley(Valuation):
                         status="stopped" if stopped else "completed", stop_reason=stopped,
                         progress=f"{done} of {T} target points",
                         info={"k": self.k, "metric": self.metric, "n_target": T, "targets_done": done,
-                              "block_size": block, **({} if rank is None else {"n_groups": len(self._members)})},
+                              "block_size": block, "distances_dtype": str(X.dtype).replace("torch.", ""),
+                              **({} if rank is None else {"n_groups": len(self._members)})},
                         timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})
+
+
+# Beyond these magnitudes float32 squared differences (and norms) overflow or underflow: every
+# distance becomes inf or 0, all neighbours tie, and the values silently change (issue 33: up to
+# 0.06 at |x| ~ 1e19). 2^50 leaves room for 2^26 features below float32's 2^128.
+_F32_SAFE_MAX, _F32_SAFE_MIN = 2.0 ** 50, 2.0 ** -50
+
+
+def float32_distances_unsafe(*xs: torch.Tensor) -> bool:
+    """Whether float32 distances between these rows would over- or underflow (the largest
+    magnitude is above 2^50, or every value is below 2^-50 without being all zero)."""
+    top = max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(x) for x in xs if x.numel()))
+    return top > _F32_SAFE_MAX or 0.0 < top < _F32_SAFE_MIN
 
 
 def pairwise_distances(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:

@@ -88,12 +88,13 @@ class LeaveOneOut(Valuation):
         torch.manual_seed(run.seed)
         module, refitter, theta0, grid = build_refit_grid(self, X, data, metric)
 
-        if self.batched:  # the full model through the same engine as the leave-one-out models
-            M = torch.ones(1, 1, N, dtype=X.dtype, device=X.device)
-            full = float(grid.score(grid.train(X.unsqueeze(0), Y.unsqueeze(0), M), Xt, Yt).reshape(()))
-        else:
-            full = float(refitter.score(refitter.train(theta0, X, Y, torch.ones(N, dtype=X.dtype, device=X.device)),
-                                        Xt, Yt))
+        with V.naming_divergence("LeaveOneOut", lambda: "the full-data refit", lr_name="refit_lr", lr=self.refit_lr):
+            if self.batched:  # the full model through the same engine as the leave-one-out models
+                M = torch.ones(1, 1, N, dtype=X.dtype, device=X.device)
+                full = float(grid.score(grid.train(X.unsqueeze(0), Y.unsqueeze(0), M), Xt, Yt).reshape(()))
+            else:
+                full = float(refitter.score(refitter.train(theta0, X, Y, torch.ones(N, dtype=X.dtype,
+                                                                                    device=X.device)), Xt, Yt))
         if self.batched:
             def score_points(idx: np.ndarray) -> np.ndarray:
                 return loo_batched_scores(grid, X, Y, Xt, Yt, torch.as_tensor(idx, device=X.device))
@@ -152,7 +153,10 @@ class LeaveOneOut(Valuation):
                 if self.max_points is not None:
                     step = min(step, self.max_points - done)
                 idx = order[done:done + step]
-                values[idx] = full - np.asarray(score_points(idx), dtype=np.float64)
+                with V.naming_divergence("LeaveOneOut", lambda: f"the refits leaving out points {idx[0]}"
+                                         f"{'' if len(idx) == 1 else f' ... {idx[-1]} ({len(idx)} points)'} "
+                                         f"({done} of {N} done)", lr_name="refit_lr", lr=self.refit_lr):
+                    values[idx] = full - np.asarray(score_points(idx), dtype=np.float64)
                 counts[idx] = 1
                 done += step
                 bar.update(step)

@@ -24,6 +24,7 @@ matrix); backend="reference" with the dense pure-PyTorch log-domain implementati
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -144,25 +145,34 @@ class LossVal(Valuation):
         steps = 0
         model.train()
         bar = run.progress(self.epochs, "LossVal", unit="epoch")
-        for _ in range(self.epochs):
+        for epoch in range(self.epochs):
             te = time.perf_counter()
             perm = torch.randperm(n, generator=gen).to(dev)
             total = 0.0
-            for start in range(0, n, self.batch_size):
+            for bi, start in enumerate(range(0, n, self.batch_size)):
                 idx = perm[start:start + self.batch_size]
                 xb = xs[idx]
                 opt.zero_grad(set_to_none=True)
                 out = model(xb)
                 loss = lossval_batch_loss(out, ys[idx], xb.reshape(xb.shape[0], -1), xt, weights[idx],
                                           self.loss, self.backend, check_inputs=False, **ot_kw)
+                value = float(loss.detach())        # read every step anyway (the epoch's loss)
+                if not math.isfinite(value):        # before the step: NaN must not reach the weights
+                    where = f"epoch {epoch}, step {bi} (global step {steps})"
+                    raise V.diverged("LossVal", "the loss", value, where, lr=self.lr, before_training=steps == 0)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach())
+                total += value
                 steps += 1
                 counts[idx.cpu().numpy()] += 1
                 stopped = run.budget.exhausted()
                 if stopped:
                     break
+            # a finite loss can still take a step to NaN/Inf weights (a huge lr): once per epoch
+            V.check_finite(weights, "LossVal", "a sample weight", f"the end of epoch {epoch} (global step {steps})",
+                           lr=self.lr)
+            V.check_finite(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), "LossVal",
+                           "a model parameter", f"the end of epoch {epoch} (global step {steps})", lr=self.lr)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             epoch_times.append(time.perf_counter() - te)

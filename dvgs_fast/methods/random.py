@@ -1,4 +1,5 @@
-"""Random valuation: the floor every method must beat (uniform [0, 1) values, seeded)."""
+"""Random valuation: the floor every method must beat (uniform [0, 1) values, seeded; attribute():
+standard normal scores, the floor of LDS and leave-one-out correlation)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,10 +8,11 @@ import numpy as np
 import torch
 
 from dvgs_fast import _validation as V
+from dvgs_fast.attribution import AttributionMixin, ScoreSink
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 
 
-class RandomValuation(Valuation):
+class RandomValuation(AttributionMixin, Valuation):
     """Uniform random values; inputs are still validated like every other method's.
 
     `model` is accepted (and ignored) so that every method shares one constructor shape. Labels
@@ -44,3 +46,12 @@ class RandomValuation(Valuation):
         # salted so that the stream differs from np.random.default_rng(seed) a caller may use elsewhere
         values = np.random.default_rng(np.random.SeedSequence([run.seed, 0x52414E44])).random(n)
         return Estimate(values=values)
+
+    def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
+        xs, xq = V.as_float_tensor(x_source, "x_source"), V.as_float_tensor(x_query, "x_query")
+        V.check_same_features(xs, xq, "x_source", "x_query")
+        rng = np.random.default_rng(np.random.SeedSequence([run.seed, 0x41545452]))
+        for q0 in range(0, sink.n_query, query_batch_size):
+            q1 = min(q0 + query_batch_size, sink.n_query)
+            sink.add(q0, q1, 0, sink.n_source, rng.standard_normal((q1 - q0, sink.n_source)))
+        return {}

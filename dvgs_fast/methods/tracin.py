@@ -15,10 +15,10 @@ step see InRunShapley). Positive: the sample's gradient pointed downhill for the
 
 Scoring runs in eval mode (no dropout; BatchNorm with its running statistics), so every sample's
 gradient is its own and deterministic. The per-sample inner products are DVGS's scorers with
-similarity "dot": backend="fast" never forms per-sample gradients (ghost statistics per layer,
-dvgs/fast.py), "reference" forms them with torch.func (the baseline).
+similarity "dot": backend="fast" never forms per-sample gradients (the gradient engine's ghost
+statistics per layer, dvgs_fast.grads), "reference" forms them with torch.func (the baseline).
 
-Like DVGS (and with its machinery, dvgs/sources.py and dvgs/checkpoint.py):
+Like DVGS (and with the same shared machinery, dvgs_fast.sources and dvgs_fast.runstate):
 
 * x_source may be a chunked source that need not fit in memory (a GctxReader, a map-style torch
   Dataset, or a zero-argument callable returning an iterator of (x, y) chunks). Training then
@@ -49,19 +49,19 @@ from torch import nn
 
 from dvgs_fast import _validation as V
 from dvgs_fast._utils import make_optimizer
-from dvgs_fast.distributed import context_for
+from dvgs_fast.distributed import PeerFailed, context_for
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.prepare import cast_labels
-from dvgs_fast.methods.dvgs.reference import ReferenceScorer
-from dvgs_fast.methods.dvgs.sources import SourceLengthError, source_identity
+from dvgs_fast import runstate
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
+from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
+from dvgs_fast.grads import FastScorer, ReferenceScorer, cast_labels
+from dvgs_fast.sources import SourceLengthError, source_identity
 
 SHUFFLES = ("full", "block")
 
 
-class TracIn(Valuation):
+class TracIn(AttributionMixin, Valuation):
     """TracIn-CP: each source sample's gradient agreement with the target loss, summed over
     checkpoints of a training run on the source set.
 
@@ -89,10 +89,17 @@ class TracIn(Valuation):
 
     result.values: sum over checkpoints; result.counts: checkpoints scored; result.stderr:
     sqrt(counts · var) of the per-checkpoint contributions (NaN below two).
+
+    attribute(x_source, y_source, x_query, y_query): the [n_query, n_source] matrix
+    Σ_c η_c ⟨∇ℓ(z_i; θ_c), ∇ℓ(q_j; θ_c)⟩ over the same training run (TracInCP per pair), from the
+    engine's factored per-sample gradients (cross_gram: no per-sample gradient for Linear/conv
+    layers). Its mean over the queries is fit()'s value with the queries as the target set. It
+    runs in one process and keeps no checkpoint_dir (a run is re-trained, not resumed).
     """
 
     name = "tracin"
     requires_labels = False
+    attribute_accumulates = True
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 50, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
@@ -127,11 +134,12 @@ class TracIn(Valuation):
         try:
             files = None
             if self.checkpoint_dir is not None:
-                files = ckpt_mod.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None,
+                files = runstate.CheckpointFiles(self.checkpoint_dir, ctx.rank if ctx.enabled else None,
                                                  method="TracIn")
-                lock = ckpt_mod.DirLock(files).acquire()
-            state = ckpt_mod.read_state(files) if files is not None else None
+                lock = runstate.DirLock(files).acquire()
+            state = runstate.read_state(files) if files is not None else None
             seed = self.seed if self.seed is not None else (int(state["seed"]) if state is not None else run.seed)
+            ctx.check_peers()                          # a rank whose folder failed stops every rank now
             seed = ctx.broadcast_object(seed)          # a drawn seed must be the same on every rank
             run.seed = seed
             device = ctx.device_for(run.device)
@@ -140,9 +148,15 @@ class TracIn(Valuation):
             if files is not None:
                 fp = self._fingerprint(prep, seed, ctx.world_size)
                 if state is not None:
-                    ckpt_mod.compare(state["fingerprint"], fp, files)
+                    runstate.compare(state["fingerprint"], fp, files)
             timings["setup"] = time.perf_counter() - t_start
             est = _Loop(self, prep, ctx, files, state, fp, seed, timings, run).run()
+        except Exception as exc:
+            # Launched without torchrun, nothing else stops the other ranks: they learn of this
+            # failure at their next sync point (every collective is preceded by one).
+            if ctx.enabled and not isinstance(exc, PeerFailed):
+                ctx.check_peers(exc)                   # re-raises exc
+            raise
         finally:
             if lock is not None:
                 lock.release()
@@ -150,14 +164,33 @@ class TracIn(Valuation):
         est.timings = timings
         return est
 
+    def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
+        timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
+        ctx = one_process(self.distributed, run.device)
+        try:
+            try:
+                prep = T.prepare(self, x_source, y_source, x_query, y_query, ctx.device_for(run.device), run.seed,
+                                 chunked_ok=True)
+            except ValueError as exc:
+                raise query_error(exc) from None
+            loop = _AttributeLoop(self, prep, ctx, None, None, None, run.seed, timings, run)
+            loop.sink, loop.query_batch_size = sink, query_batch_size
+            est = loop.run()
+        finally:
+            ctx.close()
+        if est.status == "stopped":
+            raise ValueError(f"max_time: the budget ran out after {est.progress}; attribute() returns no partial "
+                             f"matrix (raise max_time)")
+        return {**est.info, "timings": timings,
+                **({"note": "checkpoint_dir is not used by attribute()"} if self.checkpoint_dir else {})}
+
     def _fingerprint(self, prep: T.Prepared, seed: int, world_size: int) -> dict:
-        from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
-        h = new_hash()
+        h = runstate.new_hash()
         h.update(source_identity(prep.source))
         for t in (prep.xt, prep.yt):
-            update_with_tensor(h, t)
+            runstate.update_with_tensor(h, t)
         settings = {"method": self.name, **self.settings(), "source_labels": prep.source_labels}
-        return ckpt_mod.fingerprint(settings, seed, world_size, prep.model, self.loss, h.digest())
+        return runstate.fingerprint(settings, seed, world_size, prep.model, self.loss, h.digest())
 
 
 class _Loop:
@@ -217,7 +250,7 @@ class _Loop:
                 yield xs[idx], ys[idx]
             return
         for _, _, x, y in self.source.iter_chunks(0, self.n, cfg.source_batch_size):
-            x = x.to(device=dev, dtype=dt)
+            x = x.to(device=dev, dtype=self.prep.x_dtype)
             y = x if not self.prep.source_labels else cast_labels(y, dt).to(dev)
             for idx in torch.randperm(x.shape[0], generator=gen).to(dev).split(cfg.batch_size):
                 yield x[idx], y[idx]
@@ -243,7 +276,7 @@ class _Loop:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 target = self.scorer.target(self._target_gradient())
                 for a, b, x, y in self.source.iter_chunks(self.lo, self.hi, cfg.source_batch_size):
-                    x = x.to(device=dev, dtype=dt)
+                    x = x.to(device=dev, dtype=self.prep.x_dtype)
                     y = x if not self.prep.source_labels else cast_labels(y, dt).to(dev)
                     c = (self.scorer.score(x, y, target).detach().to(torch.float64) * cfg.lr).cpu().numpy()
                     if not np.isfinite(c).all():
@@ -275,7 +308,7 @@ class _Loop:
             self.prep.shuffle.set_state(st["rng_shuffle"])
             epoch, pos, step, k = int(st["epoch"]), int(st["pos"]), int(st["step"]), int(st["k"])
             snap_digests = list(st["snap_digests"])
-        store = ckpt_mod.open_store(self.files, self.n, state=st, n_snapshots=cfg.n_checkpoints,
+        store = runstate.open_store(self.files, self.n, state=st, n_snapshots=cfg.n_checkpoints,
                                     keep_snapshots=cfg.keep_snapshots, snapshot_dtype=np.float64)
         snaps = store.snapshots
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
@@ -291,8 +324,8 @@ class _Loop:
             if snaps is not None:
                 while len(snap_digests) < k:
                     snap_digests.append(store.column_digest(len(snap_digests)))
-            ckpt_mod.write_state(self.files.state, {
-                "format": ckpt_mod.FORMAT, "fingerprint": self.fingerprint, "seed": self.seed,
+            runstate.write_state(self.files.state, {
+                "format": runstate.FORMAT, "fingerprint": self.fingerprint, "seed": self.seed,
                 "epoch": epoch, "pos": pos_, "step": step, "k": k, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
@@ -313,8 +346,8 @@ class _Loop:
                     opt.step()
                     if dev.type == "cpu":
                         if not math.isfinite(float(loss.detach())):
-                            raise ValueError(f"lr: training diverged: the source loss is {float(loss.detach())} at epoch "
-                                             f"{epoch}, step {step}; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "the source loss", float(loss.detach()),
+                                             f"epoch {epoch}, step {step}", lr=cfg.lr, before_training=step == 0)
                     else:                                      # no per-step sync on GPU: checked at checkpoints
                         bad = ~torch.isfinite(loss.detach())
                         bad_loss = bad if bad_loss is None else bad_loss | bad
@@ -322,8 +355,8 @@ class _Loop:
                     if k < len(self.ckpt_steps) and step == self.ckpt_steps[k]:
                         sync()
                         if bad_loss is not None and bool(bad_loss):
-                            raise ValueError(f"lr: training diverged before checkpoint {k} (step {step}): a "
-                                             f"non-finite source loss; lower lr (now {cfg.lr:g})")
+                            raise V.diverged("TracIn", "a source loss", float("nan"),
+                                             f"a step before checkpoint {k} (step {step})", lr=cfg.lr)
                         t1 = time.perf_counter()
                         timings["train"] += t1 - t0
                         self._score(k, store, step)
@@ -333,8 +366,10 @@ class _Loop:
                         timings["score"] += t0 - t1
                         if self.files is not None:
                             save(bi + 1, epoch_rng)
+                        self.ctx.check_peers()         # a rank whose rows failed stops every rank now
                     if self.budget.max_time is not None:
                         # Every rank decides alike (rank 0's clock).
+                        self.ctx.check_peers()
                         stopped = self.ctx.broadcast_object(self.budget.exhausted())
                         if stopped:
                             break
@@ -346,6 +381,7 @@ class _Loop:
                 bar.update(1)
         finally:
             bar.close()
+        self.ctx.check_peers()                         # before the last collective, as in the loop
         sums = np.array(store.sums_after(k))
         if self.ctx.enabled:
             sums = self.ctx.all_reduce_sum(sums)
@@ -360,3 +396,36 @@ class _Loop:
         return Estimate(values=values, stderr=stderr, counts=counts, status="stopped" if stopped else "completed",
                         stop_reason=stopped, info=info, snapshots=None if snaps is None else snaps[:, :k],
                         progress=f"{k} of {cfg.n_checkpoints} checkpoints")
+
+
+class _AttributeLoop(_Loop):
+    """The same training run; at each checkpoint, every (query, source) pair's η⟨g_i, g_q⟩ goes
+    into the attribute() sink, and its mean over the queries into the per-sample sums (so the
+    run's values are fit()'s with the queries as the target)."""
+
+    sink: ScoreSink
+    query_batch_size: int
+
+    def _score(self, k: int, store, step: int) -> None:
+        cfg, dev, dt = self.cfg, self.device, self.prep.dtype
+        m = self.prep.xt.shape[0]
+        was = self.model.training
+        self.model.eval()
+
+        def blocks():
+            for a, b, x, y in self.source.iter_chunks(self.lo, self.hi, cfg.source_batch_size):
+                x = x.to(device=dev, dtype=dt)
+                yield a, b, x, (x if not self.prep.source_labels else cast_labels(y, dt).to(dev))
+
+        try:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                fo = factors_fn(self.scorer)
+                queries = query_factors(fo, self.prep.xt, self.prep.yt, self.query_batch_size, False)
+                sums = score_pass(fo, blocks(), queries, self.sink, weight=cfg.lr)
+                if sums is not None:
+                    store.add(k, self.lo, self.hi, (sums / m).numpy())
+        except SourceLengthError as exc:
+            raise ValueError(f"x_source: the stream yielded {'more' if exc.more else 'fewer'} rows on the pass of "
+                             f"checkpoint {k}: {exc.got} rows, but {exc.expected} when it was counted") from None
+        finally:
+            self.model.train(was)

@@ -145,10 +145,37 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor | None = None, b:
         b = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=y.dtype, device=y.device)
     if isinstance(diameter, torch.Tensor):
         diameter = diameter.item()
+    dtype = x.dtype
+    promote = dtype == torch.float32 and not _is_tracing(x, y) and _float32_unsafe(x, y, blur, p, diameter)
+    if promote:   # float32 inputs are exact in float64; autograd carries the casts both ways
+        x, y, a, b = x.double(), y.double(), a.double(), b.double()
     cost, f, g, n_iter, _, _ = torch.ops.dvgs_fast.sinkhorn(
         x, y, a, b, float(blur), int(p), float(scaling), None if diameter is None else float(diameter),
         bool(debias), None if max_iter is None else int(max_iter), None if tol is None else float(tol))
+    if promote:
+        if bool(torch.isfinite(cost.detach())) and not bool(torch.isfinite(cost.detach().to(dtype))):
+            raise ValueError(f"{_OP}: the cost ({float(cost):.3g}) exceeds float32's range (3.4e38): the points "
+                             f"are that far apart; pass float64 x and y")
+        cost, f, g = cost.to(dtype), f.to(dtype), g.to(dtype)
     return SinkhornResult(cost, f, g, int(n_iter))
+
+
+# Beyond a ratio of 2^100 between the largest cost and eps = blur^p (or squared coordinates of
+# 2^100) the float32 kernels lose accuracy and then overflow to NaN, although the cost itself may
+# fit in float32 (coordinates of 1e18: float64 gives 2.9e35). Measured: exact to 3e-8 up to a
+# ratio of 4e30 (2^101.6), 1-2% off from 4e32 on, NaN from 4e40. Such calls run in float64.
+_F32_LOG2_LIMIT = 100.0
+
+
+def _float32_unsafe(x: torch.Tensor, y: torch.Tensor, blur, p: int, diameter) -> bool:
+    top = max(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(x.detach()), torch.aminmax(y.detach())))
+    if top == 0.0:
+        return False
+    d = x.shape[1]
+    reach = float(diameter) if diameter is not None else 2.0 * top * math.sqrt(d)   # >= the bounding-box diagonal
+    if 2.0 * math.log2(top) + math.log2(d) > _F32_LOG2_LIMIT:
+        return True
+    return reach > 0 and int(p) * (math.log2(reach) - math.log2(float(blur))) > _F32_LOG2_LIMIT
 
 
 # ---- fake kernels (shapes only: torch.compile, FakeTensor, opcheck) ------------------------

@@ -32,7 +32,8 @@ from torch import nn
 from torch.func import vmap
 
 from dvgs_fast.refit.batched_mlp import is_relu_mlp, mlp_outputs, train_mlp_grid
-from dvgs_fast.refit.models import Refitter, check_model_output, init_params, make_model, score_outputs
+from dvgs_fast.refit.models import (Refitter, check_model_output, guard_outputs, init_params, make_model,
+                                    score_outputs)
 from dvgs_fast.refit.optim import run_optimizer
 
 
@@ -123,16 +124,12 @@ class GridTrainer:
             return {"weight": gW} if gb is None else {"weight": gW, "bias": gb}
 
         return run_optimizer(r.optimizer, {"weight": W} if b is None else {"weight": W, "bias": b}, grad_fn,
-                             steps=r.steps, lr=r.lr)
-
-        out = {"weight": W}
-        if b is not None:
-            out["bias"] = b
-        return out
+                             steps=r.steps, lr=r.lr, should_stop=r.should_stop)
 
     # -- scoring -----------------------------------------------------------------------------
-    def outputs(self, params: dict[str, torch.Tensor], Xt: torch.Tensor) -> torch.Tensor:
-        """params with leading batch dims [*B] -> outputs [*B, n_target, out_dim]."""
+    def outputs(self, params: dict[str, torch.Tensor], Xt: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """params with leading batch dims [*B] -> outputs [*B, n_target, out_dim]; `check`: refuse
+        non-finite outputs (models.guard_outputs)."""
         lead = next(iter(params.values())).shape[:-self._param_ndim(params)]
         flat = {k: v.reshape(-1, *v.shape[len(lead):]) for k, v in params.items()}
         if self.engine == "linear":
@@ -146,14 +143,15 @@ class GridTrainer:
             out = mlp_outputs(flat, Xt)
         else:
             out = vmap(self.r.forward, in_dims=(0, None))(flat, Xt)
-        return out.reshape(*lead, *out.shape[1:])
+        out = out.reshape(*lead, *out.shape[1:])
+        return guard_outputs(out) if check else out
 
     def _param_ndim(self, params) -> int:
         k = next(iter(params))
         return self.theta0[k].dim()
 
-    def score(self, params, Xt, Yt) -> torch.Tensor:
-        return score_outputs(self.outputs(params, Xt), Yt, self.r.metric)
+    def score(self, params, Xt, Yt, check: bool = True) -> torch.Tensor:
+        return score_outputs(self.outputs(params, Xt, check), Yt, self.r.metric)
 
     # -- G-Shapley ---------------------------------------------------------------------------
     def sgd_step(self, params, x_rows, y_rows, lr):
@@ -185,12 +183,15 @@ class GridTrainer:
 
 def one_epoch_scores(grid: GridTrainer, inits: dict[str, torch.Tensor], X, Y, Xt, Yt, perms: torch.Tensor,
                      lrs: torch.Tensor) -> torch.Tensor:
-    """Final target score after one SGD epoch (batch size 1) for B members with their own lr."""
+    """Final target score after one SGD epoch (batch size 1) for B members with their own lr
+    (NaN for a member whose training diverged: the caller compares the members)."""
     params = inits
     for t in range(perms.shape[1]):
         rows = perms[:, t]
         params = grid.sgd_step(params, X[rows], Y[rows], lrs)
-    return grid.score(params, Xt, Yt)
+    out = grid.outputs(params, Xt, check=False)
+    bad = ~torch.isfinite(out).reshape(*out.shape[:-2], -1).all(-1)
+    return score_outputs(out, Yt, grid.r.metric).masked_fill(bad, float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def build_refit_grid(est, X: torch.Tensor, data, metric):
     model, hidden_dim, dtype, batch_engine, refit_*, weight_decay)."""
     module = make_model(est.model, int(np.prod(X.shape[1:])), data.out_dim, hidden_dim=est.hidden_dim)
     module = module.to(device=X.device, dtype=est.dtype)
-    check_model_output(module, X, data.out_dim)
+    check_model_output(module, X, data.out_dim, owner=type(est).__name__)
     if est.batch_engine == "linear" and not isinstance(module, nn.Linear):
         raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear")
     refitter = Refitter(module, classification=data.classification, steps=est.refit_steps, lr=est.refit_lr,

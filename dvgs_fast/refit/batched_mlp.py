@@ -56,7 +56,7 @@ def train_mlp_grid(r, theta0: dict[str, torch.Tensor], Xp: torch.Tensor, Yp: tor
             g = {k: g[k] + r.weight_decay * ps[k] for k in KEYS}
         return g
 
-    return run_optimizer(r.optimizer, params, grad_fn, steps=r.steps, lr=r.lr)
+    return run_optimizer(r.optimizer, params, grad_fn, steps=r.steps, lr=r.lr, should_stop=r.should_stop)
 
 
 def mlp_outputs(flat: dict[str, torch.Tensor], Xt: torch.Tensor) -> torch.Tensor:

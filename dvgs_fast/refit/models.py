@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import grad
 
+from dvgs_fast import _validation as V
 from dvgs_fast._utils import build_model, functional_call
 from dvgs_fast.refit.optim import run_optimizer
 
@@ -39,8 +40,11 @@ def make_model(spec: Any, in_dim: int, out_dim: int, *, hidden_dim: int = 100, n
     return build_model(spec, name)
 
 
-def check_model_output(module: nn.Module, x: torch.Tensor, out_dim: int, name: str = "model") -> None:
-    """One forward pass on two rows: catches a wrong input/output size before any long work."""
+def check_model_output(module: nn.Module, x: torch.Tensor, out_dim: int, name: str = "model",
+                       owner: str = "the refit") -> None:
+    """One forward pass on two rows: catches a wrong input/output size, or a model that gives
+    non-finite outputs before any training, before any long work (`owner`: the method, for the
+    message)."""
     try:
         with torch.no_grad():
             out = module(x[:2])
@@ -48,6 +52,19 @@ def check_model_output(module: nn.Module, x: torch.Tensor, out_dim: int, name: s
         raise ValueError(f"{name}: forward pass on x_source rows failed ({type(exc).__name__}: {exc})") from exc
     if out.dim() != 2 or out.shape[1] != out_dim:
         raise ValueError(f"{name}: expected output shape [n, {out_dim}], got {tuple(out.shape)}")
+    bad = V.first_bad(out)
+    if bad is not None:
+        raise V.diverged(owner, "the model's output", bad, "x_source rows 0:2", before_training=True)
+
+
+def guard_outputs(out: torch.Tensor) -> torch.Tensor:
+    """A refit model's outputs, refused when not finite: a NaN output would become a score of 0
+    (accuracy: argmax of NaN) or NaN, i.e. silently wrong values. The method names where
+    (``_validation.naming_divergence``)."""
+    bad = V.first_bad(out)
+    if bad is not None:
+        raise V.UnplacedNonFinite("a refit model's output", bad)
+    return out
 
 
 def init_params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,6 +96,7 @@ class Refitter:
         self.optimizer = optimizer
         self.weight_decay = weight_decay
         self.metric = metric
+        self.should_stop = None          # a budget asked between optimizer steps (refit/optim.py)
         self._grad = grad(self._loss)
 
     # -- pieces -------------------------------------------------------------------------------
@@ -113,7 +131,8 @@ class Refitter:
         return self._run(self._grad, params, x, y, w)
 
     def _run(self, grad_fn, params, x, y, w):
-        return run_optimizer(self.optimizer, params, lambda ps: grad_fn(ps, x, y, w), steps=self.steps, lr=self.lr)
+        return run_optimizer(self.optimizer, params, lambda ps: grad_fn(ps, x, y, w), steps=self.steps, lr=self.lr,
+                             should_stop=self.should_stop)
 
     def sgd_step(self, params, x_row, y_row, lr, functional: bool = False):
         """One SGD step on a single sample (G-Shapley)."""
@@ -122,7 +141,7 @@ class Refitter:
 
     # -- scoring ------------------------------------------------------------------------------
     def score(self, params, x_target: torch.Tensor, y_target: torch.Tensor) -> torch.Tensor:
-        return score_outputs(self.forward(params, x_target), y_target, self.metric)
+        return score_outputs(guard_outputs(self.forward(params, x_target)), y_target, self.metric)
 
 
 def score_outputs(out: torch.Tensor, y: torch.Tensor, metric: str) -> torch.Tensor:

@@ -20,25 +20,42 @@ OPTIMIZERS = ("adam", "sgd")
 _B1, _B2, _EPS = 0.9, 0.999, 1e-8
 
 
+class BudgetHit(Exception):
+    """`should_stop()` said so between two steps: the refit is abandoned, unfinished."""
+
+
 def run_optimizer(name: str, params: Params, grad_fn: Callable[[Params], Params], *, steps: int,
-                  lr: float) -> Params:
-    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params."""
+                  lr: float, should_stop: Callable[[], bool] | None = None) -> Params:
+    """`steps` updates of `params` with gradients from `grad_fn(params)`; returns new params.
+
+    `should_stop` (e.g. a time budget) is asked before every step; True raises BudgetHit, so a
+    long batch of refits never overruns a budget by more than one step."""
     if name == "sgd":
         for _ in range(steps):
+            if should_stop is not None and should_stop():
+                raise BudgetHit
             g = grad_fn(params)
-            params = {k: p - lr * g[k] for k, p in params.items()}
+            params = {k: sgd_update(p, g[k], lr) for k, p in params.items()}
         return params
     if name != "adam":
         raise ValueError(f"refit_optimizer: unknown value {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     m = {k: torch.zeros_like(p) for k, p in params.items()}
     v = {k: torch.zeros_like(p) for k, p in params.items()}
     for t in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            raise BudgetHit
         g = grad_fn(params)
         new = {}
         for k, p in params.items():
             new[k], m[k], v[k] = adam_update(p, g[k], m[k], v[k], t, lr)
         params = new
     return params
+
+
+def sgd_update(p: torch.Tensor, g: torch.Tensor, lr) -> torch.Tensor:
+    """One plain gradient-descent step (torch.optim.SGD without momentum: p - lr * g, weight decay
+    already in g); lr may be a tensor broadcastable against p."""
+    return p - lr * g
 
 
 def adam_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t, lr: float):

@@ -21,36 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvgs_fast import _validation as V
 from dvgs_fast._utils import make_optimizer, reset_parameters
-from dvgs_fast.methods.base import Budget, Estimate
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.prepare import RunSpec, cast_labels
-from dvgs_fast.methods.dvgs.sources import SourceLengthError
+from dvgs_fast.methods.base import Budget, Estimate, derive_seed
+from dvgs_fast import runstate
+from dvgs_fast.grads import FrozenStatistics, cast_labels
+from dvgs_fast.methods.dvgs.prepare import RunSpec
+from dvgs_fast.sources import SourceLengthError
 from dvgs_fast.result import stats_from_sums
-
-
-class FrozenStatistics:
-    """While scoring: BatchNorm in eval mode (running statistics, see method.py) and every buffer
-    restored afterwards, so scoring never changes the model (also used by dvgs_fast.compat)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.bn = [m for m in self.model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        for m in self.bn:
-            m.eval()
-        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        return self
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for b, saved in self.buffers:
-                b.copy_(saved)
-        for m in self.bn:
-            m.train()
-        return False
 
 
 class ScoringMode(FrozenStatistics):
@@ -73,11 +51,11 @@ class ScoringMode(FrozenStatistics):
 
 
 def snapshot_seed(seed: int, k: int) -> int:
-    return int(np.random.SeedSequence([seed, k, 0x44564753]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return derive_seed(seed, k, 0x44564753)
 
 
 def chunk_seed(seed: int, k: int, start: int) -> int:
-    return int(np.random.SeedSequence([seed, k, start, 0x43484E4B]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return derive_seed(seed, k, start, 0x43484E4B)
 
 
 def rank_rows(spec: RunSpec, chunk: int) -> tuple[int, int]:
@@ -128,14 +106,12 @@ class _DivergenceWatch:
                 self._raise(step, float("nan"))
 
     def _raise(self, step: int, value: float):
-        if step == 0:
-            raise ValueError(f"model: the target loss is {value} before any update (at {self.where(step)}): "
-                             f"the model or the loss gives non-finite values on x_target")
-        raise ValueError(f"lr: training diverged: the target loss is {value} at {self.where(step)}; "
-                         f"lower lr (now {self.lr:g}) or check the model and loss for overflow")
+        raise V.diverged("DVGS", "the target loss", value, self.where(step), lr=self.lr, before_training=step == 0)
 
 
-def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estimate:
+def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget, snapshot_hook=None) -> Estimate:
+    """The run. snapshot_hook(k): called at each snapshot inside the scoring mode, INSTEAD of
+    scoring the source against the target gradient (DVGS.attribute's per-query pass)."""
     from tqdm.auto import tqdm
 
     model, device, scorer, ctx = spec.model, spec.device, spec.scorer, spec.ctx
@@ -161,7 +137,7 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
         snap_digests = list(state["snap_digests"])
     # Per-sample running sums (and kept snapshots) live in memory-mapped files, written as
     # computed; on resume their sizes and checksums are verified against the state.
-    store = ckpt_mod.open_store(spec.files, spec.n_source, state=state, n_snapshots=n_total,
+    store = runstate.open_store(spec.files, spec.n_source, state=state, n_snapshots=n_total,
                                 keep_snapshots=cfg.keep_snapshots,
                                 snapshot_dtype=np.float64 if spec.dtype == torch.float64 else np.float32)
     snaps = store.snapshots
@@ -177,10 +153,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
 
     def save(pos: int, rng_shuffle) -> None:
         # The sums/snapshots files first, then the small state file (atomic): after a crash the
-        # state file never names a snapshot whose sums are not on disk (see _values_store.py).
+        # state file never names a snapshot whose sums are not on disk (see dvgs_fast/runstate/values_store.py).
         store.flush()
-        ckpt_mod.write_state(spec.files.state, {
-            "format": ckpt_mod.FORMAT, "fingerprint": spec.fingerprint, "seed": spec.seed,
+        runstate.write_state(spec.files.state, {
+            "format": runstate.FORMAT, "fingerprint": spec.fingerprint, "seed": spec.seed,
             "restart": restart, "epoch": epoch, "pos": pos, "step": step, "k": k,
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -193,15 +169,14 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
             for a, b, x, y in source.iter_chunks(lo, hi, cfg.source_batch_size):
                 if a > 0:        # chunk 0 keeps the snapshot's own stream
                     torch.manual_seed(chunk_seed(spec.seed, k, a))
-                x = x.to(device=device, dtype=dtype, non_blocking=True)
+                x = x.to(device=device, dtype=spec.x_dtype, non_blocking=True)
                 y = x if not spec.source_labels else cast_labels(y, dtype).to(device, non_blocking=True)
                 sim = scorer.score(x, y, target).detach().cpu().numpy()
                 if not np.isfinite(sim).all():
                     bad = np.flatnonzero(~np.isfinite(sim))
                     if len(bad) == len(sim) and len(sim) > 1:      # every row: the model, not the data
-                        raise ValueError(f"lr: training diverged: no similarity of source rows {a}:{b} is finite "
-                                         f"at snapshot {k}, at {where(step)} (the gradients overflow); lower lr "
-                                         f"(now {cfg.lr:g})")
+                        raise V.diverged("DVGS", f"the similarity of every source row {a}:{b} (the gradients "
+                                         f"overflow)", float(sim[0]), f"{where(step)} (snapshot {k})", lr=cfg.lr)
                     raise ValueError(f"x_source: the similarity of source row {a + int(bad[0])} is not finite at "
                                      f"snapshot {k}, at {where(step)} ({len(bad)} of rows {a}:{b}): its loss gradient "
                                      f"overflowed; rescale the inputs or lower lr (now {cfg.lr:g})")
@@ -244,7 +219,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                         t1 = time.perf_counter()
                         timings["train"] += t1 - t0
                         with ScoringMode(model, device, snapshot_seed(spec.seed, k)):
-                            score_snapshot(scorer.target(G), bi)
+                            if snapshot_hook is None:
+                                score_snapshot(scorer.target(G), bi)
+                            else:
+                                snapshot_hook(k)
                         k += 1
                         sync()
                         t0 = time.perf_counter()
@@ -257,6 +235,8 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                         t0 = time.perf_counter()
                         save(pos=bi + 1, rng_shuffle=epoch_rng)
                         timings["checkpoint"] += time.perf_counter() - t0
+                    if ctx.enabled and (step - 1) % cfg.compute_every == 0:
+                        ctx.check_peers()       # a rank whose rows failed stops every rank now
                     # Every rank decides alike (rank 0's clock), so all stop after the same snapshot.
                     if (step - 1) % cfg.compute_every == 0 and budget.max_time is not None:
                         stopped = ctx.broadcast_object(budget.exhausted())
@@ -279,9 +259,10 @@ def train_and_score(cfg, spec: RunSpec, timings: dict, budget: Budget) -> Estima
                     break                       # restart finished: go reset for the next one
             if stopped:
                 break
+        watch.check()
+        ctx.check_peers()                         # before the last collective, as in the loop
     finally:
         bar.close()
-    watch.check()
     sums = np.array(store.sums_after(k))          # [2, N]: sum of similarities and of their squares
     if ctx.enabled:                     # zeros outside each rank's rows: the sum is exact
         sums = ctx.all_reduce_sum(sums)

@@ -1,9 +1,10 @@
 """DVGS: data valuation by gradient similarity, the public class.
 
 The work is split by job: prepare.py turns fit()'s arguments into a checked, typed RunSpec;
-loop.py trains on the target set and scores the source set (a sources.Source, in memory or
-streamed); checkpoint.py owns checkpoint_dir (fingerprint, lock, checksummed state files);
-_values_store.py the memory-mapped per-sample sums; fast.py / reference.py the two scorers.
+loop.py trains on the target set and scores the source set (a dvgs_fast.sources.Source, in
+memory or streamed). What DVGS shares with the other gradient methods lives outside this
+package: the two scorers (dvgs_fast.grads: FastScorer, ReferenceScorer) and the run state
+(dvgs_fast.runstate: fingerprint, lock, checksummed state files, memory-mapped per-sample sums).
 
 The algorithm, as the original DVGS code runs it: the model is trained only on the target
 (clean) set. Each epoch shuffles the target into mini-batches; for each mini-batch the target
@@ -14,7 +15,7 @@ snapshot is kept. Then the optimizer steps on the target loss. `restarts` re-ini
 and optimizer. The value of a source sample is the mean of its similarities over all snapshots.
 
 Both backends share this loop (same seed -> same target training, same G); they only differ
-in the snapshot scorer (reference.py: explicit per-sample gradients; fast.py: per-layer
+in the snapshot scorer (ReferenceScorer: explicit per-sample gradients; FastScorer: per-layer
 statistics).
 
 Decisions worth knowing:
@@ -54,18 +55,21 @@ from typing import Any, Callable
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast.distributed import context_for
+from dvgs_fast.distributed import PeerFailed, context_for
 from dvgs_fast.methods.base import Estimate, Run, Valuation
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles, DirLock
+from dvgs_fast.runstate import CheckpointFiles, DirLock
+from dvgs_fast.attribution import AttributionMixin, ScoreSink, one_process, query_error
+from dvgs_fast.attribution.gradient_pairs import factors_fn, query_factors, score_pass
+from dvgs_fast.grads import cast_labels
 from dvgs_fast.methods.dvgs.loop import train_and_score
-from dvgs_fast.methods.dvgs.prepare import prepare
+from dvgs_fast.methods.dvgs.prepare import EPS, prepare
 from dvgs_fast.ops.similarity import SIMILARITIES
 
 BACKENDS = ("fast", "reference")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
-class DVGS(Valuation):
+class DVGS(AttributionMixin, Valuation):
     """Data Valuation by Gradient Similarity.
 
     >>> res = DVGS(model, loss="cross_entropy", epochs=100).fit(x_source, y_source, x_target, y_target)
@@ -95,7 +99,7 @@ class DVGS(Valuation):
                       counters; the per-sample sums are a memory-mapped file there); a rerun
                       with the same directory and arguments resumes from the last completed
                       snapshot, even mid-epoch, and gives the same values as an uninterrupted run.
-                      Guarantees (checkpoint.py; python_tests/test_fault_injection.py):
+                      Guarantees (dvgs_fast.runstate; python_tests/test_fault_injection.py):
                       * killed at any moment (kill -9 included), the rerun equals an
                         uninterrupted run bit for bit;
                       * a folder never mixes runs: a resume whose settings, seed, data, model
@@ -110,7 +114,7 @@ class DVGS(Valuation):
                       * every such problem is one ValueError line naming checkpoint_dir and the
                         way out: delete the folder or pass another one.
 
-    x_source may also be a chunked source that need not fit in memory (see sources.py): a
+    x_source may also be a chunked source that need not fit in memory (see dvgs_fast.sources): a
     GctxReader (``load_lincs(..., chunked=True)``), a map-style torch Dataset (items x or (x, y)),
     or a zero-argument callable returning an iterator of (x_chunk, y_chunk_or_None) chunks. It is
     re-read once per snapshot (IO-bound for huge files) and gives the same values as the same
@@ -123,6 +127,14 @@ class DVGS(Valuation):
     distributed       None: automatic (a torchrun launch with WORLD_SIZE > 1, or an initialised
                       process group); True: require it; False: run alone even under torchrun.
                       Source chunks are split across ranks; see the module docstring.
+
+    attribute(x_source, y_source, x_query, y_query): DVGS per query. The model is trained on the
+    queries (they take the target set's place, as in fit()), and at every snapshot each source
+    gradient is compared with each query's OWN gradient (fit() compares it with the target
+    mini-batch's mean gradient) by the same similarity; the matrix is the mean over the
+    snapshots. So a row is not fit()'s values for that query alone (the training differs), and the
+    mean over the queries is fit()'s value only for similarity="dot" with one target batch per
+    epoch; for a cosine a mean of cosines is no cosine of the mean. One process, no checkpoint_dir.
 
     result.stderr is each value's standard error over all snapshots of all restarts (NaN with
     fewer than two); result.counts the number of snapshots averaged. Any N_source, N_target >= 1
@@ -143,6 +155,7 @@ class DVGS(Valuation):
 
     name = "dvgs"
     requires_labels = False      # autoencoders: y = x when both label sets are None
+    attribute_accumulates = True
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 100, restarts: int = 1, lr: float = 1e-3, optimizer: str = "adam",
@@ -190,9 +203,44 @@ class DVGS(Valuation):
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress)
 
     # ------------------------------------------------------------------------------------------
+    def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
+        """Per-query DVGS (see the class docstring): trained on the queries; at each snapshot the
+        similarity of every source gradient with every query's own gradient; the mean over snapshots."""
+        timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
+        ctx = one_process(self.distributed, run.device)
+        try:
+            try:
+                spec = prepare(self, x_source, y_source, x_query, y_query, ctx, run, None)
+            except ValueError as exc:
+                raise query_error(exc) from None
+            fo = factors_fn(spec.scorer)
+            done = []
+
+            def blocks():
+                for a, b, x, y in spec.source.iter_chunks(0, spec.n_source, self.source_batch_size):
+                    x = x.to(device=spec.device, dtype=spec.dtype)
+                    yield a, b, x, (x if not spec.source_labels else cast_labels(y, spec.dtype).to(spec.device))
+
+            def snapshot(k: int) -> None:
+                queries = query_factors(fo, spec.xt, spec.yt if spec.yt is not None else spec.xt, query_batch_size,
+                                        self.similarity != "dot")
+                score_pass(fo, blocks(), queries, sink, similarity=self.similarity, eps=EPS)
+                done.append(k)
+
+            est = train_and_score(self, spec, timings, run.budget, snapshot_hook=snapshot)
+        finally:
+            ctx.close()
+        if est.status == "stopped":
+            raise ValueError(f"max_time: the budget ran out after {len(done)} snapshots; attribute() returns no "
+                             f"partial matrix (raise max_time)")
+        sink.scale(1.0 / max(1, len(done)))
+        return {"snapshots": len(done), "similarity": self.similarity, "timings": timings,
+                **({"note": "checkpoint_dir is not used by attribute()"} if self.checkpoint_dir else {}),
+                **spec.scorer.describe()}
+
     def _fit(self, x_source, y_source, x_target, y_target, base_run: Run) -> Estimate:
         """Prepare (prepare.py), then train on the target set scoring the source set (loop.py),
-        holding the checkpoint folder's lock (checkpoint.py) throughout."""
+        holding the checkpoint folder's lock (dvgs_fast.runstate) throughout."""
         t_start = time.perf_counter()
         timings = {"setup": 0.0, "train": 0.0, "score": 0.0, "checkpoint": 0.0}
         ctx = context_for(self.distributed, base_run.device)
@@ -206,6 +254,12 @@ class DVGS(Valuation):
             spec = prepare(self, x_source, y_source, x_target, y_target, ctx, base_run, files)
             timings["setup"] = time.perf_counter() - t_start
             est = train_and_score(self, spec, timings, base_run.budget)
+        except Exception as exc:
+            # Launched without torchrun, nothing else stops the other ranks: they learn of this
+            # failure at their next sync point (every collective is preceded by one).
+            if ctx.enabled and not isinstance(exc, PeerFailed):
+                ctx.check_peers(exc)          # re-raises exc
+            raise
         finally:
             if lock is not None:
                 lock.release()

@@ -17,18 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast import _validation as V
-from dvgs_fast._utils import build_model, seed_everything
+from dvgs_fast._utils import as_model_input, build_model, embedding_hint, model_input_dtype, seed_everything
 from dvgs_fast.distributed import DistContext
 from dvgs_fast.methods.base import Run
-from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
-from dvgs_fast.methods.dvgs import checkpoint as ckpt_mod
-from dvgs_fast.methods.dvgs.checkpoint import CheckpointFiles
-from dvgs_fast.methods.dvgs.fast import FastScorer
-from dvgs_fast.methods.dvgs.reference import ReferenceScorer
-from dvgs_fast.methods.dvgs.sources import Source, TensorSource, as_source, is_chunked_input, source_identity
+from dvgs_fast import runstate
+from dvgs_fast.grads import FastScorer, ReferenceScorer, SampleLoss, cast_labels, make_sample_loss
+from dvgs_fast.runstate import CheckpointFiles, new_hash, update_with_tensor
+from dvgs_fast.sources import Source, TensorSource, as_source, is_chunked_input, source_identity
 
 EPS = 1e-8
-SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -41,7 +38,8 @@ class RunSpec:
     gen: torch.Generator            # the target shuffling stream
     model: nn.Module                # the working copy, on `device`
     names: list[str]                # compared parameters (grad_params resolved)
-    dtype: torch.dtype              # the model's floating dtype; inputs are cast to it
+    dtype: torch.dtype              # the model's floating dtype; inputs are cast to it ...
+    x_dtype: torch.dtype            # ... or stay int64 (token ids of an Embedding): the inputs' dtype
     source: Source                  # x_source (and y_source) rows, in memory or streamed
     source_labels: bool             # False: autoencoder, a source row's target is the row itself
     xt: torch.Tensor                # target set, on `device`
@@ -64,33 +62,14 @@ class RunSpec:
 
 def make_losses(loss: Any, class_weight: torch.Tensor | None):
     """(per-sample loss [N], mean target loss) for the configured criterion."""
-    if loss == "cross_entropy":
-        def per_sample(out, y):
-            return F.cross_entropy(out, y, reduction="none").reshape(out.shape[0], -1).mean(1)
-
+    per_sample = make_sample_loss(loss)
+    if loss == "cross_entropy" and class_weight is not None:
         def batch(out, y):
-            if class_weight is None:
-                return per_sample(out, y).mean()
             return F.cross_entropy(out, y, weight=class_weight)
-    elif loss == "mse":
-        def per_sample(out, y):
-            return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
-
+    else:
         def batch(out, y):
             return per_sample(out, y).mean()
-    else:
-        per_sample = loss
-
-        def batch(out, y):
-            return loss(out, y).mean()
     return per_sample, batch
-
-
-def cast_labels(y: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Float labels take the model's dtype; integer labels become int64 (class indices)."""
-    if y is None:
-        return None
-    return y.to(dtype) if y.is_floating_point() else y.long()
 
 
 @contextlib.contextmanager
@@ -113,7 +92,7 @@ def _forward_probe(model: nn.Module, x: torch.Tensor, device, x_name: str, is_ce
             out = model(x.to(device))
         except Exception as exc:
             raise ValueError(f"{x_name}: the model cannot run on samples of shape {tuple(x.shape[1:])} "
-                             f"({type(exc).__name__}: {exc})") from exc
+                             f"({type(exc).__name__}: {exc}){embedding_hint(model, x)}") from exc
     if not isinstance(out, torch.Tensor):
         raise ValueError(f"model: must return a tensor, returned {type(out).__name__}")
     if is_ce and out.dim() < 2:
@@ -192,9 +171,9 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
         xs = None
         first = source.probe(2)          # one read of the first rows serves every check below
     else:
-        xs = V.as_float_tensor(x_source, "x_source")
+        xs = V.as_float_tensor(x_source, "x_source", keep_integers=True)    # token ids stay integer
         source = first = None
-    xt = V.as_float_tensor(x_target, "x_target")
+    xt = V.as_float_tensor(x_target, "x_target", keep_integers=True)
     V.check_same_features(first[2] if xs is None else xs, xt, "x_source", "x_target")
 
     if xs is None:
@@ -212,12 +191,13 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
                          f"{'y_source' if yt is None else 'y_target'} is given; pass both or neither")
 
     # A resumed run without an explicit seed must reuse the interrupted run's seed.
-    state = ckpt_mod.read_state(files) if files is not None else None
+    state = runstate.read_state(files) if files is not None else None
     seed = cfg.seed
     if seed is None and state is not None:
         seed = int(state["seed"])
     if seed is None:
         seed = base_run.seed
+    ctx.check_peers()                    # a rank whose folder or inputs failed stops every rank now
     seed = ctx.broadcast_object(seed)    # a drawn seed must be the same on every rank
     base_run.seed = seed
     gen = seed_everything(seed)
@@ -228,17 +208,18 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
         raise ValueError("model: has no trainable parameters")
     dtype = next(p.dtype for _, p in params if p.is_floating_point())
     model.to(device)
-    xt = xt.to(dtype)
+    x_dtype = model_input_dtype(model, xt[:2].to(device), dtype)     # int64 for an Embedding's token ids
+    xt = as_model_input(xt, x_dtype)
     yt = cast_labels(yt, dtype)
     if xs is not None:
-        source = TensorSource(xs.to(dtype), cast_labels(ys, dtype))
+        source = TensorSource(as_model_input(xs, x_dtype), cast_labels(ys, dtype))
     names = V.resolve_grad_params(model, cfg.grad_params)
 
     # The model's output against each set's targets, on at most two rows of each (N = 1 works).
     m = min(2, int(xt.shape[0]))
     out_t = _forward_probe(model, xt[:m], device, "x_target", is_ce)
     _, _, x_probe, y_probe = first if first is not None else source.probe(2)
-    x_probe = x_probe.to(dtype)
+    x_probe = as_model_input(x_probe, x_dtype)
     y_probe = cast_labels(y_probe, dtype) if source_labels else None
     out_s = _forward_probe(model, x_probe, device, "x_source", is_ce)
     class_weight = None
@@ -269,13 +250,13 @@ def prepare(cfg, x_source, y_source, x_target, y_target, ctx: DistContext, base_
                 update_with_tensor(h, t)
         settings = cfg.settings()
         settings["source_labels"] = source_labels
-        fp = ckpt_mod.fingerprint(settings, seed, ctx.world_size, model, cfg.loss, h.digest())
+        fp = runstate.fingerprint(settings, seed, ctx.world_size, model, cfg.loss, h.digest())
         if state is not None:
-            ckpt_mod.compare(state["fingerprint"], fp, files)
-    return RunSpec(device=device, ctx=ctx, seed=seed, gen=gen, model=model, names=names, dtype=dtype,
+            runstate.compare(state["fingerprint"], fp, files)
+    return RunSpec(device=device, ctx=ctx, seed=seed, gen=gen, model=model, names=names, dtype=dtype, x_dtype=x_dtype,
                    source=source, source_labels=source_labels, xt=xt.to(device),
                    yt=None if yt is None else yt.to(device), sample_loss=sample_loss, batch_loss=batch_loss,
                    scorer=scorer, files=files, state=state, fingerprint=fp)
 
 
-__all__ = ["RunSpec", "prepare", "make_losses", "cast_labels", "EPS"]
+__all__ = ["RunSpec", "prepare", "make_losses", "EPS"]

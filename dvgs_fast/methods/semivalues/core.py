@@ -244,7 +244,9 @@ class Semivalue(Valuation):
         data, metric = self._prepare(ctx, run, x_source, y_source, x_target, y_target)
         u = RefitUtility(self, data, metric, run.seed, batched=self.batched, cache=self.cache, n_jobs=self.n_jobs)
         N = data.n_source
-        full = u.full_score() if self._needs_full_score() else None
+        label, lr_name, lr = self._divergence_names()
+        with V.naming_divergence(label, lambda: "the full-data refit", lr_name=lr_name, lr=lr):
+            full = u.full_score() if self._needs_full_score() else None
         info: dict[str, Any] = {"n_source": N, "metric": metric, "semivalue": self._weight().describe(),
                                 "sampler": self._sampler_name(), "full_score": full, "chance_score": u.chance}
         timings = {"setup": time.perf_counter() - t_start}
@@ -266,7 +268,8 @@ class Semivalue(Valuation):
         elif self.resampling_samples:
             from dvgs_fast.methods.semivalues.resampling import estimate_resampling_variance
             t0 = time.perf_counter()
-            resampling, rinfo = estimate_resampling_variance(self, ctx, run, u)
+            with V.naming_divergence(label, lambda: "the resampling phase", lr_name=lr_name, lr=lr):
+                resampling, rinfo = estimate_resampling_variance(self, ctx, run, u)
             info.update(rinfo)
             timings["resampling"] = time.perf_counter() - t0
         info.update(u.info())
@@ -289,13 +292,26 @@ class Semivalue(Valuation):
         draw = msr_draw(N) if sampler == "msr" else self._draw(N)
         driver = make_driver(ctx, N, run.seed, draw=draw, stats=stats, stop=rule, check_every=self.check_every,
                              budget=run.budget, on_complete=bar.update, keep=self.keep_marginals)
+        label, lr_name, lr = self._divergence_names()
         try:
-            stopped = self._run_samples(u, driver, run, info)
+            with V.naming_divergence(label, lambda: self._where(driver), lr_name=lr_name, lr=lr):
+                stopped = self._run_samples(u, driver, run, info)
             if ctx.enabled:
                 stopped = driver.finish(stopped)
         finally:
             bar.close()
         return driver, stopped
+
+    def _divergence_names(self) -> tuple[str, str, float | None]:
+        """(the method's name, its learning-rate argument, that value) for the one message of a
+        refit that diverged (`_validation.diverged`)."""
+        return type(self).__name__, "refit_lr", self.refit_lr
+
+    def _where(self, driver) -> str:
+        """Which sample a divergence happened in (the sample last issued)."""
+        if driver.issued == 0:
+            return "the setup"
+        return f"{self._sample_unit()} {driver.issued - 1} ({driver.stats.samples} completed)"
 
     def _run_samples(self, u: RefitUtility, driver, run: Run, info: dict) -> str | None:
         """The sampler's loop over `driver`'s samples; returns 'max_time' if time ran out."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dvgs_fast._validation import diverged
 from dvgs_fast.refit.batched import one_epoch_scores
 from dvgs_fast.refit.models import fresh_params, stack_params
 
@@ -96,4 +97,10 @@ def search_lr(grid, module, X, Y, Xt, Yt, seed_seq) -> float:
     scores = one_epoch_scores(grid, inits, X, Y, Xt, Yt, perms, lrs).to("cpu", torch.float64).numpy()
     scores = scores.reshape(len(cands), reps)
     crit = scores.mean(1) - scores.std(1)
+    # a candidate with a diverged run is out (np.argmax would pick a NaN first)
+    crit = np.where(np.isfinite(crit), crit, -np.inf)
+    if not np.isfinite(crit).any():
+        raise diverged("DataShapley (G-Shapley)", "the target score of every candidate learning rate",
+                       float("nan"), f"the learning-rate search ({cands[0]:g} ... {cands[-1]:g})",
+                       lr_name="g_learning_rate")
     return float(cands[int(np.argmax(crit))])

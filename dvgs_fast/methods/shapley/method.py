@@ -156,6 +156,16 @@ class DataShapley(Semivalue):
             rule = rule | r
         return rule
 
+    def _divergence_names(self):
+        if self.method == "tmc":
+            return "DataShapley (TMC)", "refit_lr", self.refit_lr
+        return "DataShapley (G-Shapley)", "g_learning_rate", self.g_learning_rate
+
+    def _where(self, driver) -> str:
+        if driver.issued == 0 and self.method == "gshapley":
+            return "the learning-rate search"
+        return super()._where(driver)
+
     def _needs_full_score(self) -> bool:
         return self.method == "tmc"
 

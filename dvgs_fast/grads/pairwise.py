@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from dvgs_fast.methods.dvgs.ghost_layers import conv_rows
+from dvgs_fast.grads.ghost_layers import conv_rows
 
 # [rows, target rows] blocks of the pairwise products are formed at most this large (elements):
 # a long-sequence layer that the cost rule sends here anyway (forced) does not need B·L·T·L' memory.

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from dvgs_fast.methods.dvgs._digest import new_hash, update_with_tensor
+from dvgs_fast.runstate import new_hash, update_with_tensor
 
 Batch = tuple[int, int, torch.Tensor, "torch.Tensor | None"]
 

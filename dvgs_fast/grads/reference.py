@@ -15,7 +15,6 @@ the (batched) input instead (`_batched_rnn_state`): identical values, and vmap c
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,7 @@ from torch import nn
 from torch.func import grad, vmap
 
 from dvgs_fast._utils import functional_call
-
-SampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from dvgs_fast.grads.losses import SampleLoss
 
 
 def check_vmappable(model: nn.Module) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,9 +41,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from dvgs_fast import ops
 from dvgs_fast._utils import functional_call
-from dvgs_fast.methods.dvgs._hooks import ForwardRecorder
-from dvgs_fast.methods.dvgs.ghost_layers import MATERIALISE, describe_conv, ghost_dot, ghost_kind, ghost_module_stats
-from dvgs_fast.methods.dvgs.reference import SampleLoss, per_sample_grads
+from dvgs_fast.grads.ghost_layers import MATERIALISE, describe_conv, ghost_dot, ghost_kind, ghost_module_stats
+from dvgs_fast.grads.losses import SampleLoss
+from dvgs_fast.grads.record import ForwardRecorder
+from dvgs_fast.grads.reference import per_sample_grads
 
 
 class SlowRouteWarning(UserWarning):
@@ -54,12 +56,33 @@ def _is_plain_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
+@dataclass(frozen=True)
+class LayerRoute:
+    """How one layer's selected parameters are scored.
+
+    module: the layer; name: its path in the model ("" for the model itself); route: "linear"
+    (Linear ghost), a ghost_layers kind ("conv1d", "conv2d", "embedding", "norm"),
+    "per_layer_func" (that layer's own per-sample gradients, torch.func) or "reference" (whole-model
+    per-sample gradients); weight / bias: the full parameter names the route scores (None: not
+    selected); params: every selected parameter of the layer; reason: why this route."""
+
+    module: nn.Module
+    name: str
+    route: str
+    weight: str | None
+    bias: str | None
+    params: tuple[str, ...]
+    reason: str
+
+
 class FastScorer:
     """score(x, y, target) -> similarity [N]; same contract as ReferenceScorer.
 
-    ``stats(x, y, G)`` gives the raw per-sample (dot, sqnorm). Methods that run their own
-    forward/backward (In-Run Data Shapley) use ``recorder()``, ``grad_outputs(rec)`` and
-    ``stats_from_record(...)`` to get the same statistics from their training step."""
+    ``stats(x, y, G)`` gives the raw per-sample (dot, sqnorm); ``record(x, y)`` runs the one
+    forward/backward and returns a :class:`Recording` to take statistics from (several targets,
+    per layer). Methods that run their own forward/backward (In-Run Data Shapley) use
+    ``recorder()``, ``grad_outputs(rec)`` and ``stats_from_record(...)`` to get the same
+    statistics from their training step; ``layer_routes()`` says which route each layer takes."""
 
     name = "fast"
 
@@ -80,6 +103,7 @@ class FastScorer:
         self.ghost: list[tuple[nn.Module, str, str | None, str | None]] = []
         self.generic: list[tuple[nn.Module, list[tuple[str, str]]]] = []
         self.fallback: list[str] = []
+        self._reason: dict[int, str] = {}            # id(module) -> why it takes its route
         for m in model.modules():
             own = [(local, p) for local, p in m.named_parameters(recurse=False) if id(p) in wanted]
             if not own:
@@ -89,24 +113,31 @@ class FastScorer:
             kind = ghost_kind(m)
             if any(n_owners[id(p)] > 1 for _, p in own):
                 self.fallback += [n for _, n in full]      # tied weights: contributions add up
+                self._reason[id(m)] = "a parameter shared with another module (tied weights)"
             elif _is_plain_linear(m):
                 self.linear.append((m, d.get("weight"), d.get("bias")))
+                self._reason[id(m)] = "nn.Linear: per-sample statistics from its input and output gradient"
             elif kind is not None and set(d) <= {"weight", "bias"}:
                 self.ghost.append((m, kind, d.get("weight"), d.get("bias")))
+                self._reason[id(m)] = f"{type(m).__name__}: the {kind} ghost route"
             elif isinstance(m, nn.RNNBase):
                 # Fused recurrent kernels: the per-layer vjp would need per-leaf batch dims
                 # (h_n is [layers, N, H]); the whole-model route handles them (reference.py).
                 self.fallback += [n for _, n in full]
+                self._reason[id(m)] = "recurrent layer (fused kernel): whole-model per-sample gradients"
             elif next(m.children(), None) is None:
                 self.generic.append((m, full))
+                self._reason[id(m)] = f"no ghost route for {type(m).__name__}: its own per-sample gradients"
             else:
                 self.fallback += [n for _, n in full]      # its forward runs children: not per-layer
+                self._reason[id(m)] = "a module with children owns parameters: whole-model per-sample gradients"
         self.fallback = list(dict.fromkeys(self.fallback))   # a tied weight is listed once
         self._routed = ([m for m, _, _ in self.linear] + [m for m, *_ in self.ghost]
                         + [m for m, _ in self.generic])
         self._module_name = {id(m): n for n, m in model.named_modules()}
         self._param_owner = {name_of[id(p)]: self._module_name[id(m)]
                              for m in model.modules() for p in m.parameters(recurse=False) if id(p) in name_of}
+        self._param_name = name_of
         self._ghost_form: dict[str, str] = {}
         self._runtime_fallback: list[str] = []       # routed layers whose calls could not be split
         self._warned = False
@@ -136,6 +167,45 @@ class FastScorer:
     def _usable(self, rec: ForwardRecorder) -> list[nn.Module]:
         return [m for m in self._routed if m not in rec.unsupported and rec.calls[m]]
 
+    def module_name(self, m: nn.Module) -> str:
+        """The path of module m in the model ("" for the model itself)."""
+        return self._module_name[id(m)]
+
+    def layer_routes(self) -> list[LayerRoute]:
+        """Every layer owning selected parameters, with its route and why: Linear layers, then the
+        ghost-routed, per-layer and reference ones, each in model order (the order the statistics
+        are summed in). A call can still refuse its route at run time: ``describe()`` reports that."""
+        out = []
+        for m, w, b in self.linear:
+            out.append(LayerRoute(m, self.module_name(m), "linear", w, b, tuple(n for n in (w, b) if n),
+                                  self._reason[id(m)]))
+        for m, kind, w, b in self.ghost:
+            out.append(LayerRoute(m, self.module_name(m), kind, w, b, tuple(n for n in (w, b) if n),
+                                  self._reason[id(m)]))
+        for m, full in self.generic:
+            d = dict(full)
+            out.append(LayerRoute(m, self.module_name(m), "per_layer_func", d.get("weight"), d.get("bias"),
+                                  tuple(n for _, n in full), self._reason[id(m)]))
+        fb = set(self.fallback)
+        for m in self.model.modules():
+            own = tuple(n for n in (self._param_name.get(id(p)) for p in m.parameters(recurse=False)) if n in fb)
+            if own:
+                out.append(LayerRoute(m, self.module_name(m), "reference", None, None, own, self._reason[id(m)]))
+        return out
+
+    def record(self, x: torch.Tensor, y: torch.Tensor) -> "Recording":
+        """One batched forward of x and one backward of Σ_i loss_i to the routed layers' outputs."""
+        coupled = self.coupling_layers()
+        if coupled:
+            return Recording(self, x, y, None, (), coupled)
+        with self.recorder() as rec:
+            out = self.model(x)
+        loss = self.sample_loss(out, y).sum()
+        outputs = self.grad_outputs(rec)
+        deltas = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ()
+        del out, loss, outputs
+        return Recording(self, x, y, rec, deltas, [])
+
     def coupling_layers(self) -> list[str]:
         """BatchNorm layers that would normalise with batch statistics right now: they couple the
         samples of a batched forward, so no layer's δ or input is per-sample any more."""
@@ -144,41 +214,28 @@ class FastScorer:
 
     def stats(self, x: torch.Tensor, y: torch.Tensor, G: dict[str, torch.Tensor], need_sq: bool = True):
         """Per-sample (dot, sqnorm) against G; need_sq=False skips the norms (sq is then 0)."""
-        n = x.shape[0]
-        coupled = self.coupling_layers()
-        if coupled:
-            # Every parameter takes the reference route (each sample normalised on its own).
-            if self._warned is not True:
-                self._warned = True
-                self._runtime_fallback.extend(self.names)
-                warnings.warn(f"{self.owner} fast backend: {', '.join(coupled)} normalise with batch statistics, "
-                              f"which couples the samples of a batch; every parameter takes the per-sample "
-                              f"torch.func route (slower). Use eval-mode BatchNorm with running statistics, "
-                              f"or GroupNorm/LayerNorm.", SlowRouteWarning, stacklevel=3)
-            g = per_sample_grads(self.model, self.names, x, y, self.sample_loss)
-            return ops.per_sample_grad_stats([g[nm] for nm in self.names], [G[nm] for nm in self.names])
-        with self.recorder() as rec:
-            out = self.model(x)
-        loss = self.sample_loss(out, y).sum()
-        outputs = self.grad_outputs(rec)
-        deltas = torch.autograd.grad(loss, outputs, allow_unused=True) if outputs else ()
-        del out, loss, outputs
-        dot, sq, leftover = self.stats_from_record(rec, deltas, n, G, x.dtype, x.device, need_sq)
-        del rec, deltas
-        if leftover:
-            g = per_sample_grads(self.model, leftover, x, y, self.sample_loss)
-            d_, s_ = ops.per_sample_grad_stats([g[nm] for nm in leftover], [G[nm] for nm in leftover])
-            dot += d_
-            sq += s_
-        return dot, sq
+        return self.record(x, y).stats(G, need_sq, release=True)
+
+    def _coupled_stats(self, coupled: list[str], x, y, G):
+        # Every parameter takes the reference route (each sample normalised on its own).
+        if self._warned is not True:
+            self._warned = True
+            self._runtime_fallback.extend(self.names)
+            warnings.warn(f"{self.owner} fast backend: {', '.join(coupled)} normalise with batch statistics, "
+                          f"which couples the samples of a batch; every parameter takes the per-sample "
+                          f"torch.func route (slower). Use eval-mode BatchNorm with running statistics, "
+                          f"or GroupNorm/LayerNorm.", SlowRouteWarning, stacklevel=5)
+        g = per_sample_grads(self.model, self.names, x, y, self.sample_loss)
+        return ops.per_sample_grad_stats([g[nm] for nm in self.names], [G[nm] for nm in self.names])
 
     def stats_from_record(self, rec: ForwardRecorder, deltas, n: int, G: dict[str, torch.Tensor],
-                          dtype: torch.dtype, device, need_sq: bool = True, skip=()
-                          ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                          dtype: torch.dtype, device, need_sq: bool = True, skip=(),
+                          per_layer: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """(dot, sq, leftover): the routed layers' statistics from a recorded forward and the
         gradients at `grad_outputs(rec)` (in that order); `leftover` lists the parameters that
         must still take the whole-model reference route. need_sq=False: dots only (sq partial).
-        skip: modules the caller accounts for itself (In-Run Shapley's pairwise dots)."""
+        skip: modules the caller accounts for itself (In-Run Shapley's pairwise dots).
+        per_layer: if given, filled with {layer name: (dot, sq)} of each layer that contributed."""
         delta_of = self.deltas_by_module(rec, deltas)
         # float64 when the model is (token-id inputs are integers: look at G as well)
         wide = dtype == torch.float64 or any(G[nm].dtype == torch.float64 for nm in self.names if nm in G)
@@ -187,25 +244,27 @@ class FastScorer:
         sq = torch.zeros(n, dtype=acc, device=device)
         leftover = list(self.fallback)      # + routed modules whose calls could not be used
 
-        def add(res, names):
+        def add(res, names, m):
             if res is None:
                 leftover.extend(nm for nm in names if nm)
                 self._runtime_fallback.extend(nm for nm in names if nm)
             elif res is not False:
                 dot.add_(res[0])
                 sq.add_(res[1])
+                if per_layer is not None:
+                    per_layer[self._module_name[id(m)]] = res
 
         for m, w_name, b_name in self.linear:
             if m in skip:
                 continue
             calls = rec.calls[m] if m in delta_of else None
             add(self._linear_stats(m, calls, delta_of.get(m), n, G.get(w_name) if w_name else None,
-                                   G.get(b_name) if b_name else None, need_sq), (w_name, b_name))
+                                   G.get(b_name) if b_name else None, need_sq), (w_name, b_name), m)
         for m, kind, w_name, b_name in self.ghost:
             if m in skip:
                 continue
             if m not in delta_of:
-                add(None, (w_name, b_name))
+                add(None, (w_name, b_name), m)
                 continue
             res = ghost_module_stats(kind, m, rec.calls[m], delta_of[m], n,
                                      G.get(w_name) if w_name else None, G.get(b_name) if b_name else None, need_sq)
@@ -214,10 +273,10 @@ class FastScorer:
             if res is MATERIALISE:            # the norm from materialised per-sample gradients
                 full = [(local, nm) for local, nm in (("weight", w_name), ("bias", b_name)) if nm]
                 res = self._module_stats(m, full, rec.calls[m], delta_of[m], n, G)
-            add(res, (w_name, b_name))
+            add(res, (w_name, b_name), m)
         for m, full in self.generic:
             add(self._module_stats(m, full, rec.calls[m] if m in delta_of else None, delta_of.get(m), n, G),
-                [nm for _, nm in full])
+                [nm for _, nm in full], m)
         leftover = list(dict.fromkeys(leftover))
         self._warn_slow(leftover)
         return dot, sq, leftover
@@ -323,10 +382,71 @@ class FastScorer:
             routes[name_of[id(m)]] = "per_layer_func"
         for p in ref:
             routes[self._param_owner.get(p, p)] = "reference"
+        reasons = {r.name: r.reason for r in self.layer_routes()}
+        for p in self._runtime_fallback:
+            reasons[self._param_owner.get(p, p)] = "its calls could not be split by sample at run time"
         return {"backend": "fast",
+                "route_reasons": reasons,
                 "linear_ghost": [name_of[id(m)] for m, _, _ in self.linear],
                 "ghost_layers": [name_of[id(m)] for m, *_ in self.ghost],
                 "per_layer_func": [name_of[id(m)] for m, _ in self.generic],
                 "reference_route_params": ref,
                 "routes": routes,
                 "slow_route_layers": self.slow_layers(ref)}
+
+
+class Recording:
+    """One batched forward/backward of a FastScorer over x (n samples): every routed layer's
+    calls (inputs) and the gradients δ at their outputs. Statistics against any number of target
+    gradients can be taken from it without another forward/backward.
+
+    ``stats(G)``: per-sample (dot, sqnorm) of the selected parameters' gradients with G (a dict
+    parameter name -> tensor), every route included; ``per_layer`` collects each layer's own
+    contribution. ``calls(m)`` / ``deltas(m)``: what was recorded for routed module m (its
+    inputs are ``call.input``). Parameters with no usable recorded call take the whole-model
+    reference route (per-sample gradients by torch.func) inside ``stats``. A caller that ran its
+    own forward/backward (a training step) builds one with ``Recording(scorer, x, y, rec, deltas,
+    [], grad_scale)``."""
+
+    def __init__(self, scorer: FastScorer, x: torch.Tensor, y: torch.Tensor, rec: ForwardRecorder | None,
+                 deltas, coupled: list[str], grad_scale: float = 1.0):
+        self.scorer, self.x, self.y, self.n = scorer, x, y, int(x.shape[0])
+        self.rec, self.coupled = rec, coupled
+        self._deltas = deltas
+        # The recorded δ are those of grad_scale · Σ_i ℓ_i (a training step's mean loss: 1/B);
+        # factors() scales the explicit per-sample gradients it forms alike.
+        self.grad_scale = float(grad_scale)
+
+    def calls(self, m: nn.Module) -> list:
+        return [] if self.rec is None else list(self.rec.calls[m])
+
+    def deltas(self, m: nn.Module) -> list:
+        if self.rec is None:
+            return []
+        return self.scorer.deltas_by_module(self.rec, self._deltas).get(m, [])
+
+    def factors(self):
+        """This batch's per-sample gradients in factored form (factors.SampleFactors), detached:
+        the input of gram.cross_gram / sqnorms / batch_dots, projections and curvature factors."""
+        from dvgs_fast.grads.factors import factors_of
+        return factors_of(self)
+
+    def stats(self, G: dict[str, torch.Tensor], need_sq: bool = True, release: bool = False,
+              per_layer: dict | None = None):
+        """(dot, sq) per sample against G. release=True frees the recording before the reference
+        route runs (the recording cannot be used again): what FastScorer.stats does."""
+        sc = self.scorer
+        if self.coupled:
+            return sc._coupled_stats(self.coupled, self.x, self.y, G)
+        dot, sq, leftover = sc.stats_from_record(self.rec, self._deltas, self.n, G, self.x.dtype, self.x.device,
+                                                 need_sq, per_layer=per_layer)
+        if release:
+            self.rec = self._deltas = None
+        if leftover:
+            g = per_sample_grads(sc.model, leftover, self.x, self.y, sc.sample_loss)
+            d_, s_ = ops.per_sample_grad_stats([g[nm] for nm in leftover], [G[nm] for nm in leftover])
+            dot += d_
+            sq += s_
+            if per_layer is not None:
+                per_layer["<reference>"] = (d_, s_)
+        return dot, sq

@@ -1,0 +1,200 @@
+"""Per-sample gradients in factored form, taken from one recorded forward/backward.
+
+A Linear layer's per-sample weight gradient is Σ_t δ_t a_tᵀ (t over the sample's rows: 1 for a
+plain [N, d] input, the positions of a sequence, the output positions of a convolution with a_t
+the unfolded input patch). Keeping (a, δ) instead of the d_out × d_in product is what lets every
+question about per-sample gradients -- dots with a target, dots between two sets of samples,
+projections, K-FAC factors -- be answered without forming them:
+
+* ``RowFactors``: Linear and ungrouped Conv1d/Conv2d layers: a [n·L, d_in], δ [n·L, d_out], L rows
+  per sample (and the bias, whose gradient is Σ_t δ_t);
+* ``TokenFactors``: Embedding layers: token ids [n, T] and δ [n, T, dim] (the gradient scatters
+  each δ_t to the row of its id; ``padding_idx`` tokens carry a zero δ);
+* ``DenseGrads``: every other selected parameter (norm affines from their per-sample reductions,
+  other layers and whole-model routes by torch.func), as explicit per-sample gradients [n, P].
+
+``SampleFactors`` holds one set for a batch of n samples, detached from autograd, so it can be
+kept (e.g. the query side of an attribution) while other batches are recorded. The algebra on
+factors is in gram.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dvgs_fast._utils import own_rng
+from dvgs_fast.grads.ghost_layers import embedding_rows, norm_grads
+from dvgs_fast.grads.pairwise import pairwise_kind, rows_of
+from dvgs_fast.grads.reference import per_sample_grads
+
+
+@dataclass
+class RowFactors:
+    """One Linear / conv layer: sample i's weight gradient is Σ_t d[i·rows + t] ⊗ a[i·rows + t]."""
+
+    name: str                      # the layer's path in the model
+    module: nn.Module
+    a: torch.Tensor                # [n·rows, d_in]
+    d: torch.Tensor                # [n·rows, d_out]
+    rows: int
+    weight: str | None             # the full parameter names this layer contributes (None: not selected)
+    bias: str | None
+
+    def weight_grads(self) -> torch.Tensor:
+        """[n, d_out, d_in]: the per-sample weight gradients, formed (for the materialised routes)."""
+        n = self.a.shape[0] // self.rows
+        a = self.a.reshape(n, self.rows, -1)
+        d = self.d.reshape(n, self.rows, -1)
+        return torch.bmm(d.transpose(1, 2), a)
+
+    def bias_grads(self) -> torch.Tensor:
+        n = self.d.shape[0] // self.rows
+        return self.d.reshape(n, self.rows, -1).sum(1)
+
+
+@dataclass
+class TokenFactors:
+    """One Embedding layer: sample i's weight gradient puts d[i, t] on row ids[i, t]."""
+
+    name: str
+    module: nn.Module
+    ids: torch.Tensor              # [n, T] int64
+    d: torch.Tensor                # [n, T, dim]
+    weight: str
+
+
+@dataclass
+class DenseGrads:
+    """Explicit per-sample gradients of the remaining selected parameters, flattened: g [n, P]
+    with the parameters in ``names`` order (``sizes`` elements each)."""
+
+    names: list[str]
+    sizes: list[int]
+    g: torch.Tensor
+
+
+@dataclass
+class SampleFactors:
+    """Per-sample gradients of n samples, layer by layer in factored form (see the module doc)."""
+
+    n: int
+    rows: list[RowFactors] = field(default_factory=list)
+    tokens: list[TokenFactors] = field(default_factory=list)
+    dense: DenseGrads | None = None
+    dtype: torch.dtype = torch.float32
+
+    def layer_names(self) -> list[str]:
+        return ([f.name for f in self.rows] + [f.name for f in self.tokens]
+                + (list(self.dense.names) if self.dense is not None else []))
+
+    def to(self, device) -> "SampleFactors":
+        """A copy on `device` (e.g. a query set's factors kept on the CPU between blocks)."""
+        rows = [RowFactors(f.name, f.module, f.a.to(device), f.d.to(device), f.rows, f.weight, f.bias)
+                for f in self.rows]
+        toks = [TokenFactors(f.name, f.module, f.ids.to(device), f.d.to(device), f.weight) for f in self.tokens]
+        dense = None if self.dense is None else DenseGrads(self.dense.names, self.dense.sizes, self.dense.g.to(device))
+        return SampleFactors(self.n, rows, toks, dense, self.dtype)
+
+
+def factors_of(recording) -> SampleFactors:
+    """The SampleFactors of a FastScorer Recording (see scorer.Recording.factors).
+
+    Each layer takes its factored form when its recorded calls allow (every call split by sample);
+    otherwise its parameters join the dense part. Dense gradients of norm layers come from their
+    per-sample reductions (no vmap); everything else dense from one torch.func pass over the
+    model for just those parameters."""
+    sc, n = recording.scorer, recording.n
+    acc = torch.float64 if recording.x.dtype == torch.float64 or any(
+        p.dtype == torch.float64 for p in sc.model.parameters()) else torch.float32
+    out = SampleFactors(n, dtype=acc)
+    dense_names: list[str] = []
+    norm_parts: list[tuple[str, torch.Tensor]] = []
+    usable = recording.rec is not None
+    for r in sc.layer_routes():
+        calls = recording.calls(r.module) if usable else []
+        deltas = recording.deltas(r.module) if usable else []
+        usable_calls = bool(calls) and len(deltas) == len(calls) and r.module not in recording.rec.unsupported \
+            if usable else False
+        kind = pairwise_kind(r.module, r.route) if r.route not in ("per_layer_func", "reference") else None
+        if kind is not None and r.weight is not None and usable_calls:
+            got = rows_of(r.module, kind, calls, deltas, n)
+            if got is False:
+                continue                                         # no call reached the loss: zero gradient
+            if got is not None:
+                a, d, rows = got
+                out.rows.append(RowFactors(r.name, r.module, a.to(acc), d.to(acc), rows, r.weight, r.bias))
+                continue
+        if r.route == "embedding" and usable_calls:
+            pieces = [embedding_rows(r.module, c.input, dd, n) for c, dd in zip(calls, deltas) if dd is not None]
+            if pieces and all(p is not None for p in pieces):
+                ids = torch.cat([p[0] for p in pieces], 1)
+                d = torch.cat([p[1] for p in pieces], 1).to(acc)
+                out.tokens.append(TokenFactors(r.name, r.module, ids, d, r.weight))
+                continue
+            if not pieces:
+                continue
+        if r.route == "norm" and usable_calls:
+            parts = [norm_grads(r.module, c.input, dd, n) for c, dd in zip(calls, deltas) if dd is not None]
+            if parts and all(p is not None for p in parts):
+                for local, full in (("weight", r.weight), ("bias", r.bias)):
+                    if full is None:
+                        continue
+                    i = 0 if local == "weight" else 1
+                    g = sum(p[i] for p in parts)
+                    norm_parts.append((full, g.reshape(n, -1).detach().to(acc)))   # built from live inputs
+                continue
+            if not parts:
+                continue
+        dense_names.extend(r.params)
+    names, blocks = [], []
+    for full, g in norm_parts:
+        names.append(full)
+        blocks.append(g)
+    dense_names = [nm for nm in dict.fromkeys(dense_names) if nm not in names]
+    if dense_names:
+        dev = recording.x.device
+        with own_rng(dev):                                        # the caller's stream untouched
+            g = per_sample_grads(sc.model, dense_names, recording.x, recording.y, sc.sample_loss)
+        for nm in dense_names:
+            names.append(nm)
+            b = g[nm].reshape(n, -1).to(acc)
+            blocks.append(b if recording.grad_scale == 1.0 else b * recording.grad_scale)
+    if blocks:
+        out.dense = DenseGrads(names, [b.shape[1] for b in blocks], torch.cat(blocks, 1))
+    return out
+
+
+def materialise(f: SampleFactors, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """{parameter name: [n, *shape]}: the per-sample gradients the factors stand for, formed
+    (for preconditioning them one by one: Adam's update map, an inverse-Hessian solve)."""
+    out: dict[str, torch.Tensor] = {}
+    for x in f.rows:
+        if x.weight is not None:
+            out[x.weight] = x.weight_grads().reshape(f.n, *shapes[x.weight])
+        if x.bias is not None:
+            out[x.bias] = x.bias_grads().reshape(f.n, *shapes[x.bias])
+    for x in f.tokens:
+        vocab, dim = shapes[x.weight]
+        g = torch.zeros(f.n * vocab, dim, dtype=x.d.dtype, device=x.d.device)
+        key = (torch.arange(f.n, device=x.ids.device).unsqueeze(1) * vocab + x.ids).reshape(-1)
+        out[x.weight] = g.index_add_(0, key, x.d.reshape(-1, dim)).reshape(f.n, vocab, dim)
+    if f.dense is not None:
+        for nm, block in zip(f.dense.names, f.dense.g.split(f.dense.sizes, 1)):
+            out[nm] = block.reshape(f.n, *shapes[nm])
+    return out
+
+
+def dense_factors(model: nn.Module, names: list[str], x: torch.Tensor, y: torch.Tensor, sample_loss) -> SampleFactors:
+    """SampleFactors holding explicit per-sample gradients only (torch.func over the whole model):
+    the reference route, for checking the factored one and for ``backend="reference"``."""
+    g = per_sample_grads(model, names, x, y, sample_loss)
+    n = int(x.shape[0])
+    blocks = [g[nm].reshape(n, -1) for nm in names]
+    acc = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
+    return SampleFactors(n, dense=DenseGrads(list(names), [b.shape[1] for b in blocks],
+                                             torch.cat([b.to(acc) for b in blocks], 1)), dtype=acc)
+
+
+__all__ = ["DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "dense_factors", "factors_of", "materialise"]

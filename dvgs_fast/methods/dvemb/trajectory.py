@@ -1,0 +1,148 @@
+"""Training on the source set while recording, per step, what the data value embedding needs:
+each batch sample's projected gradient, from the training step's own forward and backward.
+
+The training is plain mini-batch training with the conventions of a counterfactual ground truth
+(dvgs_fast/evaluate/counterfactual/recipe.py), so that its trajectory-specific leave-one-out can be
+computed for the very same run: the initial weights are the factory's under ``torch.manual_seed(seed)``
+(or a copy of the module passed), and each epoch's order is ``torch.randperm(n, generator=g)`` with
+``g = torch.Generator().manual_seed(seed)``. One step: one forward of the batch (the routed layers'
+calls recorded), one ``autograd.grad`` of the mean loss to the parameters and to the layers'
+outputs (which gives every sample's δ / B), the optimizer's gradients set from it, then the step.
+
+Recorded per step, into a gradient store (dvgs_fast.gradstore; rows in step order, columns
+``index`` and ``step``, exact integers in the store's float64 columns):
+
+* g_i: sample i's loss gradient at θ_t, projected (grads.Projector: Kronecker / Khatri-Rao on the
+  engine's factors for Linear / conv / Embedding layers, dense JL for the rest), [B, k];
+* u_i: its share of the step, projected: SGD: (lr / B) g_i; Adam / AdamW: (P_t ⊙ g_i) / B with P_t
+  the update map of In-Run Data Shapley (lr / (sqrt(v̂_t) + eps)). P_t is elementwise, which no
+  factored projection can carry; for a weight matrix it is replaced by its rank-one
+  approximation P ≈ r cᵀ / mean(P) (r, c its row and column means), so that P ⊙ (δ aᵀ) =
+  (r ⊙ δ)(c ⊙ a)ᵀ / mean(P) stays factored -- an approximation, on top of Adam's momentum being
+  credited at the step the gradient was computed (as In-Run Data Shapley does). Biases and
+  explicitly formed gradients take P exactly.
+The store holds [g | u] side by side (2k columns; SGD stores g alone, u being a multiple).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dvgs_fast import grads
+from dvgs_fast._utils import make_optimizer, own_rng
+from dvgs_fast.methods import _grad_training as T
+
+
+@dataclass
+class Trajectory:
+    steps: int
+    rows: int
+    batch_sizes: list[int]
+    lrs: list[float]              # the scalar lr / B of each step (SGD), for the record
+    train_cpu_s: float
+    record_cpu_s: float
+
+
+def _rank_one(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, c) with P ≈ r cᵀ for a positive [d_out, d_in] matrix (row means times column means over
+    the mean)."""
+    r, c = P.mean(1), P.mean(0)
+    return r / P.mean().clamp_min(torch.finfo(P.dtype).tiny), c
+
+
+def preconditioned(f: grads.SampleFactors, P: dict[str, torch.Tensor]) -> grads.SampleFactors:
+    """The factors of P ⊙ g_i (see the module docstring: rank-one P for factored weights). A
+    layer's bias joins its weight's rank-one approximation as the input's appended 1, made an
+    explicit column of the factors (the projection reads the columns as "inputs, then the bias")."""
+    rows = []
+    for x in f.rows:
+        if x.weight is None:                                           # bias only: P_b exactly
+            rows.append(grads.RowFactors(x.name, x.module, x.a, x.d * P[x.bias].reshape(1, -1).to(x.d.dtype), x.rows,
+                                         None, x.bias))
+            continue
+        w = P[x.weight].reshape(x.d.shape[1], -1)
+        if x.bias is not None:                                         # [P_w | P_b]: the bias is the input's 1
+            w = torch.cat([w, P[x.bias].reshape(-1, 1)], 1)
+        r, c = _rank_one(w)
+        a = x.a * c[:x.a.shape[1]].to(x.a.dtype)
+        if x.bias is not None:                                         # the 1 column made explicit, scaled
+            a = torch.cat([a, c[-1].to(a.dtype).expand(a.shape[0], 1)], 1)
+        rows.append(grads.RowFactors(x.name, x.module, a, x.d * r.to(x.d.dtype), x.rows, x.weight, None))
+    toks = []
+    for x in f.tokens:
+        w = P[x.weight]                                            # [vocab, dim]
+        r, c = _rank_one(w)
+        toks.append(grads.TokenFactors(x.name, x.module, x.ids, x.d * c.to(x.d.dtype) * r[x.ids].unsqueeze(-1),
+                                       x.weight))
+    dense = None
+    if f.dense is not None:
+        scale = torch.cat([P[nm].reshape(-1) for nm in f.dense.names]).to(f.dense.g.dtype)
+        dense = grads.DenseGrads(f.dense.names, f.dense.sizes, f.dense.g * scale)
+    return grads.SampleFactors(f.n, rows, toks, dense, f.dtype)
+
+
+def record_training(method, prep: T.Prepared, run, projector: grads.Projector, writer, progress) -> Trajectory:
+    """Train prep.model on the source (module docstring) and write every step's rows to `writer`
+    (a gradstore StoreWriter over epochs · N rows)."""
+    model, names, xs, ys = prep.model, prep.names, prep.xs, prep.ys
+    n, bs = xs.shape[0], method.batch_size
+    params = dict(model.named_parameters())
+    tparams = [p for p in params.values() if p.requires_grad]
+    opt = make_optimizer(method.optimizer, tparams, method.lr, method.weight_decay)
+    scorer = grads.FastScorer(model, names, prep.sample_loss, "dot", owner="DataValueEmbedding")
+    gen = prep.shuffle
+    sgd = method.optimizer == "sgd"
+    pos, step, sizes, lrs = 0, 0, [], []
+    t_train = t_record = 0.0
+    dev = xs.device
+    for epoch in range(method.epochs):
+        for idx in torch.randperm(n, generator=gen).to(dev).split(bs):
+            c0 = time.process_time()
+            b = idx.shape[0]
+            model.train()
+            xb, yb = xs[idx], ys[idx]
+            with scorer.recorder() as rec:
+                out = model(xb)
+            loss = prep.sample_loss(out, yb).mean()
+            outs = scorer.grad_outputs(rec)
+            g_all = torch.autograd.grad(loss, tparams + outs, allow_unused=True)
+            for p, g in zip(tparams, g_all[:len(tparams)]):
+                p.grad = None if g is None else g.detach()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise ValueError(f"lr: training diverged: the source loss is {lv} at epoch {epoch}, step {step}; "
+                                 f"lower lr (now {method.lr:g})")
+            c1 = time.process_time()
+            # ---- the step's per-sample gradients (δ of the mean loss: g_i / B), projected
+            with own_rng(dev):
+                f = grads.Recording(scorer, xb, yb, rec, g_all[len(tparams):], [], 1.0 / b).factors()
+                g = projector.project(f) * b                           # g_i
+                if sgd:
+                    rows = g
+                else:
+                    P = T.update_map(opt, method.optimizer, params, names, method.lr)
+                    u = projector.project(preconditioned(f, P))        # (P ⊙ g_i) / B
+                    rows = torch.cat([g, u], 1)
+            writer.write(pos, pos + b, rows.detach().to(torch.float64 if rows.dtype == torch.float64 else torch.float32),
+                         {"index": idx.cpu().numpy().astype(np.float64), "step": np.full(b, step, dtype=np.float64)})
+            del rec, out, outs, g_all, f
+            c2 = time.process_time()
+            opt.step()
+            t_train += (c1 - c0) + (time.process_time() - c2)
+            t_record += c2 - c1
+            sizes.append(b)
+            lrs.append(method.lr / b)
+            pos += b
+            step += 1
+            if run.budget.exhausted():
+                raise ValueError(f"max_time: the budget ran out during the training (epoch {epoch}, step {step}); "
+                                 f"the embedding needs the whole run (raise max_time)")
+        progress.update(1)
+    return Trajectory(step, pos, sizes, lrs, t_train, t_record)
+
+
+__all__ = ["Trajectory", "preconditioned", "record_training"]

@@ -1,0 +1,206 @@
+"""grads.Projector: random projections of per-sample gradients from the engine's factors.
+
+The factored route (P_out δ)(P_in ã)ᵀ per Linear / conv / Embedding layer and the dense JL of
+the rest must equal the explicit Kronecker matrix applied to explicit per-sample gradients
+(float64, torch.func), on several models, shapes and dimensions; the projection is
+reproducible from its seed and fingerprint; the dimension split and the errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dvgs_fast import grads
+from dvgs_fast.grads import Projector
+
+LOSS = grads.make_sample_loss("cross_entropy")
+
+
+class _Tokens(nn.Module):
+    def __init__(self, vocab=11, dim=4, t=3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.lin = nn.Linear(dim * t, 3)
+
+    def forward(self, x):
+        return self.lin(self.emb(x).flatten(1))
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def _cnn():
+    return nn.Sequential(nn.Unflatten(1, (1, 6)), nn.Conv1d(1, 3, 2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(15, 3, bias=False))
+
+
+def _case(make, n, seed=0):
+    torch.manual_seed(seed)
+    model = make().double()
+    g = torch.Generator().manual_seed(seed + 1)
+    if make is _Tokens:
+        x = torch.randint(0, 11, (n, 3), generator=g)
+    else:
+        x = torch.randn(n, 6 if make is _cnn else 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return model, x, y
+
+
+def _explicit_kron(P: Projector, g: dict, n: int) -> torch.Tensor:
+    """Each layer's explicit gradient [d_out, d_in] (bias as the last column), flattened
+    row-major, times the layer's Kronecker matrix P_out ⊗ P_in (the dense matrix for the rest)."""
+    parts = []
+    for p in P.layers:
+        if p.kind == "dense":
+            G = torch.cat([g[nm].reshape(n, -1) for nm in p.params], 1)
+        else:
+            cols = ([g[p.weight].reshape(n, p.d_out, -1)] if p.weight else []) + \
+                   ([g[p.bias].reshape(n, p.d_out, 1)] if p.bias else [])
+            G = torch.cat(cols, 2).reshape(n, -1)
+        parts.append(G @ P.kron_matrix(p).t())
+    return torch.cat(parts, 1)
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn, _Tokens])
+@pytest.mark.parametrize("n", [7, 1])
+@pytest.mark.parametrize("dim,kind", [(30, "gaussian"), (12, "rademacher"), (10_000, "gaussian")])
+@pytest.mark.parametrize("structure", ["khatri_rao", "kronecker", "dense"])
+def test_factored_projection_equals_kronecker_matrix_on_explicit_gradients(make, n, dim, kind, structure):
+    model, x, y = _case(make, n)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(dim, kind=kind, seed=3, structure=structure)
+    z = P.project(f)
+    assert all(p.structure == ("dense" if p.kind == "dense" or p.dim == p.width else structure) for p in P.layers)
+    assert z.dtype == torch.float64 and z.shape == (n, P.dim)
+    g = {k: v.detach() for k, v in grads.per_sample_grads(model, names, x, y, LOSS).items()}
+    ref = _explicit_kron(P, g, n)
+    torch.testing.assert_close(z, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(P.project_gradients(g), ref, rtol=1e-10, atol=1e-12)
+    total = sum(p.numel() for p in model.parameters())
+    if dim >= total:                           # every side the identity: the gradient itself
+        assert P.dim == total and all(not p.projects("in") and not p.projects("out") for p in P.layers)
+        torch.testing.assert_close(ref.norm(dim=1), torch.cat([g[k].reshape(n, -1) for k in g], 1).norm(dim=1))
+    else:
+        assert P.dim <= dim and P.dim >= 0.8 * dim
+
+
+def test_selected_parameters_bias_only_and_weight_only():
+    model, x, y = _case(_mlp, 6)
+    names = ["0.bias", "3.weight"]            # a bias without its weight, a weight without its bias
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(9, seed=0)
+    z = P.project(f)
+    g = grads.per_sample_grads(model, names, x, y, LOSS)
+    torch.testing.assert_close(z, _explicit_kron(P, g, 6), rtol=1e-10, atol=1e-12)
+    plans = {p.name: p for p in P.layers}
+    assert plans["3"].d_in == 8 and plans["3"].bias is None and plans["<dense>"].params == ("0.bias",)
+    # factors of a bias alone (L = 2 rows per sample): its gradient Σ_t δ_t, through P_out
+    g_ = torch.Generator().manual_seed(0)
+    d = torch.randn(6 * 2, 5, generator=g_, dtype=torch.float64)
+    rf = grads.RowFactors("b", nn.Linear(3, 5), torch.randn(12, 3, dtype=torch.float64), d, 2, None, "b.bias")
+    for structure in ("khatri_rao", "kronecker", "dense"):
+        Pb = Projector(3, seed=1, structure=structure)
+        zb = Pb.project(grads.SampleFactors(6, rows=[rf], dtype=torch.float64))
+        assert Pb.layers[0].d_in == 1 and Pb.layers[0].structure == structure
+        torch.testing.assert_close(zb, d.reshape(6, 2, 5).sum(1) @ Pb.kron_matrix(Pb.layers[0]).t())
+
+
+def test_dense_vectors_blockwise_and_reproducible():
+    g = torch.randn(3, 20_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))   # > one block
+    P = Projector(7, seed=5)
+    z = P.project_vectors(g)
+    M = P.kron_matrix(P.layers[0])
+    assert M.shape == (7, 20_000)
+    torch.testing.assert_close(z, g @ M.t(), rtol=1e-10, atol=1e-10)
+    P_nocache = Projector(7, seed=5, cache_bytes=0)
+    torch.testing.assert_close(P_nocache.project_vectors(g), z, rtol=0, atol=0)
+    assert not P_nocache._cache                                  # regenerated per call, same numbers
+    assert Projector(7, seed=6).project_vectors(g).sub(z).abs().max() > 1e-3
+
+
+def test_reproducible_from_seed_and_fingerprint():
+    model, x, y = _case(_mlp, 5)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    a, b, c = Projector(20, seed=1), Projector(20, seed=1), Projector(20, seed=2)
+    za, zb, zc = a.project(f), b.project(f), c.project(f)
+    torch.testing.assert_close(za, zb, rtol=0, atol=0)
+    assert (za - zc).abs().max() > 1e-6
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert Projector(20, seed=1, kind="rademacher").plan(f).fingerprint() != a.fingerprint()
+    # float32 factors use the same matrices (drawn in float32)
+    m32 = model.float()
+    f32 = grads.FastScorer(m32, names, LOSS, "dot", owner="test").record(x.float(), y).factors()
+    d = Projector(20, seed=1)
+    torch.testing.assert_close(d.project(f32).double(), za, rtol=1e-4, atol=1e-5)
+    assert d.fingerprint() == a.fingerprint()
+    desc = a.describe()
+    assert desc["dim"] == a.dim and [l["name"] for l in desc["layers"]] == ["0", "3", "<dense>"]
+
+
+def test_inner_products_are_preserved_on_average():
+    """E⟨Pg, Ph⟩ = ⟨g, h⟩ for every structure, Gaussian and Rademacher (over seeds)."""
+    model, x, y = _case(_mlp, 2)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    exact = float(grads.cross_gram(f, f)[0, 1].detach())
+    scale = float(grads.sqnorms(f).detach().prod().sqrt())
+    for kind, structure in (("gaussian", "khatri_rao"), ("rademacher", "khatri_rao"), ("gaussian", "kronecker"),
+                            ("rademacher", "dense")):
+        est = []
+        for s in range(200):
+            z = Projector(20, kind=kind, seed=s, structure=structure).project(f)
+            est.append(float(z[0] @ z[1]))
+        est = np.asarray(est)
+        assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est)) + 1e-3 * scale, (kind, structure)
+
+
+def test_dimension_split_and_layer_dims():
+    model, x, y = _case(_mlp, 4)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(40, layer_dims={"0": (2, 3), "3": 6}).plan(f)
+    plans = {p.name: p for p in P.layers}
+    assert (plans["0"].k_out, plans["0"].k_in) == (2, 3)
+    assert plans["3"].dim == 6 and plans["<dense>"].dim == 16          # 28 left, capped at its width
+    assert [p.offset for p in P.layers] == [0, 6, 12]
+    only = Projector(None, layer_dims={"0": 4, "3": 4, "<dense>": 2}).plan(f)
+    assert only.dim == 10
+    with pytest.raises(ValueError, match="layer_dims: 'nope'"):
+        Projector(10, layer_dims={"nope": 3}).plan(f)
+    with pytest.raises(ValueError, match="dim: is None"):
+        Projector(None, layer_dims={"0": 4}).plan(f)
+    other = grads.FastScorer(model, ["0.weight"], LOSS, "dot", owner="test").record(x, y).factors()
+    with pytest.raises(ValueError, match="other layers"):
+        P.project(other)
+
+
+def test_structures_differ_and_a_full_size_layer_is_the_identity():
+    model, x, y = _case(_mlp, 3)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    prints = {Projector(30, structure=st).plan(f).fingerprint() for st in ("khatri_rao", "kronecker", "dense")}
+    assert len(prints) == 3
+    P = Projector(None, layer_dims={"0": 48, "3": 5, "<dense>": 4}).plan(f)   # layer "0" has 8 x 6 = 48 entries
+    plans = {p.name: p for p in P.layers}
+    assert plans["0"].structure == "dense" and not plans["0"].projects("in") and plans["3"].structure == "khatri_rao"
+    g = grads.per_sample_grads(model, names, x, y, LOSS)
+    z = P.project(f)
+    torch.testing.assert_close(z[:, :48], torch.cat([g["0.weight"], g["0.bias"].unsqueeze(2)], 2).reshape(3, -1))
+    torch.testing.assert_close(z, _explicit_kron(P, g, 3), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw,match", [({"dim": 0}, "dim"), ({"structure": "tucker"}, "structure"),
+                                      ({"dim": 2.5}, "dim"), ({"kind": "sparse"}, "kind"),
+                                      ({"seed": -1}, "seed"), ({"layer_dims": {"a": (0, 2)}}, "layer_dims")])
+def test_bad_settings(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Projector(**{"dim": 8, **kw})
+
+
+def test_unplanned_projector_says_so():
+    with pytest.raises(RuntimeError, match="not planned"):
+        Projector(8).dim
