@@ -91,6 +91,13 @@ def run_job(out: Path, job: dict, reuse: bool = False) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"bench_semivalues: {job['id']} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(rpath.read_text())
+    v = np.asarray(res["values"], dtype=float)
+    v = v[np.isfinite(v)]
+    if job["method"] != "lava" and (v.size == 0 or np.ptp(v) == 0):
+        # every utility the same: the library's utility failed (e.g. an error it caught and turned
+        # into its default score); its timing would not be of a valuation
+        raise SystemExit(f"bench_semivalues: {job['id']}: every value is {v[0] if v.size else 'NaN'}; the "
+                         f"library's utility did not evaluate the model (see bench/peers/run_peer.py)")
     print(f"  {job['id']}: cpu {res['cpu_s']:.2f} s, wall {res['wall_s']:.2f} s, {res['refits']} refits "
           f"(process {time.perf_counter() - t0:.0f} s)", flush=True)
     return res

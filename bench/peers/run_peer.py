@@ -48,8 +48,15 @@ FITS = [0]
 WARM = (200, 100)        # LAVA: one untimed call on these many source / target rows first (process start-up costs)
 
 
-class TorchRefit:
-    """The refit of dvgs_fast's torch utility (see the module doc), sklearn-style."""
+try:        # every venv has scikit-learn; its scorers need an estimator's tags (pyDVL's scorer)
+    from sklearn.base import BaseEstimator, ClassifierMixin
+except ImportError:     # pragma: no cover
+    BaseEstimator, ClassifierMixin = object, object
+
+
+class TorchRefit(ClassifierMixin, BaseEstimator):
+    """The refit of dvgs_fast's torch utility (see the module doc), a scikit-learn classifier
+    (pyDVL scores it with sklearn's accuracy scorer, which reads its tags and ``classes_``)."""
 
     def __init__(self, arch="logistic", steps=100, lr=0.1):
         self.arch, self.steps, self.lr = arch, steps, lr
@@ -78,6 +85,7 @@ class TorchRefit:
     def fit(self, x, y):
         FITS[0] += 1
         x, y = torch.as_tensor(np.asarray(x), dtype=torch.float32), torch.as_tensor(np.asarray(y)).long().reshape(-1)
+        self.classes_ = np.arange(N_CLASSES)
         self.const = None
         if len(y) == 0 or not np.isin(REQUIRED, y.numpy()).all():
             self.const = CHANCE_CLASS
@@ -156,7 +164,10 @@ def run_pydvl():
     model = make_sklearn_logistic() if JOB["model"] == "sklearn_logistic" else \
         TorchRefit("logistic" if JOB["model"] == "torch_logistic" else "mlp", JOB["steps"], JOB["lr"])
     scorer = SupervisedScorer("accuracy", test, default=chance(), range=(0.0, 1.0))
-    utility = ModelUtility(model, scorer, catch_errors=True, show_warnings=False)
+    # scikit-learn's LogisticRegression raises on a one-class subset: pyDVL's catch_errors gives it the
+    # chance score; the torch refit handles those itself, so any error there is a bug and must surface
+    # (caught, it silently turned every utility into the default score: all values 0)
+    utility = ModelUtility(model, scorer, catch_errors=JOB["model"] == "sklearn_logistic", show_warnings=False)
     k, seed = JOB["samples"], JOB["seed"]
     if JOB["method"] == "banzhaf":
         val = MSRBanzhafValuation(utility, is_done=MaxSamples(MSRSampler(seed=seed), k), seed=seed)
