@@ -207,6 +207,12 @@ def markdown(meta: dict, agree: list[dict], spd: list[dict]) -> str:
                 L.append(f"| {r['method']} | {r['model']} | {lib} {x['version']} | {x['samples']} | "
                          f"{int(np.median(x['refits']))} | {np.median(x['cpu_s']):.2f} | {np.median(x['wall_s']):.2f} | "
                          f"{1000 * x['cpu_per_refit']:.2f} | {faster} | {cse} | {faster_se} |")
+        loads = [x for r in spd for lib in r["runs"].values() for x in lib["load"]]
+        cpu = sum(sum(lib["cpu_s"]) for r in spd for lib in r["runs"].values())
+        wall = sum(sum(lib["wall_s"]) for r in spd for lib in r["runs"].values())
+        L += ["", f"{meta['rounds']} interleaved rounds, medians shown. Load average (1 min) at the start of the runs: "
+              f"{min(loads):.1f} to {max(loads):.1f} on the 2 cores; all speed runs together {cpu:.0f} CPU s in "
+              f"{wall:.0f} wall s (wall = {wall / cpu:.1f}x CPU: the other jobs' share of the cores)."]
         L += ["", "samples: MSR subsets (banzhaf) or permutations (beta: Beta(16, 1), no truncation on our and pyDVL's "
               "side; OpenDataVal's TMCSampler truncates after 10 unchanged marginals, min_cardinality 0). A refit is one "
               "utility evaluation (ours: refits actually trained, cache hits excluded). CPU × se²: CPU seconds times the "
@@ -222,8 +228,13 @@ def main() -> int:
     p.add_argument("--n-agree", type=int, default=60)
     p.add_argument("--quick", action="store_true", help="a few samples each (a smoke test)")
     p.add_argument("--skip", default="", help="comma-separated: agreement,speed")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT/semivalues.md from OUT/semivalues.json")
     a = p.parse_args()
     out = Path(a.out)
+    if a.report_only:
+        doc = json.loads((out / "semivalues.json").read_text())
+        (out / "semivalues.md").write_text(markdown(doc["meta"], doc["agreement"], doc["speed"]))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     import torch
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
