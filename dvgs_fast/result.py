@@ -10,6 +10,11 @@ Every result says how complete it is:
            0 = never valued: its value is a placeholder (0), not a measurement.
   status   "completed" (ran what was asked), "converged" (stopped by its convergence rule) or
            "stopped" (a budget ended it early; see info["stopped_by"]).
+  resampling_stderr  optional: the standard deviation of each value under resampling of the
+           *data* (the other training points drawn afresh from the same distribution; Wu et al.
+           2024), estimated by the semivalue methods with ``resampling_samples > 0``. It is not
+           the Monte Carlo stderr: more permutations do not shrink it, more data does.
+           ``ci(level)`` combines the two into a confidence interval.
 
 Two results of the same method on the same samples merge with ``a + b``: values become the
 count-weighted mean and stderr is recomputed from the pooled sums of squares (Chan et al.'s
@@ -61,6 +66,7 @@ class ValuationResult:
     timings: dict[str, float] = field(default_factory=dict)
     snapshots: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    resampling_stderr: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64).reshape(-1)
@@ -72,6 +78,11 @@ class ValuationResult:
         if self.stderr.shape[0] != n or self.counts.shape[0] != n:
             raise ValueError(f"ValuationResult: stderr ({self.stderr.shape[0]}) and counts "
                              f"({self.counts.shape[0]}) must have one entry per value ({n})")
+        if self.resampling_stderr is not None:
+            self.resampling_stderr = np.asarray(self.resampling_stderr, dtype=np.float64).reshape(-1)
+            if self.resampling_stderr.shape[0] != n:
+                raise ValueError(f"ValuationResult: resampling_stderr ({self.resampling_stderr.shape[0]}) must have "
+                                 f"one entry per value ({n})")
         if self.status not in STATUSES:
             raise ValueError(f"status: expected one of {', '.join(STATUSES)}, got {self.status!r}")
 
@@ -104,6 +115,27 @@ class ValuationResult:
         r = np.empty(len(self), dtype=np.int64)
         r[np.argsort(self.values, kind="stable")] = np.arange(1, len(self) + 1)
         return r
+
+    def ci(self, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high): a normal ``level`` confidence interval per sample for its *expected* value
+        over training data drawn from the same distribution (Wu et al. 2024):
+        value +- z * sqrt(resampling_stderr^2 + stderr^2) -- the spread under resampling of the
+        data plus the Monte Carlo error of this estimate. NaN where either is unknown.
+
+        Only results with ``resampling_stderr`` have one (semivalue methods run with
+        ``resampling_samples > 0``); ``stderr`` alone describes the Monte Carlo error only,
+        i.e. how far the estimate may be from the exact value on *this* dataset."""
+        if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0 < level < 1:
+            raise ValueError(f"level: expected a number in (0, 1), got {level!r}")
+        if self.resampling_stderr is None:
+            why = self.info.get("resampling_skipped")
+            raise ValueError(f"ci: this {self.method!r} result has no resampling variance "
+                             f"({'skipped: ' + why if why else 'not estimated'}); run a semivalue method (DataShapley, "
+                             f"BetaShapley, ...) with resampling_samples > 0 (e.g. 50) and enough max_time")
+        from scipy.stats import norm
+        z = float(norm.ppf(0.5 + level / 2))
+        half = z * np.sqrt(self.resampling_stderr ** 2 + self.stderr ** 2)
+        return self.values - half, self.values + half
 
     def to_dataframe(self):
         """A pandas DataFrame: index, value, stderr, counts, rank (1 = lowest value)."""
@@ -149,7 +181,12 @@ class ValuationResult:
             status = "converged"
         else:
             status = "completed"
+        # The resampling variance is a property of the data, estimated by each run: their mean.
+        rs = None
+        if self.resampling_stderr is not None and other.resampling_stderr is not None:
+            rs = np.sqrt((self.resampling_stderr ** 2 + other.resampling_stderr ** 2) / 2)
         return ValuationResult(values=mean, method=self.method, stderr=stderr, counts=c.astype(np.int64),
+                               resampling_stderr=rs,
                                status=status, params=dict(self.params),
                                timings={k: self.timings.get(k, 0.0) + other.timings.get(k, 0.0)
                                         for k in set(self.timings) | set(other.timings)},
@@ -173,6 +210,8 @@ class ValuationResult:
                   "meta": np.frombuffer(json.dumps(meta, default=_json_default).encode(), dtype=np.uint8)}
         if self.snapshots is not None:
             arrays["snapshots"] = np.asarray(self.snapshots)
+        if self.resampling_stderr is not None:
+            arrays["resampling_stderr"] = self.resampling_stderr
         buf = io.BytesIO()
         np.savez(buf, **arrays)
         try:
@@ -194,7 +233,8 @@ class ValuationResult:
                     raise ValueError(f"its metadata is not a ValuationResult's ({what})")
                 arrays = {k: z[k] for k in ("values", "stderr", "counts")}
                 snapshots = z["snapshots"] if "snapshots" in z.files else None
-            return cls(**arrays, snapshots=snapshots, **meta)
+                resampling = z["resampling_stderr"] if "resampling_stderr" in z.files else None
+            return cls(**arrays, snapshots=snapshots, resampling_stderr=resampling, **meta)
         except (OSError, KeyError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zlib.error,
                 UnicodeDecodeError) as exc:
             detail = str(exc).replace("\n", " ")

@@ -63,6 +63,18 @@ def shapley_case(n=16, m=30, **kw):
     return {"values": np.asarray(res.values), "info": {k: res.info.get(k) for k in keys}}
 
 
+def semivalue_case(n=16, m=30, cls="DataBanzhaf", **kw):
+    """The semivalue core's other samplers and the resampling phase on the sharded driver."""
+    from dvgs_fast.methods import semivalues
+    kw = {"refit_steps": 15, "check_every": 4, "seed": 11, "progress": False, **kw}
+    res = getattr(semivalues, cls)(**kw).fit(*_data(n, m, classes=2, seed=1))
+    keys = ("stopped_by", "subsets_done", "permutations_done", "resampling_samples", "world_size", "rank")
+    out = {"values": np.asarray(res.values), "info": {k: res.info.get(k) for k in keys}}
+    if res.resampling_stderr is not None:
+        out["resampling_stderr"] = np.asarray(res.resampling_stderr)
+    return out
+
+
 def groundtruth_case(kind="lds", cache_dir=None):
     """A small MLP's LDS (2 seeds x 2 blocks) or LOO (4 blocks) ground truth, sharded by blocks."""
     from dvgs_fast.evaluate import counterfactual as cf
@@ -75,7 +87,6 @@ def groundtruth_case(kind="lds", cache_dir=None):
     else:
         gt = cf.loo_ground_truth(rec, xs, ys, xt, yt, indices=9, seeds=1, block_size=3, **kw)
     return {"outputs": gt.outputs, "world_size": gt.info["world_size"], "status": gt.status}
-
 
 
 def influence_case(n=45, m=5, solver="ekfac", factors_dir=None, **kw):
@@ -95,7 +106,8 @@ def influence_case(n=45, m=5, solver="ekfac", factors_dir=None, **kw):
             "info": {k: res.info.get(k) for k in ("world_size", "rank", "n_hessian")}}
 
 
-CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "influence": influence_case, "groundtruth": groundtruth_case}
+CASES = {"dvgs": dvgs_case, "shapley": shapley_case, "influence": influence_case, "groundtruth": groundtruth_case,
+         "semivalue": semivalue_case}
 
 
 # ------------------------------------------------------------------------------------ worker

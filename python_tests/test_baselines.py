@@ -17,7 +17,7 @@ from torch import nn
 import dvgs_fast
 from dvgs_fast import DVRL, DataShapley, LeaveOneOut, RandomValuation, ValuationResult
 from dvgs_fast.methods.base import BudgetWarning
-from dvgs_fast.methods.shapley.tmc import convergence_error
+from dvgs_fast.methods.semivalues.stopping import HistoryDeviation, Progress
 from dvgs_fast.evaluate import detection_auroc
 
 from _tasks import flipped_task
@@ -119,7 +119,7 @@ def test_batched_tmc_matches_sequential_reference(small, model, dtype):
     seq = DataShapley(batched=False, **kw).fit(xs, ys, xt, yt)
     bat = DataShapley(batched=True, **kw).fit(xs, ys, xt, yt)
     assert seq.info["engine"] == "sequential"
-    assert bat.info["engine"] == ("linear" if model == "logistic" else "vmap")
+    assert bat.info["engine"] == ("linear" if model == "logistic" else "mlp")
     # truncation did happen, and not at the same place in every permutation
     refits = (seq.snapshots != 0).sum(0)
     assert seq.info["truncated_fraction"] > 0 and len(set(refits.tolist())) > 1, seq.info
@@ -232,14 +232,14 @@ def test_batched_tmc_budget_within_one_refit_and_progress_counts_refits(capsys):
     err = capsys.readouterr().err
     assert "refit" in err and "perm]" not in err
     seen = []
-    from dvgs_fast.methods.shapley import tmc
-    orig = tmc.PermutationDriver.refitted
+    from dvgs_fast.methods.semivalues import driver
+    orig = driver.SampleDriver.refitted
     try:
-        tmc.PermutationDriver.refitted = lambda self, n: (seen.append((n, len(self.completed))), orig(self, n))
+        driver.SampleDriver.refitted = lambda self, n: (seen.append((n, self.stats.samples)), orig(self, n))
         DataShapley(max_permutations=2, seed=0, progress=False).fit(sp.x_source[:80], y[:80], sp.x_target,
                                                                      sp.y_target)
     finally:
-        tmc.PermutationDriver.refitted = orig
+        driver.SampleDriver.refitted = orig
     assert seen and seen[0] == (2 * 32, 0)        # the first grid's 2 permutations x 32 refits, none done yet
 
 
@@ -254,12 +254,23 @@ def test_iteration_budgets(bc):
     assert (r.values != 0).sum() <= 10
 
 
+def _history_error(mem):
+    """The original DShap convergence error of a [permutations, N] marginal history (None: not
+    checked, fewer than 100 permutations), as DataShapley's HistoryDeviation rule computes it."""
+    means = np.cumsum(mem, 0) / np.arange(1, len(mem) + 1)[:, None]
+    rule = HistoryDeviation(tol=0.1, window=100)
+    fired = rule.check(Progress(samples=len(mem), elapsed=0.0, values=means[-1], stderr=np.zeros(mem.shape[1]),
+                                counts=np.full(mem.shape[1], len(mem)), history=lambda: means))
+    assert (fired is rule) == (rule.last_error is not None and rule.last_error < 0.1)
+    return rule.last_error
+
+
 def test_convergence_criterion():
-    assert convergence_error(np.ones((50, 4))) == 1.0          # fewer than 100: not converged
-    assert convergence_error(np.ones((150, 4))) == pytest.approx(0.0)
+    assert _history_error(np.ones((50, 4))) is None           # fewer than 100: not checked
+    assert _history_error(np.ones((150, 4))) == pytest.approx(0.0)
     g = np.random.default_rng(0)
     noisy = g.normal(1.0, 5.0, size=(120, 4))
-    assert convergence_error(noisy) > 0.05
+    assert _history_error(noisy) > 0.05
 
 
 def test_converges_with_the_original_criterion(small):

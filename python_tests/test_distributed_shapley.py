@@ -1,4 +1,4 @@
-"""Data Shapley on 2 gloo processes (permutation p on rank p % 2, marginals all-reduced every
+"""Data Shapley (and the semivalue core's MSR sampler and resampling phase) on 2 gloo processes (permutation p on rank p % 2, marginals all-reduced every
 `check_every` permutations, convergence decided on the reduced values) equals the single-process
 run with the same seed. One spawn runs every case; the parent computes the references."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from _dist_workers import shapley_case, spawn
+from _dist_workers import semivalue_case, shapley_case, spawn
 
 CASES = {
     # TMC, 6 permutations in rounds of 4 (the second round is partial)
@@ -19,11 +19,18 @@ CASES = {
                   "check_every": 10, "convergence_tol": 0.2},
 }
 TIMED = {"max_permutations": None, "max_time": 1.0, "check_every": 3}
+SEMIVALUE_CASES = {
+    # MSR Banzhaf: 30 subsets in rounds of 4, batches of 5 (rounds and batches do not line up)
+    "msr": {"cls": "DataBanzhaf", "max_updates": 30, "batch_size": 5},
+    # Beta Shapley with the resampling variance (pairs of permutations sharing a first point)
+    "beta_ci": {"cls": "BetaShapley", "max_updates": 4, "resampling_samples": 5, "tolerance": None},
+}
 
 
 @pytest.fixture(scope="module")
 def ranks():
     cases = [(name, "shapley", kw) for name, kw in CASES.items()] + [("timed", "shapley", TIMED)]
+    cases += [(name, "semivalue", kw) for name, kw in SEMIVALUE_CASES.items()]
     return spawn(cases, world=2)
 
 
@@ -35,7 +42,9 @@ def single():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return {name: shapley_case(**kw) for name, kw in CASES.items()}
+        out = {name: shapley_case(**kw) for name, kw in CASES.items()}
+        out.update({name: semivalue_case(**kw) for name, kw in SEMIVALUE_CASES.items()})
+        return out
     finally:
         torch.set_num_threads(n)
         mp.undo()
@@ -49,6 +58,20 @@ def test_two_ranks_equal_single_process(ranks, single, name):
         got = out[name]
         np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-9, atol=1e-12)
         for k in ("stopped_by", "permutations_done", "mean_refits_per_permutation"):
+            assert got["info"][k] == ref["info"][k], k
+        assert got["info"]["world_size"] == 2 and got["info"]["rank"] == r
+
+
+@pytest.mark.parametrize("name", list(SEMIVALUE_CASES))
+def test_semivalue_samplers_on_two_ranks_equal_single_process(ranks, single, name):
+    ref = single[name]
+    assert np.abs(ref["values"]).max() > 0
+    for r, out in enumerate(ranks):
+        got = out[name]
+        np.testing.assert_allclose(got["values"], ref["values"], rtol=1e-9, atol=1e-12)
+        if "resampling_stderr" in ref:
+            np.testing.assert_allclose(got["resampling_stderr"], ref["resampling_stderr"], rtol=1e-9, atol=1e-12)
+        for k in ("stopped_by", "subsets_done", "permutations_done", "resampling_samples"):
             assert got["info"][k] == ref["info"][k], k
         assert got["info"]["world_size"] == 2 and got["info"]["rank"] == r
 

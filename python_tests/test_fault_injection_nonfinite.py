@@ -135,7 +135,7 @@ def test_dvrl_selection_probabilities_that_are_nan_are_named():
 def test_gshapley_learning_rate_search_skips_a_diverging_candidate(monkeypatch, all_bad):
     """The searched learning rate is never one whose runs diverged (np.argmax picks a NaN first);
     when every candidate diverged the run is refused."""
-    from dvgs_fast.methods.shapley import method as shapley_method
+    from dvgs_fast.methods.shapley import gshapley as shapley_method   # the search lives there
 
     def scores(grid, inits, X, Y, Xt, Yt, perms, lrs):
         s = torch.where(lrs == lrs.max(), 0.9, 0.5).to(torch.float64)     # lr 0.1 scores best ...

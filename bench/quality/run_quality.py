@@ -57,6 +57,7 @@ ANALYSIS_MD = HERE / "ANALYSIS.md"
 # table (attribution/run_attribution.py) and the TRAK / LoGra comparison with traker (bench_trak.py).
 ATTRIBUTION_MDS = (HERE / "attribution" / "attribution.md", HERE / "attribution" / "analysis.md",
                    HERE / "attribution" / "projected.md")
+SEMIVALUES_MD = HERE / "semivalues" / "SECTION.md"
 OUT = ROOT / "runs" / "quality"          # --out; bench/quality for the committed record
 
 
@@ -152,7 +153,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
         probe=True),
 ]}
 LABEL_EXPERIMENTS = ("adult", "blog")
-BUDGETED = ("dshap", "dvrl")
+BUDGETED = ("dshap", "dvrl", "beta_shapley", "banzhaf")
 
 
 def registered_methods() -> list[str]:
@@ -181,6 +182,9 @@ def method_tables(exp: Experiment, methods: list[str], budget: float) -> dict[st
         "dvrl": {"model": "logistic", "max_time": budget},
         # bootstrap refits: a linear model keeps 1000 of them to seconds (the MLP takes minutes)
         "data_oob": {"model": "logistic"},
+        # the retraining semivalues: the logistic refits and the budget of Data Shapley
+        "beta_shapley": {"model": "logistic", "max_time": budget},
+        "banzhaf": {"model": "logistic", "max_time": budget},
     }
     if exp.dvgs:
         tables["dvgs"] = dict(exp.dvgs)
@@ -466,6 +470,8 @@ def write_quality_md(names: list[str], meta: dict) -> None:
              "Experiments: " + ", ".join(n for n, _ in ran) + ".", ""]
     for n, _ in ran:
         lines += experiment_section(EXPERIMENTS[n])
+    if SEMIVALUES_MD.is_file():     # written by run_semivalues_quality.py; kept on every regeneration
+        lines += [SEMIVALUES_MD.read_text().rstrip(), ""]
     if ANALYSIS_MD.is_file():
         lines += [ANALYSIS_MD.read_text().rstrip(), ""]
     for extra in ATTRIBUTION_MDS:

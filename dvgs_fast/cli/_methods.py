@@ -27,6 +27,13 @@ METHODS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "inrun_shapley": ("dvgs_fast.methods.in_run_shapley", "InRunShapley", {}, "In-Run Data Shapley (Wang et al. 2024)"),
     "tracin": ("dvgs_fast.methods.tracin", "TracIn", {}, "TracIn-CP (Pruthi et al. 2020)"),
     "data_oob": ("dvgs_fast.methods.data_oob", "DataOOB", {}, "Data-OOB: out-of-bag scores of bootstrap refits"),
+    # semivalues: a default sample budget so that a run ends without --max-time ([method] max_updates,
+    # stop or --max-time change it); they refit many models, so --model logistic is the affordable choice
+    "beta_shapley": ("dvgs_fast.methods.semivalues", "BetaShapley", {"max_updates": 100},
+                     "Beta(16, 1) Shapley (Kwon & Zou 2022): weighted TMC permutations, batched refits"),
+    "banzhaf": ("dvgs_fast.methods.semivalues", "DataBanzhaf", {"max_updates": 2000},
+                "Data Banzhaf by maximum sample reuse (Wang & Jia 2023), batched refits"),
+    "lava": ("dvgs_fast.methods.lava", "LAVA", {}, "LAVA: optimal-transport data values (Just et al. 2023)"),
     # The API scores a model as passed (epochs=0, as dattri's GradDot); the command line builds an
     # untrained model, so it trains it on the source first, as TracIn does (its default 50 epochs).
     "grad_dot": ("dvgs_fast.methods.grad_similarity", "GradDot", {"epochs": 50},

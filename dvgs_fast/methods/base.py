@@ -107,6 +107,7 @@ class Estimate:
     info: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     snapshots: np.ndarray | None = None
+    resampling_stderr: np.ndarray | None = None   # sd of each value under resampling of the data
 
 
 @dataclass
@@ -217,7 +218,7 @@ class Valuation(abc.ABC):
             info["progress"] = est.progress
         result = ValuationResult(values=est.values, method=self.name, stderr=est.stderr, counts=est.counts,
                                  status=status, params=self.settings(), timings=timings,
-                                 snapshots=est.snapshots, info=info)
+                                 snapshots=est.snapshots, info=info, resampling_stderr=est.resampling_stderr)
         if status == "stopped":
             unvalued = int((result.counts == 0).sum())
             warnings.warn(f"{type(self).__name__}: stopped early by {reason}"

@@ -23,6 +23,10 @@ sum in float64 and scatters the values back to source order. The block size boun
 
 result.stderr is the standard error of the values over the target points; result.counts the number
 of target points averaged (all samples alike; fewer when ``max_time`` stopped the run).
+
+With ``groups`` the values are asymmetric Data Shapley values (Zheng et al. 2024: the groups
+come in order, each point valued within its group with the earlier groups present), in closed
+form (`knn_asymmetric.py`).
 """
 from __future__ import annotations
 
@@ -56,14 +60,21 @@ class KNNShapley(Valuation):
         magnitude would over- or underflow float32 distances (above 2^50 or all below 2^-50) are
         measured in float64 instead (``info["distances_dtype"]``).
     max_time : wall-clock budget; a run stopped by it averages the target points done so far.
+    groups, order : asymmetric Data Shapley: the [N] group label of every source sample and the
+        labels earliest first (default: sorted); see `knn_asymmetric.py`. None: Data Shapley.
     seed : unused by the algorithm (it is deterministic); recorded like every method's.
     """
 
-    name = "knn_shapley"
-
     def __init__(self, k: int = 10, *, metric: str = "euclidean", block_size: int | None = None,
-                 dtype: str = "float64", device: Any = None, seed: int | None = None,
-                 max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
+                 dtype: str = "float64", groups: Any = None, order: Any = None, device: Any = None,
+                 seed: int | None = None, max_time: float | None = None, progress: bool = True, num_threads: int | None = None):
+        from dvgs_fast.methods.semivalues.methods import check_groups
+        self.groups = self.order = None
+        self._members = None
+        if groups is not None:
+            self.groups, self.order, self._members = check_groups(groups, order)
+        elif order is not None:
+            raise ValueError("order: given without groups")
         self.k = V.check_positive_int(k, "k")
         self.metric = V.check_choice(metric, "metric", METRICS)
         self.block_size = V.check_optional_positive_int(block_size, "block_size")
@@ -78,6 +89,10 @@ class KNNShapley(Valuation):
         n, t, d = int(x_source.shape[0]), int(x_target.shape[0]), int(np.prod(x_source.shape[1:]))
         return (self.block_size or max(1, min(t, _BLOCK_ELEMENTS // max(n, 1)))) * n * d
 
+    @property
+    def name(self) -> str:
+        return "knn_shapley" if self.groups is None else "asymmetric_knn_shapley"
+
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         t0 = time.perf_counter()
         data = V.prepare_inputs(x_source, y_source, x_target, y_target, loss="cross_entropy", n_classes=None,
@@ -88,6 +103,15 @@ class KNNShapley(Valuation):
             warnings.warn(f"k: {self.k} neighbours but only {N} source samples: every sample is a neighbour of "
                           f"every target point, so each value is just 1[label matches] / k and the distances play "
                           f"no part; choose k < {N}", UserWarning, stacklevel=3)
+        rank = None
+        if self.groups is not None:
+            if len(self.groups) != N:
+                raise ValueError(f"groups: has {len(self.groups)} labels for {N} source samples")
+            rank = torch.zeros(N, dtype=torch.long)
+            for r, members in enumerate(self._members):
+                rank[torch.as_tensor(members, dtype=torch.long)] = r
+            rank = rank.to(X.device)
+            from dvgs_fast.methods.knn_asymmetric import knn_asymmetric_block   # it imports this module
         promoted = X.dtype == torch.float32 and float32_distances_unsafe(X, Xt)
         if promoted:        # the float32 values are exact in float64; their distances then are too
             X, Xt = X.double(), Xt.double()
@@ -109,7 +133,11 @@ class KNNShapley(Valuation):
                     if stopped:
                         break
                     b = min(block, T - done)
-                    vals = knn_shapley_block(X, Y, Xt[done:done + b], Yt[done:done + b], coef, self.metric)
+                    if rank is None:
+                        vals = knn_shapley_block(X, Y, Xt[done:done + b], Yt[done:done + b], coef, self.metric)
+                    else:
+                        vals = knn_asymmetric_block(X, Y, Xt[done:done + b], Yt[done:done + b], self.k, rank,
+                                                    len(self._members), self.metric)
                     s1 += vals.sum(0)
                     s2 += (vals * vals).sum(0)
                     done += b
@@ -122,7 +150,8 @@ class KNNShapley(Valuation):
                         status="stopped" if stopped else "completed", stop_reason=stopped,
                         progress=f"{done} of {T} target points",
                         info={"k": self.k, "metric": self.metric, "n_target": T, "targets_done": done,
-                              "block_size": block, "distances_dtype": str(X.dtype).replace("torch.", "")},
+                              "block_size": block, "distances_dtype": str(X.dtype).replace("torch.", ""),
+                              **({} if rank is None else {"n_groups": len(self._members)})},
                         timings={"setup": t_setup, "valuation": time.perf_counter() - t0 - t_setup})
 
 

@@ -16,6 +16,8 @@ Two engines compute the grid:
 * ``linear`` (logistic / linear regression, i.e. a bare ``nn.Linear``): the same maths written as
   batched GEMMs with hand-derived gradients in a class-major layout ([P, C, classes, rows]), which
   avoids slow softmax kernels over a size-2 last dimension on CPU. It is selected automatically.
+* ``mlp`` (Linear-ReLU-Linear, ``batched_mlp.py``): the same for a one-hidden-layer network; asked
+  for explicitly (the semivalue methods pick it for such a model).
 
 Truncation is decided afterwards, per slot and position, by the same `PermState` state machine as
 the sequential loop; work computed past a slot's truncation point is discarded. Finished slots are
@@ -30,6 +32,7 @@ import torch
 from torch import nn
 from torch.func import vmap
 
+from dvgs_fast.refit.batched_mlp import is_relu_mlp, mlp_outputs, train_mlp_grid
 from dvgs_fast.refit.models import (Refitter, check_model_output, guard_outputs, init_params, make_model,
                                     score_outputs)
 from dvgs_fast.refit.optim import BudgetHit, run_optimizer  # noqa: F401 - BudgetHit for the callers
@@ -47,6 +50,9 @@ class GridTrainer:
         if engine == "linear" and not is_linear:
             raise ValueError("batch_engine: 'linear' needs the model to be a single nn.Linear "
                              "(model='logistic'); use 'vmap' or 'auto'")
+        if engine == "mlp" and not is_relu_mlp(refitter.module):
+            raise ValueError("batch_engine: 'mlp' needs the model to be nn.Sequential(Linear, ReLU, Linear) "
+                             "(model='mlp'); use 'vmap' or 'auto'")
         self.engine = engine
         if engine == "vmap":
             inner = vmap(refitter.train_functional, in_dims=(None, None, None, 0))
@@ -66,6 +72,8 @@ class GridTrainer:
         try:
             if self.engine == "vmap":
                 return self._train_grid(self.theta0, Xp, Yp, M)
+            if self.engine == "mlp":
+                return train_mlp_grid(self.r, self.theta0, Xp, Yp, M)
             return self._train_linear(Xp, Yp, M)
         finally:
             self.r.should_stop = saved
@@ -143,6 +151,8 @@ class GridTrainer:
             if "bias" in flat:
                 z = z + flat["bias"].unsqueeze(-1)
             out = z.transpose(1, 2)
+        elif self.engine == "mlp":
+            out = mlp_outputs(flat, Xt)
         else:
             out = vmap(self.r.forward, in_dims=(0, None))(flat, Xt)
         out = out.reshape(*lead, *out.shape[1:])
@@ -158,7 +168,7 @@ class GridTrainer:
     # -- G-Shapley ---------------------------------------------------------------------------
     def sgd_step(self, params, x_rows, y_rows, lr):
         """One SGD step per member on its own sample: params [B, ...], x_rows [B, ...], y_rows [B]."""
-        if self.engine == "vmap":
+        if self.engine != "linear":
             return vmap(self.r.sgd_step, in_dims=(0, 0, 0, 0 if torch.is_tensor(lr) else None, None))(
                 params, x_rows, y_rows, lr, True)
         r = self.r
