@@ -25,6 +25,19 @@ import torch
 ALL_CORES = os.cpu_count() or 1
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the platform's machine type: the benches' records."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def load_avg() -> float:
     try:
         return round(os.getloadavg()[0], 2)

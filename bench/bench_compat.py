@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _timing import cpu_model  # noqa: E402
 ORIGINAL_IMPORT = "from DVGS import DVGS"
 OUR_IMPORT = "from dvgs_fast.compat import DVGS"
 
@@ -206,7 +208,7 @@ def main(argv=None) -> dict:
     out = {
         "what": "run_valuation-shaped script, Adult 1000/400, 20% flipped, DVGS paper settings; only the import differs",
         "date": dt.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(), "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__,
+        "cpu_model": cpu_model(), "cores": os.cpu_count(), "threads": 1, "torch": torch.__version__,
         "python": platform.python_version(), "original_commit": (original / "COMMIT").read_text().strip()
         if (original / "COMMIT").exists() else str(original),
         "epochs": args.epochs, "restarts": args.restarts, "rounds": args.rounds, "runs": runs, "median": summary,
@@ -227,16 +229,6 @@ def main(argv=None) -> dict:
           f"{out['speedup_cpu']:.1f}x; whole process wall {out['speedup_wall_process']:.1f}x, CPU "
           f"{out['speedup_cpu_process']:.1f}x; Spearman between sides {np.round(rho, 3).tolist()}; -> {args.json}")
     return out
-
-
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 try:

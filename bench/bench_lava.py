@@ -30,7 +30,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_semivalues import _cpu, interleaved, python_of, run_job  # noqa: E402
+from _timing import cpu_model  # noqa: E402
+from bench_semivalues import interleaved, python_of, run_job  # noqa: E402
 
 DEFAULT_SIZES = "digits:1000:300,adult:1000:400,adult:5000:1000,adult:10000:2000"
 
@@ -62,7 +63,7 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import torch
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__}
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__}
     import subprocess
     meta["opendataval"] = subprocess.run([*python_of("opendataval"), "-c", "import opendataval, geomloss; "
                                           "print(opendataval.__version__, geomloss.__version__)"],

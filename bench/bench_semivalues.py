@@ -39,6 +39,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from _timing import cpu_model  # noqa: E402
 RUNNER = HERE / "peers" / "run_peer.py"
 VENVS = Path(os.environ.get("DVGS_PEER_VENVS", "/work/peer-venvs"))
 
@@ -237,7 +239,7 @@ def main() -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     import torch
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": _cpu(), "cores": os.cpu_count(), "torch": torch.__version__,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "n_source": a.n_source, "n_agree": a.n_agree, "rounds": a.rounds, "python": platform.python_version()}
     for lib in ("pydvl", "opendataval"):
         v = subprocess.run([*python_of(lib), "-c", f"import {lib}; print({lib}.__version__)"], capture_output=True,
@@ -250,16 +252,6 @@ def main() -> int:
     (out / "semivalues.md").write_text(markdown(meta, agree, spd))
     print(f"bench_semivalues: wrote {out / 'semivalues.md'}")
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from pathlib import Path
 
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cpu_model  # noqa: E402
+
 
 def load_avg() -> float:
     return round(os.getloadavg()[0], 2)
@@ -73,19 +76,9 @@ def load(kind: str):
             p.join(5)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
     import torch
-    return {"cpu": _cpu_name(), "cores": CORES, "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cores": CORES, "python": platform.python_version(),
             "torch": torch.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
             "date": time.strftime("%Y-%m-%d")}
 

@@ -52,6 +52,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 BENCH = HERE.parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from _timing import cpu_model  # noqa: E402
 ANALYSIS_MD = HERE / "ANALYSIS.md"
 # Sections other scripts write (kept on every regeneration, after the analysis): the attribution
 # table (attribution/run_attribution.py) and the TRAK / LoGra comparison with traker (bench_trak.py).
@@ -528,7 +530,7 @@ def main() -> int:
         methods = a.methods.split(",") if a.methods else registered_methods()
         seeds = [int(s) for s in a.seeds.split(",")]
         import torch
-        meta.update({"cpu": platform.processor() or _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__})
+        meta.update({"cpu": platform.processor() or cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__})
         for n in names:
             curve_args = [x for flag, v in (("--curve-model", a.curve_model), ("--curve-epochs", a.curve_epochs),
                                             ("--curve-repeats", a.curve_repeats)) if v is not None for x in (flag, v)]
@@ -553,16 +555,6 @@ def _record(meta_path: Path, meta: dict, name: str, rec: dict) -> dict:
         tmp.write_text(json.dumps(merged, indent=1) + "\n")
         os.replace(tmp, meta_path)
     return merged
-
-
-def _cpu_model() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":
