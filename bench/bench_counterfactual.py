@@ -27,7 +27,7 @@ Sanity (the answer is known): the exact influence of the L2-regularised logistic
 digits (200 rows, float64, 2000 + 500 warm epochs) and on Adult (case c) -- and its LDS on case
 (a)'s ground truth. Seed noise: case (b)'s split-half agreement between its two seeds.
 
-dattri check (``--dattri-python /work/peer-venvs/dattri/bin/python``, after
+dattri check (``--dattri-python $DVGS_PEER_VENVS/dattri/bin/python``, after
 ``bash bench/peers/setup_dattri.sh``): dattri 0.3.0's TracIn (5 checkpoints of case (a)'s
 reference training, epochs 200..1000, weight = lr 1.0 each), grad-dot, grad-cos (last checkpoint)
 and TRAK (last checkpoint, regularization 1e-3), exact (``--proj identity``) and with dattri's
@@ -73,6 +73,15 @@ def adult():
     from dvgs_fast.datasets import load_adult
     sp = load_adult().split(n_source=2000, n_target=500, n_test=500, seed=0)
     return sp.x_source, sp.y_source, sp.x_target, sp.y_target
+
+
+def adult_or_none(skipped: str):
+    """adult(), or None with a line saying what is skipped when the data is not on this machine."""
+    try:
+        return adult()
+    except (ValueError, OSError) as exc:
+        print(f"Adult not found ({exc}); {skipped} skipped", file=sys.stderr)
+        return None
 
 
 def lr_recipe(d, classes, epochs, dtype):
@@ -249,7 +258,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/bench_counterfactual", help="output folder")
+    ap.add_argument("--out", default="runs/bench/counterfactual", help="output folder")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cases", default="a,b,c")
@@ -257,12 +266,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dd = digits()
-    try:
-        da = adult()
-    except (ValueError, OSError) as exc:
-        print(f"Adult not found ({exc}); case (c) skipped", file=sys.stderr)
-        da = None
+    dd, da = digits(), adult_or_none("case (c)")
     todo = {k: v for k, v in cases(dd, da).items() if k in args.cases.split(",")}
     res = {"facts": {**facts(), "threads": args.threads}, "cost": {}, "seed_noise": {}, "sanity": {}}
     gts = {}

@@ -1,7 +1,7 @@
 """Data value embedding against trajectory-specific leave-one-out, beside dattri's DVEmb on the same
 run; its training overhead against plain training; its memory.
 
-    python bench/bench_dvemb.py --out /tmp/bench_dvemb [--dattri-python /work/peer-venvs/dattri/bin/python]
+    python bench/bench_dvemb.py --out runs/bench/dvemb [--dattri-python $DVGS_PEER_VENVS/dattri/bin/python]
 
 Writes results.json / results.md into --out (never over tracked files).
 
@@ -98,7 +98,7 @@ SETTINGS = {
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/bench_dvemb")
+    ap.add_argument("--out", default="runs/bench/dvemb")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dattri-python", default=None)
@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     res = {"facts": {**facts(), "threads": args.threads}, "ground_truth_cpu_s": gt_cpu, "rows": []}
     plain = []
     for name, (ours_kw, theirs_kw) in SETTINGS.items():
-        ours_t, theirs_t, theirs_meta, scores = [], None, None, None
+        ours_t, theirs_meta, scores = [], None, None
         for r in range(args.rounds):
             with pinned_threads(args.threads):
                 plain.append(plain_training(xs, ys))

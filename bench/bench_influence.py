@@ -4,7 +4,7 @@ own process (bench/peers/influence_runner.py under each library's virtualenv), i
 rounds (the order reversed every other round), at a pinned thread count, in one session.
 
     python bench/bench_influence.py --out runs/bench_influence [--problems logreg,mlp,cnn] [--rounds 2]
-    (peer virtualenvs: bash bench/peers/setup_influence_peers.sh; --venvs DIR, default /work/peer-venvs)
+    (peer virtualenvs: bash bench/peers/setup_influence_peers.sh; --venvs DIR, default $DVGS_PEER_VENVS or runs/peer-venvs)
 
 Problems: digits (scikit-learn, 8x8, /16), 1,000 training rows, 300 queries from the rest:
 "logreg" (64-10, L2 1e-2 in training), "mlp" (64-64-10 ReLU), "cnn" (digits upsampled to 32x32,
@@ -36,7 +36,9 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "peers" / "influence_runner.py"
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "peers"))
+from _peers import PEER_VENVS  # noqa: E402
 from influence_runner import build  # noqa: E402
 
 # Which libraries run which solver (what each offers; Kronfluence: K-FAC / EK-FAC only).
@@ -143,7 +145,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-train", type=int, default=1000)
     ap.add_argument("--n-query", type=int, default=300)
-    ap.add_argument("--venvs", default="/work/peer-venvs")
+    ap.add_argument("--venvs", default=str(PEER_VENVS))
     ap.add_argument("--timeout", type=float, default=1800.0)
     a = ap.parse_args()
     out = Path(a.out)

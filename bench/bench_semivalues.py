@@ -40,9 +40,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+from _peers import PEER_VENVS as VENVS  # noqa: E402
 from _timing import cpu_model  # noqa: E402
+
 RUNNER = HERE / "peers" / "run_peer.py"
-VENVS = Path(os.environ.get("DVGS_PEER_VENVS", "/work/peer-venvs"))
 
 
 def python_of(lib: str) -> list[str]:

@@ -1,8 +1,8 @@
 """TRAK and LoGra: how the regularisation default was chosen, quality (LDS) on the digits MLP
 beside traker 0.3.2, TracIn and grad-dot, and featurisation speed against traker's CPU projector.
 
-    bash bench/peers/setup_traker.sh                     # /work/peer-venvs/traker (traker 0.3.2)
-    python bench/bench_trak.py --out /tmp/bench_trak [--parts reg,digits,speed] [--rounds 3]
+    bash bench/peers/setup_traker.sh                     # $DVGS_PEER_VENVS/traker (traker 0.3.2)
+    python bench/bench_trak.py --out runs/bench/trak [--parts reg,digits,speed] [--rounds 3]
 
 Writes results.json and results.md into --out (ground truths cached there as gt_<task>.npz).
 Not collected by pytest (~30-40 minutes on 2 shared cores).
@@ -60,6 +60,7 @@ from torch import nn  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _peers import peer_python  # noqa: E402
 from _timing import load_avg  # noqa: E402
 
 from dvgs_fast import GradDot, TracIn  # noqa: E402
@@ -67,7 +68,7 @@ from dvgs_fast.evaluate import counterfactual as cf  # noqa: E402
 from dvgs_fast.methods.trak import TRAK, LoGraInfluence  # noqa: E402
 from dvgs_fast.methods.trak.trak import REGULARIZATION  # noqa: E402
 
-TRAKER_PY = os.environ.get("TRAKER_PYTHON", "/work/peer-venvs/traker/bin/python")
+TRAKER_PY = os.environ.get("TRAKER_PYTHON", peer_python("traker"))
 REG_GRID = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
 STRUCTURES = ("khatri_rao", "kronecker", "dense")
 STRUCTURE_LABEL = {"khatri_rao": "Khatri-Rao (default)", "kronecker": "Kronecker (LoGra)", "dense": "dense per layer"}
@@ -370,7 +371,7 @@ def markdown(results: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/bench_trak")
+    ap.add_argument("--out", default="runs/bench/trak")
     ap.add_argument("--parts", default="reg,digits,seeds,speed")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)

@@ -2,7 +2,7 @@
 MSE; the CLI's and bench_lincs_scale.py's model) over a GCTX file of the real Level 5 layout,
 720,000 rows: projected per-sample gradients streamed into a gradient store.
 
-    python bench/bench_trak_lincs.py --out /tmp/bench_trak_lincs [--gctx PATH] [--n 720000]
+    python bench/bench_trak_lincs.py --out runs/bench/trak_lincs [--gctx PATH] [--n 720000]
                                      [--proj-dim 4096] [--dtype float16] [--threads 1]
 
 Data: the real 720k file (level5_beta_trt_cp_n720216x12328.gctx) is not under
@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -65,7 +64,7 @@ def gctx_path(args) -> tuple[Path, str]:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/bench_trak_lincs")
+    ap.add_argument("--out", default="runs/bench/trak_lincs")
     ap.add_argument("--gctx", default=None)
     ap.add_argument("--n", type=int, default=720_000)
     ap.add_argument("--proj-dim", type=int, default=4096)

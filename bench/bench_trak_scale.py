@@ -2,7 +2,7 @@
 (k = 4,096, a synthetic store), every score computed blockwise, top-100 per query written out,
 the resident memory of the process measured.
 
-    python bench/bench_trak_scale.py --out /tmp/bench_trak_scale [--n 1000000 --queries 50000
+    python bench/bench_trak_scale.py --out runs/bench/trak_scale [--n 1000000 --queries 50000
                                       --dim 4096 --top-k 100 --threads 2 --query-chunk 5000]
 
 What runs (the library's own code paths, nothing bench-specific in between):
@@ -74,7 +74,7 @@ def synthetic_store(directory: Path, n: int, dim: int, seed: int, progress: bool
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/bench_trak_scale")
+    ap.add_argument("--out", default="runs/bench/trak_scale")
     ap.add_argument("--store-dir", default=None)
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--queries", type=int, default=50_000)
@@ -162,7 +162,7 @@ def main(argv=None) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=1))
     md = [f"# TRAK-scale scoring: {args.n:,} training x {args.queries:,} queries, k = {args.dim}, top-{args.top_k}",
           "",
-          f"| what | value |", "|---|---|",
+          "| what | value |", "|---|---|",
           f"| training store | {args.n:,} x {args.dim} float16, {train.nbytes / 2**30:.2f} GiB on disk |",
           f"| query store | {args.queries:,} x {args.dim} float16, {query.nbytes / 2**30:.2f} GiB |",
           f"| scores computed | {args.n * args.queries:.3g} (all of them, blockwise; none kept) |",

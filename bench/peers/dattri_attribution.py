@@ -3,8 +3,8 @@
 Runs inside dattri's own virtualenv (never imports dvgs_fast), so that a bench can put dattri's
 scores beside ours on the very same data, splits and checkpoints:
 
-    bash bench/peers/setup_dattri.sh                      # /work/peer-venvs/dattri (dattri 0.3.0)
-    /work/peer-venvs/dattri/bin/python bench/peers/dattri_attribution.py \\
+    bash bench/peers/setup_dattri.sh                      # $DVGS_PEER_VENVS/dattri (dattri 0.3.0)
+    $DVGS_PEER_VENVS/dattri/bin/python bench/peers/dattri_attribution.py \\
         --data data.npz --model model.json --checkpoints ck0.pt ck1.pt --lrs 0.1,0.1 \\
         --methods tracin,grad_dot,grad_cos,trak --out dattri_scores.npz
 

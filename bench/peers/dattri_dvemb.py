@@ -2,7 +2,7 @@
 
 Runs inside dattri's own virtualenv (never imports dvgs_fast):
 
-    /work/peer-venvs/dattri/bin/python bench/peers/dattri_dvemb.py --data data.npz --model model.json \\
+    $DVGS_PEER_VENVS/dattri/bin/python bench/peers/dattri_dvemb.py --data data.npz --model model.json \\
         --init init.pt --order order.npz --lr 0.1 [--factorization kronecker] [--proj-dim 512] --out s.npz
 
 Inputs (bench/bench_dvemb.py writes them): data.npz (x_source, y_source, x_query, y_query), the

@@ -2,10 +2,10 @@
 # Peer libraries for bench/bench_influence.py, each in its own virtualenv (never a dependency of
 # dvgs_fast): pyDVL 0.10.0, dattri 0.3.0 and Kronfluence 1.0.1, all on the same torch as ours
 # (2.13.0, CPU) so that CPU-time comparisons run the same ATen/BLAS kernels on both sides.
-# Usage: bash bench/peers/setup_influence_peers.sh [VENV_ROOT]   (default /work/peer-venvs)
+# Usage: bash bench/peers/setup_influence_peers.sh [VENV_ROOT]   (default $DVGS_PEER_VENVS or runs/peer-venvs)
 # Creation of each venv is serialised with flock (other benchmarks share them).
 set -euo pipefail
-ROOT=${1:-/work/peer-venvs}
+ROOT=${1:-${DVGS_PEER_VENVS:-runs/peer-venvs}}
 mkdir -p "$ROOT"
 cd "$ROOT"
 flock "$ROOT/.pydvl.lock" bash -c '

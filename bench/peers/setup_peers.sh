@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Peer libraries for the semivalue / LAVA benchmarks, each in its own virtualenv (never our
-# dependencies): /work/peer-venvs/pydvl (pyDVL 0.10.0) and /work/peer-venvs/opendataval
+# dependencies): $DVGS_PEER_VENVS/pydvl (pyDVL 0.10.0) and $DVGS_PEER_VENVS/opendataval
 # (OpenDataVal 1.3.0). Usage: bash bench/peers/setup_peers.sh [VENV_ROOT]
 #
 # Both use the same torch as we do (2.13.0+cpu from this machine's wheel folder), so that the
@@ -12,7 +12,7 @@
 # (names only; using it raises). The methods compared (LAVA with its otdd/geomloss code, Data
 # Banzhaf, Beta Shapley) never touch torchvision.
 set -euo pipefail
-ROOT=${1:-/work/peer-venvs}
+ROOT=${1:-${DVGS_PEER_VENVS:-runs/peer-venvs}}
 mkdir -p "$ROOT"
 cd "$ROOT"
 flock "$ROOT/.pydvl.lock" bash -c '

@@ -2,7 +2,7 @@
 # traker 0.3.2 (MadryLab's TRAK) in its own virtualenv, never a dependency of dvgs_fast.
 # Used by bench/bench_trak.py through bench/peers/traker_runner.py.
 set -euo pipefail
-VENV=${TRAKER_VENV:-/work/peer-venvs/traker}
+VENV=${TRAKER_VENV:-${DVGS_PEER_VENVS:-runs/peer-venvs}/traker}
 mkdir -p "$(dirname "$VENV")"
 (
   flock 9

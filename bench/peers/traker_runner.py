@@ -3,7 +3,7 @@
 Runs inside traker's own virtualenv (never imports dvgs_fast):
 
     bash bench/peers/setup_traker.sh
-    /work/peer-venvs/traker/bin/python bench/peers/traker_runner.py --data data.npz --model model.json \\
+    $DVGS_PEER_VENVS/traker/bin/python bench/peers/traker_runner.py --data data.npz --model model.json \\
         --checkpoints m0.pt m1.pt --proj-dim 512 --out traker_scores.npz [--lambda-reg 0 | --relative-reg 1.0]
 
 Inputs

@@ -37,7 +37,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -530,7 +529,7 @@ def main() -> int:
         methods = a.methods.split(",") if a.methods else registered_methods()
         seeds = [int(s) for s in a.seeds.split(",")]
         import torch
-        meta.update({"cpu": platform.processor() or cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__})
+        meta.update({"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__})
         for n in names:
             curve_args = [x for flag, v in (("--curve-model", a.curve_model), ("--curve-epochs", a.curve_epochs),
                                             ("--curve-repeats", a.curve_repeats)) if v is not None for x in (flag, v)]

@@ -2,8 +2,8 @@
 retraining (LDS and leave-one-out Spearman), with its CPU time and the ground truth's cost, and
 dattri's attributors on the same data, model and checkpoints in the same run.
 
-    python bench/quality/attribution/run_attribution.py --out /tmp/attr \\
-        [--dattri-python /work/peer-venvs/dattri/bin/python] [--tasks digits_lr,digits_mlp,adult_lr]
+    python bench/quality/attribution/run_attribution.py --out runs/bench/attribution \\
+        [--dattri-python $DVGS_PEER_VENVS/dattri/bin/python] [--tasks digits_lr,digits_mlp,adult_lr]
 
 Writes ``attribution.json`` and ``attribution.md`` into --out (never over tracked files); copy
 ``attribution.md`` to bench/quality/attribution/ to publish it (run_quality.py puts it in
@@ -68,7 +68,7 @@ BENCH = HERE.parent.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH / "peers"))
 from _timing import load_avg, pinned_threads  # noqa: E402
-from bench_counterfactual import adult, digits, facts, lr_recipe, mlp_recipe  # noqa: E402
+from bench_counterfactual import adult_or_none, digits, facts, lr_recipe, mlp_recipe  # noqa: E402
 from export import export_lds_ground_truth, export_task  # noqa: E402
 
 from dvgs_fast import (DVGS, TRAK, DataValueEmbedding, GradCos, GradDot, InfluenceFunction, InRunShapley,  # noqa: E402
@@ -272,7 +272,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="/tmp/attribution_quality")
+    ap.add_argument("--out", default="runs/bench/attribution")
     ap.add_argument("--tasks", default="digits_lr,digits_mlp,adult_lr")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dattri-python", default=None)
@@ -280,12 +280,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dd = digits()
-    try:
-        da = adult()
-    except (ValueError, OSError) as exc:
-        print(f"Adult not found ({exc}); adult_lr skipped", file=sys.stderr)
-        da = None
+    dd, da = digits(), adult_or_none("adult_lr")
     todo = {k: v for k, v in tasks(dd, da).items() if k in args.tasks.split(",")}
     res = {"facts": facts(), "threads": args.threads, "rounds": args.rounds, "tasks": {}}
     for i, (key, task) in enumerate(todo.items()):
