@@ -98,7 +98,8 @@ class LayerPlan:
 
 
 def _derive(seed: int, *salt: int) -> int:
-    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    # Shift a Python int: numpy 1.23 refuses uint64 >> int (no safe common type).
+    return int(np.random.SeedSequence([int(seed), *map(int, salt)]).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def _draw(shape: tuple[int, int], kind: str, seed: int, scale_k: int) -> torch.Tensor:
