@@ -58,9 +58,14 @@ def _brute_force(xs, ys, xq, yq, *, epochs, batch_size, lr, seed):
     return E @ _per_sample(model, xq, yq).t(), model
 
 
-def test_equals_brute_force_recursion_without_projection():
+@pytest.mark.parametrize("batch_size, group_rows", [(8, 256), (7, 1), (7, 15), (8, 24)])
+def test_equals_brute_force_recursion_without_projection(monkeypatch, batch_size, group_rows):
+    """The recursion goes in groups of steps (M updated once per group): one step per group,
+    groups that split at an uneven last batch, and all 15-18 steps in one group."""
+    from dvgs_fast.methods.dvemb import embedding
+    monkeypatch.setattr(embedding, "_GROUP_ROWS", group_rows)
     xs, ys, xq, yq = _data()
-    kw = dict(epochs=3, batch_size=8, lr=0.1, seed=4)
+    kw = dict(epochs=3, batch_size=batch_size, lr=0.1, seed=4)
     ref, model = _brute_force(xs, ys, xq, yq, **kw)
     att = DataValueEmbedding(_factory, proj_dim=10_000, store_dtype="float64", progress=False, **kw).attribute(
         xs, ys, xq, yq, dtype="float64")

@@ -28,16 +28,25 @@ from dvgs_fast.gradstore import GradientStore
 
 # Keep E in memory below this many bytes (float64); above, a float32 memory map.
 _IN_MEMORY = 256 << 20
+# Rows per group of steps in the recursion (see embed()).
+_GROUP_ROWS = 256
 
 
 def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray, out_path=None,
-          progress=None, check_every: int = 64, exact: bool = False) -> np.ndarray:
+          progress=None, check_every: int = 16, exact: bool = False, group_rows: int | None = None) -> np.ndarray:
     """E [n, k] from a trajectory store of rows [g] (sgd: u = lr/B · g, ``step_lr[step]``) or
     [g | u] (preconditioned), in step order; columns ``index`` and ``step``.
 
     exact: the recursion in float64 (for a float64 store); otherwise in float32, which the
     recorded rows (float32 / float16) cannot resolve beyond anyway, at half the cost of its
-    2·B·k² multiply-adds per step."""
+    2·B·k² multiply-adds per step.
+
+    Steps go in groups of about group_rows rows (whole steps): the k x k matrix M is read once per
+    group for all its rows and updated once by a rank-(group rows) product, instead of a rank-B
+    update per step -- that update streams all of M through memory for B·k² multiply-adds, at
+    half the speed of the GEMM (k = 2410, B = 64, 1 thread: 25 ms per step against 14 ms for
+    u Mᵀ). Within a group, each step's correction from the group's later steps is
+    (u gᵀ_later) e_later: B x rows x k, small beside the k² terms."""
     index, step = traj.aux("index").astype(np.int64), traj.aux("step").astype(np.int64)
     if index.shape[0] == 0:
         raise ValueError("x_source: the training took no step")
@@ -49,22 +58,48 @@ def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray
          else np.zeros((n, k), dtype=np.float64))
     dt = torch.float64 if exact else torch.float32
     M = torch.zeros(k, k, dtype=dt)
-    for j, (a, b) in enumerate(zip(starts[::-1], stops[::-1])):
+    for j, (a, b) in enumerate(_groups(starts, stops, group_rows or _GROUP_ROWS)):
         rows = torch.from_numpy(traj.read(int(a), int(b)).astype(np.float64 if exact else np.float32, copy=False))
         g = rows[:, :k]
-        u = g * float(step_lr[step[a]]) if sgd else rows[:, k:2 * k]
-        e = u - u @ M.t()
-        idx = index[a:b]                        # distinct within a step: a plain fancy-index add is exact
-        E[idx] += e.numpy().astype(E.dtype, copy=False)
+        if sgd:
+            lr = torch.from_numpy(step_lr[step[a:b]].astype(np.float64 if exact else np.float32, copy=False))
+            u = g * lr[:, None]
+        else:
+            u = rows[:, k:2 * k]
+        # u M_tᵀ for every row of the group: the part through M at the group's end by one GEMM,
+        # the rest (the group's own later steps) by its rows -- M only moves once per group.
+        P = u @ M.t()
+        e = torch.empty_like(u)
+        ends = np.flatnonzero(np.diff(step[a:b])) + 1
+        for r0, r1 in reversed(list(zip(np.concatenate([[0], ends]), np.concatenate([ends, [b - a]])))):
+            r0, r1 = int(r0), int(r1)
+            et = u[r0:r1] - P[r0:r1]
+            if r1 < b - a:
+                et -= (u[r0:r1] @ g[r1:].t()) @ e[r1:]
+            e[r0:r1] = et
+            idx = index[a + r0:a + r1]          # distinct within a step: a plain fancy-index add is exact
+            E[idx] += et.numpy().astype(E.dtype, copy=False)
         M.addmm_(e.t(), g)
         if j % check_every == 0 and not bool(torch.isfinite(M).all()):
             raise ValueError(f"lr: the embedding diverged at step {int(step[a])} (a non-finite recursion matrix): "
                              f"the training's steps are too large for its first-order propagation; lower lr")
         if progress is not None:
-            progress.update(1)
+            progress.update(len(ends) + 1)
     if not bool(torch.isfinite(M).all()) or not np.isfinite(np.asarray(E[:min(n, 4096)])).all():
         raise ValueError("lr: the embedding is not finite: the training's steps are too large; lower lr")
     return E
+
+
+def _groups(starts: np.ndarray, stops: np.ndarray, rows: int):
+    """(first row, stop row) of groups of consecutive steps, last steps first, each of about
+    `rows` rows (at least one whole step)."""
+    i = len(starts) - 1
+    while i >= 0:
+        j = i
+        while j > 0 and stops[i] - starts[j - 1] <= rows:
+            j -= 1
+        yield int(starts[j]), int(stops[i])
+        i = j - 1
 
 
 __all__ = ["embed"]

@@ -52,6 +52,7 @@ class Arnoldi(Solver):
             st = {"evals": e.cpu(), "evecs": U.cpu()}
             saver(lambda: st, force=True)
             self.details["hessian_vector_products"] = op.products
+            self.details["hessian_vector_route"] = op.route
         self.state = st
         self.details.update({"rank": int(st["evals"].numel()), "eigenvalues": st["evals"].tolist()})
 

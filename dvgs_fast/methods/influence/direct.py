@@ -31,17 +31,35 @@ def exact_damping(cfg, lam_max: float) -> float:
 
 
 def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: str = "direct") -> HessianOperator:
-    """Fill st["H"] (p x p, CPU, the solver's dtype) with H + weight_decay·I from p Hessian-vector
-    products, _COLUMNS at a time, from column st["col"] on (a resume); symmetrised when complete."""
+    """Fill st["H"] (p x p, CPU, the solver's dtype) with H + weight_decay·I, symmetrised when
+    complete. On a Sequential MLP the largest Linear layer's diagonal block is built at once
+    (HessianOperator.kron_block) and only the other parameters' columns are taken, by
+    Hessian-vector products, _COLUMNS at a time (each gives a row too: H is symmetric); on any
+    other model all p columns. st["col"] counts the columns done (a resume), st["plan"] names
+    the block, so a state saved under another plan starts over."""
     p = prob.p
-    if st.get("H") is None:
-        st["H"] = torch.zeros(p, p, dtype=prob.dtype)
-        st["col"] = 0
     op = HessianOperator(prob)
+    plan = op.kron_plan()
+    key = None if plan is None else f"kron:{plan[0]}"
+    if st.get("H") is None or st.get("plan") != key:
+        st.update(H=torch.zeros(p, p, dtype=prob.dtype), col=0, plan=key, block_done=False, symmetric=False)
     H = st["H"]
-    bar = prob.progress(p, f"influence ({desc}): Hessian columns", unit="col", initial=int(st["col"]))
+    if plan is None:
+        cols = torch.arange(p)
+    else:
+        inside = torch.zeros(p, dtype=torch.bool)
+        inside[plan[1]] = True
+        cols = (~inside).nonzero().flatten()
+        if not st.get("block_done"):
+            prob.check_time()
+            H[plan[1][:, None], plan[1][None, :]] = op.kron_block(plan[0])
+            st["block_done"] = True
+            if saver is not None:
+                saver(lambda: st)
+    n_cols = int(cols.numel())
+    bar = prob.progress(n_cols, f"influence ({desc}): Hessian columns", unit="col", initial=int(st["col"]))
     try:
-        while st["col"] < p:
+        while st["col"] < n_cols:
             try:
                 prob.check_time()
             except Stopped:
@@ -49,18 +67,25 @@ def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: s
                     saver(lambda: st, force=True)
                 raise
             c0 = int(st["col"])
-            c1 = min(c0 + _COLUMNS, p)
+            c1 = min(c0 + _COLUMNS, n_cols)
+            which = cols[c0:c1]
             E = torch.zeros(c1 - c0, p, dtype=prob.dtype, device=prob.device)
-            E[torch.arange(c1 - c0), torch.arange(c0, c1)] = 1.0
-            H[c0:c1] = op.matmat(E).cpu()          # rows = columns: H is symmetric
+            E[torch.arange(c1 - c0), which.to(prob.device)] = 1.0
+            rows = op.matmat(E).cpu()
+            H[which] = rows                        # rows = columns: H is symmetric
+            H[:, which] = rows.t()
             st["col"] = c1
             bar.update(c1 - c0)
             if saver is not None:
                 saver(lambda: st)
-            if c1 == p:
-                H.copy_(0.5 * (H + H.t()))         # exact symmetry (rounding of the two products)
+        if not st.get("symmetric"):
+            H.copy_(0.5 * (H + H.t()))             # exact symmetry (rounding of the two products)
+            st["symmetric"] = True
     finally:
         bar.close()
+    if plan is not None:
+        op.details = {"hessian_block": f"layer {plan[0]}'s {int(plan[1].numel())} x {int(plan[1].numel())} block "
+                                       f"by Kronecker sums, {n_cols} columns by products"}
     return op
 
 
@@ -73,6 +98,8 @@ class Direct(Solver):
         op = hessian_columns(prob, st, saver)
         self.state = st
         self.details["hessian_vector_products"] = op.products
+        self.details["hessian_vector_route"] = op.route
+        self.details.update(op.details)
 
     def precondition(self, prob: Problem, G: dict) -> dict:
         H = self.state["H"].to(prob.device)

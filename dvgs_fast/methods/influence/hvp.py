@@ -2,7 +2,11 @@
 Arnoldi): v ↦ (H + weight_decay·I) v with H the Hessian of the mean loss over the Hessian's data
 at the trained parameters (the true Hessian, not a Gauss-Newton approximation).
 
-By double backward: per block of rows one forward and one backward that keeps its graph
+Two routes, named in info["hessian_vector_route"]. A Sequential MLP (Linear layers and elementwise
+activations) takes the R-operator written out as GEMMs (hvp_sequential.py): on the digits MLP
+64-64-10 (1 thread, float32) 300 products on a 100-row LiSSA batch cost ~37 ms instead of ~98 ms
+by double backward, and the direct solver's 4,810 columns 9.4 CPU s instead of 13-17 s. Any
+other model takes double backward: per block of rows one forward and one backward that keeps its graph
 (create_graph), then vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a
 chunk of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries
 grow with chunk × rows). Measured on this project's 2-core CPU, 300 vectors, 1 thread: on 1,000
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dvgs_fast.methods.influence.hvp_sequential import SequentialHVP
 from dvgs_fast.methods.influence.problem import Problem
 
 
@@ -25,6 +30,9 @@ from dvgs_fast.methods.influence.problem import Problem
 _BATCHED_ELEMENTS = 16384
 _MAX_BATCHED = 128
 _MIN_BATCHED = 16
+# Memory for the R-operator's per-block preparations kept across full passes (Arnoldi, CG and the
+# direct solver's columns pass over the same blocks again and again).
+_KEEP_BYTES = 512 << 20
 
 
 class HessianOperator:
@@ -34,13 +42,18 @@ class HessianOperator:
         self.prob = prob
         self.products = 0                                # Hessian-vector products taken (per rank)
         self.batched = True                              # False once vmap refused the model
+        # Sequential MLPs: the R-operator written out (hvp_sequential.py); None: autograd
+        self.sequential = SequentialHVP.of(prob.model, prob.names)
+        self._prepared: dict[int, dict] = {}             # block -> its R-operator preparation
+        self._prepared_bytes = 0
+        self.details: dict = {}                          # how an explicit Hessian was built (direct.py)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
         """[k, p] -> [k, p]: the full Hessian's data (this rank's rows, all-reduced)."""
         prob = self.prob
         out = torch.zeros_like(V)
-        for _, x, y in prob.blocks():
-            out += self._block(x, y, V, 1.0 / prob.n_hessian)
+        for b, x, y in prob.blocks():
+            out += self._block(x, y, V, 1.0 / prob.n_hessian, key=b)
         out = prob.all_reduce(out)
         return out + prob.weight_decay * V if prob.weight_decay else out
 
@@ -50,7 +63,43 @@ class HessianOperator:
         out = self.prob.all_reduce(out)
         return out + self.prob.weight_decay * V if self.prob.weight_decay else out
 
-    def _block(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
+    @property
+    def route(self) -> str:
+        return "R-operator (Sequential MLP)" if self.sequential is not None else "double backward"
+
+    def _block(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float,
+               key: int | None = None) -> torch.Tensor:
+        """(scale · Σ_rows H_row) applied to V's rows; key: the block's index in a full pass (its
+        R-operator preparation is then kept, up to _KEEP_BYTES, for the next pass)."""
+        if self.sequential is not None:
+            out = self._block_sequential(x, y, V, scale, key)
+            if out is not None:
+                return out
+            self.sequential = None                           # input a Linear cannot take as rows
+        return self._block_autograd(x, y, V, scale)
+
+    def _block_sequential(self, x, y, V: torch.Tensor, scale: float, key: int | None) -> torch.Tensor | None:
+        prob, seq = self.prob, self.sequential
+        st = self._prepared.get(key) if key is not None else None
+        if st is None:
+            st = seq.prepare(x, y, prob.sample_loss, scale)
+            if st is None:
+                return None
+            size = seq.nbytes(st)
+            if key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
+                self._prepared[key] = st
+                self._prepared_bytes += size
+        mdt = prob.params()[0].dtype
+        out = torch.empty(V.shape, dtype=mdt, device=V.device)
+        views = prob.unflat(out)
+        if all(v.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for v in views.values()):
+            seq.apply(st, prob.unflat(V.to(mdt)), out=views)          # written into out's views
+        else:                                                          # (a reshape that had to copy)
+            out = prob.flat(seq.apply(st, prob.unflat(V.to(mdt)))).to(mdt)
+        self.products += V.shape[0]
+        return out.to(V.dtype)
+
+    def _block_autograd(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
         prob = self.prob
         params = prob.params()
         mdt = params[0].dtype
@@ -87,6 +136,40 @@ class HessianOperator:
             j += 1
         self.products += V.shape[0]
         return out
+
+    # ------------------------------------------------------------------ one layer's block at once
+    def kron_plan(self) -> tuple[int, torch.Tensor] | None:
+        """(layer, flat indices of its block in ``prob.names`` order) when the R-operator route
+        can build the largest scored Linear layer's diagonal block of H directly; else None."""
+        seq = self.sequential
+        layer = seq.largest_layer() if seq is not None else None
+        if layer is None:
+            return None
+        prob = self.prob
+        m = seq.layers[layer]
+        wn, bn = seq.names[id(m)]
+        offsets = dict(zip(prob.names, np.cumsum([0] + prob.sizes)[:-1].tolist()))
+        o, d = m.out_features, m.in_features
+        idx = offsets[wn] + torch.arange(o * d).view(o, d)
+        if bn is not None:
+            idx = torch.cat([idx, (offsets[bn] + torch.arange(o)).view(o, 1)], 1)
+        return layer, idx.reshape(-1)
+
+    def kron_block(self, layer: int) -> torch.Tensor:
+        """That layer's block of H + weight_decay·I (the solver's dtype, CPU), rows and columns
+        in the order of kron_plan()'s indices; this rank's rows all-reduced."""
+        prob, seq = self.prob, self.sequential
+        total = None
+        for b, x, y in prob.blocks():
+            st = self._prepared.get(b) or seq.prepare(x, y, prob.sample_loss, 1.0 / prob.n_hessian)
+            if st is None:
+                raise RuntimeError("kron_block: a block the R-operator cannot take")
+            part = seq.kron_block(st, layer).to(prob.dtype)
+            total = part if total is None else total + part
+        total = prob.all_reduce(total)
+        if prob.weight_decay:
+            total.diagonal().add_(prob.weight_decay)
+        return total.cpu()
 
     # ------------------------------------------------------------------ spectra (scipy ARPACK)
     def linear_operator(self, on_product=None):
