@@ -120,12 +120,13 @@ def test_cross_gram_sqnorms_batch_dots_equal_explicit(name, n, m):
     assert abs(float((Gs @ Gq.t()).abs().max())) > 1e-6      # not trivially zero
 
 
-@pytest.mark.parametrize("name", ["shared_seq", "conv1d", "conv2d"])
+@pytest.mark.parametrize("name", ["shared_seq", "conv1d", "conv2d", "mlp"])
 @pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("m", [1, 5])
 def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
-    """Layers with several rows per sample: batch_dots' and sqnorms' ghost forms and their
-    per-sample-gradient forms (chosen by cost, forced here) all == explicit gradients."""
+    """batch_dots' and sqnorms' ghost forms and their per-sample-gradient forms (chosen by cost,
+    forced here) all == explicit gradients: layers with several rows per sample, and one row
+    (the MLP: batch_dots takes the explicit form there too once Q > d_in)."""
     from dvgs_fast.grads import gram
     monkeypatch.setattr(gram, "_batch_explicit_cheaper", lambda *a: explicit)
     monkeypatch.setattr(gram, "_sqnorm_explicit_cheaper", lambda *a: explicit)
@@ -137,7 +138,7 @@ def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
     names = [nm for nm, _ in model.named_parameters()]
     Gs, Gq = _explicit(model, names, x, y), _explicit(model, names, xq, yq)
     fs = _factors(model, names, x, y)
-    assert any(r.rows > 1 for r in fs.rows)
+    assert any(r.rows > 1 for r in fs.rows) == (name != "mlp")
     params = dict(model.named_parameters())
     V, off = {}, 0
     for nm in names:
