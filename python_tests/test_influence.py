@@ -370,12 +370,33 @@ def test_auto_damping_rules_and_indefinite_warnings():
     with pytest.warns(CurvatureWarning, match="not positive definite"):
         d = InfluenceFunction(model, solver="direct", damping=lam, **KW).fit(xs, ys, xq, yq)
     assert d.info["positive_definite"] is False and np.isfinite(d.values).all()
+    ref, _ = _hessian_ref(model, xs, ys, xq, yq, lam=lam)          # the indefinite system, solved exactly
+    att = InfluenceFunction(model, solver="direct", damping=lam, **KW)
+    with pytest.warns(CurvatureWarning, match="LDL"):
+        got = np.asarray(att.attribute(xs, ys, xq, yq, dtype="float64"))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-7, atol=1e-10 * np.abs(ref.numpy()).max())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         InfluenceFunction(model, solver="cg", damping=lam, **KW).attribute(xs, ys, xs, ys)
     assert any("negative curvature" in str(w.message) for w in caught if issubclass(w.category, CurvatureWarning))
     ek = InfluenceFunction(model, solver="ekfac", **KW).fit(xs, ys, xq, yq)
     assert set(ek.info["damping"]) == {"0", "2"} and all(v > 0 for v in ek.info["damping"].values())
+
+
+@pytest.mark.parametrize("n", [300, 700])
+def test_dense_extreme_eigenvalues_of_large_matrices(n):
+    """Above 256 rows the direct solver's λ_max (damping) and λ_min (the warning) come from
+    Lanczos on the explicit matrix: == eigvalsh to its 1e-3 tolerance, for an indefinite spectrum
+    with a cluster near zero (an MLP Hessian's shape)."""
+    from dvgs_fast.methods.influence.hvp import dense_bottom_eigenvalue, dense_top_eigenvalue
+    g = torch.Generator().manual_seed(n)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    ev = torch.cat([torch.tensor([-0.08, -0.05, 4.3, 2.0], dtype=torch.float64),
+                    torch.rand(n - 4, generator=g, dtype=torch.float64) * 0.02 - 0.005])
+    H = (Q * ev) @ Q.t()
+    H = 0.5 * (H + H.t())
+    assert dense_top_eigenvalue(H) == pytest.approx(4.3, rel=1e-3)
+    assert dense_bottom_eigenvalue(H) == pytest.approx(-0.08, rel=1e-3)
 
 
 def test_float32_and_hessian_subset():

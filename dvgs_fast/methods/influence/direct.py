@@ -10,7 +10,7 @@ epochs) λ_min = -0.026, mean 0.004, λ_max = 7.3; 0.1·mean would leave H + λI
 CG then diverges or stalls), 0.01·λ_max = 0.073 does not. Convex models (logistic regression)
 need no damping at all; 1% of λ_max regularises them mildly. When H + λI is not positive
 definite, the Cholesky fails: a CurvatureWarning names λ_min(H) + λ and the system is solved by
-LU instead (the values are then those of an indefinite quadratic, rarely useful).
+a symmetric indefinite LDLᵀ factorisation instead (the values are then those of an indefinite quadratic, rarely useful).
 """
 from __future__ import annotations
 
@@ -117,16 +117,18 @@ class Direct(Solver):
             if int(info) != 0:
                 low = dense_bottom_eigenvalue(A)
                 self.warn(f"the damped Hessian H + {lam:.3g}·I is not positive definite (smallest eigenvalue "
-                          f"{low:.3g}); solved by LU -- raise damping above {max(0.0, -low + lam):.3g}")
+                          f"{low:.3g}); solved by a symmetric indefinite (LDLᵀ) factorisation -- raise damping "
+                          f"above {max(0.0, -low + lam):.3g}")
                 self.details["positive_definite"] = False
-                self._factor = ("lu", torch.linalg.lu_factor(A))
+                # Bunch-Kaufman LDLᵀ: stable for symmetric indefinite matrices, half LU's work
+                self._factor = ("ldl", torch.linalg.ldl_factor(A))
             else:
                 self.details["positive_definite"] = True
                 self._factor = ("chol", L)
             self._factor_key = key
         B = prob.flat(G).t()                           # [p, Q]
         kind, f = self._factor
-        X = torch.cholesky_solve(B, f) if kind == "chol" else torch.linalg.lu_solve(*f, B)
+        X = torch.cholesky_solve(B, f) if kind == "chol" else torch.linalg.ldl_solve(*f, B)
         return prob.unflat(X.t())
 
 
