@@ -210,6 +210,17 @@ def check_bool(value: Any, name: str) -> bool:
     return bool(value)
 
 
+def check_refit_settings(refit_steps: Any, refit_lr: Any, refit_optimizer: Any, weight_decay: Any,
+                         hidden_dim: Any) -> dict[str, Any]:
+    """The settings of the batched refits (LOO, Data-OOB, the semivalues) checked, by name: the
+    methods that retrain the model on subsets take them alike."""
+    return {"refit_steps": check_positive_int(refit_steps, "refit_steps"),
+            "refit_lr": check_positive_float(refit_lr, "refit_lr"),
+            "refit_optimizer": check_choice(refit_optimizer, "refit_optimizer", ("adam", "sgd")),
+            "weight_decay": check_positive_float(weight_decay, "weight_decay", allow_zero=True),
+            "hidden_dim": check_positive_int(hidden_dim, "hidden_dim")}
+
+
 def check_seed(seed: Any) -> int | None:
     if seed is None:
         return None

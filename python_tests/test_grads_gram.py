@@ -64,6 +64,13 @@ def _models():
     }
 
 
+def _per_parameter(model, names, G):
+    """{name: [Q, *shape]}: flat gradient rows G [Q, p] split per parameter (batch_dots' V)."""
+    params = dict(model.named_parameters())
+    sizes = [params[nm].numel() for nm in names]
+    return {nm: t.reshape(G.shape[0], *params[nm].shape) for nm, t in zip(names, G.split(sizes, 1))}
+
+
 def _inputs(kind, n, g):
     if kind == "tab":
         return torch.randn(n, 5, generator=g, dtype=torch.float64)
@@ -110,12 +117,7 @@ def test_cross_gram_sqnorms_batch_dots_equal_explicit(name, n, m):
     fs, fq = _factors(model, names, x, y), _factors(model, names, xq, yq)
     torch.testing.assert_close(grads.cross_gram(fs, fq), Gs @ Gq.t(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads.sqnorms(fs), Gs.square().sum(1), rtol=1e-10, atol=1e-12)
-    params = dict(model.named_parameters())
-    V, off = {}, 0
-    for nm in names:
-        k = params[nm].numel()
-        V[nm] = Gq[:, off:off + k].reshape(m, *params[nm].shape)
-        off += k
+    V = _per_parameter(model, names, Gq)
     torch.testing.assert_close(grads.batch_dots(fs, V), Gs @ Gq.t(), rtol=1e-10, atol=1e-12)
     assert abs(float((Gs @ Gq.t()).abs().max())) > 1e-6      # not trivially zero
 
@@ -139,12 +141,7 @@ def test_batch_dots_both_multirow_forms(name, explicit, m, monkeypatch):
     Gs, Gq = _explicit(model, names, x, y), _explicit(model, names, xq, yq)
     fs = _factors(model, names, x, y)
     assert any(r.rows > 1 for r in fs.rows) == (name != "mlp")
-    params = dict(model.named_parameters())
-    V, off = {}, 0
-    for nm in names:
-        k = params[nm].numel()
-        V[nm] = Gq[:, off:off + k].reshape(m, *params[nm].shape)
-        off += k
+    V = _per_parameter(model, names, Gq)
     torch.testing.assert_close(grads.batch_dots(fs, V), Gs @ Gq.t(), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads.sqnorms(fs), Gs.square().sum(1), rtol=1e-10, atol=1e-12)
     assert float((Gs @ Gq.t()).abs().max()) > 1e-6

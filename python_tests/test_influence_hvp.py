@@ -157,3 +157,26 @@ def test_solvers_unchanged_by_the_route(monkeypatch, case):
         att = InfluenceFunction(model, solver=s, **kw).attribute(xs, ys, xq, yq, dtype="float64")
         assert att.info["hessian_vector_route"] == "double backward"
         np.testing.assert_allclose(v, np.asarray(att), rtol=1e-9, atol=1e-12 * np.abs(v).max())
+
+
+def test_sequence_input_falls_back_to_double_backward(monkeypatch):
+    """A Linear applied to [n, T, d] rows is outside the R-operator route: direct (whose layer
+    block would need it first) and CG take double backward and == the route switched off."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    g = torch.Generator().manual_seed(3)
+    xs, ys = torch.randn(12, 2, 4, generator=g, dtype=torch.float64), torch.randn(12, 2, 3, generator=g,
+                                                                                  dtype=torch.float64)
+    xq, yq = torch.randn(3, 2, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 3, generator=g,
+                                                                                dtype=torch.float64)
+    kw = dict(progress=False, seed=0, damping=2.0, loss="mse", hessian_batch_size=5)
+    got = {}
+    for s in ("direct", "cg"):
+        att = InfluenceFunction(model, solver=s, **kw).attribute(xs, ys, xq, yq, dtype="float64")
+        assert att.info["hessian_vector_route"] == "double backward"
+        assert "hessian_block" not in att.info
+        got[s] = np.asarray(att)
+    from dvgs_fast.methods.influence import hvp
+    monkeypatch.setattr(hvp.SequentialHVP, "of", classmethod(lambda cls, *a: None))
+    ref = np.asarray(InfluenceFunction(model, solver="direct", **kw).attribute(xs, ys, xq, yq, dtype="float64"))
+    np.testing.assert_allclose(got["direct"], ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())

@@ -5,15 +5,12 @@
 # Usage: bash bench/peers/setup_influence_peers.sh [VENV_ROOT]   (default $DVGS_PEER_VENVS or runs/peer-venvs)
 # Creation of each venv is serialised with flock (other benchmarks share them).
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=${1:-${DVGS_PEER_VENVS:-runs/peer-venvs}}
 mkdir -p "$ROOT"
+ROOT=$(cd "$ROOT" && pwd)
 cd "$ROOT"
-flock "$ROOT/.pydvl.lock" bash -c '
-set -e
-test -x pydvl/bin/python || python3 -m venv pydvl
-# pyDVL's influence package imports dask.distributed (the "influence" extra) even for torch models
-pydvl/bin/python -c "import pydvl.influence.torch" 2>/dev/null || \
-  pydvl/bin/pip install -q "pydvl[influence]==0.10.0" "numpy<2" "torch==2.13.0"'
+bash "$HERE/venv_pydvl.sh" "$ROOT"
 flock "$ROOT/.dattri.lock" bash -c '
 set -e
 if [ ! -x dattri/bin/python ]; then

@@ -12,15 +12,12 @@
 # (names only; using it raises). The methods compared (LAVA with its otdd/geomloss code, Data
 # Banzhaf, Beta Shapley) never touch torchvision.
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=${1:-${DVGS_PEER_VENVS:-runs/peer-venvs}}
 mkdir -p "$ROOT"
+ROOT=$(cd "$ROOT" && pwd)
 cd "$ROOT"
-flock "$ROOT/.pydvl.lock" bash -c '
-set -e
-if [ ! -x pydvl/bin/python ]; then
-  python3 -m venv pydvl
-  pydvl/bin/pip install -q "pydvl==0.10.0" "numpy<2" "torch==2.13.0"
-fi'
+bash "$HERE/venv_pydvl.sh" "$ROOT"
 flock "$ROOT/.opendataval.lock" bash -c '
 set -e
 if [ ! -x opendataval/bin/python ]; then

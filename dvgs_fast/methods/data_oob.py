@@ -86,11 +86,7 @@ class DataOOB(Valuation):
                 max_samples = V.check_positive_int(max_samples, "max_samples")
         self.max_samples = max_samples
         self.loss = V.check_choice(loss, "loss", V.LOSSES)
-        self.refit_steps = V.check_positive_int(refit_steps, "refit_steps")
-        self.refit_lr = V.check_positive_float(refit_lr, "refit_lr")
-        self.refit_optimizer = V.check_choice(refit_optimizer, "refit_optimizer", ("adam", "sgd"))
-        self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-        self.hidden_dim = V.check_positive_int(hidden_dim, "hidden_dim")
+        vars(self).update(V.check_refit_settings(refit_steps, refit_lr, refit_optimizer, weight_decay, hidden_dim))
         self.batch_size = V.check_positive_int(batch_size, "batch_size")
         self.batch_engine = V.check_choice(batch_engine, "batch_engine", ("auto", "vmap", "linear"))
         if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)) or n_jobs == 0):

@@ -55,11 +55,7 @@ class LeaveOneOut(Valuation):
         if metric is not None:
             V.check_choice(metric, "metric", V.CLASSIFICATION_METRICS + V.REGRESSION_METRICS)
         self.metric = metric
-        self.refit_steps = V.check_positive_int(refit_steps, "refit_steps")
-        self.refit_lr = V.check_positive_float(refit_lr, "refit_lr")
-        self.refit_optimizer = V.check_choice(refit_optimizer, "refit_optimizer", ("adam", "sgd"))
-        self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-        self.hidden_dim = V.check_positive_int(hidden_dim, "hidden_dim")
+        vars(self).update(V.check_refit_settings(refit_steps, refit_lr, refit_optimizer, weight_decay, hidden_dim))
         self.batched = V.check_bool(batched, "batched")
         self.batch_size = V.check_positive_int(batch_size, "batch_size")
         self.batch_engine = V.check_choice(batch_engine, "batch_engine", ("auto", "vmap", "linear"))

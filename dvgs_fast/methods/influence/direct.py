@@ -42,7 +42,7 @@ def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: s
     plan = op.kron_plan()
     key = None if plan is None else f"kron:{plan[0]}"
     if st.get("H") is None or st.get("plan") != key:
-        st.update(H=torch.zeros(p, p, dtype=prob.dtype), col=0, plan=key, block_done=False, symmetric=False)
+        st.update(H=torch.zeros(p, p, dtype=prob.dtype), col=0, plan=key, block_done=False)
     H = st["H"]
     if plan is None:
         cols = torch.arange(p)
@@ -52,7 +52,7 @@ def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: s
         cols = (~inside).nonzero().flatten()
         if not st.get("block_done"):
             prob.check_time()
-            H[plan[1][:, None], plan[1][None, :]] = op.kron_block(plan[0])
+            H[plan[1][:, None], plan[1][None, :]] = op.kron_block(plan)
             st["block_done"] = True
             if saver is not None:
                 saver(lambda: st)
@@ -78,9 +78,7 @@ def hessian_columns(prob: Problem, st: dict, saver: Saver | None = None, desc: s
             bar.update(c1 - c0)
             if saver is not None:
                 saver(lambda: st)
-        if not st.get("symmetric"):
-            H.copy_(0.5 * (H + H.t()))             # exact symmetry (rounding of the two products)
-            st["symmetric"] = True
+        H.copy_(0.5 * (H + H.t()))                 # exact symmetry (rounding of the two products); idempotent
     finally:
         bar.close()
     if plan is not None:

@@ -79,25 +79,28 @@ class HessianOperator:
         return self._block_autograd(x, y, V, scale)
 
     def _block_sequential(self, x, y, V: torch.Tensor, scale: float, key: int | None) -> torch.Tensor | None:
-        prob, seq = self.prob, self.sequential
-        st = self._prepared.get(key) if key is not None else None
+        prob = self.prob
+        st = self._preparation(x, y, scale, key)
         if st is None:
-            st = seq.prepare(x, y, prob.sample_loss, scale)
-            if st is None:
-                return None
-            size = seq.nbytes(st)
-            if key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
-                self._prepared[key] = st
-                self._prepared_bytes += size
+            return None
         mdt = prob.params()[0].dtype
         out = torch.empty(V.shape, dtype=mdt, device=V.device)
-        views = prob.unflat(out)
-        if all(v.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() for v in views.values()):
-            seq.apply(st, prob.unflat(V.to(mdt)), out=views)          # written into out's views
-        else:                                                          # (a reshape that had to copy)
-            out = prob.flat(seq.apply(st, prob.unflat(V.to(mdt)))).to(mdt)
+        # unflat's [K, *shape] column slices of a Linear's weight / bias are views: written in place
+        self.sequential.apply(st, prob.unflat(V.to(mdt)), out=prob.unflat(out))
         self.products += V.shape[0]
         return out.to(V.dtype)
+
+    def _preparation(self, x, y, scale: float, key: int | None) -> dict | None:
+        """The R-operator's preparation of a block of rows (SequentialHVP.prepare); kept, up to
+        _KEEP_BYTES, when `key` names a block of a full pass. None: the model cannot take them."""
+        st = self._prepared.get(key) if key is not None else None
+        if st is None:
+            st = self.sequential.prepare(x, y, self.prob.sample_loss, scale)
+            size = 0 if st is None else self.sequential.nbytes(st)
+            if st is not None and key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
+                self._prepared[key] = st
+                self._prepared_bytes += size
+        return st
 
     def _block_autograd(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
         prob = self.prob
@@ -140,12 +143,16 @@ class HessianOperator:
     # ------------------------------------------------------------------ one layer's block at once
     def kron_plan(self) -> tuple[int, torch.Tensor] | None:
         """(layer, flat indices of its block in ``prob.names`` order) when the R-operator route
-        can build the largest scored Linear layer's diagonal block of H directly; else None."""
-        seq = self.sequential
+        can build the largest scored Linear layer's diagonal block of H directly; else None (also
+        when the model turns out not to take the Hessian's rows: one row is tried, alike on
+        every rank)."""
+        seq, prob = self.sequential, self.prob
         layer = seq.largest_layer() if seq is not None else None
         if layer is None:
             return None
-        prob = self.prob
+        if seq.prepare(prob.xh[:1], prob.yh[:1], prob.sample_loss, 1.0) is None:
+            self.sequential = None                           # a Linear sees more than 2-D input
+            return None
         m = seq.layers[layer]
         wn, bn = seq.names[id(m)]
         offsets = dict(zip(prob.names, np.cumsum([0] + prob.sizes)[:-1].tolist()))
@@ -155,17 +162,14 @@ class HessianOperator:
             idx = torch.cat([idx, (offsets[bn] + torch.arange(o)).view(o, 1)], 1)
         return layer, idx.reshape(-1)
 
-    def kron_block(self, layer: int) -> torch.Tensor:
-        """That layer's block of H + weight_decay·I (the solver's dtype, CPU), rows and columns
-        in the order of kron_plan()'s indices; this rank's rows all-reduced."""
+    def kron_block(self, plan: tuple[int, torch.Tensor]) -> torch.Tensor:
+        """kron_plan()'s layer block of H + weight_decay·I (the solver's dtype, CPU), rows and
+        columns in the order of its indices; this rank's rows (maybe none) all-reduced."""
         prob, seq = self.prob, self.sequential
-        total = None
+        layer, size = plan[0], int(plan[1].numel())
+        total = torch.zeros(size, size, dtype=prob.dtype, device=prob.device)
         for b, x, y in prob.blocks():
-            st = self._prepared.get(b) or seq.prepare(x, y, prob.sample_loss, 1.0 / prob.n_hessian)
-            if st is None:
-                raise RuntimeError("kron_block: a block the R-operator cannot take")
-            part = seq.kron_block(st, layer).to(prob.dtype)
-            total = part if total is None else total + part
+            total += seq.kron_block(self._preparation(x, y, 1.0 / prob.n_hessian, b), layer).to(prob.dtype)
         total = prob.all_reduce(total)
         if prob.weight_decay:
             total.diagonal().add_(prob.weight_decay)

@@ -156,9 +156,6 @@ class SequentialHVP:
                 s1, s2 = _slopes(m, a)
                 slopes[i] = (s1.unsqueeze(1), None if s2 is None else (s2 * g).unsqueeze(1))
                 g = s1 * g
-        for i in range(first):                     # below the first scored layer: forward slopes only
-            if not isinstance(self.layers[i], (nn.Linear, nn.Flatten, nn.Identity)):
-                slopes[i] = (_slope(self.layers[i], saved[i]).unsqueeze(1), None)
         return {"saved": saved, "first": first, "grads": grads, "slopes": slopes, "n": int(x.shape[0]),
                 "H": _output_hessians(g_out, out)}
 

@@ -153,11 +153,7 @@ class Semivalue(Valuation):
                              f"...), got {type(stop).__name__}")
         self.stop = stop
         self.check_every = V.check_positive_int(check_every, "check_every")
-        self.refit_steps = V.check_positive_int(refit_steps, "refit_steps")
-        self.refit_lr = V.check_positive_float(refit_lr, "refit_lr")
-        self.refit_optimizer = V.check_choice(refit_optimizer, "refit_optimizer", ("adam", "sgd"))
-        self.weight_decay = V.check_positive_float(weight_decay, "weight_decay", allow_zero=True)
-        self.hidden_dim = V.check_positive_int(hidden_dim, "hidden_dim")
+        vars(self).update(V.check_refit_settings(refit_steps, refit_lr, refit_optimizer, weight_decay, hidden_dim))
         self.batched = V.check_bool(batched, "batched")
         self.chunk_size = V.check_positive_int(chunk_size, "chunk_size")
         self.batch_engine = V.check_choice(batch_engine, "batch_engine", ENGINES)
