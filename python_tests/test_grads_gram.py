@@ -189,3 +189,53 @@ def test_pairwise_and_materialised_forms_agree_on_long_sequences(monkeypatch):
     c = grads.cross_gram(f, f)
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("n,rows,d_in,d_out", [(5, 6, 3, 2), (4, 2, 8, 9), (1, 3, 2, 2), (0, 4, 3, 2)])
+def test_row_factors_per_sample_form(n, rows, d_in, d_out):
+    """RowFactors given per sample ([n, rows, width], here channel-major views as a conv's unfold
+    gives them) == given flat: the flat a / d, the per-sample gradients kept (rows·(d_in + d_out)
+    ≥ d_in·d_out) or formed in blocks, bias gradients, and the shared / own-copy contract."""
+    g = torch.Generator().manual_seed(n * 100 + rows)
+    a_cm = torch.randn(n, d_in, rows, generator=g, dtype=torch.float64)        # channel-major, as unfold
+    d_cm = torch.randn(n, d_out, rows, generator=g, dtype=torch.float64)
+    a3, d3 = a_cm.transpose(1, 2), d_cm.transpose(1, 2)
+    assert n == 0 or not a3.is_contiguous()
+    ref = torch.einsum("nto,nti->noi", d3, a3)
+    lin = nn.Linear(d_in, d_out)
+    f = grads.RowFactors("l", lin, a3, d3, rows, "l.weight", "l.bias")
+    flat = grads.RowFactors("l", lin, a3.reshape(-1, d_in), d3.reshape(-1, d_out), rows, "l.weight", "l.bias")
+    assert (f.n, f.d_in, f.d_out) == (n, d_in, d_out) == (flat.n, flat.d_in, flat.d_out)
+    for x in (f, flat):
+        torch.testing.assert_close(x.weight_grads(), ref)
+        torch.testing.assert_close(x.bias_grads(), d3.sum(1))
+        blocks = list(x.weight_grad_blocks(max_elements=7))
+        got = torch.cat([b for _, b in blocks]) if blocks else torch.zeros(0, d_out, d_in, dtype=torch.float64)
+        torch.testing.assert_close(got, ref)
+        assert [s for s, _ in blocks] == sorted({s for s, _ in blocks})
+    torch.testing.assert_close(f.a, a3.reshape(-1, d_in))
+    torch.testing.assert_close(f.d, d3.reshape(-1, d_out))
+    kept = rows * (d_in + d_out) >= d_in * d_out
+    f2 = grads.RowFactors("l", lin, a3, d3, rows, "l.weight", "l.bias")
+    first = f2.weight_grads(shared=True)
+    assert (f2.weight_grads(shared=True) is first) == kept          # kept only when smaller than the rows
+    own = f2.weight_grads()
+    assert own is not first
+    if n:
+        own.zero_()                                                 # an own copy: the kept one is untouched
+        torch.testing.assert_close(f2.weight_grads(shared=True), ref)
+
+
+def test_conv_factors_are_channel_major_views():
+    """A conv layer's factors keep unfold's channel-major layout (no transposing copy): their
+    per-sample views are not contiguous, and they equal the explicit per-sample gradients."""
+    model = _models()["conv2d"][0].double()
+    g = torch.Generator().manual_seed(4)
+    x, y = _inputs("img", 5, g), torch.randint(0, 3, (5,), generator=g)
+    names = ["0.weight", "0.bias"]
+    f = _factors(model, names, x, y)
+    conv = f.rows[0]
+    assert conv.rows == 9 and not conv.a3().is_contiguous()
+    G = _explicit(model, names, x, y)
+    got = torch.cat([conv.weight_grads().reshape(5, -1), conv.bias_grads()], 1)
+    torch.testing.assert_close(got, G, rtol=1e-10, atol=1e-12)

@@ -319,10 +319,39 @@ def test_kfac_covariances_equal_explicit_outer_products():
     torch.testing.assert_close(S, d.t() @ d / 6)
 
 
+@pytest.mark.parametrize("block", [None, 1])
+def test_kfac_covariances_of_a_conv_equal_explicit_patches(monkeypatch, block):
+    """A conv (9 positions per sample, its factors channel-major views): A = mean ā āᵀ over the
+    unfolded patches, S = (1/N) Σ δδᵀ over the positions, two blocks of samples summed (block=1:
+    the covariance's own loop one sample at a time)."""
+    from dvgs_fast.grads import curvature
+    if block:
+        monkeypatch.setattr(curvature, "_BLOCK", block)
+    g = torch.Generator().manual_seed(6)
+    model, x = _conv(), _inputs("img", 7, 3)
+    y = torch.randint(0, 3, (7,), generator=g)
+    sc = grads.FastScorer(model, ["0.weight", "0.bias"], grads.make_sample_loss("cross_entropy"), "dot")
+    patches = _aug(F.unfold(x, 3).transpose(1, 2).reshape(-1, 9))                # [7·9, 10]
+    h = model[0](x)
+    d = torch.autograd.grad(F.cross_entropy(model[1:](h), y, reduction="sum"), h)[0]
+    d = d.reshape(7, 2, 9).transpose(1, 2).reshape(-1, 2)
+    kf = KroneckerFactors(torch.float64)
+    for a, b in ((0, 3), (3, 7)):
+        kf.add_covariances(list(fisher_factors(sc, x[a:b], y[a:b], "empirical", "cross_entropy")))
+    A, S = kf.layers["0"].covariances()
+    torch.testing.assert_close(A, patches.t() @ patches / 63, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(S, d.t() @ d / 7, rtol=1e-12, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- DataInf
-@pytest.mark.parametrize("arch", ["mlp", "conv"])
-def test_datainf_equals_its_formula(arch):
-    """(conv: several rows per sample, the weighted sum formed from per-sample gradients)"""
+@pytest.mark.parametrize("arch,per_query", [("mlp", False), ("mlp", True), ("conv", False)])
+def test_datainf_equals_its_formula(arch, per_query, monkeypatch):
+    """(conv: several rows per sample, the weighted sum formed from per-sample gradients; the MLP
+    both ways: from per-sample gradients, and by one GEMM per query block, the route of layers
+    too wide to form gradients for many samples at once)"""
+    if per_query:
+        from dvgs_fast.methods.influence import datainf
+        monkeypatch.setattr(datainf, "_MIN_SAMPLES", 1 << 40)
     xs, ys, xq, yq = _cls_data(n=17, m=4)
     if arch == "conv":
         xs, xq = _inputs("img", 17, 11), _inputs("img", 4, 12)
@@ -353,6 +382,40 @@ def test_datainf_equals_its_formula(arch):
                                                                                           dtype="float64")
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-9, atol=1e-12)
     assert got.info["damping"] == pytest.approx({"0": lams[0], layers[1][0][0]: lams[1]}, rel=1e-12)
+
+
+@pytest.mark.parametrize("solver,fisher", [("datainf", None), ("ekfac", "empirical"), ("ekfac", "sampled"),
+                                           ("kfac", "empirical")])
+@pytest.mark.parametrize("source_batch", [4, 1000])
+def test_recordings_kept_between_passes(monkeypatch, solver, fisher, source_batch):
+    """Later passes over the same rows take the first pass's recordings (problem.KEEP_BYTES)
+    instead of recording them again -- DataInf's query-block passes, EK-FAC's second pass, and
+    the scoring of the source when it is the Hessian's data in the same blocks (source_batch 4)
+    and the fit recorded loss gradients (DataInf, the empirical Fisher): the same scores as with
+    nothing kept (KEEP_BYTES = 0), and one recording fewer per block and pass saved."""
+    from dvgs_fast.methods.influence import problem
+    xs, xq = _inputs("img", 13, 21), _inputs("img", 5, 22)
+    g = torch.Generator().manual_seed(23)
+    ys, yq = torch.randint(0, 3, (13,), generator=g), torch.randint(0, 3, (5,), generator=g)
+    calls = []
+    real = grads.FastScorer.record
+    monkeypatch.setattr(grads.FastScorer, "record", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    real_ff = grads.fisher_factors
+    monkeypatch.setattr(grads, "fisher_factors", lambda *a, **k: calls.append(1) or real_ff(*a, **k))
+    kw = dict(KW, solver=solver, hessian_batch_size=4, source_batch_size=source_batch,
+              **({"fisher": fisher} if fisher else {}))
+    out = {}
+    for keep in (True, False):
+        monkeypatch.setattr(problem, "KEEP_BYTES", 512 << 20 if keep else 0)
+        calls.clear()
+        att = InfluenceFunction(_conv(), **kw).attribute(xs, ys, xq, yq, query_batch_size=3, dtype="float64")
+        out[keep] = (np.asarray(att), len(calls))
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-12, atol=1e-15)
+    # 4 Hessian blocks: DataInf passes again per query block (2), EK-FAC once more
+    saved = {"datainf": 4 * 2, "ekfac": 4, "kfac": 0}[solver]
+    if source_batch == 4 and fisher != "sampled":
+        saved += 4                                             # scoring on the fit's recordings
+    assert out[False][1] - out[True][1] == saved
 
 
 # ----------------------------------------------------------------------------- damping and warnings

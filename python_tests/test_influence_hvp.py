@@ -180,3 +180,32 @@ def test_sequence_input_falls_back_to_double_backward(monkeypatch):
     monkeypatch.setattr(hvp.SequentialHVP, "of", classmethod(lambda cls, *a: None))
     ref = np.asarray(InfluenceFunction(model, solver="direct", **kw).attribute(xs, ys, xq, yq, dtype="float64"))
     np.testing.assert_allclose(got["direct"], ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_double_backward_graph_kept_across_passes(monkeypatch, keep):
+    """A CNN (outside the R-operator route): the gradient graph of each block of a full pass is
+    kept while it fits in _KEEP_BYTES and reused by the next pass -- every pass == the float64
+    reference, kept or not (keep=False: a budget of 0 bytes keeps nothing)."""
+    from dvgs_fast import grads
+    from dvgs_fast.methods.influence import hvp
+    from dvgs_fast.methods.influence.problem import Problem
+    from dvgs_fast.distributed import context_for
+    if not keep:
+        monkeypatch.setattr(hvp, "_KEEP_BYTES", 0)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(3 * 9, 3)).double().eval()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(11, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (11,), generator=g)
+    names = [n for n, _ in model.named_parameters()]
+    prob = Problem(model, names, _ce, "cross_entropy", x, y, 4, torch.float64, 0.0, context_for(False, torch.device("cpu")),
+                   None, torch.Generator().manual_seed(0))
+    op = hvp.HessianOperator(prob)
+    assert op.route == "double backward"
+    for k in range(3):                                           # three passes, fresh directions each
+        V = torch.randn(2, prob.p, generator=g, dtype=torch.float64)
+        got = op.matmat(V)
+        ref = _reference(model, names, x, y, _ce, 1.0 / 11, prob.unflat(V))
+        torch.testing.assert_close(got, prob.flat(ref), rtol=1e-10, atol=1e-12)
+        assert len(op._graphs) == (3 if keep else 0)             # 11 rows in blocks of 4

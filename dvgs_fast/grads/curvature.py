@@ -196,9 +196,8 @@ class KroneckerFactors:
         first = columns[0]
         for f in first.rows:
             lay = self._layer_rows(f)
-            a = _augment(f).to(self.dtype)
-            lay.A += a.t() @ a
-            lay.a_count += a.shape[0]
+            lay.A += _row_covariance(f.a3(), f.bias is not None, self.dtype)
+            lay.a_count += f.n * f.rows
             lay.s_count += first.n
         for f in first.tokens:
             lay = self._layer_tokens(f)
@@ -208,18 +207,17 @@ class KroneckerFactors:
             lay.s_count += first.n
         for col in columns:
             for f in col.rows:
-                d = f.d.to(self.dtype)
-                self.layers[f.name].S += d.t() @ d
+                self.layers[f.name].S += _row_covariance(f.d3(), False, self.dtype)
             for f in col.tokens:
                 d = f.d.to(self.dtype).reshape(-1, f.d.shape[-1])
                 self.layers[f.name].S += d.t() @ d
 
     def _layer_rows(self, f: RowFactors) -> LayerFactors:
         if f.name not in self.layers:
-            d_in = f.a.shape[1] + (1 if f.bias is not None else 0)
-            z = dict(dtype=self.dtype, device=f.a.device)
+            d_in = f.d_in + (1 if f.bias is not None else 0)
+            z = dict(dtype=self.dtype, device=f.a3().device)
             self.layers[f.name] = LayerFactors(f.name, "rows", f.weight, f.bias, torch.zeros(d_in, d_in, **z),
-                                               torch.zeros(f.d.shape[1], f.d.shape[1], **z))
+                                               torch.zeros(f.d_out, f.d_out, **z))
         return self.layers[f.name]
 
     def _layer_tokens(self, f: TokenFactors) -> LayerFactors:
@@ -288,26 +286,50 @@ class KroneckerFactors:
                 setattr(lay, c, float(fn(torch.tensor([getattr(lay, c)], dtype=torch.float64))[0]))
 
 
-def _augment(f: RowFactors) -> torch.Tensor:
-    """ā = [a, 1] rows (the bias's input), or a when the layer has no selected bias."""
-    if f.bias is None:
-        return f.a
-    return torch.cat([f.a, torch.ones(f.a.shape[0], 1, dtype=f.a.dtype, device=f.a.device)], 1)
+def _row_covariance(x: torch.Tensor, bias: bool, dtype) -> torch.Tensor:
+    """Σ over every row r of [x_r, 1][x_r, 1]ᵀ (without the 1 when not `bias`), x [n, rows, k]
+    in any strides. With one row per sample one GEMM; with several (a conv's positions, whose
+    per-sample view is channel-major) Σ_i x_iᵀ x_i by bmm, a block of samples at a time, which
+    reads the view as it is instead of copying it to [n·rows, k] first."""
+    n, rows, k = x.shape
+    x = x.to(dtype)
+    if rows == 1:
+        x2 = x.reshape(n, k)
+        c = x2.t() @ x2
+    else:
+        step = max(1, _BLOCK // max(1, k * k))
+        c = torch.zeros(k, k, dtype=dtype, device=x.device)
+        for s in range(0, n, step):
+            xs = x[s:s + step]
+            c += torch.bmm(xs.transpose(1, 2), xs).sum(0)
+    if not bias:
+        return c
+    tot = x.sum((0, 1))
+    out = torch.empty(k + 1, k + 1, dtype=dtype, device=x.device)
+    out[:k, :k] = c
+    out[:k, k] = tot
+    out[k, :k] = tot
+    out[k, k] = n * rows
+    return out
 
 
 def _projected_square_sum(f: RowFactors, lay: LayerFactors, dtype) -> torch.Tensor:
     """Σ_i ((Q_Sᵀ G_i Q_A)_kl)² over this layer's samples, G_i = Σ_t δ_t ā_tᵀ."""
-    a = _augment(f).to(dtype) @ lay.QA                       # [n·L, d_in']
-    d = f.d.to(dtype) @ lay.QS                               # [n·L, d_out]
-    if f.rows == 1:
-        return (d * d).t() @ (a * a)                         # per sample: the square of an outer product
-    n = a.shape[0] // f.rows
-    out = torch.zeros(d.shape[1], a.shape[1], dtype=dtype, device=a.device)
-    step = max(1, _BLOCK // max(1, d.shape[1] * a.shape[1]))
-    a3, d3 = a.view(n, f.rows, -1), d.view(n, f.rows, -1)
-    for s in range(0, n, step):
-        g = torch.bmm(d3[s:s + step].transpose(1, 2), a3[s:s + step])      # [b, d_out, d_in'] projected G_i
-        out += (g * g).sum(0)
+    QA, QS = lay.QA, lay.QS
+    if f.rows == 1:                                          # per sample: the square of an outer product
+        a = f.a3().reshape(f.n, -1).to(dtype)
+        a = (a @ QA[:-1] + QA[-1]) if f.bias is not None else a @ QA      # ā @ Q_A without forming ā
+        d = f.d3().reshape(f.n, -1).to(dtype) @ QS
+        return (d * d).t() @ (a * a)
+    # several rows (a conv's positions): the per-sample gradients, projected, a block at a time
+    out = torch.zeros(QS.shape[1], QA.shape[1], dtype=dtype, device=QS.device)
+    bias = f.bias_grads().to(dtype) if f.bias is not None else None
+    for s, g in f.weight_grad_blocks(_BLOCK):
+        g = g.to(dtype)
+        if bias is not None:
+            g = torch.cat([g, bias[s:s + g.shape[0]].unsqueeze(2)], 2)
+        p = QS.t() @ g @ QA                                                 # [b, d_out, d_in']
+        out += (p * p).sum(0)
     return out
 
 

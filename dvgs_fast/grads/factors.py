@@ -30,28 +30,98 @@ from dvgs_fast.grads.pairwise import pairwise_kind, rows_of
 from dvgs_fast.grads.reference import per_sample_grads
 
 
-@dataclass
 class RowFactors:
-    """One Linear / conv layer: sample i's weight gradient is Σ_t d[i·rows + t] ⊗ a[i·rows + t]."""
+    """One Linear / conv layer: sample i's weight gradient is Σ_t d[i·rows + t] ⊗ a[i·rows + t].
 
-    name: str                      # the layer's path in the model
-    module: nn.Module
-    a: torch.Tensor                # [n·rows, d_in]
-    d: torch.Tensor                # [n·rows, d_out]
-    rows: int
-    weight: str | None             # the full parameter names this layer contributes (None: not selected)
-    bias: str | None
+    a and d are given flat ([n·rows, d_in], [n·rows, d_out]) or per sample ([n, rows, d_in],
+    [n, rows, d_out], any strides): a conv's patches come out of unfold channel-major, so their
+    per-sample form is a free transposed view while the flat one is a copy as costly as the
+    unfold. ``a`` / ``d`` give the flat form (copied once, on first use); ``a3()`` / ``d3()`` the
+    per-sample form (always a view), which the per-sample (bmm) consumers use. The per-sample
+    gradients are kept once formed when they are smaller than the rows (a conv's many positions),
+    so the norms, dots and sums of one batch form them once."""
 
-    def weight_grads(self) -> torch.Tensor:
-        """[n, d_out, d_in]: the per-sample weight gradients, formed (for the materialised routes)."""
-        n = self.a.shape[0] // self.rows
-        a = self.a.reshape(n, self.rows, -1)
-        d = self.d.reshape(n, self.rows, -1)
-        return torch.bmm(d.transpose(1, 2), a)
+    __slots__ = ("name", "module", "rows", "weight", "bias", "_a", "_d", "_wg")
+
+    def __init__(self, name: str, module: nn.Module, a: torch.Tensor, d: torch.Tensor, rows: int,
+                 weight: str | None, bias: str | None):
+        self.name = name                   # the layer's path in the model
+        self.module = module
+        self.rows = rows
+        self.weight = weight               # the full parameter names this layer contributes (None: not selected)
+        self.bias = bias
+        self._a, self._d, self._wg = a, d, None
+
+    def __repr__(self) -> str:
+        return (f"RowFactors(name={self.name!r}, n={self.n}, rows={self.rows}, d_in={self.d_in}, "
+                f"d_out={self.d_out}, weight={self.weight!r}, bias={self.bias!r})")
+
+    @property
+    def n(self) -> int:
+        return self._a.shape[0] if self._a.dim() == 3 else self._a.shape[0] // self.rows
+
+    @property
+    def d_in(self) -> int:
+        return self._a.shape[-1]
+
+    @property
+    def d_out(self) -> int:
+        return self._d.shape[-1]
+
+    @property
+    def a(self) -> torch.Tensor:
+        """[n·rows, d_in]."""
+        if self._a.dim() == 3:
+            self._a = self._a.reshape(-1, self._a.shape[-1])
+        return self._a
+
+    @property
+    def d(self) -> torch.Tensor:
+        """[n·rows, d_out]."""
+        if self._d.dim() == 3:
+            self._d = self._d.reshape(-1, self._d.shape[-1])
+        return self._d
+
+    def a3(self) -> torch.Tensor:
+        """[n, rows, d_in] (a view)."""
+        return self._a if self._a.dim() == 3 else self._a.view(-1, self.rows, self._a.shape[-1])
+
+    def d3(self) -> torch.Tensor:
+        """[n, rows, d_out] (a view)."""
+        return self._d if self._d.dim() == 3 else self._d.view(-1, self.rows, self._d.shape[-1])
+
+    def map(self, fn) -> "RowFactors":
+        """The same layer with fn applied to a and d in their stored form (a device or dtype move)."""
+        return RowFactors(self.name, self.module, fn(self._a), fn(self._d), self.rows, self.weight, self.bias)
+
+    def weight_grads(self, shared: bool = False) -> torch.Tensor:
+        """[n, d_out, d_in]: the per-sample weight gradients, formed (for the materialised routes).
+        shared=True: the caller only reads the result, which is then kept for the next shared call
+        when it is smaller than the rows (a conv's many positions); otherwise a tensor of its own."""
+        if self._wg is not None:
+            return self._wg if shared else self._wg.clone()
+        g = torch.bmm(self.d3().transpose(1, 2), self.a3())
+        if shared and self.rows > 1 and self.rows * (self.d_in + self.d_out) >= self.d_in * self.d_out:
+            self._wg = g
+        return g
+
+    def weight_grad_blocks(self, max_elements: int):
+        """(first sample, [b, d_out, d_in]) over the samples: the kept per-sample gradients when
+        they are smaller than the rows (formed once, shared), else formed a block of at most
+        `max_elements` at a time (a layer whose gradients would outweigh its rows). Read only."""
+        if self._wg is not None or (self.rows > 1 and self.rows * (self.d_in + self.d_out) >= self.d_in * self.d_out):
+            g = self.weight_grads(shared=True)
+            step = max(1, max_elements // max(1, self.d_in * self.d_out))
+            for s in range(0, self.n, step):
+                yield s, g[s:s + step]
+            return
+        a, d = self.a3(), self.d3()
+        step = max(1, max_elements // max(1, self.d_out * self.d_in + self.rows * (self.d_in + self.d_out)))
+        for s in range(0, self.n, step):
+            yield s, torch.bmm(d[s:s + step].transpose(1, 2), a[s:s + step])
 
     def bias_grads(self) -> torch.Tensor:
-        n = self.d.shape[0] // self.rows
-        return self.d.reshape(n, self.rows, -1).sum(1)
+        return self.d3().sum(1)
 
 
 @dataclass
@@ -89,10 +159,19 @@ class SampleFactors:
         return ([f.name for f in self.rows] + [f.name for f in self.tokens]
                 + (list(self.dense.names) if self.dense is not None else []))
 
+    def nbytes(self) -> int:
+        """Memory the factors hold (by storage: a view counts its whole base once), for callers
+        that keep them under a budget."""
+        ts = [t for f in self.rows for t in (f._a, f._d, f._wg) if t is not None]
+        ts += [t for f in self.tokens for t in (f.ids, f.d)]
+        if self.dense is not None:
+            ts.append(self.dense.g)
+        seen = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+        return sum(seen.values())
+
     def to(self, device) -> "SampleFactors":
         """A copy on `device` (e.g. a query set's factors kept on the CPU between blocks)."""
-        rows = [RowFactors(f.name, f.module, f.a.to(device), f.d.to(device), f.rows, f.weight, f.bias)
-                for f in self.rows]
+        rows = [f.map(lambda t: t.to(device)) for f in self.rows]
         toks = [TokenFactors(f.name, f.module, f.ids.to(device), f.d.to(device), f.weight) for f in self.tokens]
         dense = None if self.dense is None else DenseGrads(self.dense.names, self.dense.sizes, self.dense.g.to(device))
         return SampleFactors(self.n, rows, toks, dense, self.dtype)
@@ -119,7 +198,7 @@ def factors_of(recording) -> SampleFactors:
             if usable else False
         kind = pairwise_kind(r.module, r.route) if r.route not in ("per_layer_func", "reference") else None
         if kind is not None and r.weight is not None and usable_calls:
-            got = rows_of(r.module, kind, calls, deltas, n)
+            got = rows_of(r.module, kind, calls, deltas, n, flat=False)
             if got is False:
                 continue                                         # no call reached the loss: zero gradient
             if got is not None:

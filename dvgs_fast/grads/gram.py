@@ -42,11 +42,11 @@ def _pairwise_cheaper(n: int, lf: int, m: int, lh: int, d_in: int, d_out: int) -
 
 
 def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
-    acc = _acc(f.a, h.a)
-    n, m = f.a.shape[0] // f.rows, h.a.shape[0] // h.rows
+    acc = _acc(f.a3(), h.a3())
+    n, m = f.n, h.n
     bias = f.bias is not None and h.bias is not None
     weight = f.weight is not None and h.weight is not None
-    d_in, d_out = f.a.shape[1], f.d.shape[1]
+    d_in, d_out = f.d_in, f.d_out
     if f.rows == 1 and h.rows == 1:
         dd = f.d.to(acc) @ h.d.to(acc).t()
         if not weight:
@@ -66,9 +66,10 @@ def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
             k = a.shape[0] // f.rows
             out[s // f.rows:s // f.rows + k] = prod.view(k, f.rows, m, h.rows).sum((1, 3))
         return out
-    out = torch.zeros(n, m, dtype=acc, device=f.a.device)
+    out = torch.zeros(n, m, dtype=acc, device=f.a3().device)
     if weight:
-        out += f.weight_grads().to(acc).reshape(n, -1) @ h.weight_grads().to(acc).reshape(m, -1).t()
+        out += (f.weight_grads(shared=True).to(acc).reshape(n, -1)
+                @ h.weight_grads(shared=True).to(acc).reshape(m, -1).t())
     if bias:
         out += f.bias_grads().to(acc) @ h.bias_grads().to(acc).t()
     return out
@@ -111,7 +112,7 @@ def cross_gram(f: SampleFactors, h: SampleFactors, per_layer: dict | None = None
     layer's share (and "<dense>")."""
     rows, toks = _match(f, h)
     acc = torch.float64 if torch.float64 in (f.dtype, h.dtype) else torch.float32
-    device = next((x.a.device for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
+    device = next((x.a3().device for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
         or (f.dense.g.device if f.dense is not None else torch.device("cpu"))
     out = None
     parts = [(a.name, lambda a=a, b=b: _rows_gram(a, b)) for a, b in rows]
@@ -133,7 +134,7 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
     terms: list[torch.Tensor] = []
     add = terms.append
     for x in f.rows:
-        n = x.a.shape[0] // x.rows
+        n = x.n
         bias = x.bias is not None
         if x.rows == 1:
             dn = x.d.to(acc).square().sum(1)
@@ -143,14 +144,12 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
                 an = x.a.to(acc).square().sum(1)
                 add(dn * (an + 1.0) if bias else dn * an)
         else:
-            a = x.a.to(acc).reshape(n, x.rows, -1)
-            d = x.d.to(acc).reshape(n, x.rows, -1)
+            a = x.a3().to(acc)
+            d = x.d3().to(acc)
             d_in, d_out = a.shape[2], d.shape[2]
             if x.weight is not None and _sqnorm_explicit_cheaper(x.rows, d_in, d_out):
-                # a conv layer's many positions: form the gradient, a block of samples at a time
-                step = max(1, _BLOCK // max(1, d_out * d_in + x.rows * (d_in + d_out)))
-                wn = torch.cat([torch.bmm(d[s:s + step].transpose(1, 2), a[s:s + step]).square().sum((1, 2))
-                                for s in range(0, n, step)])
+                # a conv layer's many positions: form the gradients (kept for the batch's other uses)
+                wn = x.weight_grads(shared=True).to(acc).square().sum((1, 2))
                 add(wn + d.sum(1).square().sum(1) if bias else wn)
             elif x.weight is not None:
                 aa = torch.bmm(a, a.transpose(1, 2))
@@ -187,17 +186,14 @@ def _batch_explicit_cheaper(rows: int, q: int, d_in: int, d_out: int) -> bool:
 
 
 def _explicit_dots(x: RowFactors, w: torch.Tensor, n: int, acc: torch.dtype) -> torch.Tensor:
-    """[n, Q]: the per-sample weight gradients δᵢᵀ aᵢ formed a block of samples at a time (at most
-    _BLOCK elements), then one GEMM against the Q flattened weights w [Q, d_out, d_in]."""
-    q, d_out, d_in = w.shape
+    """[n, Q]: the per-sample weight gradients δᵢᵀ aᵢ (kept by the factors, or formed a block of
+    samples at a time, at most _BLOCK elements), then one GEMM against the Q flattened weights
+    w [Q, d_out, d_in]."""
+    q = w.shape[0]
     wf = w.reshape(q, -1).t()                                             # [d_out·d_in, Q]
-    a = x.a.reshape(n, x.rows, d_in)
-    d = x.d.reshape(n, x.rows, d_out)
-    out = torch.empty(n, q, dtype=acc, device=x.a.device)
-    step = max(1, _BLOCK // max(1, d_out * d_in + x.rows * (d_in + d_out)))
-    for s in range(0, n, step):
-        g = torch.bmm(d[s:s + step].to(acc).transpose(1, 2), a[s:s + step].to(acc))   # [s, d_out, d_in]
-        out[s:s + step] = g.reshape(g.shape[0], -1) @ wf
+    out = torch.empty(n, q, dtype=acc, device=w.device)
+    for s, g in x.weight_grad_blocks(_BLOCK):
+        out[s:s + g.shape[0]] = g.to(acc).reshape(g.shape[0], -1) @ wf
     return out
 
 
@@ -210,9 +206,9 @@ def batch_dots(f: SampleFactors, V: dict[str, torch.Tensor]) -> torch.Tensor:
     add = terms.append
 
     for x in f.rows:
-        n = x.a.shape[0] // x.rows
+        n = x.n
         if x.weight is not None and x.weight in V:
-            w = V[x.weight].to(acc).reshape(q, x.d.shape[1], -1)          # [Q, d_out, d_in]
+            w = V[x.weight].to(acc).reshape(q, x.d_out, -1)               # [Q, d_out, d_in]
             d_out, d_in = w.shape[1], w.shape[2]
             if _batch_explicit_cheaper(x.rows, q, d_in, d_out):
                 add(_explicit_dots(x, w, n, acc))

@@ -70,10 +70,13 @@ def pairwise_cheaper(b: int, rows: int, t: int, t_rows: int, d_in: int, d_out: i
     return pair < mat
 
 
-def rows_of(m: nn.Module, kind: str, calls, deltas, n: int):
+def rows_of(m: nn.Module, kind: str, calls, deltas, n: int, flat: bool = True):
     """(A [n·L, d_in], D [n·L, d_out], L) of the layer's calls (a shared layer's calls concatenated
     along the rows of each sample), None when some call cannot be split by sample, False when no
-    call's output reached the loss (the layer's gradient is zero)."""
+    call's output reached the loss (the layer's gradient is zero). flat=False: A [n, L, d_in] and
+    D [n, L, d_out], views where they can be -- a conv's patches come out of unfold channel-major,
+    and their [n·L, d_in] form is a transposing copy as costly as the unfold itself, which
+    consumers that work per sample (bmm) never need."""
     if kind == "linear" and len(calls) == 1 and deltas[0] is not None:
         x, d = calls[0].input, deltas[0]
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] == n and d.dim() == 2 and d.shape[0] == n:
@@ -102,6 +105,8 @@ def rows_of(m: nn.Module, kind: str, calls, deltas, n: int):
     a = As[0] if len(As) == 1 else torch.cat(As, 1)
     d = Ds[0] if len(Ds) == 1 else torch.cat(Ds, 1)
     rows = a.shape[1]
+    if not flat:
+        return a, d, rows
     return a.reshape(n * rows, a.shape[-1]), d.reshape(n * rows, d.shape[-1]), rows
 
 

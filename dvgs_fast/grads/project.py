@@ -183,8 +183,8 @@ class Projector:
         that these factors have the same layers)."""
         specs = []
         for x in f.rows:
-            d_in = (x.a.shape[1] if x.weight is not None else 0) + (1 if x.bias is not None else 0)
-            specs.append(dict(name=x.name, kind="rows", d_out=int(x.d.shape[1]), d_in=int(d_in),
+            d_in = (x.d_in if x.weight is not None else 0) + (1 if x.bias is not None else 0)
+            specs.append(dict(name=x.name, kind="rows", d_out=int(x.d_out), d_in=int(d_in),
                               weight=x.weight, bias=x.bias))
         for x in f.tokens:
             specs.append(dict(name=x.name, kind="tokens", d_out=int(x.module.num_embeddings), d_in=int(x.d.shape[-1]),
@@ -402,8 +402,7 @@ class Projector:
             b = min(a + step, n)
             if isinstance(x, RowFactors):
                 r = x.rows
-                sub = RowFactors(x.name, x.module, x.a[a * r:b * r].to(acc), x.d[a * r:b * r].to(acc), r, x.weight,
-                                 x.bias)
+                sub = RowFactors(x.name, x.module, x.a3()[a:b].to(acc), x.d3()[a:b].to(acc), r, x.weight, x.bias)
                 cols = ([sub.weight_grads()] if x.weight is not None else []) + \
                        ([sub.bias_grads().unsqueeze(2)] if x.bias is not None else [])
                 G = torch.cat(cols, 2)
@@ -455,7 +454,7 @@ def _share(total: int, sizes: list[int]) -> list[int]:
 
 def _device_of(f: SampleFactors):
     for x in f.rows:
-        return x.a.device
+        return x.a3().device
     for x in f.tokens:
         return x.d.device
     return f.dense.g.device if f.dense is not None else torch.device("cpu")

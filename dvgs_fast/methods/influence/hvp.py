@@ -7,8 +7,8 @@ activations) takes the R-operator written out as GEMMs (hvp_sequential.py): on t
 64-64-10 (1 thread, float32) 300 products on a 100-row LiSSA batch cost ~37 ms instead of ~98 ms
 by double backward, and the direct solver's 4,810 columns 9.4 CPU s instead of 13-17 s. Any
 other model takes double backward: per block of rows one forward and one backward that keeps its graph
-(create_graph), then vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a
-chunk of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries
+(create_graph; the graph itself kept across full passes while it fits in _KEEP_BYTES), then
+vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a chunk of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries
 grow with chunk × rows). Measured on this project's 2-core CPU, 300 vectors, 1 thread: on 1,000
 digits rows, float32, a loop of single products took 0.16 CPU s (logistic regression) and 0.39 s
 (MLP 64-64-10), chunks of 16 0.074 s and 0.385 s, chunks of 300 0.11 s and 1.17 s; on a 64-row
@@ -45,7 +45,8 @@ class HessianOperator:
         # Sequential MLPs: the R-operator written out (hvp_sequential.py); None: autograd
         self.sequential = SequentialHVP.of(prob.model, prob.names)
         self._prepared: dict[int, dict] = {}             # block -> its R-operator preparation
-        self._prepared_bytes = 0
+        self._graphs: dict[int, tuple] = {}              # block -> its gradient with the graph kept
+        self._prepared_bytes = 0                         # what both keep, against _KEEP_BYTES
         self.details: dict = {}                          # how an explicit Hessian was built (direct.py)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ class HessianOperator:
             if out is not None:
                 return out
             self.sequential = None                           # input a Linear cannot take as rows
-        return self._block_autograd(x, y, V, scale)
+        return self._block_autograd(x, y, V, scale, key)
 
     def _block_sequential(self, x, y, V: torch.Tensor, scale: float, key: int | None) -> torch.Tensor | None:
         prob = self.prob
@@ -102,13 +103,38 @@ class HessianOperator:
                 self._prepared_bytes += size
         return st
 
-    def _block_autograd(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
+    def _gradient_graph(self, x, y, scale: float, key: int | None) -> tuple:
+        """(∇ of scale·Σ_rows loss with its graph, the indices of the parameters whose gradient
+        depends on θ). The graph (forward and first backward: about half of each product's time
+        on the digits CNN) is kept, up to _KEEP_BYTES of saved tensors, when `key` names a block of
+        a full pass, which Arnoldi, CG and the direct solver's columns take again and again."""
+        got = self._graphs.get(key) if key is not None else None
+        if got is not None:
+            return got
+        params = self.prob.params()
+        saved: dict[int, int] = {}
+
+        def pack(t):                                     # bytes the graph keeps, by storage
+            st = t.untyped_storage()
+            saved[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.prob.sample_loss(self.prob.model(x), y).sum() * scale
+            g = torch.autograd.grad(loss, params, create_graph=True)
+        live = [i for i, t in enumerate(g) if t.requires_grad]   # a gradient constant in θ has zero curvature
+        size = sum(saved.values())
+        if key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
+            self._graphs[key] = (g, live)
+            self._prepared_bytes += size
+        return g, live
+
+    def _block_autograd(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float,
+                        key: int | None = None) -> torch.Tensor:
         prob = self.prob
         params = prob.params()
         mdt = params[0].dtype
-        loss = prob.sample_loss(prob.model(x), y).sum() * scale
-        g = torch.autograd.grad(loss, params, create_graph=True)
-        live = [i for i, t in enumerate(g) if t.requires_grad]   # a gradient constant in θ has zero curvature
+        g, live = self._gradient_graph(x, y, scale, key)
         out = torch.zeros_like(V)
         if not live:
             return out

@@ -16,7 +16,8 @@ Kronecker factors: they are left out of the scores, as Kronfluence leaves unsupp
 out, and named in info["left_out"].
 
 Fitting passes over the Hessian's data once (covariances), eigendecomposes, and for EK-FAC
-passes again (corrected eigenvalues); the state after every block can be saved, so a killed run
+passes again (corrected eigenvalues: on the first pass's recordings while they fit in the
+problem's KEEP_BYTES, which saves a forward, a backward and a conv's unfold per block); the state after every block can be saved, so a killed run
 resumes at its block; torchrun ranks take their own blocks and all-reduce the sums.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from dvgs_fast import grads
 from dvgs_fast.methods.base import derive_seed
-from dvgs_fast.methods.influence.problem import Problem, Saver, Stopped
+from dvgs_fast.methods.influence.problem import Problem, Saver, Stopped, recorded
 from dvgs_fast.methods.influence.solver import Solver, fixed_damping
 
 KFAC_AUTO_DAMPING = 0.1              # λ = this × mean eigenvalue of the layer (Kronfluence's heuristic)
@@ -74,8 +75,15 @@ class KFAC(Solver):
                     except Stopped:
                         saver(state, force=True)
                         raise
-                    gen = torch.Generator().manual_seed(derive_seed(prob.run.seed, _STREAM, first_block + k))
-                    cols = list(grads.fisher_factors(scorer, x, y, fisher, prob.loss, gen))
+                    if fisher == "empirical":                  # the loss gradients: scoring's own
+                        cols = [recorded(scorer, prob, x, y, prob.block_rows(k))]
+                    else:                                      # EK-FAC's second pass takes the same columns
+                        cols = prob.kept(("fisher columns", k))
+                        if cols is None:
+                            gen = torch.Generator().manual_seed(derive_seed(prob.run.seed, _STREAM, first_block + k))
+                            cols = list(grads.fisher_factors(scorer, x, y, fisher, prob.loss, gen))
+                            if self.corrected and st["stage"] == "covariances":
+                                prob.keep(("fisher columns", k), cols, sum(c.nbytes() for c in cols))
                     if cols and cols[0].dense is not None:
                         raise ValueError(f"grad_params: {', '.join(cols[0].dense.names)} belong to layers whose "
                                          f"calls cannot be split by sample at run time, which {self.name} cannot "

@@ -227,6 +227,8 @@ class _Session:
         return self
 
     def __exit__(self, *exc) -> None:
+        if getattr(self, "prob", None) is not None:
+            self.prob.forget()                     # recordings kept between passes (Problem.keep)
         if self.store is not None:
             self.store.__exit__()
             self.store = None

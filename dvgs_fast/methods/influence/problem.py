@@ -19,6 +19,10 @@ from torch import nn
 from dvgs_fast import grads
 
 
+# Memory for recordings kept between passes over the Hessian's data (Problem.keep).
+KEEP_BYTES = 512 << 20
+
+
 class Stopped(Exception):
     """The time budget ran out inside a solver (the caller saves what is done and stops)."""
 
@@ -47,6 +51,8 @@ class Problem:
     shapes: dict[str, torch.Size] = field(init=False)
     sizes: list[int] = field(init=False)
     notes: list[str] = field(default_factory=list)
+    _kept: dict = field(default_factory=dict, repr=False)      # see keep()
+    _kept_bytes: int = 0
 
     def __post_init__(self):
         params = dict(self.model.named_parameters())
@@ -88,6 +94,12 @@ class Problem:
         b0, b1 = self.ctx.shard(n_blocks)
         return min(b0 * self.block, self.n_hessian), min(b1 * self.block, self.n_hessian)
 
+    def block_rows(self, k: int) -> tuple[int, int]:
+        """Rows [a, b) of the Hessian's data that this rank's block k holds."""
+        lo, hi = self.shard()
+        a = lo + k * self.block
+        return a, min(a + self.block, hi)
+
     def blocks(self, start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """(block index, x, y) over this rank's rows, from block `start` (a resume)."""
         lo, hi = self.shard()
@@ -106,6 +118,23 @@ class Problem:
             return t
         out = self.ctx.all_reduce_sum(t.detach().cpu().double().numpy())
         return torch.as_tensor(out).to(dtype=t.dtype, device=t.device)
+
+    # ------------------------------------------------------------------ recordings kept between passes
+    def keep(self, key, value, nbytes: int) -> None:
+        """Keep a block's recorded factors for a later pass over the same rows (K-FAC's second
+        pass, DataInf's per-query-block passes) while all kept fit in KEEP_BYTES: a recording
+        (forward, backward, a conv's unfold) is most of such a pass's time."""
+        if key not in self._kept and self._kept_bytes + nbytes <= KEEP_BYTES:
+            self._kept[key] = value
+            self._kept_bytes += nbytes
+
+    def kept(self, key):
+        return self._kept.get(key)
+
+    def forget(self) -> None:
+        """Drop every kept recording (their passes are done)."""
+        self._kept.clear()
+        self._kept_bytes = 0
 
     # ------------------------------------------------------------------ budget
     def check_time(self, lockstep: bool = True) -> None:
@@ -155,6 +184,22 @@ def query_gradients(scorer: grads.FastScorer, prob: Problem, xq: torch.Tensor, y
     return {n: g.detach() for n, g in grads.materialise(f, shapes).items()}
 
 
+def recorded(scorer: grads.FastScorer, prob: Problem, x: torch.Tensor, y: torch.Tensor,
+             rows: tuple[int, int] | None, keep: bool = True) -> grads.SampleFactors:
+    """The scorer's factors of rows [a, b) of the Hessian's data (x, y = those rows): the ones an
+    earlier pass kept for the same rows and parameters (the loss gradient at the true labels: a
+    fit pass of DataInf or of the empirical-Fisher K-FAC, which scoring then reuses when the
+    source is the Hessian's data, in the same blocks), else recorded now and, with keep, kept
+    while they fit in KEEP_BYTES. rows None: recorded, not kept."""
+    key = None if rows is None else ("loss gradients", tuple(scorer.names), rows)
+    f = prob.kept(key) if key is not None else None
+    if f is None:
+        f = scorer.record(x, y).factors()
+        if key is not None and keep:
+            prob.keep(key, f, f.nbytes())
+    return f
+
+
 def mean_gradient(prob: Problem, names: list[str], x: torch.Tensor, y: torch.Tensor, batch: int) -> dict:
     """{name: [1, *shape]}: ∇ of the mean loss over (x, y), accumulated over blocks of `batch`."""
     named = dict(prob.model.named_parameters())
@@ -179,7 +224,7 @@ def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: to
         for s0 in range(lo, hi, batch):
             prob.check_time(lockstep=False)
             s1 = min(s0 + batch, hi)
-            f = scorer.record(xs[s0:s1], ys[s0:s1]).factors()
+            f = recorded(scorer, prob, xs[s0:s1], ys[s0:s1], (s0, s1) if xs is prob.xh else None, keep=False)
             for q0, q1, V in Vs:
                 block = grads.batch_dots(f, V).t()
                 if not bool(torch.isfinite(block).all()):
@@ -192,4 +237,5 @@ def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: to
         bar.close()
 
 
-__all__ = ["Problem", "Saver", "Stopped", "mean_gradient", "query_gradients", "score_rows"]
+__all__ = ["KEEP_BYTES", "Problem", "Saver", "Stopped", "mean_gradient", "query_gradients", "recorded",
+           "score_rows"]
