@@ -239,3 +239,31 @@ def test_conv_factors_are_channel_major_views():
     G = _explicit(model, names, x, y)
     got = torch.cat([conv.weight_grads().reshape(5, -1), conv.bias_grads()], 1)
     torch.testing.assert_close(got, G, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=2, padding_mode="reflect"), (2, 11)),
+    (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 1), dilation=(1, 2), padding=1), (2, 7, 6)),
+    (lambda: nn.Conv2d(1, 4, 3), (1, 5, 5)),
+])
+@pytest.mark.parametrize("n", [1, 4])
+def test_conv_gradients_without_patches(make, shape, n):
+    """A conv's per-sample gradients by one grouped convolution (the patches never cut) ==
+    by its patches (unfold + bmm) == explicit autograd, with stride, dilation, padding modes."""
+    torch.manual_seed(n)
+    conv = make().double()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    g = torch.Generator().manual_seed(10 + n)
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    model(x)                                                     # materialise the lazy layer
+    y = torch.randint(0, 3, (n,), generator=g)
+    names = ["0.weight", "0.bias"]
+    f = _factors(model, names, x, y).rows[0]
+    grouped = f.weight_grads()
+    assert f._a is None                                          # no patch matrix was formed
+    by_patches = torch.bmm(f.d3().transpose(1, 2), f.a3())       # cuts the patches now
+    G = _explicit(model, names, x, y)
+    w = conv.weight.numel()
+    torch.testing.assert_close(grouped.reshape(n, -1), G[:, :w], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(by_patches, grouped, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f.bias_grads(), G[:, w:], rtol=1e-10, atol=1e-12)

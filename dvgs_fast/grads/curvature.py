@@ -215,7 +215,7 @@ class KroneckerFactors:
     def _layer_rows(self, f: RowFactors) -> LayerFactors:
         if f.name not in self.layers:
             d_in = f.d_in + (1 if f.bias is not None else 0)
-            z = dict(dtype=self.dtype, device=f.a3().device)
+            z = dict(dtype=self.dtype, device=f.device())
             self.layers[f.name] = LayerFactors(f.name, "rows", f.weight, f.bias, torch.zeros(d_in, d_in, **z),
                                                torch.zeros(f.d_out, f.d_out, **z))
         return self.layers[f.name]

@@ -22,35 +22,74 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dvgs_fast._utils import own_rng
-from dvgs_fast.grads.ghost_layers import embedding_rows, norm_grads
-from dvgs_fast.grads.pairwise import pairwise_kind, rows_of
+from dvgs_fast.grads.ghost_layers import conv_rows, embedding_rows, norm_grads
+from dvgs_fast.grads.pairwise import call_rows, pairwise_kind, rows_of
 from dvgs_fast.grads.reference import per_sample_grads
+
+
+class ConvInput:
+    """A conv call's input as the patches are cut from it: the input padded as the forward pads
+    it, as a 2-D image batch [n, C_in, H, W] (Conv1d: height 1), and the 2-D kernel, dilation and
+    stride (the rest runs with padding 0)."""
+
+    __slots__ = ("x", "kernel", "dilation", "stride")
+
+    def __init__(self, x: torch.Tensor, kernel, dilation, stride):
+        self.x, self.kernel, self.dilation, self.stride = x, tuple(kernel), tuple(dilation), tuple(stride)
+
+    def patches(self) -> torch.Tensor:
+        """[n, C_in·kh·kw, L] channel-major, as unfold gives them."""
+        return F.unfold(self.x, self.kernel, dilation=self.dilation, padding=0, stride=self.stride)
+
+    def out_size(self) -> tuple[int, int]:
+        return tuple((self.x.shape[2 + i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1
+                     for i in range(2))
+
+    def weight_grads(self, d: torch.Tensor) -> torch.Tensor:
+        """[n, C_out, C_in·kh·kw]: Σ_t δ_t a_tᵀ per sample, d [n, C_out, L], by ONE convolution's
+        weight gradient with the samples as groups (what torch.func's batching rule does) -- no
+        patch matrix: on the digits CNN (1,000 samples of 1x32x32 and 8x16x16) 37 and 25 ms
+        against 80 and 174 ms by unfold + bmm (1 thread)."""
+        n, c_in = self.x.shape[:2]
+        c_out = d.shape[1]
+        grad_out = d.reshape(1, n * c_out, *self.out_size())
+        g = torch.nn.grad.conv2d_weight(self.x.reshape(1, n * c_in, *self.x.shape[2:]), (n * c_out, c_in, *self.kernel),
+                                        grad_out, stride=self.stride, padding=0, dilation=self.dilation, groups=n)
+        return g.reshape(n, c_out, -1)
+
+    def map(self, fn) -> "ConvInput":
+        return ConvInput(fn(self.x), self.kernel, self.dilation, self.stride)
 
 
 class RowFactors:
     """One Linear / conv layer: sample i's weight gradient is Σ_t d[i·rows + t] ⊗ a[i·rows + t].
 
     a and d are given flat ([n·rows, d_in], [n·rows, d_out]) or per sample ([n, rows, d_in],
-    [n, rows, d_out], any strides): a conv's patches come out of unfold channel-major, so their
-    per-sample form is a free transposed view while the flat one is a copy as costly as the
-    unfold. ``a`` / ``d`` give the flat form (copied once, on first use); ``a3()`` / ``d3()`` the
-    per-sample form (always a view), which the per-sample (bmm) consumers use. The per-sample
-    gradients are kept once formed when they are smaller than the rows (a conv's many positions),
-    so the norms, dots and sums of one batch form them once."""
+    [n, rows, d_out], any strides): a conv's δ comes channel-major, so its per-sample form is a
+    free transposed view while the flat one is a copy. A conv's a is given as its ConvInput
+    (a=None, conv=...): the patches are cut (unfold, channel-major) only when a consumer asks for
+    the rows, and the per-sample gradients come from one grouped convolution without them.
+    ``a`` / ``d`` give the flat form (copied once, on first use); ``a3()`` / ``d3()`` the
+    per-sample form (a view once formed), which the per-sample (bmm) consumers use. The
+    per-sample gradients are kept once formed when they are smaller than the rows (a conv's
+    many positions), so the norms, dots and sums of one batch form them once."""
 
-    __slots__ = ("name", "module", "rows", "weight", "bias", "_a", "_d", "_wg")
+    __slots__ = ("name", "module", "rows", "weight", "bias", "_a", "_d", "_wg", "_conv")
 
-    def __init__(self, name: str, module: nn.Module, a: torch.Tensor, d: torch.Tensor, rows: int,
-                 weight: str | None, bias: str | None):
+    def __init__(self, name: str, module: nn.Module, a: torch.Tensor | None, d: torch.Tensor, rows: int,
+                 weight: str | None, bias: str | None, conv: ConvInput | None = None):
+        if a is None and conv is None:
+            raise ValueError("RowFactors: give a (the rows) or conv (the conv input they are cut from)")
         self.name = name                   # the layer's path in the model
         self.module = module
         self.rows = rows
         self.weight = weight               # the full parameter names this layer contributes (None: not selected)
         self.bias = bias
-        self._a, self._d, self._wg = a, d, None
+        self._a, self._d, self._wg, self._conv = a, d, None, conv
 
     def __repr__(self) -> str:
         return (f"RowFactors(name={self.name!r}, n={self.n}, rows={self.rows}, d_in={self.d_in}, "
@@ -58,22 +97,31 @@ class RowFactors:
 
     @property
     def n(self) -> int:
-        return self._a.shape[0] if self._a.dim() == 3 else self._a.shape[0] // self.rows
+        return self._d.shape[0] if self._d.dim() == 3 else self._d.shape[0] // self.rows
 
     @property
     def d_in(self) -> int:
+        if self._a is None:
+            c = self._conv
+            return c.x.shape[1] * c.kernel[0] * c.kernel[1]
         return self._a.shape[-1]
 
     @property
     def d_out(self) -> int:
         return self._d.shape[-1]
 
+    def _patches(self) -> torch.Tensor:
+        if self._a is None:
+            self._a = self._conv.patches().transpose(1, 2)                 # [n, L, d_in], a view
+        return self._a
+
     @property
     def a(self) -> torch.Tensor:
         """[n·rows, d_in]."""
-        if self._a.dim() == 3:
-            self._a = self._a.reshape(-1, self._a.shape[-1])
-        return self._a
+        a = self._patches()
+        if a.dim() == 3:
+            self._a = a = a.reshape(-1, a.shape[-1])
+        return a
 
     @property
     def d(self) -> torch.Tensor:
@@ -84,15 +132,30 @@ class RowFactors:
 
     def a3(self) -> torch.Tensor:
         """[n, rows, d_in] (a view)."""
-        return self._a if self._a.dim() == 3 else self._a.view(-1, self.rows, self._a.shape[-1])
+        a = self._patches()
+        return a if a.dim() == 3 else a.view(-1, self.rows, a.shape[-1])
 
     def d3(self) -> torch.Tensor:
         """[n, rows, d_out] (a view)."""
         return self._d if self._d.dim() == 3 else self._d.view(-1, self.rows, self._d.shape[-1])
 
+    def device(self) -> torch.device:
+        return self._d.device
+
+    def tensors(self) -> list[torch.Tensor]:
+        """What the factors hold (for memory accounting)."""
+        held = [self._d] + [t for t in (self._a, self._wg) if t is not None]
+        return held + ([self._conv.x] if self._conv is not None else [])
+
     def map(self, fn) -> "RowFactors":
         """The same layer with fn applied to a and d in their stored form (a device or dtype move)."""
-        return RowFactors(self.name, self.module, fn(self._a), fn(self._d), self.rows, self.weight, self.bias)
+        a = None if self._a is None else fn(self._a)
+        conv = None if self._conv is None or a is not None else self._conv.map(fn)
+        return RowFactors(self.name, self.module, a, fn(self._d), self.rows, self.weight, self.bias, conv)
+
+    def _keeps_grads(self) -> bool:
+        """The per-sample gradients are smaller than the rows (a conv's many positions)."""
+        return self.rows > 1 and self.rows * (self.d_in + self.d_out) >= self.d_in * self.d_out
 
     def weight_grads(self, shared: bool = False) -> torch.Tensor:
         """[n, d_out, d_in]: the per-sample weight gradients, formed (for the materialised routes).
@@ -100,8 +163,11 @@ class RowFactors:
         when it is smaller than the rows (a conv's many positions); otherwise a tensor of its own."""
         if self._wg is not None:
             return self._wg if shared else self._wg.clone()
-        g = torch.bmm(self.d3().transpose(1, 2), self.a3())
-        if shared and self.rows > 1 and self.rows * (self.d_in + self.d_out) >= self.d_in * self.d_out:
+        if self._a is None:                                  # a conv's patches not cut: no need to
+            g = self._conv.weight_grads(self.d3().transpose(1, 2))
+        else:
+            g = torch.bmm(self.d3().transpose(1, 2), self.a3())
+        if shared and self._keeps_grads():
             self._wg = g
         return g
 
@@ -109,7 +175,7 @@ class RowFactors:
         """(first sample, [b, d_out, d_in]) over the samples: the kept per-sample gradients when
         they are smaller than the rows (formed once, shared), else formed a block of at most
         `max_elements` at a time (a layer whose gradients would outweigh its rows). Read only."""
-        if self._wg is not None or (self.rows > 1 and self.rows * (self.d_in + self.d_out) >= self.d_in * self.d_out):
+        if self._wg is not None or self._keeps_grads():
             g = self.weight_grads(shared=True)
             step = max(1, max_elements // max(1, self.d_in * self.d_out))
             for s in range(0, self.n, step):
@@ -162,7 +228,7 @@ class SampleFactors:
     def nbytes(self) -> int:
         """Memory the factors hold (by storage: a view counts its whole base once), for callers
         that keep them under a budget."""
-        ts = [t for f in self.rows for t in (f._a, f._d, f._wg) if t is not None]
+        ts = [t for f in self.rows for t in f.tensors()]
         ts += [t for f in self.tokens for t in (f.ids, f.d)]
         if self.dense is not None:
             ts.append(self.dense.g)
@@ -197,6 +263,14 @@ def factors_of(recording) -> SampleFactors:
         usable_calls = bool(calls) and len(deltas) == len(calls) and r.module not in recording.rec.unsupported \
             if usable else False
         kind = pairwise_kind(r.module, r.route) if r.route not in ("per_layer_func", "reference") else None
+        if kind == "conv" and r.weight is not None and usable_calls and len(calls) == 1 and deltas[0] is not None \
+                and call_rows(r.module, kind, calls[0], n) is not None:
+            p = conv_rows(r.module, calls[0].input.detach(), deltas[0], n)
+            if p is not None:                                    # the patches cut only if asked for
+                xp, k, dil, st, dd = p
+                out.rows.append(RowFactors(r.name, r.module, None, dd.to(acc).transpose(1, 2), dd.shape[-1],
+                                           r.weight, r.bias, conv=ConvInput(xp.to(acc), k, dil, st)))
+                continue
         if kind is not None and r.weight is not None and usable_calls:
             got = rows_of(r.module, kind, calls, deltas, n, flat=False)
             if got is False:

@@ -42,7 +42,7 @@ def _pairwise_cheaper(n: int, lf: int, m: int, lh: int, d_in: int, d_out: int) -
 
 
 def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
-    acc = _acc(f.a3(), h.a3())
+    acc = _acc(f.d3(), h.d3())
     n, m = f.n, h.n
     bias = f.bias is not None and h.bias is not None
     weight = f.weight is not None and h.weight is not None
@@ -66,7 +66,7 @@ def _rows_gram(f: RowFactors, h: RowFactors) -> torch.Tensor:
             k = a.shape[0] // f.rows
             out[s // f.rows:s // f.rows + k] = prod.view(k, f.rows, m, h.rows).sum((1, 3))
         return out
-    out = torch.zeros(n, m, dtype=acc, device=f.a3().device)
+    out = torch.zeros(n, m, dtype=acc, device=f.device())
     if weight:
         out += (f.weight_grads(shared=True).to(acc).reshape(n, -1)
                 @ h.weight_grads(shared=True).to(acc).reshape(m, -1).t())
@@ -112,7 +112,7 @@ def cross_gram(f: SampleFactors, h: SampleFactors, per_layer: dict | None = None
     layer's share (and "<dense>")."""
     rows, toks = _match(f, h)
     acc = torch.float64 if torch.float64 in (f.dtype, h.dtype) else torch.float32
-    device = next((x.a3().device for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
+    device = next((x.device() for x in f.rows), None) or next((x.d.device for x in f.tokens), None) \
         or (f.dense.g.device if f.dense is not None else torch.device("cpu"))
     out = None
     parts = [(a.name, lambda a=a, b=b: _rows_gram(a, b)) for a, b in rows]
@@ -144,14 +144,14 @@ def sqnorms(f: SampleFactors) -> torch.Tensor:
                 an = x.a.to(acc).square().sum(1)
                 add(dn * (an + 1.0) if bias else dn * an)
         else:
-            a = x.a3().to(acc)
             d = x.d3().to(acc)
-            d_in, d_out = a.shape[2], d.shape[2]
+            d_in, d_out = x.d_in, x.d_out
             if x.weight is not None and _sqnorm_explicit_cheaper(x.rows, d_in, d_out):
                 # a conv layer's many positions: form the gradients (kept for the batch's other uses)
                 wn = x.weight_grads(shared=True).to(acc).square().sum((1, 2))
                 add(wn + d.sum(1).square().sum(1) if bias else wn)
             elif x.weight is not None:
+                a = x.a3().to(acc)
                 aa = torch.bmm(a, a.transpose(1, 2))
                 if bias:
                     aa = aa + 1.0

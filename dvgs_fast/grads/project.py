@@ -454,7 +454,7 @@ def _share(total: int, sizes: list[int]) -> list[int]:
 
 def _device_of(f: SampleFactors):
     for x in f.rows:
-        return x.a3().device
+        return x.device()
     for x in f.tokens:
         return x.d.device
     return f.dense.g.device if f.dense is not None else torch.device("cpu")
