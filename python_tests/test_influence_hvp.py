@@ -185,14 +185,15 @@ def test_sequence_input_falls_back_to_double_backward(monkeypatch):
 @pytest.mark.parametrize("keep", [True, False])
 def test_double_backward_graph_kept_across_passes(monkeypatch, keep):
     """A CNN (outside the R-operator route): the gradient graph of each block of a full pass is
-    kept while it fits in _KEEP_BYTES and reused by the next pass -- every pass == the float64
-    reference, kept or not (keep=False: a budget of 0 bytes keeps nothing)."""
+    kept while it fits in the problem's KEEP_BYTES and reused by the next pass -- every pass ==
+    the float64 reference, kept or not (keep=False: a budget of 0 bytes keeps nothing)."""
     from dvgs_fast import grads
     from dvgs_fast.methods.influence import hvp
+    from dvgs_fast.methods.influence import problem
     from dvgs_fast.methods.influence.problem import Problem
     from dvgs_fast.distributed import context_for
     if not keep:
-        monkeypatch.setattr(hvp, "_KEEP_BYTES", 0)
+        monkeypatch.setattr(problem, "KEEP_BYTES", 0)
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                           nn.Linear(3 * 9, 3)).double().eval()
@@ -208,4 +209,5 @@ def test_double_backward_graph_kept_across_passes(monkeypatch, keep):
         got = op.matmat(V)
         ref = _reference(model, names, x, y, _ce, 1.0 / 11, prob.unflat(V))
         torch.testing.assert_close(got, prob.flat(ref), rtol=1e-10, atol=1e-12)
-        assert len(op._graphs) == (3 if keep else 0)             # 11 rows in blocks of 4
+        graphs = [k for k in prob._kept if k[0] == "gradient graph"]
+        assert len(graphs) == (3 if keep else 0)                 # 11 rows in blocks of 4

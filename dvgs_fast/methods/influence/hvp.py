@@ -7,7 +7,8 @@ activations) takes the R-operator written out as GEMMs (hvp_sequential.py): on t
 64-64-10 (1 thread, float32) 300 products on a 100-row LiSSA batch cost ~37 ms instead of ~98 ms
 by double backward, and the direct solver's 4,810 columns 9.4 CPU s instead of 13-17 s. Any
 other model takes double backward: per block of rows one forward and one backward that keeps its graph
-(create_graph; the graph itself kept across full passes while it fits in _KEEP_BYTES), then
+(create_graph; the graph itself kept across full passes while it fits in the problem's
+KEEP_BYTES), then
 vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a chunk of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries
 grow with chunk × rows). Measured on this project's 2-core CPU, 300 vectors, 1 thread: on 1,000
 digits rows, float32, a loop of single products took 0.16 CPU s (logistic regression) and 0.39 s
@@ -30,9 +31,6 @@ from dvgs_fast.methods.influence.problem import Problem
 _BATCHED_ELEMENTS = 16384
 _MAX_BATCHED = 128
 _MIN_BATCHED = 16
-# Memory for the R-operator's per-block preparations kept across full passes (Arnoldi, CG and the
-# direct solver's columns pass over the same blocks again and again).
-_KEEP_BYTES = 512 << 20
 
 
 class HessianOperator:
@@ -44,9 +42,6 @@ class HessianOperator:
         self.batched = True                              # False once vmap refused the model
         # Sequential MLPs: the R-operator written out (hvp_sequential.py); None: autograd
         self.sequential = SequentialHVP.of(prob.model, prob.names)
-        self._prepared: dict[int, dict] = {}             # block -> its R-operator preparation
-        self._graphs: dict[int, tuple] = {}              # block -> its gradient with the graph kept
-        self._prepared_bytes = 0                         # what both keep, against _KEEP_BYTES
         self.details: dict = {}                          # how an explicit Hessian was built (direct.py)
 
     def matmat(self, V: torch.Tensor) -> torch.Tensor:
@@ -71,7 +66,7 @@ class HessianOperator:
     def _block(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float,
                key: int | None = None) -> torch.Tensor:
         """(scale · Σ_rows H_row) applied to V's rows; key: the block's index in a full pass (its
-        R-operator preparation is then kept, up to _KEEP_BYTES, for the next pass)."""
+        R-operator preparation or gradient graph is then kept for the next pass: Problem.keep)."""
         if self.sequential is not None:
             out = self._block_sequential(x, y, V, scale, key)
             if out is not None:
@@ -92,23 +87,23 @@ class HessianOperator:
         return out.to(V.dtype)
 
     def _preparation(self, x, y, scale: float, key: int | None) -> dict | None:
-        """The R-operator's preparation of a block of rows (SequentialHVP.prepare); kept, up to
-        _KEEP_BYTES, when `key` names a block of a full pass. None: the model cannot take them."""
-        st = self._prepared.get(key) if key is not None else None
+        """The R-operator's preparation of a block of rows (SequentialHVP.prepare); kept
+        (Problem.keep) when `key` names a block of a full pass. None: the model cannot take them."""
+        kept = ("R-operator preparation", key, scale)
+        st = self.prob.kept(kept) if key is not None else None
         if st is None:
             st = self.sequential.prepare(x, y, self.prob.sample_loss, scale)
-            size = 0 if st is None else self.sequential.nbytes(st)
-            if st is not None and key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
-                self._prepared[key] = st
-                self._prepared_bytes += size
+            if st is not None and key is not None:
+                self.prob.keep(kept, st, self.sequential.nbytes(st))
         return st
 
     def _gradient_graph(self, x, y, scale: float, key: int | None) -> tuple:
         """(∇ of scale·Σ_rows loss with its graph, the indices of the parameters whose gradient
         depends on θ). The graph (forward and first backward: about half of each product's time
-        on the digits CNN) is kept, up to _KEEP_BYTES of saved tensors, when `key` names a block of
-        a full pass, which Arnoldi, CG and the direct solver's columns take again and again."""
-        got = self._graphs.get(key) if key is not None else None
+        on the digits CNN) is kept (Problem.keep, counting its saved tensors) when `key` names a
+        block of a full pass, which Arnoldi, CG and the direct solver's columns take again and again."""
+        kept = ("gradient graph", key, scale)
+        got = self.prob.kept(kept) if key is not None else None
         if got is not None:
             return got
         params = self.prob.params()
@@ -123,10 +118,8 @@ class HessianOperator:
             loss = self.prob.sample_loss(self.prob.model(x), y).sum() * scale
             g = torch.autograd.grad(loss, params, create_graph=True)
         live = [i for i, t in enumerate(g) if t.requires_grad]   # a gradient constant in θ has zero curvature
-        size = sum(saved.values())
-        if key is not None and self._prepared_bytes + size <= _KEEP_BYTES:
-            self._graphs[key] = (g, live)
-            self._prepared_bytes += size
+        if key is not None:
+            self.prob.keep(kept, (g, live), sum(saved.values()))
         return g, live
 
     def _block_autograd(self, x: torch.Tensor, y: torch.Tensor, V: torch.Tensor, scale: float,

@@ -121,9 +121,11 @@ class Problem:
 
     # ------------------------------------------------------------------ recordings kept between passes
     def keep(self, key, value, nbytes: int) -> None:
-        """Keep a block's recorded factors for a later pass over the same rows (K-FAC's second
-        pass, DataInf's per-query-block passes) while all kept fit in KEEP_BYTES: a recording
-        (forward, backward, a conv's unfold) is most of such a pass's time."""
+        """Keep what a pass over a block of the Hessian's data computed for a later pass over the
+        same rows, while all kept fit in KEEP_BYTES: recorded factors (K-FAC's second pass,
+        DataInf's per-query-block passes, scoring), the R-operator's preparations and the double
+        backward's gradient graphs (every product of Arnoldi, CG, direct). Each is most of such a
+        pass's time; one budget for all, dropped when the call ends (forget)."""
         if key not in self._kept and self._kept_bytes + nbytes <= KEEP_BYTES:
             self._kept[key] = value
             self._kept_bytes += nbytes
