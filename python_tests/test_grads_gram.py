@@ -260,7 +260,9 @@ def test_conv_gradients_without_patches(make, shape, n):
     names = ["0.weight", "0.bias"]
     f = _factors(model, names, x, y).rows[0]
     grouped = f.weight_grads()
-    assert f._a is None                                          # no patch matrix was formed
+    part = f.samples(n // 2, n)                                  # a slice keeps the conv input, not patches
+    torch.testing.assert_close(part.weight_grads(), grouped[n // 2:], rtol=1e-10, atol=1e-12)
+    assert f._a is None and part._a is None                      # no patch matrix was formed
     by_patches = torch.bmm(f.d3().transpose(1, 2), f.a3())       # cuts the patches now
     G = _explicit(model, names, x, y)
     w = conv.weight.numel()

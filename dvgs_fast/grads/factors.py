@@ -147,6 +147,12 @@ class RowFactors:
         held = [self._d] + [t for t in (self._a, self._wg) if t is not None]
         return held + ([self._conv.x] if self._conv is not None else [])
 
+    def samples(self, lo: int, hi: int) -> "RowFactors":
+        """Samples [lo, hi) of the layer (views; a conv's patches still not cut)."""
+        conv = None if self._a is not None else self._conv.map(lambda t: t[lo:hi])
+        a = None if self._a is None else self.a3()[lo:hi]
+        return RowFactors(self.name, self.module, a, self.d3()[lo:hi], self.rows, self.weight, self.bias, conv)
+
     def map(self, fn) -> "RowFactors":
         """The same layer with fn applied to a and d in their stored form (a device or dtype move)."""
         a = None if self._a is None else fn(self._a)

@@ -401,8 +401,7 @@ class Projector:
         for a in range(0, n, step):
             b = min(a + step, n)
             if isinstance(x, RowFactors):
-                r = x.rows
-                sub = RowFactors(x.name, x.module, x.a3()[a:b].to(acc), x.d3()[a:b].to(acc), r, x.weight, x.bias)
+                sub = x.samples(a, b).map(lambda t: t.to(acc))
                 cols = ([sub.weight_grads()] if x.weight is not None else []) + \
                        ([sub.bias_grads().unsqueeze(2)] if x.bias is not None else [])
                 G = torch.cat(cols, 2)

@@ -6,11 +6,11 @@ Two routes, named in info["hessian_vector_route"]. A Sequential MLP (Linear laye
 activations) takes the R-operator written out as GEMMs (hvp_sequential.py): on the digits MLP
 64-64-10 (1 thread, float32) 300 products on a 100-row LiSSA batch cost ~37 ms instead of ~98 ms
 by double backward, and the direct solver's 4,810 columns 9.4 CPU s instead of 13-17 s. Any
-other model takes double backward: per block of rows one forward and one backward that keeps its graph
-(create_graph; the graph itself kept across full passes while it fits in the problem's
-KEEP_BYTES), then
-vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a chunk of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries
-grow with chunk × rows). Measured on this project's 2-core CPU, 300 vectors, 1 thread: on 1,000
+other model takes double backward: per block of rows one forward and one backward that keeps its
+graph (create_graph; the graph itself kept across full passes while it fits in the problem's
+KEEP_BYTES), then vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a chunk
+of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries grow
+with chunk × rows). Measured on this project's 2-core CPU, 300 vectors, 1 thread: on 1,000
 digits rows, float32, a loop of single products took 0.16 CPU s (logistic regression) and 0.39 s
 (MLP 64-64-10), chunks of 16 0.074 s and 0.385 s, chunks of 300 0.11 s and 1.17 s; on a 64-row
 LiSSA mini-batch (float64 MLP) the loop took 0.32 s, chunks of 128 0.09 s. Forward-over-reverse

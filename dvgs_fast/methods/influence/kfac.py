@@ -17,8 +17,11 @@ out, and named in info["left_out"].
 
 Fitting passes over the Hessian's data once (covariances), eigendecomposes, and for EK-FAC
 passes again (corrected eigenvalues: on the first pass's recordings while they fit in the
-problem's KEEP_BYTES, which saves a forward, a backward and a conv's unfold per block); the state after every block can be saved, so a killed run
-resumes at its block; torchrun ranks take their own blocks and all-reduce the sums.
+problem's KEEP_BYTES, which saves a forward, a backward and a conv's unfold per block). The
+empirical Fisher's recordings are the source's loss gradients: kept for scoring as well when the
+source is scored in the Hessian's blocks (Problem.scored_in_blocks). The state after every block
+can be saved, so a killed run resumes at its block; torchrun ranks take their own blocks and
+all-reduce the sums.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ class KFAC(Solver):
                         saver(state, force=True)
                         raise
                     if fisher == "empirical":                  # the loss gradients: scoring's own
-                        cols = [recorded(scorer, prob, x, y, prob.block_rows(k))]
+                        cols = [recorded(scorer, prob, x, y, prob.block_rows(k),
+                                         keep=self.corrected or prob.scored_in_blocks)]
                     else:                                      # EK-FAC's second pass takes the same columns
                         cols = prob.kept(("fisher columns", k))
                         if cols is None:

@@ -265,7 +265,9 @@ class _Session:
             xh, yh = prep.xs, prep.ys
         self.prob = P.Problem(prep.model, prep.names, prep.sample_loss, cfg.loss, xh, yh, cfg.hessian_batch_size,
                               V.DTYPES[cfg.dtype], cfg.weight_decay, self.ctx, run,
-                              torch.Generator().manual_seed(derive_seed(run.seed, 2902)))
+                              torch.Generator().manual_seed(derive_seed(run.seed, 2902)),
+                              scored_in_blocks=cfg.hessian_samples is None and
+                              cfg.source_batch_size == cfg.hessian_batch_size)
         self.solver = SOLVERS[cfg.solver](cfg)
         return prep
 

@@ -34,7 +34,8 @@ class Problem:
     xh, yh: the Hessian's data (all of it; ``shard()`` gives this rank's rows); block: rows per
     forward/backward of the Hessian's data; dtype: the precision of the curvature and the solves
     (the model's forward/backward keeps the model's dtype); weight_decay: the training objective's
-    L2 coefficient, added to the Hessian as weight_decay·I."""
+    L2 coefficient, added to the Hessian as weight_decay·I; scored_in_blocks: the source is the
+    Hessian's data, scored in the same blocks (so scoring can take recordings a fit pass kept)."""
 
     model: nn.Module
     names: list[str]
@@ -48,6 +49,7 @@ class Problem:
     ctx: Any                                   # dvgs_fast.distributed.DistContext
     run: Any                                   # methods.base.Run (budget, progress)
     gen: torch.Generator                       # the solver's own random stream (sampled Fisher, LiSSA, Arnoldi)
+    scored_in_blocks: bool = False
     shapes: dict[str, torch.Size] = field(init=False)
     sizes: list[int] = field(init=False)
     notes: list[str] = field(default_factory=list)
@@ -226,7 +228,7 @@ def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: to
         for s0 in range(lo, hi, batch):
             prob.check_time(lockstep=False)
             s1 = min(s0 + batch, hi)
-            f = recorded(scorer, prob, xs[s0:s1], ys[s0:s1], (s0, s1) if xs is prob.xh else None, keep=False)
+            f = recorded(scorer, prob, xs[s0:s1], ys[s0:s1], (s0, s1) if prob.scored_in_blocks else None, keep=False)
             for q0, q1, V in Vs:
                 block = grads.batch_dots(f, V).t()
                 if not bool(torch.isfinite(block).all()):
