@@ -21,6 +21,10 @@ Kronecker factors reconstructed, ours the identity) and projected to 16 x 16 per
 weights only; ours: ``layer_dims`` (16, 16) per layer, Kronecker, the bias as the input's
 appended 1).
 
+Ours runs twice per round, interleaved: ``recursion="embedding"`` (E [N, k] formed, then the
+queries scored against it -- what dattri computes) and ``recursion="query"`` (the same scores by
+propagating the 300 queries backwards, no E: dvgs_fast/methods/dvemb/query_recursion.py).
+
 Timing: 1 torch thread; CPU time of the whole method (training, recording, the recursion, the
 query gradients and scores) on both sides, median of --rounds, interleaved with a plain training
 loop of the same run (the overhead's denominator: ours' training-and-recording CPU time over it).
@@ -96,6 +100,10 @@ SETTINGS = {
 }
 
 
+# Our two recursions (method.py's ``recursion``): E formed as dattri does, or the queries propagated.
+ROUTES = {"embedding": "E formed", "query": "query route"}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/bench/dvemb")
@@ -121,25 +129,29 @@ def main(argv=None) -> dict:
     res = {"facts": {**facts(), "threads": args.threads}, "ground_truth_cpu_s": gt_cpu, "rows": []}
     plain = []
     for name, (ours_kw, theirs_kw) in SETTINGS.items():
-        ours_t, theirs_meta, scores = [], None, None
+        ours_t, atts = {r: [] for r in ROUTES}, {}
         for r in range(args.rounds):
             with pinned_threads(args.threads):
                 plain.append(plain_training(xs, ys))
-                c0 = time.process_time()
-                att = DataValueEmbedding(factory, epochs=EPOCHS, batch_size=BATCH, lr=LR, optimizer="sgd", seed=SEED,
-                                         progress=False, **ours_kw).attribute(xs, ys, xq, yq)
-                ours_t.append(time.process_time() - c0)
+                for route in ROUTES:                       # interleaved within each round
+                    c0 = time.process_time()
+                    atts[route] = DataValueEmbedding(factory, epochs=EPOCHS, batch_size=BATCH, lr=LR, optimizer="sgd",
+                                                     seed=SEED, progress=False, recursion=route,
+                                                     **ours_kw).attribute(xs, ys, xq, yq)
+                    ours_t[route].append(time.process_time() - c0)
             loads.append(load_avg())
-        scores = np.asarray(att)
-        row = {"setting": name, "side": "ours", "cpu_s": float(np.median(ours_t)), "cpu_each": ours_t,
-               "proj_dim": att.info["proj_dim"], "train_record_cpu_s": att.info["train_cpu_s"] + att.info["record_cpu_s"],
-               "train_cpu_s": att.info["train_cpu_s"], "record_cpu_s": att.info["record_cpu_s"],
-               "embed_cpu_s": att.info["embed_cpu_s"], "recorded_bytes": att.info["recorded_bytes"],
-               "embedding_bytes": att.info["embedding_bytes"],
-               "memory_floats": att.info["proj_dim"] ** 2 + len(xs) * att.info["proj_dim"]}
-        c = cf.loo_correlation(scores, gt)
-        row.update(spearman=c.spearman[:2], pearson=c.pearson[:2])
-        res["rows"].append(row)
+        for route, att in atts.items():
+            k, q = att.info["proj_dim"], len(xq)
+            row = {"setting": name, "side": f"ours ({ROUTES[route]})", "route": route,
+                   "recorded_in": att.info["recorded_in"],
+                   "cpu_s": float(np.median(ours_t[route])), "cpu_each": ours_t[route], "proj_dim": k,
+                   "train_record_cpu_s": att.info["train_cpu_s"] + att.info["record_cpu_s"],
+                   **{key: att.info.get(key) for key in ("train_cpu_s", "record_cpu_s", "embed_cpu_s", "scores_cpu_s",
+                                                         "recorded_bytes", "embedding_bytes")},
+                   "memory_floats": k * k + len(xs) * k if route == "embedding" else k * q + len(xs) * q}
+            c = cf.loo_correlation(np.asarray(att), gt)
+            row.update(spearman=c.spearman[:2], pearson=c.pearson[:2])
+            res["rows"].append(row)
         if args.dattri_python:
             dst = out / f"dattri_{name.replace(' ', '_')}.npz"
             cmd = [args.dattri_python, str(HERE / "peers" / "dattri_dvemb.py"), "--data", str(out / "data.npz"),
@@ -185,9 +197,10 @@ def markdown(res: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['setting']} | {r['side']} | - | - | - | - | failed: {r['error']} |")
             continue
-        if r["side"] == "ours":
-            mem = (f"k = {r['proj_dim']}: k² + N·k = {r['memory_floats'] / 1e6:.1f} M floats in memory; "
-                   f"{r['recorded_bytes'] / 2 ** 20:.1f} MiB of steps on disk")
+        if r["side"].startswith("ours"):
+            held = "k² + N·k" if r["route"] == "embedding" else "k·Q + N·Q"
+            mem = (f"k = {r['proj_dim']}: {held} = {r['memory_floats'] / 1e6:.1f} M floats in memory; "
+                   f"{r['recorded_bytes'] / 2 ** 20:.1f} MiB of steps in {r['recorded_in']}")
             over = f"{r['train_record_cpu_s']:.2f} ({r['train_record_cpu_s'] / plain:.2f}x)"
         else:
             mem = f"dattri {r['version']} (final weights vs ours: max diff {r['final_weights_vs_ours']:.1e})"

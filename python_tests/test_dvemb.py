@@ -58,18 +58,23 @@ def _brute_force(xs, ys, xq, yq, *, epochs, batch_size, lr, seed):
     return E @ _per_sample(model, xq, yq).t(), model
 
 
-@pytest.mark.parametrize("batch_size, group_rows", [(8, 256), (7, 1), (7, 15), (8, 24)])
-def test_equals_brute_force_recursion_without_projection(monkeypatch, batch_size, group_rows):
+@pytest.mark.parametrize("batch_size, group_rows, recursion", [
+    (8, 256, "embedding"), (7, 1, "embedding"), (7, 15, "embedding"), (8, 24, "embedding"),
+    (8, 256, "query"), (7, 1, "query"), (7, 15, "query")])
+def test_equals_brute_force_recursion_without_projection(monkeypatch, batch_size, group_rows, recursion):
     """The recursion goes in groups of steps (M updated once per group): one step per group,
-    groups that split at an uneven last batch, and all 15-18 steps in one group."""
-    from dvgs_fast.methods.dvemb import embedding
+    groups that split at an uneven last batch, and all 15-18 steps in one group. The query route
+    reads the store in blocks of whole steps of the same sizes."""
+    from dvgs_fast.methods.dvemb import embedding, query_recursion
     monkeypatch.setattr(embedding, "_GROUP_ROWS", group_rows)
+    monkeypatch.setattr(query_recursion, "_READ_ROWS", group_rows)
     xs, ys, xq, yq = _data()
     kw = dict(epochs=3, batch_size=batch_size, lr=0.1, seed=4)
     ref, model = _brute_force(xs, ys, xq, yq, **kw)
-    att = DataValueEmbedding(_factory, proj_dim=10_000, store_dtype="float64", progress=False, **kw).attribute(
-        xs, ys, xq, yq, dtype="float64")
+    att = DataValueEmbedding(_factory, proj_dim=10_000, store_dtype="float64", progress=False, recursion=recursion,
+                             **kw).attribute(xs, ys, xq, yq, dtype="float64")
     assert att.info["proj_dim"] == 75                       # every parameter, unprojected (the identity)
+    assert att.info["recursion"] == recursion
     np.testing.assert_allclose(att.scores, ref.t().numpy(), rtol=1e-8, atol=1e-12)
     assert np.abs(att.scores).max() > 1e-3
 
@@ -80,7 +85,7 @@ def test_training_is_the_recipes_reference_run():
     dve.attribute(xs, ys, xq, yq)
     recipe = TrainingRecipe(_factory, optimizer="sgd", lr=0.1, epochs=2, batch_size=8, dtype=torch.float64)
     want = reference_model(recipe, xs, ys, seed=3)
-    got = dve._cache[2]
+    got = dve._cache.state
     for k, v in want.state_dict().items():
         torch.testing.assert_close(got[k], v, rtol=1e-12, atol=1e-14)
 
@@ -134,12 +139,99 @@ def test_fit_is_the_mean_and_reuses_the_embedding(tmp_path):
                            store_dir=tmp_path / "dve").fit(xs, ys, xq, yq)
 
 
+def test_query_route_equals_embedding_route_and_auto_picks_the_cheaper(tmp_path):
+    """Projected, float32 store, SGD and Adam: the scores without E equal those through E; "auto"
+    takes the query route for fewer queries than dimensions (here 6 < 64) and E for more (40 > 8);
+    fit() (one mean target vector) by the query route equals attribute()'s source values."""
+    xs, ys, xq, yq = _data()
+    for opt, lr in (("sgd", 0.1), ("adam", 0.01)):
+        kw = dict(epochs=2, batch_size=8, lr=lr, optimizer=opt, proj_dim=64, seed=5, progress=False)
+        e = DataValueEmbedding(_factory, recursion="embedding", **kw).attribute(xs, ys, xq, yq, dtype="float64")
+        q = DataValueEmbedding(_factory, **kw)
+        a = q.attribute(xs, ys, xq, yq, dtype="float64")
+        assert (e.info["recursion"], a.info["recursion"]) == ("embedding", "query")
+        assert q._cache.E is None
+        np.testing.assert_allclose(a.scores, e.scores, rtol=1e-4, atol=1e-5 * np.abs(e.scores).max())
+        assert np.abs(e.scores).max() > 1e-3
+        v = q.fit(xs, ys, xq, yq)
+        assert (v.info["recursion"], v.info["reused"]) == ("query", "memory")
+        np.testing.assert_allclose(v.values, e.source_values(), rtol=1e-4, atol=1e-5 * np.abs(e.scores).max())
+    many = DataValueEmbedding(_factory, epochs=1, batch_size=8, lr=0.1, proj_dim=8, seed=5, progress=False)
+    assert many.attribute(xs, ys, xs, ys).info["recursion"] == "embedding"
+    assert many._cache.E is not None
+
+
+def test_query_route_in_store_dir_then_embedding_reused(tmp_path):
+    """store_dir: a query-route run keeps the recorded steps and no E; a later "embedding" call
+    forms E there from those steps (no retraining) and a third process reuses it."""
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=2, batch_size=8, lr=0.1, proj_dim=64, seed=2, progress=False, store_dir=tmp_path / "dve")
+    first = DataValueEmbedding(_factory, recursion="query", **kw)
+    a = first.attribute(xs, ys, xq, yq, dtype="float64")
+    assert not (tmp_path / "dve" / "embedding.npy").exists()
+    b = DataValueEmbedding(_factory, recursion="embedding", **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    assert (b.info["reused"], b.info["recursion"]) == ("store_dir", "embedding")
+    assert (tmp_path / "dve" / "embedding.npy").exists() and not list((tmp_path / "dve").glob("*.partial*"))
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-4, atol=1e-5 * np.abs(a.scores).max())
+    c = DataValueEmbedding(_factory, recursion="query", **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    assert (c.info["reused"], c.info["recursion"]) == ("store_dir", "embedding")    # E exists: scored with it
+    np.testing.assert_allclose(c.scores, b.scores, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_recorded_steps_kept_until_close(monkeypatch, on_disk):
+    """Without store_dir the steps are kept in memory (or, above the budget, in a temporary folder)
+    for a later call, with the same scores either way; a run on another source or close() drops them."""
+    from dvgs_fast.methods.dvemb import method
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=1, batch_size=8, lr=0.1, proj_dim=16, seed=0, progress=False)
+    want = DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    if on_disk:
+        monkeypatch.setattr(method, "_IN_MEMORY", 0)
+    dve = DataValueEmbedding(_factory, **kw)
+    got = dve.attribute(xs, ys, xq, yq, dtype="float64")
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
+    assert got.info["recorded_in"] == ("disk" if on_disk else "memory")
+    folder = dve._cache.folder
+    assert (folder / "trajectory").is_dir() == on_disk
+    dve.fit(xs[:30], ys[:30], xq, yq)                      # another source: the first run's steps go
+    assert not folder.exists()
+    folder = dve._cache.folder
+    dve.close()
+    assert not folder.exists() and dve._cache is None
+
+
+def test_training_killed_in_store_dir_starts_over(tmp_path, monkeypatch):
+    """A run killed during its training leaves a partial trajectory in store_dir (and no state):
+    the next run trains again from the start into it, with the uninterrupted run's scores."""
+    from dvgs_fast.methods.dvemb import trajectory
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=2, batch_size=8, lr=0.1, proj_dim=16, seed=0, progress=False)
+    want = DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    real, calls = trajectory.T.recorded_step, [0]
+
+    def killed(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(trajectory.T, "recorded_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        DataValueEmbedding(_factory, store_dir=tmp_path / "dve", **kw).fit(xs, ys, xq, yq)
+    monkeypatch.setattr(trajectory.T, "recorded_step", real)
+    got = DataValueEmbedding(_factory, store_dir=tmp_path / "dve", **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    assert got.info["recorded_in"] == "disk"
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-8)
+
+
 def test_input_errors():
     xs, ys, xq, yq = _data()
     with pytest.raises(ValueError, match="proj_dim"):
         DataValueEmbedding(_factory, proj_dim=0)
     with pytest.raises(ValueError, match="store_dtype"):
         DataValueEmbedding(_factory, store_dtype="int8")
+    with pytest.raises(ValueError, match="recursion"):
+        DataValueEmbedding(_factory, recursion="forward")
     with pytest.raises(ValueError, match="y_query"):
         DataValueEmbedding(_factory, epochs=1, progress=False).attribute(xs, ys, xq, torch.full_like(yq, 9))
     with pytest.raises(ValueError, match="lr: training diverged|beyond float32.s range"):

@@ -310,7 +310,7 @@ class Projector:
             elif p.structure == "dense":
                 self._formed(p, rows.get(p.name) or toks[p.name], f.n, acc, blk)
             elif p.kind == "rows":
-                blk.copy_(self._rows(p, rows[p.name], f.n, acc))
+                self._rows(p, rows[p.name], f.n, acc, out=blk)
             else:
                 blk.copy_(self._tokens(p, toks[p.name], f.n, acc))
         return out if out_dtype is None else out.to(out_dtype)
@@ -357,28 +357,50 @@ class Projector:
             parts.append(G.reshape(n, -1))
         return torch.cat(parts, 1)
 
-    def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc) -> torch.Tensor:
+    def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, dim] of a rows layer (into `out` when given: Kronecker at one row per sample writes
+        its outer products there directly; a training step projects every step, so its few small
+        ops are the cost: the side matrices are taken transposed and contiguous, cached)."""
         a, d = x.a.to(acc), x.d.to(acc)
-        pi, po = self.side_matrix(p, "in", acc, a.device), self.side_matrix(p, "out", acc, a.device)
-        dp = d if po is None else d @ po.t()                               # [n·L, k_out] (Khatri-Rao: [n·L, k])
+        poT = self._transposed(p, "out", acc, a.device)
+        dp = d if poT is None else d @ poT                                 # [n·L, k_out] (Khatri-Rao: [n·L, k])
         if x.weight is None:                                               # bias only: ã = 1
+            pi = self.side_matrix(p, "in", acc, a.device)
             ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device) if pi is None else \
                 pi[:, 0].expand(a.shape[0], -1)
-        elif pi is None:
-            ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) if x.bias is not None else a
         else:
-            w = pi[:, :a.shape[1]]
-            ap = a @ w.t()
-            if x.bias is not None:
-                ap += pi[:, a.shape[1]]                                    # the bias column of P_in
+            piT = self._transposed(p, "in", acc, a.device)                # [d_in (+1 bias), k_in]
+            if piT is None:
+                ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) \
+                    if x.bias is not None else a
+            elif x.bias is not None:                                       # + the bias row of P_inᵀ
+                ap = torch.addmm(piT[a.shape[1]], a, piT[:a.shape[1]])
+            else:
+                ap = a @ piT[:a.shape[1]]
         if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
             prod = dp.mul_(ap)
-            return prod if x.rows == 1 else prod.reshape(n, x.rows, -1).sum(1)
-        if x.rows == 1:
-            return (dp.unsqueeze(2) * ap.unsqueeze(1)).reshape(n, -1)
-        dp = dp.reshape(n, x.rows, -1)
-        ap = ap.reshape(n, x.rows, -1)
-        return torch.bmm(dp.transpose(1, 2), ap).reshape(n, -1)
+            prod = prod if x.rows == 1 else prod.reshape(n, x.rows, -1).sum(1)
+        elif x.rows == 1:
+            if out is not None:
+                torch.mul(dp.unsqueeze(2), ap.unsqueeze(1), out=out.view(n, dp.shape[1], ap.shape[1]))
+                return out
+            prod = (dp.unsqueeze(2) * ap.unsqueeze(1)).reshape(n, -1)
+        else:
+            prod = torch.bmm(dp.reshape(n, x.rows, -1).transpose(1, 2), ap.reshape(n, x.rows, -1)).reshape(n, -1)
+        if out is None:
+            return prod
+        return out.copy_(prod)
+
+    def _transposed(self, p: LayerPlan, side: str, dtype, device) -> torch.Tensor | None:
+        """side_matrix(p, side)ᵀ, contiguous (cached beside it)."""
+        key = (p.name, side, "T", str(dtype), str(device))
+        m = self._cache.get(key)
+        if m is None:
+            m = self.side_matrix(p, side, dtype, device)
+            if m is None:
+                return None
+            m = self._cache[key] = m.t().contiguous()
+        return m
 
     def _tokens(self, p: LayerPlan, x: TokenFactors, n: int, acc) -> torch.Tensor:
         d = x.d.to(acc)                                                    # [n, T, dim]

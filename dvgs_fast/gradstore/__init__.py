@@ -18,7 +18,7 @@ matrix products over them. This package holds those vectors on disk and streams 
 """
 from dvgs_fast.gradstore.scoring import gram, matmul_rows, passes, score_into, source_blocks
 from dvgs_fast.gradstore.store import DTYPES, GradientStore, StoreError
-from dvgs_fast.gradstore.writer import StoreWriter, WriteResult, create_store, write_store
+from dvgs_fast.gradstore.writer import StoreWriter, WriteResult, checked_rows, create_store, write_store
 
-__all__ = ["DTYPES", "GradientStore", "StoreError", "StoreWriter", "WriteResult", "create_store", "gram",
+__all__ = ["DTYPES", "GradientStore", "StoreError", "StoreWriter", "WriteResult", "checked_rows", "create_store", "gram",
            "matmul_rows", "passes", "score_into", "source_blocks", "write_store"]

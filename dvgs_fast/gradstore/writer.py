@@ -132,19 +132,7 @@ class StoreWriter:
         if a != self.pos or not a < b <= self.hi:
             raise RuntimeError(f"StoreWriter: rows {a}:{b} written at position {self.pos} of range "
                                f"{self.lo}:{self.hi}")
-        arr = _as_numpy(vectors)
-        if arr.shape != (b - a, self.store.dim):
-            raise ValueError(f"vectors: rows {a}:{b} have shape {arr.shape}, the store holds {self.store.dim} columns")
-        if not np.isfinite(arr).all():
-            bad = a + int(np.flatnonzero(~np.isfinite(arr).all(1))[0])
-            raise ValueError(f"x_source: the vector of row {bad} is not finite (NaN/Inf gradient): rescale the inputs "
-                             f"or check the model")
-        limit = float(np.finfo(self.store.dtype).max)
-        if arr.size and arr.dtype.itemsize > self.store.dtype.itemsize and float(np.abs(arr).max()) > limit:
-            wider = "float32" if self.store.dtype == np.float16 else "float64"
-            raise ValueError(f"dtype: row {a + int(np.abs(arr).max(1).argmax())} has an entry beyond "
-                             f"{self.store.dtype.name}'s range ({limit:g}); use dtype='{wider}'")
-        arr = np.ascontiguousarray(arr, dtype=self.store.dtype)
+        arr = checked_rows(vectors, a, b, self.store.dim, self.store.dtype)
         _pwrite(self._fds[""], arr, self._offsets[""] + a * arr.shape[1] * arr.itemsize)
         digest = runstate.digest_of_array(arr)
         meta_aux = self.store.meta["aux"]
@@ -196,6 +184,24 @@ def _data_offset(path: Path) -> int:
         version = np.lib.format.read_magic(fh)
         (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)(fh)
         return fh.tell()
+
+
+def checked_rows(vectors, a: int, b: int, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Rows [a, b) as a contiguous array of the store's dtype, after the checks every store makes:
+    their shape, no NaN / Inf, no entry beyond the dtype's range (one-line errors naming the row)."""
+    arr = _as_numpy(vectors)
+    if arr.shape != (b - a, dim):
+        raise ValueError(f"vectors: rows {a}:{b} have shape {arr.shape}, the store holds {dim} columns")
+    if not np.isfinite(arr).all():
+        bad = a + int(np.flatnonzero(~np.isfinite(arr).all(1))[0])
+        raise ValueError(f"x_source: the vector of row {bad} is not finite (NaN/Inf gradient): rescale the inputs "
+                         f"or check the model")
+    limit = float(np.finfo(dtype).max)
+    if arr.size and arr.dtype.itemsize > dtype.itemsize and float(np.abs(arr).max()) > limit:
+        wider = "float32" if dtype == np.float16 else "float64"
+        raise ValueError(f"dtype: row {a + int(np.abs(arr).max(1).argmax())} has an entry beyond "
+                         f"{dtype.name}'s range ({limit:g}); use dtype='{wider}'")
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def _as_numpy(x) -> np.ndarray:

@@ -8,14 +8,19 @@ The model is trained on the source set once (trajectory.py records each step's p
 per-sample gradients), the embeddings are accumulated backwards over the recorded steps
 (embedding.py), and a query's score against training sample i is ⟨∇ℓ(q; θ_T), E_i⟩ in the
 projected space: the first-order effect on q's loss of removing i from that very run, with its
-data order. A second fit()/attribute() on the same source, settings and seed reuses the
-embeddings (kept on the instance; with ``store_dir`` also on disk, fingerprinted, so another
-process reuses them).
+data order. The same scores come without forming E by running the recursion from the queries'
+side (query_recursion.py), cheaper when there are fewer queries than projected dimensions;
+``recursion`` picks. A second fit()/attribute() on the same source, settings and seed reuses the
+recorded run and E once formed (kept on the instance; with ``store_dir`` also on disk,
+fingerprinted, so another process reuses them).
 """
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,18 +28,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from dvgs_fast import _io
 from dvgs_fast import _validation as V
 from dvgs_fast import grads, runstate
 from dvgs_fast._utils import own_rng
 from dvgs_fast.attribution import AttributionMixin, ScoreSink, query_error
-from dvgs_fast.gradstore import GradientStore, StoreWriter, create_store
+from dvgs_fast.gradstore import DTYPES, GradientStore, StoreWriter, create_store
 from dvgs_fast.gradstore.store import read_meta, write_meta
 from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.dvemb.embedding import embed
-from dvgs_fast.methods.dvemb.trajectory import record_training
+from dvgs_fast.methods.dvemb.query_recursion import query_scores
+from dvgs_fast.methods.dvemb.trajectory import StepsInMemory, record_training
 
 EMBEDDING = "embedding.npy"
+TRAJECTORY = "trajectory"
+# A run without store_dir keeps its recorded steps in memory up to this many bytes.
+_IN_MEMORY = 256 << 20
+# Scores [N, q] + propagated queries [k, q] (float64) per pass of the query route over the steps.
+_QUERY_BYTES = 256 << 20
 
 
 def _layer_spec(p) -> dict:
@@ -63,9 +75,17 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                      k² (the recursion) + N·k (the embeddings) floats, and epochs·N·k on disk.
     layer_dims  {layer name: k or (k_out, k_in)} for layers that set their own (the rest share proj_dim).
     projection, proj_seed, projection_structure   the projection (grads.Projector), recorded in the result.
-    store_dir        None: a temporary folder for the recorded steps (deleted after the run);
+    store_dir        None: the recorded steps in memory when they fit 256 MB, else in a temporary
+                     folder; kept while the instance holds them for a later call (dropped by close()
+                     or with the instance);
                      a folder: the recorded steps and the embeddings are kept there, fingerprinted,
                      and reused by a later run with the same data and settings.
+    recursion        "auto" (default): whichever of the two below costs fewer multiply-adds for the
+                     call's number of queries; "embedding": form E [N, k] (2·R·k² for R recorded
+                     rows), kept and reused, then score any query by a dot product; "query": the
+                     same scores without E, by propagating the queries backwards (query_recursion.py:
+                     2·R·k·Q, a pass over the recorded steps per call; fit() has Q = 1).
+                     Once E exists (this instance or store_dir), every call scores with it.
     store_dtype      "float32" (default), "float16" (half the disk) or "float64" for the recorded steps
                      (float64 also runs the recursion in float64; otherwise it runs in float32).
     grad_params      None (every trainable parameter) or names / module-name prefixes.
@@ -78,7 +98,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                  epochs: int = 20, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
                  weight_decay: float = 0.0, proj_dim: int = 1024, layer_dims: dict | None = None,
                  projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "khatri_rao",
-                 store_dir: str | None = None, store_dtype: str = "float32",
+                 store_dir: str | None = None, store_dtype: str = "float32", recursion: str = "auto",
                  grad_params: Any = None, device: Any = None, seed: int | None = None, max_time: float | None = None,
                  progress: bool = True, num_threads: int | None = None):
         self.optimizer, self.backend, self.grad_params = T.check_common(loss, optimizer, "fast", grad_params, model)
@@ -97,8 +117,9 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         self.projection_structure = V.check_choice(projection_structure, "projection_structure", grads.PROJECTION_STRUCTURES)
         self.store_dir = None if store_dir is None else Path(store_dir)
         self.store_dtype = V.check_choice(store_dtype, "store_dtype", ("float32", "float16", "float64"))
+        self.recursion = V.check_choice(recursion, "recursion", ("auto", "embedding", "query"))
         super().__init__(device=device, seed=seed, max_time=max_time, progress=progress, num_threads=num_threads)
-        self._cache: tuple | None = None          # (key, E, final state_dict, projector, info)
+        self._cache: _Recorded | None = None      # the last recorded run, reused by a call with the same key
 
     # ------------------------------------------------------------------------------------------
     def _projector(self) -> grads.Projector:
@@ -109,20 +130,29 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         h = runstate.new_hash()
         for t in (prep.xs, prep.ys):
             runstate.update_with_tensor(h, t)
-        settings = {k: v for k, v in self.settings().items() if k not in ("store_dir",)}
+        # neither where the steps are kept nor how the recursion runs changes the result
+        settings = {k: v for k, v in self.settings().items() if k not in ("store_dir", "recursion")}
         return runstate.fingerprint({"method": self.name, **settings}, seed, 1, prep.model, self.loss, h.digest())
 
-    def _embeddings(self, prep: T.Prepared, run: Run):
-        """(E [N, k], projector, info), training and embedding only when no cached result fits.
-        Leaves prep.model at θ_T."""
+    def _recorded(self, prep: T.Prepared, run: Run) -> _Recorded:
+        """The recorded run for this source and these settings: trained now, or the instance's own
+        (memory) or store_dir's (another process's) when the fingerprint matches. Leaves prep.model at θ_T."""
         key = self._key(prep, run.seed)
-        if self._cache is not None and self._cache[0] == key:
-            _, E, state, projector, info = self._cache
-            prep.model.load_state_dict(state)
-            return E, projector, {**info, "reused": "memory"}
+        if self._cache is not None and self._cache.key == key:
+            prep.model.load_state_dict(self._cache.state)
+            self._cache.info["reused"] = "memory"
+            return self._cache
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
         if self.store_dir is None:
-            with tempfile.TemporaryDirectory(prefix="dvgs_fast_dvemb.") as tmp:
-                E, projector, info = self._compute(prep, run, Path(tmp), key, None)
+            tmp = tempfile.TemporaryDirectory(prefix="dvgs_fast_dvemb.")
+            try:
+                rec = self._train(prep, run, Path(tmp.name), key)
+            except BaseException:
+                tmp.cleanup()
+                raise
+            rec.tmp = tmp
         else:
             files = runstate.CheckpointFiles(self.store_dir, method="DVEmb")
             with runstate.DirLock(files):
@@ -131,17 +161,21 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                     runstate.compare(state["fingerprint"], key, files)
                     prep.model.load_state_dict(state["model"])
                     projector = self._projector().plan_layers(state["projector_layers"])
-                    E = np.load(self.store_dir / EMBEDDING, mmap_mode="r")
-                    info = {**state["info"], "reused": "store_dir"}
+                    rec = _Recorded(key, self.store_dir, projector, {"n": prep.xs.shape[0], **state["info"], "reused": "store_dir"},
+                                    {k: v.clone() for k, v in prep.model.state_dict().items()})
+                    if state.get("embedding", True):      # states written before the query route always had E
+                        rec.E = np.load(self.store_dir / EMBEDDING, mmap_mode="r")
                 else:
-                    E, projector, info = self._compute(prep, run, self.store_dir, key, self.store_dir / EMBEDDING)
-                    runstate.write_state(files.state, {
-                        "format": runstate.FORMAT, "fingerprint": key, "model": prep.model.state_dict(),
-                        "projector_layers": [_layer_spec(p) for p in projector.layers], "info": info})
-        self._cache = (key, E, {k: v.clone() for k, v in prep.model.state_dict().items()}, projector, info)
-        return E, projector, info
+                    rec = self._train(prep, run, self.store_dir, key)
+                    runstate.write_state(files.state, self._state(rec))
+        self._cache = rec
+        return rec
 
-    def _compute(self, prep: T.Prepared, run: Run, folder: Path, key: dict, embedding_path: Path | None):
+    def _state(self, rec: _Recorded) -> dict:
+        return {"format": runstate.FORMAT, "fingerprint": rec.key, "model": rec.state, "embedding": rec.E is not None,
+                "projector_layers": [_layer_spec(p) for p in rec.projector.layers], "info": rec.info}
+
+    def _train(self, prep: T.Prepared, run: Run, folder: Path, key: dict) -> _Recorded:
         n = prep.xs.shape[0]
         sgd = self.optimizer == "sgd"
         projector = self._projector()
@@ -150,45 +184,130 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         with own_rng(run.device):
             projector.plan(scorer.record(prep.xs[:2], prep.ys[:2]).factors())
         k = projector.dim
-        rows = self.epochs * n
-        traj_dir = folder / "trajectory"
-        create_store(traj_dir, rows, k if sgd else 2 * k, dtype=self.store_dtype, aux={"index": "float64", "step": "float64"},
-                     fingerprint={"run": key, "projector": projector.fingerprint()})
-        writer = StoreWriter(traj_dir, 0, rows, checkpoint_every=3600.0).open()
+        rows, width = self.epochs * n, (k if sgd else 2 * k)
+        aux = {"index": "float64", "step": "float64"}
+        in_memory = self.store_dir is None and rows * width * np.dtype(DTYPES[self.store_dtype]).itemsize <= _IN_MEMORY
+        traj_dir = folder / TRAJECTORY
+        if in_memory:
+            writer = steps = StepsInMemory(rows, width, self.store_dtype, aux)
+        else:
+            _io.refuse_link(traj_dir)
+            if traj_dir.exists():        # no state for it: a run killed in its training, which starts over
+                shutil.rmtree(traj_dir)
+            create_store(traj_dir, rows, width, dtype=self.store_dtype, aux=aux,
+                         fingerprint={"run": key, "projector": projector.fingerprint()})
+            writer = StoreWriter(traj_dir, 0, rows, checkpoint_every=3600.0).open()
         bar = run.progress(self.epochs, "DVEmb training", unit="epoch")
         t0 = time.perf_counter()
         try:
             traj = record_training(self, prep, run, projector, writer, bar)
         finally:
             bar.close()
-            writer.close(commit=True)
-        meta = read_meta(traj_dir)
-        meta["complete"] = True
-        write_meta(traj_dir, meta)
-        store = GradientStore.open(traj_dir)
-        bar = run.progress(traj.steps, "DVEmb embedding", unit="step")
+            if not in_memory:
+                writer.close(commit=True)
+        if not in_memory:
+            meta = read_meta(traj_dir)
+            meta["complete"] = True
+            write_meta(traj_dir, meta)
+            steps = GradientStore.open(traj_dir)
+        info = {"n": n, "steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
+                "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s,
+                "recorded_bytes": int(steps.nbytes), "recorded_in": "memory" if in_memory else "disk",
+                "train_wall_s": time.perf_counter() - t0}
+        rec = _Recorded(key, folder, projector, info, {k: v.clone() for k, v in prep.model.state_dict().items()})
+        rec.steps = steps if in_memory else None
+        return rec
+
+    def _embedding(self, rec: _Recorded, run: Run):
+        """E [N, k] of the recorded run (formed once, then kept with it; in store_dir under its lock)."""
+        if rec.E is not None:
+            return rec.E
+        if self.store_dir is None:
+            rec.E = self._embed(rec, run, rec.folder / EMBEDDING)
+            return rec.E
+        files = runstate.CheckpointFiles(self.store_dir, method="DVEmb")
+        with runstate.DirLock(files):
+            state = runstate.read_state(files)
+            if state is not None and state.get("embedding", True) and state["fingerprint"] == rec.key:
+                rec.E = np.load(self.store_dir / EMBEDDING, mmap_mode="r")      # another process formed it
+            else:
+                rec.E = self._embed(rec, run, self.store_dir / EMBEDDING)
+                runstate.write_state(files.state, self._state(rec))
+        return rec.E
+
+    def _embed(self, rec: _Recorded, run: Run, path: Path):
+        store = rec.store()
+        bar = run.progress(rec.info["steps"], "DVEmb embedding", unit="step")
         c1 = time.process_time()
+        partial = path.with_name(path.stem + ".partial.npy")       # never a half-written E under the final name
+        _io.refuse_link(path)
+        _io.refuse_link(partial)
         try:
-            E = embed(store, n, k, sgd=sgd, step_lr=np.asarray(traj.lrs), progress=bar, out_path=embedding_path,
-                      exact=self.store_dtype == "float64")
+            E = embed(store, rec.n, rec.k, sgd=self.optimizer == "sgd", step_lr=_step_lr(store, self.lr),
+                      progress=bar, out_path=partial, exact=self.store_dtype == "float64")
         except ValueError as exc:
-            if sgd:
-                raise
-            # Adam's per-coordinate step does not shrink with the gradient, so the propagated
-            # change (u gᵀ per sample) can exceed the step's own size and the recursion grows.
-            raise ValueError(f"{exc}; with optimizer={self.optimizer!r} the embedding propagates the preconditioned "
-                             f"steps (an approximation) and these can grow without bound: use optimizer='sgd' "
-                             f"(exact) or a lower lr") from None
+            raise self._diverged(exc) from None
         finally:
             bar.close()
-        info = {"steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
-                "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s,
-                "embed_cpu_s": time.process_time() - c1, "recorded_bytes": int(store.nbytes),
-                "embedding_bytes": int(E.shape[0] * E.shape[1] * E.dtype.itemsize), "wall_s": time.perf_counter() - t0}
-        if embedding_path is not None and not isinstance(E, np.memmap):
-            _atomic_save(embedding_path, E.astype(np.float32))
-            E = np.load(embedding_path, mmap_mode="r")
-        return E, projector, info
+        rec.info["embed_cpu_s"] = time.process_time() - c1
+        rec.info["embedding_bytes"] = int(E.shape[0] * E.shape[1] * E.dtype.itemsize)
+        if isinstance(E, np.memmap):
+            E.flush()
+            del E
+            os.replace(partial, path)
+        elif self.store_dir is None:
+            return E                                             # small and the run's own: kept in memory
+        else:
+            _atomic_save(path, E.astype(np.float32))
+        return np.load(path, mmap_mode="r")
+
+    def _diverged(self, exc: ValueError) -> ValueError:
+        if self.optimizer == "sgd":
+            return exc
+        # Adam's per-coordinate step does not shrink with the gradient, so the propagated
+        # change (u gᵀ per sample) can exceed the step's own size and the recursion grows.
+        return ValueError(f"{exc}; with optimizer={self.optimizer!r} the embedding propagates the preconditioned "
+                          f"steps (an approximation) and these can grow without bound: use optimizer='sgd' "
+                          f"(exact) or a lower lr")
+
+    def _route(self, rec: _Recorded, n_queries: int) -> str:
+        """"embedding" (score with E) or "query" (query_recursion: the same scores without E)."""
+        if rec.E is not None or self.recursion == "embedding":
+            return "embedding"
+        if self.recursion == "query":
+            return "query"
+        # multiply-adds: E costs 2·R·k² to form, then N·k·Q to score; the query route 2·R·k·Q
+        R, n, k = rec.rows, rec.n, rec.k
+        return "query" if 2 * R * n_queries < 2 * R * k + n * n_queries else "embedding"
+
+    def _scores(self, rec: _Recorded, Q: torch.Tensor, run: Run, emit) -> None:
+        """emit(q0, q1, s0, s1, [q1-q0, s1-s0] float64 scores) for the query vectors Q [q, k], by E or
+        by the query route (blocks of queries, one pass over the recorded steps each)."""
+        rec.info["recursion"] = route = self._route(rec, Q.shape[0])
+        c0 = time.process_time()
+        if route == "embedding":
+            E = self._embedding(rec, run)
+            n = E.shape[0]
+            step = max(1, (32 << 20) // max(1, E.shape[1] * 8))
+            for s0 in range(0, n, step):
+                Eb = torch.from_numpy(np.asarray(E[s0:s0 + step], dtype=np.float64))
+                emit(0, Q.shape[0], s0, s0 + Eb.shape[0], Q @ Eb.t())
+        else:
+            store = rec.store()
+            block = max(1, _QUERY_BYTES // (8 * rec.n + 8 * rec.k))
+            bar = run.progress(rec.info["steps"] * -(-Q.shape[0] // block), "DVEmb query recursion", unit="step")
+            try:
+                for q0 in range(0, Q.shape[0], block):
+                    q = Q[q0:q0 + block]
+                    S = query_scores(store, rec.n, q.t().contiguous(), sgd=self.optimizer == "sgd",
+                                     step_lr=_step_lr(store, self.lr), progress=bar,
+                                     exact=self.store_dtype == "float64")
+                    emit(q0, q0 + q.shape[0], 0, rec.n, torch.from_numpy(np.ascontiguousarray(S.T)))
+            except ValueError as exc:
+                raise self._diverged(exc) from None
+            finally:
+                bar.close()
+        rec.info["scores_cpu_s"] = time.process_time() - c0
 
     # ------------------------------------------------------------------------------------------
     def _query_vectors(self, prep: T.Prepared, projector, xq, yq, batch: int, run: Run) -> torch.Tensor:
@@ -204,9 +323,14 @@ class DataValueEmbedding(AttributionMixin, Valuation):
 
     def _fit(self, x_source, y_source, x_target, y_target, run: Run) -> Estimate:
         prep = T.prepare(self, x_source, y_source, x_target, y_target, run.device, run.seed)
-        E, projector, info = self._embeddings(prep, run)
-        q = self._query_vectors(prep, projector, prep.xt, prep.yt, 1024, run).mean(0)
-        values = _matvec(E, q.numpy())
+        rec = self._recorded(prep, run)
+        q = self._query_vectors(prep, rec.projector, prep.xt, prep.yt, 1024, run).mean(0, keepdim=True)
+        values = np.empty(rec.n)
+
+        def emit(q0, q1, s0, s1, block):
+            values[s0:s1] = block[0].numpy()
+        self._scores(rec, q, run, emit)
+        info = dict(rec.info)
         return Estimate(values=values, info=info, timings={k: v for k, v in info.items() if k.endswith("_s")})
 
     def _attribute(self, x_source, y_source, x_query, y_query, sink: ScoreSink, run: Run, query_batch_size: int):
@@ -214,16 +338,57 @@ class DataValueEmbedding(AttributionMixin, Valuation):
             prep = T.prepare(self, x_source, y_source, x_query, y_query, run.device, run.seed)
         except ValueError as exc:
             raise query_error(exc) from None
-        E, projector, info = self._embeddings(prep, run)
-        Q = self._query_vectors(prep, projector, prep.xt, prep.yt, query_batch_size, run)
-        n = E.shape[0]
-        step = max(1, (32 << 20) // max(1, E.shape[1] * 8))
-        for s0 in range(0, n, step):
-            Eb = torch.from_numpy(np.asarray(E[s0:s0 + step], dtype=np.float64))
-            for q0 in range(0, Q.shape[0], query_batch_size):
-                sink.add(q0, min(q0 + query_batch_size, Q.shape[0]), s0, s0 + Eb.shape[0],
-                         Q[q0:q0 + query_batch_size] @ Eb.t())
-        return info
+        rec = self._recorded(prep, run)
+        Q = self._query_vectors(prep, rec.projector, prep.xt, prep.yt, query_batch_size, run)
+        self._scores(rec, Q, run, sink.add)
+        return dict(rec.info)
+
+    def close(self) -> None:
+        """Delete the temporary folder of the recorded steps kept for a later call (store_dir None);
+        also done when the instance is garbage-collected."""
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+
+
+@dataclass
+class _Recorded:
+    """One recorded training run: its folder (TRAJECTORY, EMBEDDING once formed), the projection,
+    θ_T, and what was measured. ``tmp`` owns the folder when it is a temporary one."""
+    key: dict
+    folder: Path
+    projector: grads.Projector
+    info: dict
+    state: dict
+    E: Any = None
+    tmp: Any = None
+    steps: StepsInMemory | None = None
+
+    def store(self) -> GradientStore | StepsInMemory:
+        return self.steps if self.steps is not None else GradientStore.open(self.folder / TRAJECTORY)
+
+    @property
+    def k(self) -> int:
+        return self.projector.dim
+
+    @property
+    def rows(self) -> int:
+        return self.store().n
+
+    @property
+    def n(self) -> int:
+        return self.info["n"]
+
+    def close(self) -> None:
+        self.E = self.steps = None
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+def _step_lr(store: GradientStore, lr: float) -> np.ndarray:
+    """lr / B of every recorded step (SGD's u = lr/B · g; B from the step column)."""
+    return lr / np.bincount(store.aux("step").astype(np.int64)).astype(np.float64)
 
 
 def _matvec(E, q: np.ndarray) -> np.ndarray:

@@ -22,6 +22,9 @@ Recorded per step, into a gradient store (dvgs_fast.gradstore; rows in step orde
   credited at the step the gradient was computed (as In-Run Data Shapley does). Biases and
   explicitly formed gradients take P exactly.
 The store holds [g | u] side by side (2k columns; SGD stores g alone, u being a multiple).
+A run without store_dir whose steps fit in memory keeps them there (StepsInMemory: the same rows,
+checks and reading interface, without files, checksums and fsync, which only serve a store that
+outlives the process).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 
 from dvgs_fast import grads
+from dvgs_fast.gradstore import DTYPES, checked_rows
 from dvgs_fast._utils import make_optimizer, own_rng
 from dvgs_fast.methods import _grad_training as T
 
@@ -45,6 +49,32 @@ class Trajectory:
     lrs: list[float]              # the scalar lr / B of each step (SGD), for the record
     train_cpu_s: float
     record_cpu_s: float
+
+
+class StepsInMemory:
+    """The recorded steps in memory: StoreWriter's write() and GradientStore's n / dim / nbytes /
+    read() / aux() over arrays."""
+
+    def __init__(self, n: int, dim: int, dtype: str, aux: dict[str, str]):
+        self.n, self.dim = n, dim
+        self.dtype = np.dtype(DTYPES[dtype])
+        self._rows = np.empty((n, dim), dtype=self.dtype)
+        self._aux = {name: np.empty(n, dtype=DTYPES[dt]) for name, dt in aux.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return self._rows.nbytes
+
+    def write(self, a: int, b: int, vectors, aux: dict) -> None:
+        self._rows[a:b] = checked_rows(vectors, a, b, self.dim, self.dtype)
+        for name, col in aux.items():
+            self._aux[name][a:b] = col
+
+    def read(self, a: int, b: int) -> np.ndarray:
+        return self._rows[a:b]
+
+    def aux(self, name: str) -> np.ndarray:
+        return self._aux[name]
 
 
 def _rank_one(P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,4 +169,4 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
     return Trajectory(step, pos, sizes, lrs, t_train, t_record)
 
 
-__all__ = ["Trajectory", "preconditioned", "record_training"]
+__all__ = ["StepsInMemory", "Trajectory", "preconditioned", "record_training"]
