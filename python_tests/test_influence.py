@@ -344,13 +344,16 @@ def test_kfac_covariances_of_a_conv_equal_explicit_patches(monkeypatch, block):
 
 
 # ----------------------------------------------------------------------------- DataInf
-@pytest.mark.parametrize("arch,per_query", [("mlp", False), ("mlp", True), ("conv", False)])
-def test_datainf_equals_its_formula(arch, per_query, monkeypatch):
+@pytest.mark.parametrize("arch,route", [("mlp", "formed"), ("mlp", "per_query"), ("mlp", "gram"), ("conv", "formed"),
+                                        ("conv", "gram")])
+def test_datainf_equals_its_formula(arch, route, monkeypatch):
     """(conv: several rows per sample, the weighted sum formed from per-sample gradients; the MLP
     both ways: from per-sample gradients, and by one GEMM per query block, the route of layers
-    too wide to form gradients for many samples at once)"""
-    if per_query:
-        from dvgs_fast.methods.influence import datainf
+    too wide to form gradients for many samples at once; "gram": the scores on the Hessian's own
+    rows by per-layer Grams, datainf_gram.py, 4 uneven blocks of rows)"""
+    from dvgs_fast.methods.influence import datainf
+    monkeypatch.setattr(datainf, "cheaper", lambda *a: route == "gram")
+    if route == "per_query":
         monkeypatch.setattr(datainf, "_MIN_SAMPLES", 1 << 40)
     xs, ys, xq, yq = _cls_data(n=17, m=4)
     if arch == "conv":
@@ -382,6 +385,47 @@ def test_datainf_equals_its_formula(arch, per_query, monkeypatch):
                                                                                           dtype="float64")
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-9, atol=1e-12)
     assert got.info["damping"] == pytest.approx({"0": lams[0], layers[1][0][0]: lams[1]}, rel=1e-12)
+    assert ("scoring" in got.info) == (route == "gram")
+
+
+@pytest.mark.parametrize("make,kind,grad_params", [(lambda: _Text().double(), "ids", None),
+                                                   (lambda: _mlp(seed=3), "mlp", ["0.bias", "2"]),
+                                                   (_conv1d, "sig", None)])
+def test_datainf_gram_route_equals_formed(make, kind, grad_params, monkeypatch):
+    """Token layers, a bias without its weight, dense (GroupNorm) parameters, query blocks of
+    uneven size: the Gram route's scores == the formed route's."""
+    from dvgs_fast.methods.influence import datainf
+    if kind == "mlp":
+        xs, ys, xq, yq = _cls_data(n=19, m=5)
+    else:
+        xs, xq = _inputs(kind, 19, 30), _inputs(kind, 5, 31)
+        g = torch.Generator().manual_seed(32)
+        ys, yq = torch.randint(0, 3, (19,), generator=g), torch.randint(0, 3, (5,), generator=g)
+    out = {}
+    for gram in (True, False):
+        monkeypatch.setattr(datainf, "cheaper", lambda *a, gram=gram: gram)
+        att = InfluenceFunction(make(), solver="datainf", hessian_batch_size=6, source_batch_size=4,
+                                grad_params=grad_params, **KW).attribute(xs, ys, xq, yq, query_batch_size=3,
+                                                                         dtype="float64")
+        assert ("scoring" in att.info) == gram
+        out[gram] = np.asarray(att)
+    np.testing.assert_allclose(out[True], out[False], rtol=1e-9, atol=1e-12)
+    assert np.abs(out[False]).max() > 1e-3
+
+
+def test_datainf_gram_route_chosen_by_cost():
+    """A wide Linear layer and few rows: the Gram route (attribute() only); a sample of the rows
+    as the Hessian's data or fit()'s single query: the formed route."""
+    g = torch.Generator().manual_seed(0)
+    xs, xq = torch.randn(40, 30, generator=g, dtype=torch.float64), torch.randn(6, 30, generator=g, dtype=torch.float64)
+    ys, yq = torch.randint(0, 3, (40,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 3)).double()
+    att = InfluenceFunction(model, solver="datainf", **KW).attribute(xs, ys, xq, yq, dtype="float64")
+    assert "scoring" in att.info
+    sub = InfluenceFunction(model, solver="datainf", hessian_samples=30, **KW).attribute(xs, ys, xq, yq)
+    assert "scoring" not in sub.info
+    assert "scoring" not in InfluenceFunction(model, solver="datainf", **KW).fit(xs, ys, xq, yq).info
 
 
 @pytest.mark.parametrize("solver,fisher", [("datainf", None), ("ekfac", "empirical"), ("ekfac", "sampled"),
@@ -402,6 +446,8 @@ def test_recordings_kept_between_passes(monkeypatch, solver, fisher, source_batc
     monkeypatch.setattr(grads.FastScorer, "record", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     real_ff = grads.fisher_factors
     monkeypatch.setattr(grads, "fisher_factors", lambda *a, **k: calls.append(1) or real_ff(*a, **k))
+    from dvgs_fast.methods.influence import datainf
+    monkeypatch.setattr(datainf, "cheaper", lambda *a: False)       # DataInf's formed route: it scores the source
     kw = dict(KW, solver=solver, hessian_batch_size=4, source_batch_size=source_batch,
               **({"fisher": fisher} if fisher else {}))
     out = {}

@@ -12,6 +12,10 @@ and norms ‖g_il‖² are the engine's (ghost dots; no per-sample gradient form
 layers), and Σ_i c_iq g_il is assembled in layer-matrix form from the recorded a, δ
 (Σ_i c_iq Σ_t δ_it a_itᵀ: one GEMM), so nothing per sample is kept but the norms.
 
+When the scored source is the Hessian's data and it is small beside the layers' width, attribute()
+scores through per-layer Gram matrices instead (datainf_gram.py: the same scores, fewer
+multiply-adds).
+
 Damping "auto": λ_l = 0.1 × (1/(n·d_l)) Σ_i ‖g_il‖², the paper's rule (d_l: the layer's parameter
 count). Fitting = one pass for the norms (saved, n × layers numbers); every query block then
 passes over the Hessian's data once more, on the fitting pass's recordings while they fit in
@@ -23,6 +27,7 @@ import torch
 
 from dvgs_fast import grads
 from dvgs_fast.grads import DenseGrads, SampleFactors
+from dvgs_fast.methods.influence.datainf_gram import cheaper, gram_scores
 from dvgs_fast.methods.influence.problem import Problem, Saver, Stopped, recorded
 from dvgs_fast.methods.influence.solver import Solver, fixed_damping
 
@@ -163,6 +168,16 @@ class DataInf(Solver):
                 continue
             out[n] = (G[n].to(prob.dtype) - summed / prob.n_hessian) / self.lams[by_name[n]]
         return out
+
+    def hessian_row_scores(self, prob: Problem, fq: SampleFactors) -> torch.Tensor | None:
+        """The scores on the Hessian's own rows by per-layer Grams (datainf_gram.py) when that
+        costs fewer multiply-adds than preconditioning and scoring."""
+        if not cheaper(_layers(fq, self.owner), prob.n_hessian):
+            return None
+        S = gram_scores(self, prob, fq, lambda f: _layers(f, self.owner))
+        if S is not None:
+            self.details["scoring"] = "gram (datainf_gram.py)"
+        return S
 
 
 __all__ = ["DATAINF_AUTO_DAMPING", "DataInf"]

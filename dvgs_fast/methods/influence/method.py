@@ -14,7 +14,8 @@ layer), "datainf" (per-layer rank-one inverse average). Each turns query gradien
 preconditioned ones, per parameter; the engine scores those against every source sample from one
 recording per source block (``grads.batch_dots``: ghost dots for Linear / conv / Embedding
 layers, so no per-sample gradient of the source is formed for them; the route of every layer is
-in ``info["routes"]``). Many queries are preconditioned at once, in blocks of query_batch_size,
+in ``info["routes"]``; DataInf scores attribute()'s queries against the Hessian's own rows by
+per-layer Grams instead where that is cheaper, ``info["scoring"]``). Many queries are preconditioned at once, in blocks of query_batch_size,
 and the source is then streamed once for all of them (memory: n_query × p numbers for the
 preconditioned gradients).
 """
@@ -174,13 +175,25 @@ class InfluenceFunction(AttributionMixin, Valuation):
                                  "factors_dir when given); attribute() returns no partial matrix (raise max_time)")
             t0 = time.perf_counter()
             qscorer = s.scorer()
-            Vs = []
+            # the source is the Hessian's data: a solver may score it without preconditioning
+            # (DataInf by per-layer Grams); one process only (the Grams pair rows of every rank)
+            on_hessian_rows = self.hessian_samples is None and not s.ctx.enabled
+            Vs, direct = [], []
             for q0 in range(0, prep.xt.shape[0], query_batch_size):
                 q1 = min(q0 + query_batch_size, prep.xt.shape[0])
-                G = P.query_gradients(qscorer, s.prob, prep.xt[q0:q1], prep.yt[q0:q1])
+                fq = qscorer.record(prep.xt[q0:q1], prep.yt[q0:q1]).factors()
+                S = s.solver.hessian_row_scores(s.prob, fq) if on_hessian_rows else None
+                if S is not None:
+                    direct.append((q0, q1, S))
+                    continue
+                G = P.query_gradients(qscorer, s.prob, prep.xt[q0:q1], prep.yt[q0:q1], f=fq)
                 Vs.append((q0, q1, s.solver.precondition(s.prob, G)))
             s.timings["precondition"] = time.perf_counter() - t0
             n, m = prep.xs.shape[0], prep.xt.shape[0]
+            for q0, q1, S in direct:
+                P.emit_scores(S, q0, q1, self.source_batch_size, sink.add)
+            if not Vs:
+                return {**s.info(), "timings": s.timings}
             lo, hi = s.source_shard(n)
             if s.ctx.enabled:                      # this rank's columns, summed onto every rank at the end
                 local = np.zeros((m, n))

@@ -180,10 +180,12 @@ class Saver:
 
 
 # ---------------------------------------------------------------------- queries and scoring
-def query_gradients(scorer: grads.FastScorer, prob: Problem, xq: torch.Tensor, yq: torch.Tensor) -> dict:
+def query_gradients(scorer: grads.FastScorer, prob: Problem, xq: torch.Tensor, yq: torch.Tensor,
+                    f: grads.SampleFactors | None = None) -> dict:
     """{name: [Q, *shape]}: each query's own loss gradient, from the engine's factored form
-    (formed explicitly: the solvers precondition them)."""
-    f = scorer.record(xq, yq).factors()
+    (formed explicitly: the solvers precondition them); f: the queries' factors when recorded already."""
+    if f is None:
+        f = scorer.record(xq, yq).factors()
     shapes = {n: prob.shapes[n] for n in scorer.names}
     return {n: g.detach() for n, g in grads.materialise(f, shapes).items()}
 
@@ -217,6 +219,23 @@ def mean_gradient(prob: Problem, names: list[str], x: torch.Tensor, y: torch.Ten
     return {n: t.detach().unsqueeze(0) for n, t in zip(names, total)}
 
 
+def _check_finite(block: torch.Tensor, s0: int) -> None:
+    if not bool(torch.isfinite(block).all()):
+        bad = int((~torch.isfinite(block)).any(0).nonzero()[0])
+        raise ValueError(f"x_source: the influence score of source row {s0 + bad} is not finite: the "
+                         f"damped Hessian is (nearly) singular or the model diverged; raise damping")
+
+
+def emit_scores(S: torch.Tensor, q0: int, q1: int, batch: int,
+                on_block: Callable[[int, int, int, int, torch.Tensor], None]) -> None:
+    """A solver's own [q, n] scores of queries q0:q1 against the source (Solver.hessian_row_scores),
+    passed on as score_rows does: blocks of ``batch`` source rows, each checked finite."""
+    for s0 in range(0, S.shape[1], batch):
+        block = S[:, s0:s0 + batch]
+        _check_finite(block, s0)
+        on_block(q0, q1, s0, s0 + block.shape[1], block)
+
+
 def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: torch.Tensor, ys: torch.Tensor,
                lo: int, hi: int, batch: int, prob: Problem,
                on_block: Callable[[int, int, int, int, torch.Tensor], None]):
@@ -231,15 +250,12 @@ def score_rows(scorer: grads.FastScorer, Vs: list[tuple[int, int, dict]], xs: to
             f = recorded(scorer, prob, xs[s0:s1], ys[s0:s1], (s0, s1) if prob.scored_in_blocks else None, keep=False)
             for q0, q1, V in Vs:
                 block = grads.batch_dots(f, V).t()
-                if not bool(torch.isfinite(block).all()):
-                    bad = int((~torch.isfinite(block)).any(0).nonzero()[0])
-                    raise ValueError(f"x_source: the influence score of source row {s0 + bad} is not finite: the "
-                                     f"damped Hessian is (nearly) singular or the model diverged; raise damping")
+                _check_finite(block, s0)
                 on_block(q0, q1, s0, s1, block)
             bar.update(s1 - s0)
     finally:
         bar.close()
 
 
-__all__ = ["KEEP_BYTES", "Problem", "Saver", "Stopped", "mean_gradient", "query_gradients", "recorded",
-           "score_rows"]
+__all__ = ["KEEP_BYTES", "Problem", "Saver", "Stopped", "emit_scores", "mean_gradient", "query_gradients",
+           "recorded", "score_rows"]

@@ -39,6 +39,12 @@ class Solver:
     def precondition(self, prob: Problem, G: dict) -> dict:
         raise NotImplementedError
 
+    def hessian_row_scores(self, prob: Problem, fq) -> "torch.Tensor | None":
+        """[Q, n_hessian] scores of the queries (their factors, grads.SampleFactors) against the
+        Hessian's own rows when the solver has a cheaper route than preconditioning and scoring
+        (the caller asks only when the scored source is the Hessian's data); None: no such route."""
+        return None
+
     def info(self) -> dict:
         return dict(self.details)
 
