@@ -360,26 +360,37 @@ class Projector:
     def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc, out: torch.Tensor | None = None) -> torch.Tensor:
         """[n, dim] of a rows layer (into `out` when given: Kronecker at one row per sample writes
         its outer products there directly; a training step projects every step, so its few small
-        ops are the cost: the side matrices are taken transposed and contiguous, cached)."""
+        ops are the cost).
+
+        One row per sample: the side products as P Aᵀ, [k, n], used transposed. The same numbers
+        as A Pᵀ, but a GEMM whose output width is k (odd, small: 31, 971) runs at half speed or
+        less on this project's CPU (1 thread, A [512 x 2049]: k = 31 2.5 -> 1.6 ms, k = 971 55 ->
+        34 ms). Several rows (conv positions) keep A Pᵀ, whose rows are then summed or paired."""
         a, d = x.a.to(acc), x.d.to(acc)
-        poT = self._transposed(p, "out", acc, a.device)
-        dp = d if poT is None else d @ poT                                 # [n·L, k_out] (Khatri-Rao: [n·L, k])
+        if x.rows == 1:
+            po = self.side_matrix(p, "out", acc, a.device)
+            dp = d if po is None else (po @ d.t()).t()                    # [n, k_out] (Khatri-Rao: [n, k])
+        else:
+            poT = self._transposed(p, "out", acc, a.device)
+            dp = d if poT is None else d @ poT                             # [n·L, k_out] (Khatri-Rao: [n·L, k])
+        pi = self.side_matrix(p, "in", acc, a.device)                      # [k_in, d_in (+1 bias)]
         if x.weight is None:                                               # bias only: ã = 1
-            pi = self.side_matrix(p, "in", acc, a.device)
             ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device) if pi is None else \
                 pi[:, 0].expand(a.shape[0], -1)
+        elif pi is None:
+            ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) if x.bias is not None else a
+        elif x.rows == 1:
+            w = pi[:, :a.shape[1]]
+            ap = (torch.addmm(pi[:, a.shape[1]:a.shape[1] + 1], w, a.t()) if x.bias is not None else w @ a.t()).t()
         else:
-            piT = self._transposed(p, "in", acc, a.device)                # [d_in (+1 bias), k_in]
-            if piT is None:
-                ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) \
-                    if x.bias is not None else a
-            elif x.bias is not None:                                       # + the bias row of P_inᵀ
-                ap = torch.addmm(piT[a.shape[1]], a, piT[:a.shape[1]])
-            else:
-                ap = a @ piT[:a.shape[1]]
+            piT = self._transposed(p, "in", acc, a.device)
+            ap = torch.addmm(piT[a.shape[1]], a, piT[:a.shape[1]]) if x.bias is not None else a @ piT[:a.shape[1]]
         if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
-            prod = dp.mul_(ap)
-            prod = prod if x.rows == 1 else prod.reshape(n, x.rows, -1).sum(1)
+            if x.rows == 1:
+                if out is not None:
+                    return torch.mul(dp, ap, out=out)
+                return dp * ap
+            prod = dp.mul_(ap).reshape(n, x.rows, -1).sum(1)
         elif x.rows == 1:
             if out is not None:
                 torch.mul(dp.unsqueeze(2), ap.unsqueeze(1), out=out.view(n, dp.shape[1], ap.shape[1]))
