@@ -134,6 +134,30 @@ def test_max_time_stops_fit_and_attribute(tmp_path):
     np.testing.assert_allclose(done.values, ref.values, rtol=1e-12)
 
 
+@pytest.mark.parametrize("solver", ["cg", "datainf"])
+def test_max_time_running_out_while_preconditioning(monkeypatch, solver):
+    """The budget ends inside the queries' preconditioning (CG's iterations, DataInf's passes),
+    after the curvature: fit() returns "stopped" with nothing scored, attribute() a one-line
+    max_time error (not a bare internal exception)."""
+    from dvgs_fast.methods import base
+    from dvgs_fast.methods.influence import method as M
+    xs, ys, xq, yq = _data()
+    # the clock runs out at the first budget check inside precondition()
+    monkeypatch.setattr(base.Budget, "time_up", lambda self: getattr(self, "_armed", False))
+    real = M.SOLVERS[solver].precondition
+
+    def armed(self, prob, G):
+        prob.run.budget._armed = True
+        return real(self, prob, G)
+    monkeypatch.setattr(M.SOLVERS[solver], "precondition", armed)
+    monkeypatch.setattr(M.SOLVERS[solver], "hessian_row_scores", lambda *a: None)
+    with pytest.warns(BudgetWarning):
+        res = InfluenceFunction(_mlp(), solver=solver, damping=1.0, max_time=1e6, **KW).fit(xs, ys, xq, yq)
+    assert res.status == "stopped" and (res.counts == 0).all()
+    with pytest.raises(ValueError, match="max_time: the budget ran out while preconditioning"):
+        InfluenceFunction(_mlp(), solver=solver, damping=1.0, max_time=1e6, **KW).attribute(xs, ys, xq, yq)
+
+
 # ----------------------------------------------------------------------------- input errors
 @pytest.mark.parametrize("kw, needle", [
     ({"solver": "newton"}, "solver"), ({"damping": -1.0}, "damping"), ({"fisher": "true"}, "fisher"),

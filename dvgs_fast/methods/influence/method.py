@@ -141,9 +141,15 @@ class InfluenceFunction(AttributionMixin, Valuation):
             t0 = time.perf_counter()
             names = s.solver.scored_names(s.prob)
             G = P.mean_gradient(s.prob, names, prep.xt, prep.yt, self.target_batch_size)
-            Vs = [(0, 1, s.solver.precondition(s.prob, G))]
-            s.timings["precondition"] = time.perf_counter() - t0
             n = prep.xs.shape[0]
+            try:
+                Vs = [(0, 1, s.solver.precondition(s.prob, G))]
+            except P.Stopped:                      # e.g. CG's iterations: nothing scored yet
+                s.timings["precondition"] = time.perf_counter() - t0
+                return Estimate(values=np.zeros(n), counts=np.zeros(n, dtype=np.int64), status="stopped",
+                                stop_reason="max_time", progress="0 source rows (the target gradient was not "
+                                "preconditioned)", info=s.info(), timings=s.timings)
+            s.timings["precondition"] = time.perf_counter() - t0
             lo, hi = s.source_shard(n)
             local = np.zeros(hi - lo)
             done = [lo]
@@ -179,15 +185,20 @@ class InfluenceFunction(AttributionMixin, Valuation):
             # (DataInf by per-layer Grams); one process only (the Grams pair rows of every rank)
             on_hessian_rows = self.hessian_samples is None and not s.ctx.enabled
             Vs, direct = [], []
-            for q0 in range(0, prep.xt.shape[0], query_batch_size):
-                q1 = min(q0 + query_batch_size, prep.xt.shape[0])
-                fq = qscorer.record(prep.xt[q0:q1], prep.yt[q0:q1]).factors()
-                S = s.solver.hessian_row_scores(s.prob, fq) if on_hessian_rows else None
-                if S is not None:
-                    direct.append((q0, q1, S))
-                    continue
-                G = P.query_gradients(qscorer, s.prob, prep.xt[q0:q1], prep.yt[q0:q1], f=fq)
-                Vs.append((q0, q1, s.solver.precondition(s.prob, G)))
+            try:
+                for q0 in range(0, prep.xt.shape[0], query_batch_size):
+                    q1 = min(q0 + query_batch_size, prep.xt.shape[0])
+                    fq = qscorer.record(prep.xt[q0:q1], prep.yt[q0:q1]).factors()
+                    S = s.solver.hessian_row_scores(s.prob, fq) if on_hessian_rows else None
+                    if S is not None:
+                        direct.append((q0, q1, S))
+                        continue
+                    G = P.query_gradients(qscorer, s.prob, prep.xt[q0:q1], prep.yt[q0:q1], f=fq)
+                    Vs.append((q0, q1, s.solver.precondition(s.prob, G)))
+            except P.Stopped:
+                raise ValueError("max_time: the budget ran out while preconditioning the queries; attribute() "
+                                 "returns no partial matrix (raise max_time; the curvature is kept in factors_dir "
+                                 "when given)") from None
             s.timings["precondition"] = time.perf_counter() - t0
             n, m = prep.xs.shape[0], prep.xt.shape[0]
             for q0, q1, S in direct:
