@@ -224,6 +224,37 @@ def test_training_killed_in_store_dir_starts_over(tmp_path, monkeypatch):
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("recursion", ["embedding", "query"])
+def test_max_time_in_the_recursion_keeps_the_recorded_training(monkeypatch, recursion):
+    """The budget running out in the recursion (after the training) is a one-line max_time error
+    (also with Adam, whose divergence advice must not be appended), and the next call on the same
+    instance starts at the recursion with the recorded steps, giving the full run's scores."""
+    from dvgs_fast.methods import base
+    from dvgs_fast.methods.dvemb import method
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=2, batch_size=8, lr=0.01, optimizer="adam", proj_dim=32, seed=0, progress=False,
+              recursion=recursion)
+    want = DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    trained = []
+    real_record = method.record_training
+
+    def record(*a, **k):                                   # the clock runs out once the training is done
+        out = real_record(*a, **k)
+        trained.append(1)
+        return out
+    monkeypatch.setattr(method, "record_training", record)
+    monkeypatch.setattr(base.Budget, "time_up", lambda self: bool(trained))
+    dve = DataValueEmbedding(_factory, max_time=1e6, **kw)
+    with pytest.raises(ValueError, match=r"^max_time: the budget ran out during the (embedding|query) recursion"
+                                         r"[^;]*; it needs every step \(raise max_time; the recorded training is "
+                                         r"kept for the next call\)$"):
+        dve.attribute(xs, ys, xq, yq)
+    trained.clear()
+    got = dve.attribute(xs, ys, xq, yq, dtype="float64")
+    assert got.info["reused"] == "memory" and not trained     # not trained again
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-9)
+
+
 def test_input_errors():
     xs, ys, xq, yq = _data()
     with pytest.raises(ValueError, match="proj_dim"):

@@ -33,13 +33,15 @@ _GROUP_ROWS = 256
 
 
 def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray, out_path=None,
-          progress=None, check_every: int = 16, exact: bool = False, group_rows: int | None = None) -> np.ndarray:
+          progress=None, check_every: int = 16, exact: bool = False, group_rows: int | None = None,
+          stop=None) -> np.ndarray:
     """E [n, k] from a trajectory store of rows [g] (sgd: u = lr/B · g, ``step_lr[step]``) or
     [g | u] (preconditioned), in step order; columns ``index`` and ``step``.
 
     exact: the recursion in float64 (for a float64 store); otherwise in float32, which the
     recorded rows (float32 / float16) cannot resolve beyond anyway, at half the cost of its
-    2·B·k² multiply-adds per step.
+    2·B·k² multiply-adds per step. stop(step) is called between groups of steps (the caller's
+    time budget: it raises to end the recursion).
 
     Steps go in groups of about group_rows rows (whole steps): the k x k matrix M is read once per
     group for all its rows and updated once by a rank-(group rows) product, instead of a rank-B
@@ -85,6 +87,8 @@ def embed(traj: GradientStore, n: int, k: int, *, sgd: bool, step_lr: np.ndarray
                              f"the training's steps are too large for its first-order propagation; lower lr")
         if progress is not None:
             progress.update(len(ends) + 1)
+        if stop is not None:
+            stop(int(step[a]))
     if not bool(torch.isfinite(M).all()) or not np.isfinite(np.asarray(E[:min(n, 4096)])).all():
         raise ValueError("lr: the embedding is not finite: the training's steps are too large; lower lr")
     return E

@@ -244,7 +244,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         _io.refuse_link(partial)
         try:
             E = embed(store, rec.n, rec.k, sgd=self.optimizer == "sgd", step_lr=_step_lr(store, self.lr),
-                      progress=bar, out_path=partial, exact=self.store_dtype == "float64")
+                      progress=bar, out_path=partial, exact=self.store_dtype == "float64",
+                      stop=self._stop(run, "the embedding recursion"))
         except ValueError as exc:
             raise self._diverged(exc) from None
         finally:
@@ -261,8 +262,18 @@ class DataValueEmbedding(AttributionMixin, Valuation):
             _atomic_save(path, E.astype(np.float32))
         return np.load(path, mmap_mode="r")
 
+    def _stop(self, run: Run, what: str):
+        """stop(step) for a recursion: a max_time error once the budget is spent (a partial
+        recursion is no result; the recorded steps stay with the instance or in store_dir, so the
+        next call starts at the recursion, not the training)."""
+        def stop(step: int) -> None:
+            if run.budget.time_up():
+                raise ValueError(f"max_time: the budget ran out during {what} (at recorded step {step}); it needs "
+                                 f"every step (raise max_time; the recorded training is kept for the next call)")
+        return stop
+
     def _diverged(self, exc: ValueError) -> ValueError:
-        if self.optimizer == "sgd":
+        if self.optimizer == "sgd" or not str(exc).startswith("lr:"):
             return exc
         # Adam's per-coordinate step does not shrink with the gradient, so the propagated
         # change (u gᵀ per sample) can exceed the step's own size and the recursion grows.
@@ -301,7 +312,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                     q = Q[q0:q0 + block]
                     S = query_scores(store, rec.n, q.t().contiguous(), sgd=self.optimizer == "sgd",
                                      step_lr=_step_lr(store, self.lr), progress=bar,
-                                     exact=self.store_dtype == "float64")
+                                     exact=self.store_dtype == "float64",
+                                     stop=self._stop(run, "the query recursion"))
                     emit(q0, q0 + q.shape[0], 0, rec.n, torch.from_numpy(np.ascontiguousarray(S.T)))
             except ValueError as exc:
                 raise self._diverged(exc) from None

@@ -29,10 +29,11 @@ _READ_ROWS = 4096
 
 
 def query_scores(traj: GradientStore, n: int, queries: torch.Tensor, *, sgd: bool, step_lr: np.ndarray,
-                 progress=None, check_every: int = 16, exact: bool = False) -> np.ndarray:
+                 progress=None, check_every: int = 16, exact: bool = False, stop=None) -> np.ndarray:
     """[n, Q] float64: Σ over the steps sample i took part in of ⟨q, e_i,t⟩ for the columns q of
     ``queries`` [k, Q] -- what E @ queries would be for embed()'s E, from the same store (rows [g] or
-    [g | u]; columns ``index`` and ``step``)."""
+    [g | u]; columns ``index`` and ``step``). stop(step) is called between blocks of steps read (the
+    caller's time budget: it raises to end the recursion)."""
     index, step = traj.aux("index").astype(np.int64), traj.aux("step").astype(np.int64)
     if index.shape[0] == 0:
         raise ValueError("x_source: the training took no step")
@@ -66,6 +67,8 @@ def query_scores(traj: GradientStore, n: int, queries: torch.Tensor, *, sgd: boo
                                  f"propagation; lower lr")
         if progress is not None:
             progress.update(hi - lo)
+        if stop is not None:
+            stop(int(step[a]))
         hi = lo
     if not bool(torch.isfinite(w).all()) or not np.isfinite(S).all():
         raise ValueError("lr: the embedding is not finite: the training's steps are too large; lower lr")
