@@ -13,12 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dvgs_fast.grads import make_sample_loss
 from dvgs_fast.methods.influence import InfluenceFunction
 from dvgs_fast.methods.influence.hvp_sequential import SequentialHVP
 
 
 def _ce(out, y):
     return F.cross_entropy(out, y, reduction="none")
+
+
+# the library's own cross-entropy: tagged, so the R-operator applies the softmax Hessian in closed form
+_ce_closed = make_sample_loss("cross_entropy")
 
 
 def _sq(out, y):
@@ -57,12 +62,13 @@ CASES = {
 def _inputs(case, n, loss, g):
     x = torch.randn(n, 2, 5, generator=g, dtype=torch.float64) if case == "flatten" else \
         torch.randn(n, 5, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g) if loss is _ce else torch.randn(n, 3, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (n,), generator=g) if loss in (_ce, _ce_closed) else \
+        torch.randn(n, 3, generator=g, dtype=torch.float64)
     return x, y
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("loss", [_ce, _sq])
+@pytest.mark.parametrize("loss", [_ce, _ce_closed, _sq])
 @pytest.mark.parametrize("n,K", [(13, 4), (1, 1)])
 def test_r_operator_equals_double_backward(case, loss, n, K):
     torch.manual_seed(7)

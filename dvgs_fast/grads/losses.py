@@ -22,6 +22,7 @@ def make_sample_loss(loss: Any) -> SampleLoss:
             ce = F.cross_entropy(out, y, reduction="none")
             # [N, C] logits give [N] already (a mean over one element would only add two ops per step)
             return ce if out.dim() == 2 else ce.reshape(out.shape[0], -1).mean(1)
+        per_sample.kind = "cross_entropy"          # lets a consumer use its closed forms (the softmax Hessian)
     elif loss == "mse":
         def per_sample(out, y):
             return (out - y.reshape(out.shape)).square().reshape(out.shape[0], -1).mean(1)
