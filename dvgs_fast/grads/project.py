@@ -367,13 +367,12 @@ class Projector:
         less on this project's CPU (1 thread, A [512 x 2049]: k = 31 2.5 -> 1.6 ms, k = 971 55 ->
         34 ms). Several rows (conv positions) keep A Pᵀ, whose rows are then summed or paired."""
         a, d = x.a.to(acc), x.d.to(acc)
-        if x.rows == 1:
-            po = self.side_matrix(p, "out", acc, a.device)
-            dp = d if po is None else (po @ d.t()).t()                    # [n, k_out] (Khatri-Rao: [n, k])
-        else:
-            poT = self._transposed(p, "out", acc, a.device)
-            dp = d if poT is None else d @ poT                             # [n·L, k_out] (Khatri-Rao: [n·L, k])
+        po = self.side_matrix(p, "out", acc, a.device)
         pi = self.side_matrix(p, "in", acc, a.device)                      # [k_in, d_in (+1 bias)]
+        if po is None:
+            dp = d
+        else:                                                              # [n·L, k_out] (Khatri-Rao: [n·L, k])
+            dp = (po @ d.t()).t() if x.rows == 1 else d @ po.t()
         if x.weight is None:                                               # bias only: ã = 1
             ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device) if pi is None else \
                 pi[:, 0].expand(a.shape[0], -1)
@@ -383,8 +382,9 @@ class Projector:
             w = pi[:, :a.shape[1]]
             ap = (torch.addmm(pi[:, a.shape[1]:a.shape[1] + 1], w, a.t()) if x.bias is not None else w @ a.t()).t()
         else:
-            piT = self._transposed(p, "in", acc, a.device)
-            ap = torch.addmm(piT[a.shape[1]], a, piT[:a.shape[1]]) if x.bias is not None else a @ piT[:a.shape[1]]
+            ap = a @ pi[:, :a.shape[1]].t()
+            if x.bias is not None:
+                ap += pi[:, a.shape[1]]                                    # the bias column of P_in
         if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
             if x.rows == 1:
                 if out is not None:
@@ -401,17 +401,6 @@ class Projector:
         if out is None:
             return prod
         return out.copy_(prod)
-
-    def _transposed(self, p: LayerPlan, side: str, dtype, device) -> torch.Tensor | None:
-        """side_matrix(p, side)ᵀ, contiguous (cached beside it)."""
-        key = (p.name, side, "T", str(dtype), str(device))
-        m = self._cache.get(key)
-        if m is None:
-            m = self.side_matrix(p, side, dtype, device)
-            if m is None:
-                return None
-            m = self._cache[key] = m.t().contiguous()
-        return m
 
     def _tokens(self, p: LayerPlan, x: TokenFactors, n: int, acc) -> torch.Tensor:
         d = x.d.to(acc)                                                    # [n, T, dim]

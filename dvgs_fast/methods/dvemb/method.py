@@ -305,14 +305,14 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                 emit(0, Q.shape[0], s0, s0 + Eb.shape[0], Q @ Eb.t())
         else:
             store = rec.store()
+            step_lr = _step_lr(store, self.lr)
             block = max(1, _QUERY_BYTES // (8 * rec.n + 8 * rec.k))
             bar = run.progress(rec.info["steps"] * -(-Q.shape[0] // block), "DVEmb query recursion", unit="step")
             try:
                 for q0 in range(0, Q.shape[0], block):
                     q = Q[q0:q0 + block]
                     S = query_scores(store, rec.n, q.t().contiguous(), sgd=self.optimizer == "sgd",
-                                     step_lr=_step_lr(store, self.lr), progress=bar,
-                                     exact=self.store_dtype == "float64",
+                                     step_lr=step_lr, progress=bar, exact=self.store_dtype == "float64",
                                      stop=self._stop(run, "the query recursion"))
                     emit(q0, q0 + q.shape[0], 0, rec.n, torch.from_numpy(np.ascontiguousarray(S.T)))
             except ValueError as exc:

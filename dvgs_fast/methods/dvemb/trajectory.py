@@ -45,8 +45,6 @@ from dvgs_fast.methods import _grad_training as T
 class Trajectory:
     steps: int
     rows: int
-    batch_sizes: list[int]
-    lrs: list[float]              # the scalar lr / B of each step (SGD), for the record
     train_cpu_s: float
     record_cpu_s: float
 
@@ -126,7 +124,7 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
     scorer = grads.FastScorer(model, names, prep.sample_loss, "dot", owner="DataValueEmbedding")
     gen = prep.shuffle
     sgd = method.optimizer == "sgd"
-    pos, step, sizes, lrs = 0, 0, [], []
+    pos, step = 0, 0
     t_train = t_record = 0.0
     dev = xs.device
     for epoch in range(method.epochs):
@@ -158,15 +156,13 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
             opt.step()
             t_train += (c1 - c0) + (time.process_time() - c2)
             t_record += c2 - c1
-            sizes.append(b)
-            lrs.append(method.lr / b)
             pos += b
             step += 1
             if run.budget.exhausted():
                 raise ValueError(f"max_time: the budget ran out during the training (epoch {epoch}, step {step}); "
                                  f"the embedding needs the whole run (raise max_time)")
         progress.update(1)
-    return Trajectory(step, pos, sizes, lrs, t_train, t_record)
+    return Trajectory(step, pos, t_train, t_record)
 
 
 __all__ = ["StepsInMemory", "Trajectory", "preconditioned", "record_training"]

@@ -172,9 +172,10 @@ class DataInf(Solver):
     def hessian_row_scores(self, prob: Problem, fq: SampleFactors) -> torch.Tensor | None:
         """The scores on the Hessian's own rows by per-layer Grams (datainf_gram.py) when that
         costs fewer multiply-adds than preconditioning and scoring."""
-        if not cheaper(_layers(fq, self.owner), prob.n_hessian):
+        lq = _layers(fq, self.owner)
+        if not cheaper(lq, prob.n_hessian):
             return None
-        S = gram_scores(self, prob, fq, lambda f: _layers(f, self.owner))
+        S = gram_scores(self, prob, lq, lambda f: _layers(f, self.owner), self._scorer(prob))
         if S is not None:
             self.details["scoring"] = "gram (datainf_gram.py)"
         return S

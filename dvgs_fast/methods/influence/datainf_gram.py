@@ -48,21 +48,20 @@ def cheaper(layers_q: list, n: int) -> bool:
     return gram < formed
 
 
-def gram_scores(solver, prob: Problem, fq: SampleFactors, layers) -> torch.Tensor | None:
-    """[Q, n] scores of the queries (factors fq) against the Hessian's n rows, or None when the
-    query layers do not match the Hessian's recorded layers. ``layers(f)`` splits factors by layer
-    (datainf._layers)."""
-    lq = layers(fq)
+def gram_scores(solver, prob: Problem, lq: list, layers, scorer: grads.FastScorer) -> torch.Tensor | None:
+    """[Q, n] scores of the queries (their factors split by layer, ``lq``) against the Hessian's n
+    rows, or None when the query layers do not match the Hessian's recorded layers. ``layers(f)``
+    splits factors alike (datainf._layers); ``scorer`` records the Hessian's rows (kept recordings
+    are reused)."""
     names = [name for name, _ in solver.state["layers"]]
     if [name for name, _, _ in lq] != names:
         return None
-    scorer = solver._scorer(prob)
     blocks = []
     for k, x, y in prob.blocks():
         prob.check_time(lockstep=False)
         a, b = prob.block_rows(k)
         blocks.append((a, b, layers(recorded(scorer, prob, x, y, (a, b)))))
-    n, Q = prob.n_hessian, fq.n
+    n, Q = prob.n_hessian, lq[0][1].n
     out = torch.zeros(Q, n, dtype=prob.dtype, device=prob.device)
     for j, (_, fqj, _) in enumerate(lq):
         lam = solver.lams[j]
