@@ -169,6 +169,25 @@ def test_refuses_another_run_a_corrupted_block_and_bad_vectors(tmp_path):
         create_store(tmp_path / "dt", 3, 2, dtype="int8")
 
 
+def test_checked_rows_finds_the_non_finite_row_and_passes_finite_rows_whose_sum_overflows():
+    """checked_rows tests the rows' sum first (NaN / Inf propagate into it) and looks row by row
+    only when the sum is not finite: finite rows whose float32 sum overflows must pass, and
+    each kind of non-finite entry must still name its row."""
+    from dvgs_fast.gradstore import checked_rows
+    big = np.full((4, 3), 3e38, dtype=np.float32)                  # finite; their sum is +inf
+    np.testing.assert_array_equal(checked_rows(big, 10, 14, 3, np.dtype(np.float32)), big)
+    for bad in (np.nan, np.inf, -np.inf):
+        arr = np.ones((6, 3), dtype=np.float32)
+        arr[4, 1] = bad
+        with pytest.raises(ValueError, match="row 14 is not finite"):
+            checked_rows(torch.from_numpy(arr), 10, 16, 3, np.dtype(np.float32))
+    mixed = np.ones((3, 2), dtype=np.float32)
+    mixed[0, 0], mixed[2, 1] = np.inf, -np.inf                      # their sum is NaN
+    with pytest.raises(ValueError, match="row 0 is not finite"):
+        checked_rows(mixed, 0, 3, 2, np.dtype(np.float32))
+    assert checked_rows(np.zeros((0, 2)), 5, 5, 2, np.dtype(np.float32)).shape == (0, 2)
+
+
 # ------------------------------------------------------------------------------ scoring
 def _store(directory, F: torch.Tensor, dtype="float64"):
     return write_store(directory, TensorSource(F), lambda xb, yb: xb, dim=F.shape[1], dtype=dtype,

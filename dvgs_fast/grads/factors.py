@@ -257,8 +257,7 @@ def factors_of(recording) -> SampleFactors:
     per-sample reductions (no vmap); everything else dense from one torch.func pass over the
     model for just those parameters."""
     sc, n = recording.scorer, recording.n
-    acc = torch.float64 if recording.x.dtype == torch.float64 or any(
-        p.dtype == torch.float64 for p in sc.model.parameters()) else torch.float32
+    acc = torch.float64 if recording.x.dtype == torch.float64 or sc.has_float64_parameters() else torch.float32
     out = SampleFactors(n, dtype=acc)
     dense_names: list[str] = []
     norm_parts: list[tuple[str, torch.Tensor]] = []

@@ -138,6 +138,8 @@ class FastScorer:
         self._param_owner = {name_of[id(p)]: self._module_name[id(m)]
                              for m in model.modules() for p in m.parameters(recurse=False) if id(p) in name_of}
         self._param_name = name_of
+        self._params = list(params.values())
+        self._routes: list[LayerRoute] | None = None
         self._ghost_form: dict[str, str] = {}
         self._runtime_fallback: list[str] = []       # routed layers whose calls could not be split
         self._warned = False
@@ -174,7 +176,18 @@ class FastScorer:
     def layer_routes(self) -> list[LayerRoute]:
         """Every layer owning selected parameters, with its route and why: Linear layers, then the
         ghost-routed, per-layer and reference ones, each in model order (the order the statistics
-        are summed in). A call can still refuse its route at run time: ``describe()`` reports that."""
+        are summed in). A call can still refuse its route at run time: ``describe()`` reports that.
+        Fixed at construction, so listed once (a training step asks at every step)."""
+        if self._routes is None:
+            self._routes = self._list_routes()
+        return list(self._routes)
+
+    def has_float64_parameters(self) -> bool:
+        """Whether any of the model's parameters is float64 now (the factors then accumulate in
+        float64); over the parameters listed at construction, not a walk of the modules."""
+        return any(p.dtype == torch.float64 for p in self._params)
+
+    def _list_routes(self) -> list[LayerRoute]:
         out = []
         for m, w, b in self.linear:
             out.append(LayerRoute(m, self.module_name(m), "linear", w, b, tuple(n for n in (w, b) if n),

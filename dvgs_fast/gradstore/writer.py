@@ -192,7 +192,11 @@ def checked_rows(vectors, a: int, b: int, dim: int, dtype: np.dtype) -> np.ndarr
     arr = _as_numpy(vectors)
     if arr.shape != (b - a, dim):
         raise ValueError(f"vectors: rows {a}:{b} have shape {arr.shape}, the store holds {dim} columns")
-    if not np.isfinite(arr).all():
+    # A finite sum means every entry is finite (NaN and Inf propagate); only a non-finite one
+    # (or an overflowing sum of finite entries) pays the elementwise pass that finds the row.
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = arr.sum() if arr.size else 0.0
+    if not np.isfinite(total) and not np.isfinite(arr).all():
         bad = a + int(np.flatnonzero(~np.isfinite(arr).all(1))[0])
         raise ValueError(f"x_source: the vector of row {bad} is not finite (NaN/Inf gradient): rescale the inputs "
                          f"or check the model")

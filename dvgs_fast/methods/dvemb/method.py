@@ -75,6 +75,12 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                      k² (the recursion) + N·k (the embeddings) floats, and epochs·N·k on disk.
     layer_dims  {layer name: k or (k_out, k_in)} for layers that set their own (the rest share proj_dim).
     projection, proj_seed, projection_structure   the projection (grads.Projector), recorded in the result.
+                     "kronecker" (default, LoGra's P_out ⊗ P_in): (k_out·d_out + k_in·d_in) multiply-adds
+                     per sample and layer, paid at every training step; "khatri_rao": k·(d_out + d_in),
+                     ten times a 2048-wide layer's forward at k = 1024 (training + recording 3.6-4.1x
+                     plain training against 1.4-1.7x, bench/results/dvemb.md), and no more accurate here
+                     (digits MLP, k = 1024: Spearman with the trajectory LOO 0.50 against 0.51,
+                     bench/results/projection_split.md).
     store_dir        None: the recorded steps in memory when they fit 256 MB, else in a temporary
                      folder; kept while the instance holds them for a later call (dropped by close()
                      or with the instance);
@@ -97,7 +103,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 20, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
                  weight_decay: float = 0.0, proj_dim: int = 1024, layer_dims: dict | None = None,
-                 projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "khatri_rao",
+                 projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "kronecker",
                  store_dir: str | None = None, store_dtype: str = "float32", recursion: str = "auto",
                  grad_params: Any = None, device: Any = None, seed: int | None = None, max_time: float | None = None,
                  progress: bool = True, num_threads: int | None = None):

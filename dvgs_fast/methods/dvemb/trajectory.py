@@ -63,8 +63,16 @@ class StepsInMemory:
     def nbytes(self) -> int:
         return self._rows.nbytes
 
+    def rows_out(self, a: int, b: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Rows [a, b) as a writable tensor sharing this memory (None unless held in `dtype`): a
+        step projected into it is then committed by write(a, b, that tensor, aux), checked, no copy."""
+        t = torch.from_numpy(self._rows[a:b])
+        return t if t.dtype == dtype else None
+
     def write(self, a: int, b: int, vectors, aux: dict) -> None:
-        self._rows[a:b] = checked_rows(vectors, a, b, self.dim, self.dtype)
+        rows = checked_rows(vectors, a, b, self.dim, self.dtype)
+        if rows.ctypes.data != self._rows[a:b].ctypes.data:               # not already in place (rows_out)
+            self._rows[a:b] = rows
         for name, col in aux.items():
             self._aux[name][a:b] = col
 
@@ -127,11 +135,11 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
     pos, step = 0, 0
     t_train = t_record = 0.0
     dev = xs.device
+    model.train()                                                      # nothing in the loop leaves it
     for epoch in range(method.epochs):
         for idx in torch.randperm(n, generator=gen).to(dev).split(bs):
             c0 = time.process_time()
             b = idx.shape[0]
-            model.train()
             xb, yb = xs[idx], ys[idx]
             loss, rec, out_grads = T.recorded_step(scorer, prep.sample_loss, model, xb, yb, tparams)
             lv = float(loss)
@@ -139,19 +147,25 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
                 raise ValueError(f"lr: training diverged: the source loss is {lv} at epoch {epoch}, step {step}; "
                                  f"lower lr (now {method.lr:g})")
             c1 = time.process_time()
-            # ---- the step's per-sample gradients (δ of the mean loss: g_i / B), projected
+            # ---- the step's per-sample gradients, projected. The recorded δ are the mean loss's
+            # (g_i / B): scaled by B here, on [B, d_out] per layer, not on the projected [B, k].
             with own_rng(dev):
-                f = grads.Recording(scorer, xb, yb, rec, out_grads, [], 1.0 / b).factors()
-                g = projector.project(f) * b                           # g_i
+                deltas = [None if d is None else d * b for d in out_grads]
+                f = grads.Recording(scorer, xb, yb, rec, deltas, [], 1.0).factors()
+                # SGD's rows are g alone: projected straight into the steps in memory when they
+                # are held there in the factors' dtype (no [B, k] copy per step)
+                rows_out = getattr(writer, "rows_out", None)
+                into = rows_out(pos, pos + b, f.dtype) if sgd and rows_out is not None and xb.device.type == "cpu" else None
+                g = projector.project(f, out=into)                     # g_i
                 if sgd:
                     rows = g
                 else:
-                    P = T.update_map(opt, method.optimizer, params, names, method.lr)
+                    P = {nm: v / b for nm, v in T.update_map(opt, method.optimizer, params, names, method.lr).items()}
                     u = projector.project(preconditioned(f, P))        # (P ⊙ g_i) / B
                     rows = torch.cat([g, u], 1)
             writer.write(pos, pos + b, rows.detach().to(torch.float64 if rows.dtype == torch.float64 else torch.float32),
                          {"index": idx.cpu().numpy().astype(np.float64), "step": np.full(b, step, dtype=np.float64)})
-            del rec, out_grads, f
+            del rec, out_grads, deltas, f
             c2 = time.process_time()
             opt.step()
             t_train += (c1 - c0) + (time.process_time() - c2)
