@@ -201,6 +201,35 @@ def test_recorded_steps_kept_until_close(monkeypatch, on_disk):
     assert not folder.exists() and dve._cache is None
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("recursion", ["embedding", "query"])
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_steps_kept_as_kronecker_sides_give_the_formed_rows_scores(monkeypatch, tmp_path, optimizer, recursion,
+                                                                    on_disk):
+    """With every layer Kronecker-projected, a step is kept as its sides (k_out + k_in per layer)
+    and read back as formed rows: the same scores as the run that stores the formed rows
+    (projects_sides forced off), float64 store, either recursion, SGD ([g]) and Adam ([g | u]),
+    in memory and on disk; the recorded bytes shrink by the rows' ratio."""
+    from dvgs_fast import grads
+    from dvgs_fast.methods.dvemb import method
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=2, batch_size=8, lr=0.05, optimizer=optimizer, proj_dim=30, store_dtype="float64",
+              recursion=recursion, seed=0, progress=False)
+    if on_disk:
+        monkeypatch.setattr(method, "_IN_MEMORY", 0)
+    got = DataValueEmbedding(_factory, store_dir=tmp_path / "s" if on_disk else None, **kw).attribute(
+        xs, ys, xq, yq, dtype="float64")
+    assert got.info["recorded_as"] == "kronecker sides"
+    monkeypatch.setattr(grads.Projector, "projects_sides", lambda self, f: self.plan(f) and False)
+    want = DataValueEmbedding(_factory, store_dir=tmp_path / "r" if on_disk else None, **kw).attribute(
+        xs, ys, xq, yq, dtype="float64")
+    assert want.info["recorded_as"] == "projected gradients"
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-10, atol=1e-12 * np.abs(want.scores).max())
+    P = grads.Projector(30, structure="kronecker").plan_layers(
+        [{"name": "0", "kind": "rows", "d_out": 8, "d_in": 6}, {"name": "2", "kind": "rows", "d_out": 3, "d_in": 9}])
+    assert got.info["recorded_bytes"] * P.dim == want.info["recorded_bytes"] * P.side_dim
+
+
 def test_training_killed_in_store_dir_starts_over(tmp_path, monkeypatch):
     """A run killed during its training leaves a partial trajectory in store_dir (and no state):
     the next run trains again from the start into it, with the uninterrupted run's scores."""

@@ -241,6 +241,66 @@ def test_project_into_given_rows():
         P.project(f, out=torch.empty(P.dim, 5, dtype=want.dtype).t())
 
 
+def _linear_mlp():
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3, bias=False), nn.ReLU(), nn.Linear(3, 4))
+
+
+@pytest.mark.parametrize("n", [6, 1, 0])
+@pytest.mark.parametrize("dim", [20, 60])
+def test_sides_expand_to_the_kronecker_projection(n, dim):
+    """project_sides keeps per layer [P_out δ | P_in ã] (k_out + k_in numbers); expand_sides of
+    them equals project() and the explicit Kronecker matrix on explicit gradients (float64, a
+    layer without bias, identity sides (dim 60: one layer's outputs, another's inputs), zero
+    rows); in float32 into given rows too."""
+    from torch.func import functional_call, grad, vmap
+    model, x, y = _case(_linear_mlp, max(n, 1))
+    x, y = x[:n], y[:n]
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(dim, structure="kronecker", seed=4)
+    assert P.projects_sides(f)
+    sides = P.project_sides(f)
+    assert sides.shape == (n, sum(p.k_out + p.k_in for p in P.layers)) == (n, P.side_dim)
+    assert P.side_dim < P.dim
+    assert dim == 20 or (not P.layers[0].projects("out") and not P.layers[1].projects("in"))
+    got = P.expand_sides(sides)
+    torch.testing.assert_close(got, P.project(f), rtol=1e-12, atol=1e-12)
+    if n:
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        g = vmap(grad(lambda p, xi, yi: LOSS(functional_call(model, p, (xi[None],)), yi[None]).sum()),
+                 in_dims=(None, 0, 0))(params, x, y)
+        torch.testing.assert_close(got, _explicit_kron(P, g, n), rtol=1e-9, atol=1e-10)
+    m32 = _linear_mlp().float()
+    f32 = grads.FastScorer(m32, names, LOSS, "dot", owner="test").record(x.float(), y).factors()
+    P32 = Projector(dim, structure="kronecker", seed=4)
+    rows = torch.full((n + 2, P32.plan(f32).side_dim), float("nan"))
+    P32.project_sides(f32, out=rows[1:n + 1])
+    big = torch.full((n, P32.dim), float("nan"))
+    P32.expand_sides(rows[1:n + 1], out=big)
+    torch.testing.assert_close(big, P32.project(f32), rtol=1e-5, atol=1e-6)
+
+
+def test_sides_need_one_row_per_sample_kronecker_layers():
+    """Conv positions, Embedding tokens, a dense part or another structure: no sides (and a
+    one-line error from project_sides); a wrong width for expand_sides is refused."""
+    for make, dim in ((_cnn, 20), (_Tokens, 20), (_mlp, 20), (_linear_mlp, 10_000)):
+        model, x, y = _case(make, 3)             # _mlp: LayerNorm's dense part; 10,000: identity layers
+        names = [nm for nm, _ in model.named_parameters()]
+        f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+        P = Projector(dim, structure="kronecker")
+        assert not P.projects_sides(f), make
+        with pytest.raises(ValueError, match="^factors: project_sides needs"):
+            P.project_sides(f)
+    model, x, y = _case(_linear_mlp, 3)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    assert not Projector(20, structure="khatri_rao").projects_sides(f)
+    P = Projector(20, structure="kronecker")
+    P.plan(f)
+    with pytest.raises(ValueError, match="^sides: expected rows"):
+        P.expand_sides(torch.zeros(3, P.side_dim + 1, dtype=torch.float64))
+
+
 def test_structures_differ_and_a_full_size_layer_is_the_identity():
     model, x, y = _case(_mlp, 3)
     names = [nm for nm, _ in model.named_parameters()]

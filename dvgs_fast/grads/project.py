@@ -371,10 +371,90 @@ class Projector:
             parts.append(G.reshape(n, -1))
         return torch.cat(parts, 1)
 
+    # ------------------------------------------------------------------------------ sides
+    # A Kronecker layer with one row per sample (a Linear layer on [n, d] inputs) projects each
+    # sample's gradient to an outer product (P_out δ)(P_in ã)ᵀ: k_out + k_in numbers determine its
+    # k_out·k_in. A caller that keeps many projected gradients (DVEmb's recorded steps: every
+    # sample at every step) keeps the sides and forms the products when it reads them.
+    def projects_sides(self, f: SampleFactors) -> bool:
+        """Whether every layer of these factors is a Kronecker layer with one row per sample (no
+        conv positions, Embedding or dense part; not a layer whose k reaches its size, which is
+        kept whole, exactly): then ``project_sides`` applies (planned on first use)."""
+        self.plan(f)
+        if f.tokens or f.dense is not None:
+            return False
+        rows = {x.name: x for x in f.rows}
+        return all(p.kind == "rows" and p.structure == "kronecker" and rows[p.name].rows == 1 for p in self.layers)
+
+    @property
+    def side_dim(self) -> int:
+        """Σ (k_out + k_in) over the layers: the width of ``project_sides``' rows."""
+        if self.layers is None:
+            raise RuntimeError("Projector: not planned yet (project() or plan() a first batch of factors)")
+        return sum(p.k_out + p.k_in for p in self.layers)
+
+    @torch.no_grad()
+    def project_sides(self, f: SampleFactors, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, side_dim]: per layer [P_out δ | P_in ã] of each sample (the two sides of its
+        projected gradient, see ``projects_sides``); ``expand_sides`` of them == ``project(f)``.
+        Written into `out` when given ([n, side_dim] of the factors' dtype)."""
+        if not self.projects_sides(f):
+            raise ValueError("factors: project_sides needs a Kronecker projection of layers with one row per "
+                             "sample (Linear layers; no conv positions, Embedding or dense part)")
+        acc = f.dtype
+        rows = {x.name: x for x in f.rows}
+        if out is None:
+            out = torch.empty(f.n, self.side_dim, dtype=acc, device=_device_of(f))
+        elif out.shape != (f.n, self.side_dim) or out.dtype != acc:
+            raise ValueError(f"out: expected rows [{f.n}, {self.side_dim}] of {acc}, got {tuple(out.shape)} of {out.dtype}")
+        o = 0
+        for p in self.layers:
+            dp, ap = self._sides(p, rows[p.name], acc)
+            out[:, o:o + p.k_out] = dp
+            out[:, o + p.k_out:o + p.k_out + p.k_in] = ap
+            o += p.k_out + p.k_in
+        return out
+
+    @torch.no_grad()
+    def expand_sides(self, sides: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, dim]: the projected gradients whose sides are the rows of `sides` [n, side_dim]
+        (``project_sides``): per layer the outer products, into `out` when given."""
+        n = sides.shape[0]
+        if sides.dim() != 2 or sides.shape[1] != self.side_dim:
+            raise ValueError(f"sides: expected rows [n, {self.side_dim}], got shape {tuple(sides.shape)}")
+        if out is None:
+            out = torch.empty(n, self.dim, dtype=sides.dtype, device=sides.device)
+        o = 0
+        for p in self.layers:
+            _outer_rows(sides[:, o:o + p.k_out], sides[:, o + p.k_out:o + p.k_out + p.k_in],
+                        out[:, p.offset:p.offset + p.dim])
+            o += p.k_out + p.k_in
+        return out
+
     def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc, out: torch.Tensor | None = None) -> torch.Tensor:
         """[n, dim] of a rows layer (into `out` when given: Kronecker at one row per sample writes
         its outer products there directly; a training step projects every step, so its few small
-        ops are the cost).
+        ops are the cost)."""
+        dp, ap = self._sides(p, x, acc)
+        if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
+            if x.rows == 1:
+                if out is not None:
+                    return torch.mul(dp, ap, out=out)
+                return dp * ap
+            prod = dp.mul_(ap).reshape(n, x.rows, -1).sum(1)
+        elif x.rows == 1:
+            if out is not None:
+                return _outer_rows(dp, ap, out)
+            prod = (dp.unsqueeze(2) * ap.unsqueeze(1)).reshape(n, -1)
+        else:
+            prod = torch.bmm(dp.reshape(n, x.rows, -1).transpose(1, 2), ap.reshape(n, x.rows, -1)).reshape(n, -1)
+        if out is None:
+            return prod
+        return out.copy_(prod)
+
+    def _sides(self, p: LayerPlan, x: RowFactors, acc) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_out δ [n·L, k_out], P_in ã [n·L, k_in]) of a rows layer (Khatri-Rao: both [n·L, k]);
+        an identity side is δ / ã itself.
 
         One row per sample: the side products as P Aᵀ, [k, n], used transposed. The same numbers
         as A Pᵀ, but a GEMM whose output width is k (odd, small: 31, 971) runs at half speed or
@@ -399,23 +479,7 @@ class Projector:
             ap = a @ pi[:, :a.shape[1]].t()
             if x.bias is not None:
                 ap += pi[:, a.shape[1]]                                    # the bias column of P_in
-        if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
-            if x.rows == 1:
-                if out is not None:
-                    return torch.mul(dp, ap, out=out)
-                return dp * ap
-            prod = dp.mul_(ap).reshape(n, x.rows, -1).sum(1)
-        elif x.rows == 1:
-            if out is not None:                                        # (contiguous sides: the broadcast
-                dp, ap = dp.contiguous(), ap.contiguous()              # product runs ~2x faster)
-                torch.mul(dp.unsqueeze(2), ap.unsqueeze(1), out=out.view(n, dp.shape[1], ap.shape[1]))
-                return out
-            prod = (dp.unsqueeze(2) * ap.unsqueeze(1)).reshape(n, -1)
-        else:
-            prod = torch.bmm(dp.reshape(n, x.rows, -1).transpose(1, 2), ap.reshape(n, x.rows, -1)).reshape(n, -1)
-        if out is None:
-            return prod
-        return out.copy_(prod)
+        return dp, ap
 
     def _tokens(self, p: LayerPlan, x: TokenFactors, n: int, acc) -> torch.Tensor:
         d = x.d.to(acc)                                                    # [n, T, dim]
@@ -486,6 +550,15 @@ def _share(total: int, sizes: list[int]) -> list[int]:
     for i in sorted(range(len(sizes)), key=lambda i: int(exact[i]) - exact[i])[:max(0, total - sum(k))]:
         k[i] = min(sizes[i], k[i] + 1)
     return k
+
+
+def _outer_rows(dp: torch.Tensor, ap: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Row i of `out` [n, k_out·k_in] (a view with unit column stride) = dp_i ⊗ ap_i. The sides
+    are made contiguous first: the broadcast product then runs ~2x faster."""
+    n = dp.shape[0]
+    dp, ap = dp.contiguous(), ap.contiguous()
+    torch.mul(dp.unsqueeze(2), ap.unsqueeze(1), out=out.view(n, dp.shape[1], ap.shape[1]))
+    return out
 
 
 def _device_of(f: SampleFactors):

@@ -39,7 +39,7 @@ from dvgs_fast.methods import _grad_training as T
 from dvgs_fast.methods.base import Estimate, Run, Valuation
 from dvgs_fast.methods.dvemb.embedding import embed
 from dvgs_fast.methods.dvemb.query_recursion import query_scores
-from dvgs_fast.methods.dvemb.trajectory import StepsInMemory, record_training
+from dvgs_fast.methods.dvemb.trajectory import StepSides, StepsInMemory, record_training
 
 EMBEDDING = "embedding.npy"
 TRAJECTORY = "trajectory"
@@ -188,9 +188,10 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         # plan the projection from one recording of the first rows: the layers are known before training
         scorer = grads.FastScorer(prep.model, prep.names, prep.sample_loss, "dot", owner="DataValueEmbedding")
         with own_rng(run.device):
-            projector.plan(scorer.record(prep.xs[:2], prep.ys[:2]).factors())
+            sides = projector.projects_sides(scorer.record(prep.xs[:2], prep.ys[:2]).factors())
         k = projector.dim
-        rows, width = self.epochs * n, (k if sgd else 2 * k)
+        w = projector.side_dim if sides else k                          # a step's row: its sides, or formed
+        rows, width = self.epochs * n, (w if sgd else 2 * w)
         aux = {"index": "float64", "step": "float64"}
         in_memory = self.store_dir is None and rows * width * np.dtype(DTYPES[self.store_dtype]).itemsize <= _IN_MEMORY
         traj_dir = folder / TRAJECTORY
@@ -206,7 +207,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         bar = run.progress(self.epochs, "DVEmb training", unit="epoch")
         t0 = time.perf_counter()
         try:
-            traj = record_training(self, prep, run, projector, writer, bar)
+            traj = record_training(self, prep, run, projector, writer, bar, sides=sides)
         finally:
             bar.close()
             if not in_memory:
@@ -219,6 +220,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         info = {"n": n, "steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
                 "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s,
                 "recorded_bytes": int(steps.nbytes), "recorded_in": "memory" if in_memory else "disk",
+                "recorded_as": "kronecker sides" if sides else "projected gradients",
                 "train_wall_s": time.perf_counter() - t0}
         rec = _Recorded(key, folder, projector, info, {k: v.clone() for k, v in prep.model.state_dict().items()})
         rec.steps = steps if in_memory else None
@@ -382,8 +384,11 @@ class _Recorded:
     tmp: Any = None
     steps: StepsInMemory | None = None
 
-    def store(self) -> GradientStore | StepsInMemory:
-        return self.steps if self.steps is not None else GradientStore.open(self.folder / TRAJECTORY)
+    def store(self) -> GradientStore | StepsInMemory | StepSides:
+        """The recorded steps, read as rows of projected gradients ([g] or [g | u])."""
+        raw = self.steps if self.steps is not None else GradientStore.open(self.folder / TRAJECTORY)
+        # runs recorded before sides existed have no "recorded_as": their rows are formed
+        return StepSides(raw, self.projector) if self.info.get("recorded_as") == "kronecker sides" else raw
 
     @property
     def k(self) -> int:
