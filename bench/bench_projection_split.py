@@ -8,7 +8,8 @@ at the same per-layer budgets (the planner's share of k by parameter count).
 Writes results.json / results.md into --out (ground truths cached there). ~5 minutes on 2 cores.
 
 * DVEmb (bench/bench_dvemb.py's run: digits MLP 64-32-10, plain SGD lr 0.1, batch 64, 10 epochs):
-  Spearman with the trajectory-specific LOO of 200 rows, mean over the 300 queries, k = 512, 1024.
+  Spearman with the trajectory-specific LOO of 200 rows, mean over the 300 queries, k = 512, 1024;
+  also with a Khatri-Rao projection of the same k, for reference.
 * TRAK (M = 1 and 5 models, regularisation default) and LoGra (model 0, damping 0.1) on
   bench/bench_trak.py's digits task (Adam, 30 epochs): LDS, k = 512.
 Each cell: the mean over --seeds projection seeds (a seed moves one draw by ~0.01).
@@ -85,12 +86,14 @@ def main(argv=None) -> dict:
     gt = cf.loo_ground_truth(BD.recipe(), xs, ys, xq, yq, indices=200, seeds=[BD.SEED], output="neg_loss",
                              progress=False)
     for k in (512, 1024):
-        for rule, dims in splits(k).items():
+        # the two Kronecker splits, and Khatri-Rao (TRAK's default; DVEmb's before) for reference
+        cases = [(rule, dims, "kronecker") for rule, dims in splits(k).items()]
+        for rule, dims, structure in cases + [("Khatri-Rao, for reference", None, "khatri_rao")]:
             got = []
             for s in range(args.seeds):
                 att = DataValueEmbedding(BD.factory, epochs=BD.EPOCHS, batch_size=BD.BATCH, lr=BD.LR, optimizer="sgd",
                                          seed=BD.SEED, progress=False, proj_dim=k, layer_dims=dims, proj_seed=s,
-                                         projection_structure="kronecker").attribute(xs, ys, xq, yq)
+                                         projection_structure=structure).attribute(xs, ys, xq, yq)
                 got.append(cf.loo_correlation(np.asarray(att), gt).spearman[0])
             rows.append({"method": "DVEmb", "metric": "Spearman vs trajectory LOO", "k": k, "rule": rule,
                          "mean": float(np.mean(got)), "each": got})

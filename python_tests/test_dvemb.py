@@ -230,6 +230,29 @@ def test_steps_kept_as_kronecker_sides_give_the_formed_rows_scores(monkeypatch, 
     assert got.info["recorded_bytes"] * P.dim == want.info["recorded_bytes"] * P.side_dim
 
 
+def test_store_dir_recorded_with_another_projection_is_refused(tmp_path, monkeypatch):
+    """A store_dir whose steps were projected otherwise than this version plans the same layers
+    (an earlier split of k over a layer's sides) is refused by name before any scoring; its state
+    with or without the projector's fingerprint (states written before it was kept)."""
+    import json
+    from dvgs_fast import runstate
+    from dvgs_fast.grads import project
+    xs, ys, xq, yq = _data()
+    kw = dict(epochs=1, batch_size=8, lr=0.1, proj_dim=30, seed=0, progress=False, store_dir=tmp_path / "s")
+    real = project._split
+    monkeypatch.setattr(project, "_split", lambda k, d_out, d_in: (1, min(k, d_in)))      # another rule
+    DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq)
+    monkeypatch.setattr(project, "_split", real)
+    with pytest.raises(runstate.CheckpointError, match="another projection"):
+        DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq)
+    files = runstate.CheckpointFiles(tmp_path / "s", method="DVEmb")
+    state = runstate.read_state(files)
+    del state["projector"]
+    runstate.write_state(files.state, state)
+    with pytest.raises(runstate.CheckpointError, match="another projection"):
+        DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq)
+
+
 def test_training_killed_in_store_dir_starts_over(tmp_path, monkeypatch):
     """A run killed during its training leaves a partial trajectory in store_dir (and no state):
     the next run trains again from the start into it, with the uninterrupted run's scores."""

@@ -77,10 +77,10 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     projection, proj_seed, projection_structure   the projection (grads.Projector), recorded in the result.
                      "kronecker" (default, LoGra's P_out ⊗ P_in): (k_out·d_out + k_in·d_in) multiply-adds
                      per sample and layer, paid at every training step; "khatri_rao": k·(d_out + d_in),
-                     ten times a 2048-wide layer's forward at k = 1024 (training + recording 3.6-4.1x
-                     plain training against 1.4-1.7x, bench/results/dvemb.md), and no more accurate here
-                     (digits MLP, k = 1024: Spearman with the trajectory LOO 0.50 against 0.51,
-                     bench/results/projection_split.md).
+                     ten times a 2048-wide layer's forward at k = 1024 (training + recording 3.8-4.1x
+                     plain training against 1.33-1.49x, bench/results/dvemb.md), and no more accurate
+                     at that k (digits MLP: Spearman with the trajectory LOO 0.505 against 0.511; 0.469
+                     against 0.455 at k = 512; bench/results/projection_split.md).
     store_dir        None: the recorded steps in memory when they fit 256 MB, else in a temporary
                      folder; kept while the instance holds them for a later call (dropped by close()
                      or with the instance);
@@ -167,6 +167,12 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                     runstate.compare(state["fingerprint"], key, files)
                     prep.model.load_state_dict(state["model"])
                     projector = self._projector().plan_layers(state["projector_layers"])
+                    # The layers re-planned must give the projection the steps were recorded with
+                    # (a state of an earlier version names only its layers: its store says which).
+                    saved = state.get("projector") or read_meta(self.store_dir / TRAJECTORY)["fingerprint"].get("projector")
+                    if projector.fingerprint() != saved:
+                        raise files.error("holds steps recorded with another projection (an earlier version's split "
+                                          "of k over a layer's sides): remove it or use another folder")
                     rec = _Recorded(key, self.store_dir, projector, {"n": prep.xs.shape[0], **state["info"], "reused": "store_dir"},
                                     {k: v.clone() for k, v in prep.model.state_dict().items()})
                     if state.get("embedding", True):      # states written before the query route always had E
@@ -179,7 +185,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
 
     def _state(self, rec: _Recorded) -> dict:
         return {"format": runstate.FORMAT, "fingerprint": rec.key, "model": rec.state, "embedding": rec.E is not None,
-                "projector_layers": [_layer_spec(p) for p in rec.projector.layers], "info": rec.info}
+                "projector_layers": [_layer_spec(p) for p in rec.projector.layers],
+                "projector": rec.projector.fingerprint(), "info": rec.info}
 
     def _train(self, prep: T.Prepared, run: Run, folder: Path, key: dict) -> _Recorded:
         n = prep.xs.shape[0]
