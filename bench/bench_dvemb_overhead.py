@@ -1,7 +1,7 @@
 """The data value embedding's training overhead against plain training at a size where the step
 is not dominated by fixed costs: an MLP 2048-100-100-10 (the DVGS paper's exp3 head) on 4,096
 random rows, plain SGD, 4 epochs, batches of 128 and 512; the projection k = 1024 with each
-structure (LoGra's Kronecker, the default; Khatri-Rao).
+structure (Khatri-Rao, the default; LoGra's Kronecker).
 
     python bench/bench_dvemb_overhead.py --out runs/bench/dvemb_overhead [--rounds 3]
 
@@ -49,11 +49,11 @@ def plain(xs, ys, batch: int) -> float:
     return time.process_time() - c0
 
 
-# The projections compared: Kronecker (LoGra's P_out ⊗ P_in; DVEmb's default), k split over a
-# layer's sides to balance them (31 x 31 on the 2048-wide first layer: 2049 x 31 multiply-adds per
-# sample on its input side), and Khatri-Rao (rows u_r ⊗ v_r: k·(d_in + d_out) per sample, 971 x
-# 2149 there, ten times that layer's forward).
-PROJECTIONS = {"kronecker (default)": "kronecker", "khatri_rao": "khatri_rao"}
+# The projections compared: Khatri-Rao (rows u_r ⊗ v_r, DVEmb's default: k·(d_in + d_out) per
+# sample, 971 x 2149 on the 2048-wide first layer, ten times that layer's forward) and Kronecker
+# (LoGra's P_out ⊗ P_in, k split over a layer's sides to balance them: 31 x 31 there, 2049 x 31
+# multiply-adds per sample on its input side; the steps kept as their two sides).
+PROJECTIONS = {"kronecker": "kronecker", "khatri_rao (default)": "khatri_rao"}
 
 
 def main() -> None:

@@ -214,7 +214,7 @@ def test_steps_kept_as_kronecker_sides_give_the_formed_rows_scores(monkeypatch, 
     from dvgs_fast.methods.dvemb import method
     xs, ys, xq, yq = _data()
     kw = dict(epochs=2, batch_size=8, lr=0.05, optimizer=optimizer, proj_dim=30, store_dtype="float64",
-              recursion=recursion, seed=0, progress=False)
+              projection_structure="kronecker", recursion=recursion, seed=0, progress=False)
     if on_disk:
         monkeypatch.setattr(method, "_IN_MEMORY", 0)
     got = DataValueEmbedding(_factory, store_dir=tmp_path / "s" if on_disk else None, **kw).attribute(
@@ -238,7 +238,8 @@ def test_store_dir_recorded_with_another_projection_is_refused(tmp_path, monkeyp
     from dvgs_fast import runstate
     from dvgs_fast.grads import project
     xs, ys, xq, yq = _data()
-    kw = dict(epochs=1, batch_size=8, lr=0.1, proj_dim=30, seed=0, progress=False, store_dir=tmp_path / "s")
+    kw = dict(epochs=1, batch_size=8, lr=0.1, proj_dim=30, projection_structure="kronecker", seed=0, progress=False,
+              store_dir=tmp_path / "s")
     real = project._split
     monkeypatch.setattr(project, "_split", lambda k, d_out, d_in: (1, min(k, d_in)))      # another rule
     DataValueEmbedding(_factory, **kw).attribute(xs, ys, xq, yq)

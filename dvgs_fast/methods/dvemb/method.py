@@ -75,12 +75,15 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                      k² (the recursion) + N·k (the embeddings) floats, and epochs·N·k on disk.
     layer_dims  {layer name: k or (k_out, k_in)} for layers that set their own (the rest share proj_dim).
     projection, proj_seed, projection_structure   the projection (grads.Projector), recorded in the result.
-                     "kronecker" (default, LoGra's P_out ⊗ P_in): (k_out·d_out + k_in·d_in) multiply-adds
-                     per sample and layer, paid at every training step; "khatri_rao": k·(d_out + d_in),
-                     ten times a 2048-wide layer's forward at k = 1024 (training + recording 3.8-4.1x
-                     plain training against 1.33-1.49x, bench/results/dvemb.md), and no more accurate
-                     at that k (digits MLP: Spearman with the trajectory LOO 0.505 against 0.511; 0.469
-                     against 0.455 at k = 512; bench/results/projection_split.md).
+                     "khatri_rao" (default): k·(d_out + d_in) multiply-adds per sample and layer at every
+                     training step -- on a 2048-wide layer at k = 1024 ten times its forward (training +
+                     recording 3.8-4.1x plain training, bench/results/dvemb.md); "kronecker" (LoGra's
+                     P_out ⊗ P_in): k_out·d_out + k_in·d_in, 1.33-1.49x there, and the steps kept as
+                     their two sides (far less memory). Kronecker is as accurate at a large k (digits
+                     MLP, k = 1024: Spearman with the trajectory LOO 0.511 vs 0.505,
+                     bench/results/projection_split.md) but less at a small one (k = 64 on a single
+                     Linear layer: LDS 0.762 vs 0.833 on Adult, 0.605 vs 0.621 on digits, same file),
+                     so it is the choice for wide layers, not the default.
     store_dir        None: the recorded steps in memory when they fit 256 MB, else in a temporary
                      folder; kept while the instance holds them for a later call (dropped by close()
                      or with the instance);
@@ -103,7 +106,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     def __init__(self, model: nn.Module | Callable[[], nn.Module], loss: str | Callable = "cross_entropy",
                  epochs: int = 20, batch_size: int = 64, lr: float = 0.01, optimizer: str = "sgd",
                  weight_decay: float = 0.0, proj_dim: int = 1024, layer_dims: dict | None = None,
-                 projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "kronecker",
+                 projection: str = "gaussian", proj_seed: int = 0, projection_structure: str = "khatri_rao",
                  store_dir: str | None = None, store_dtype: str = "float32", recursion: str = "auto",
                  grad_params: Any = None, device: Any = None, seed: int | None = None, max_time: float | None = None,
                  progress: bool = True, num_threads: int | None = None):
