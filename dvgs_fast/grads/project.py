@@ -312,11 +312,7 @@ class Projector:
         rows = {x.name: x for x in f.rows}
         toks = {x.name: x for x in f.tokens}
         device = _device_of(f)
-        if out is None:
-            out = torch.empty(f.n, self.dim, dtype=acc, device=device)
-        elif out.shape != (f.n, self.dim) or out.dtype != acc or out.device != device or out.stride(1) != 1:
-            raise ValueError(f"out: expected rows [{f.n}, {self.dim}] of {acc} on {device} with unit column stride, "
-                             f"got {tuple(out.shape)} of {out.dtype} on {out.device}")
+        out = _rows_out(out, f.n, self.dim, acc, device)
         for p in self.layers:
             blk = out[:, p.offset:p.offset + p.dim]
             if p.kind == "dense":
@@ -403,10 +399,7 @@ class Projector:
                              "sample (Linear layers; no conv positions, Embedding or dense part)")
         acc = f.dtype
         rows = {x.name: x for x in f.rows}
-        if out is None:
-            out = torch.empty(f.n, self.side_dim, dtype=acc, device=_device_of(f))
-        elif out.shape != (f.n, self.side_dim) or out.dtype != acc:
-            raise ValueError(f"out: expected rows [{f.n}, {self.side_dim}] of {acc}, got {tuple(out.shape)} of {out.dtype}")
+        out = _rows_out(out, f.n, self.side_dim, acc, _device_of(f))
         o = 0
         for p in self.layers:
             dp, ap = self._sides(p, rows[p.name], acc)
@@ -550,6 +543,17 @@ def _share(total: int, sizes: list[int]) -> list[int]:
     for i in sorted(range(len(sizes)), key=lambda i: int(exact[i]) - exact[i])[:max(0, total - sum(k))]:
         k[i] = min(sizes[i], k[i] + 1)
     return k
+
+
+def _rows_out(out: torch.Tensor | None, n: int, width: int, dtype, device) -> torch.Tensor:
+    """The [n, width] rows a projection writes: `out` checked (dtype, device, unit column stride:
+    a view into a caller's larger array is fine), or new ones."""
+    if out is None:
+        return torch.empty(n, width, dtype=dtype, device=device)
+    if out.shape != (n, width) or out.dtype != dtype or out.device != device or (n and width and out.stride(1) != 1):
+        raise ValueError(f"out: expected rows [{n}, {width}] of {dtype} on {device} with unit column stride, "
+                         f"got {tuple(out.shape)} of {out.dtype} on {out.device}")
+    return out
 
 
 def _outer_rows(dp: torch.Tensor, ap: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

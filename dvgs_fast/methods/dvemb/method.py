@@ -43,6 +43,8 @@ from dvgs_fast.methods.dvemb.trajectory import StepSides, StepsInMemory, record_
 
 EMBEDDING = "embedding.npy"
 TRAJECTORY = "trajectory"
+# info["recorded_as"] of a run whose steps are kept as their Kronecker sides (StepSides reads them).
+_SIDES = "kronecker sides"
 # A run without store_dir keeps its recorded steps in memory up to this many bytes.
 _IN_MEMORY = 256 << 20
 # Scores [N, q] + propagated queries [k, q] (float64) per pass of the query route over the steps.
@@ -230,7 +232,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
         info = {"n": n, "steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
                 "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s,
                 "recorded_bytes": int(steps.nbytes), "recorded_in": "memory" if in_memory else "disk",
-                "recorded_as": "kronecker sides" if sides else "projected gradients",
+                "recorded_as": _SIDES if sides else "projected gradients",
                 "train_wall_s": time.perf_counter() - t0}
         rec = _Recorded(key, folder, projector, info, {k: v.clone() for k, v in prep.model.state_dict().items()})
         rec.steps = steps if in_memory else None
@@ -398,7 +400,7 @@ class _Recorded:
         """The recorded steps, read as rows of projected gradients ([g] or [g | u])."""
         raw = self.steps if self.steps is not None else GradientStore.open(self.folder / TRAJECTORY)
         # runs recorded before sides existed have no "recorded_as": their rows are formed
-        return StepSides(raw, self.projector) if self.info.get("recorded_as") == "kronecker sides" else raw
+        return StepSides(raw, self.projector) if self.info.get("recorded_as") == _SIDES else raw
 
     @property
     def k(self) -> int:

@@ -170,6 +170,10 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
     pos, step = 0, 0
     t_train = t_record = 0.0
     dev = xs.device
+    project = projector.project_sides if sides else projector.project
+    # SGD's rows are g alone: projected straight into the steps in memory (StepsInMemory.rows_out)
+    # when they are held there in the factors' dtype -- no [B, k] copy per step
+    rows_out = getattr(writer, "rows_out", None) if sgd and dev.type == "cpu" else None
     model.train()                                                      # nothing in the loop leaves it
     for epoch in range(method.epochs):
         for idx in torch.randperm(n, generator=gen).to(dev).split(bs):
@@ -187,12 +191,7 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
             with own_rng(dev):
                 deltas = [None if d is None else d * b for d in out_grads]
                 f = grads.Recording(scorer, xb, yb, rec, deltas, [], 1.0).factors()
-                # SGD's rows are g alone: projected straight into the steps in memory when they
-                # are held there in the factors' dtype (no [B, k] copy per step)
-                rows_out = getattr(writer, "rows_out", None)
-                into = rows_out(pos, pos + b, f.dtype) if sgd and rows_out is not None and xb.device.type == "cpu" else None
-                project = projector.project_sides if sides else projector.project
-                g = project(f, out=into)                               # g_i
+                g = project(f, out=None if rows_out is None else rows_out(pos, pos + b, f.dtype))   # g_i
                 if sgd:
                     rows = g
                 else:
