@@ -59,12 +59,26 @@ CASES = {
 }
 
 
-def _inputs(case, n, loss, g):
-    x = torch.randn(n, 2, 5, generator=g, dtype=torch.float64) if case == "flatten" else \
-        torch.randn(n, 5, generator=g, dtype=torch.float64)
+def _inputs(shape, n, loss, g):
+    x = torch.randn(n, *shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=g) if loss in (_ce, _ce_closed) else \
         torch.randn(n, 3, generator=g, dtype=torch.float64)
     return x, y
+
+
+def assert_equals_reference(model, x, y, loss, K, g) -> dict:
+    """The route's products for K fresh directions == double backward (float64); the prepared
+    block is returned (tests of which inner path it took)."""
+    names = [k for k, _ in model.named_parameters()]
+    seq = SequentialHVP.of(model, names)
+    assert seq is not None
+    st = seq.prepare(x, y, loss, 0.37)
+    V = {k: torch.randn(K, *p.shape, generator=g, dtype=torch.float64) for k, p in model.named_parameters()}
+    got = seq.apply(st, V)
+    ref = _reference(model, names, x, y, loss, 0.37, V)
+    for k in names:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+    return st
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,22 +88,15 @@ def test_r_operator_equals_double_backward(case, loss, n, K):
     torch.manual_seed(7)
     model = CASES[case]().double().eval()
     g = torch.Generator().manual_seed(11)
-    x, y = _inputs(case, n, loss, g)
-    names = [k for k, _ in model.named_parameters()]
-    seq = SequentialHVP.of(model, names)
-    assert seq is not None
-    V = {k: torch.randn(K, *p.shape, generator=g, dtype=torch.float64) for k, p in model.named_parameters()}
-    got = seq.block(x, y, loss, 0.37, V)
-    ref = _reference(model, names, x, y, loss, 0.37, V)
-    for k in names:
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+    x, y = _inputs((2, 5) if case == "flatten" else (5,), n, loss, g)
+    assert_equals_reference(model, x, y, loss, K, g)
 
 
 def test_r_operator_on_a_parameter_subset_and_noncontiguous_directions():
     torch.manual_seed(3)
     model = CASES["tanh_3"]().double()
     g = torch.Generator().manual_seed(5)
-    x, y = _inputs("tanh_3", 9, _ce, g)
+    x, y = _inputs((5,), 9, _ce, g)
     names = ["2.weight", "4.bias"]                            # middle weight, last bias; first layer unscored
     seq = SequentialHVP.of(model, names)
     params = dict(model.named_parameters())
@@ -190,10 +197,10 @@ def test_sequence_input_falls_back_to_double_backward(monkeypatch):
 
 @pytest.mark.parametrize("keep", [True, False])
 def test_double_backward_graph_kept_across_passes(monkeypatch, keep):
-    """A CNN (outside the R-operator route): the gradient graph of each block of a full pass is
-    kept while it fits in the problem's KEEP_BYTES and reused by the next pass -- every pass ==
-    the float64 reference, kept or not (keep=False: a budget of 0 bytes keeps nothing)."""
-    from dvgs_fast import grads
+    """A CNN outside the R-operator route (an adaptive max-pool): the gradient graph of each block
+    of a full pass is kept while it fits in the problem's KEEP_BYTES and reused by the next pass --
+    every pass == the float64 reference, kept or not (keep=False: a budget of 0 bytes keeps
+    nothing)."""
     from dvgs_fast.methods.influence import hvp
     from dvgs_fast.methods.influence import problem
     from dvgs_fast.methods.influence.problem import Problem
@@ -201,7 +208,7 @@ def test_double_backward_graph_kept_across_passes(monkeypatch, keep):
     if not keep:
         monkeypatch.setattr(problem, "KEEP_BYTES", 0)
     torch.manual_seed(3)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(3), nn.Flatten(),
                           nn.Linear(3 * 9, 3)).double().eval()
     g = torch.Generator().manual_seed(4)
     x, y = torch.randn(11, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (11,), generator=g)

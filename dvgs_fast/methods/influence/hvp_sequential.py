@@ -1,7 +1,8 @@
-"""Exact Hessian-vector products of an MLP by Pearlmutter's R-operator, written out as matrix
-products: the route the exact solvers (direct, CG, LiSSA, Arnoldi) take when the model is an
-``nn.Sequential`` of Linear layers and elementwise activations (hvp.py falls back to autograd's
-double backward for anything else).
+"""Exact Hessian-vector products of a Sequential model by Pearlmutter's R-operator, written out
+as matrix products: the route the exact solvers (direct, CG, LiSSA, Arnoldi) take when the model
+is an ``nn.Sequential`` of Linear layers, elementwise activations, Flatten and (hvp_conv.py: their
+rules) Conv1d / Conv2d and max / average pools (hvp.py falls back to autograd's double backward
+for anything else).
 
 Why: double backward through autograd (vmapped over a chunk of vectors) recomputes what a
 Sequential MLP does not need -- the input's gradient, the first layer's R-backward, vmap's
@@ -26,21 +27,29 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dvgs_fast.methods.influence import hvp_conv
+from dvgs_fast.methods.influence.hvp_conv import CONVS
+
 # Elementwise activations whose σ', σ'' autograd gives on the pre-activation (no parameters).
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU,
                 nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Identity)
 # R-pass temporaries [n, K, width]: directions per chunk so that n·K·width stays about this (apply()).
 _ELEMENTS = 1 << 18
+# The layers with parameters (and a direction's dW, db): Linear and the convolutions.
+_PARAMETRIC = (nn.Linear,) + CONVS
+# Piecewise-linear activations: σ'' = 0 almost everywhere.
+_PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
 
 
 def _layers(model: nn.Module) -> list[nn.Module] | None:
     """The modules in order if the model is a (nested) Sequential of Linear layers, elementwise
-    activations, Flatten and inactive Dropout -- exactly these classes, not subclasses (whose
-    forward may be anything) -- with at least one Linear; None otherwise."""
+    activations, Flatten, inactive Dropout and the convolutions and pools of hvp_conv.takes --
+    exactly these classes, not subclasses (whose forward may be anything) -- with at least one
+    Linear or convolution; None otherwise."""
     if type(model) is nn.Linear:                 # a bare linear model (logistic regression)
         return [model]
     out = _flatten(model) if isinstance(model, nn.Sequential) else None
-    return out if out is not None and any(type(m) is nn.Linear for m in out) else None
+    return out if out is not None and any(type(m) in _PARAMETRIC for m in out) else None
 
 
 def _flatten(seq: nn.Sequential) -> list[nn.Module] | None:
@@ -57,18 +66,20 @@ def _flatten(seq: nn.Sequential) -> list[nn.Module] | None:
             out.append(m)
         elif type(m) is nn.Dropout and (not m.training or m.p == 0):
             out.append(nn.Identity())
+        elif hvp_conv.takes(m):
+            out.append(m)
         else:
             return None
     return out
 
 
 class SequentialHVP:
-    """v ↦ H_block v for a Sequential MLP (see the module doc); ``of(model, names)`` is None when
+    """v ↦ H_block v for a Sequential model (see the module doc); ``of(model, names)`` is None when
     the model does not qualify."""
 
     def __init__(self, layers: list[nn.Module], names: dict[int, tuple[str | None, str | None]]):
         self.layers = layers
-        self.names = names                  # id(Linear) -> (weight's name or None, bias's name or None)
+        self.names = names                  # id(layer) -> (weight's name or None, bias's name or None)
 
     @classmethod
     def of(cls, model: nn.Module, names: list[str]) -> "SequentialHVP | None":
@@ -79,19 +90,20 @@ class SequentialHVP:
         by_param = {id(p): n for n, p in model.named_parameters()}
         found: dict[int, tuple[str | None, str | None]] = {}
         for m in layers:
-            if isinstance(m, nn.Linear):
+            if type(m) in _PARAMETRIC:
                 w = by_param.get(id(m.weight))
                 b = by_param.get(id(m.bias)) if m.bias is not None else None
                 found[id(m)] = (w if w in wanted else None, b if b in wanted else None)
         covered = {n for pair in found.values() for n in pair if n is not None}
-        if covered != wanted:                # a scored parameter outside the Linear layers
+        if covered != wanted:                # a scored parameter outside the Linear / conv layers
             return None
         return cls(layers, found)
 
     def block(self, x: torch.Tensor, y: torch.Tensor, sample_loss: Callable, scale: float,
               V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """{name: [K, *shape]} = scale · Σ_rows H_row v for each of the K directions in V
-        ({name: [K, *shape]}, the model's dtype). None when a Linear sees more than 2-D input."""
+        ({name: [K, *shape]}, the model's dtype). None when a layer cannot take the rows' shape
+        (a Linear more than 2-D input, a convolution other than a batch of feature maps)."""
         st = self.prepare(x, y, sample_loss, scale)
         return None if st is None else self.apply(st, V)
 
@@ -99,8 +111,8 @@ class SequentialHVP:
     def prepare(self, x: torch.Tensor, y: torch.Tensor, sample_loss: Callable, scale: float) -> dict | None:
         """What does not depend on the directions, once per block of rows (and kept by the caller
         while the same rows come back, as every full pass over the Hessian's data does): the
-        forward, each row's loss Hessian, the gradient at every layer, σ' and σ''. None when a
-        Linear sees more than 2-D input."""
+        forward, each row's loss Hessian, the gradient at every layer, σ' and σ'', the max-pools'
+        indices. None when a layer cannot take the rows' shape (see block())."""
         return self._prepare(x, y, sample_loss, scale)
 
     @torch.no_grad()
@@ -113,7 +125,7 @@ class SequentialHVP:
         directions 30 ms in chunks of 2^17-2^18 elements, 52 ms in one chunk; 1,000 rows x 64
         directions 52 ms against 104 ms."""
         K = next(iter(V.values())).shape[0]
-        k = self.chunk(st["n"], self.width())
+        k = self.chunk(st["n"], st["width"])
         if out is None:
             out = {n: torch.empty_like(v) for n, v in V.items()}
         for j in range(0, K, k):                 # out: [K, *shape] views of the caller's result
@@ -124,7 +136,8 @@ class SequentialHVP:
     @staticmethod
     def nbytes(st: dict) -> int:
         """Memory a prepared block holds (to bound what the caller keeps)."""
-        seen = [t for key in ("saved", "grads") for t in st[key] if isinstance(t, torch.Tensor)]
+        seen = [t for key in ("saved", "grads", "pool", "folded") for t in st[key] if isinstance(t, torch.Tensor)]
+        seen += [t for t in (st["patches"], st["stem"]) if t is not None]
         seen += [t for pair in st["slopes"] if pair is not None for t in pair if t is not None]
         if isinstance(st["H"], torch.Tensor):
             seen.append(st["H"])
@@ -133,34 +146,76 @@ class SequentialHVP:
         return sum(t.numel() * t.element_size() for t in seen)
 
     def _prepare(self, x, y, sample_loss, scale) -> dict | None:
-        h, saved = x, []
-        for m in self.layers:                      # each layer's input: a Linear's a, an activation's z
+        h, saved, pool = x, [], [None] * len(self.layers)
+        for i, m in enumerate(self.layers):        # each layer's input: a Linear's a, an activation's z
             if isinstance(m, nn.Linear) and h.dim() != 2:
                 return None
+            if type(m) in CONVS and h.dim() != m.weight.dim():       # [n, c, *spatial] only
+                return None
+            h = hvp_conv.layout(m, h)
             saved.append(h)
-            h = m(h)
+            if type(m) in hvp_conv.MAX_POOLS + hvp_conv.AVG_POOLS:
+                h, pool[i] = hvp_conv.pool_prepare(m, h)
+            else:
+                h = m(h)
         out = h.detach().requires_grad_(True)
         with torch.enable_grad():
             g_out, = torch.autograd.grad(sample_loss(out, y).sum() * scale, out, create_graph=True)
-        first = next(i for i, m in enumerate(self.layers) if isinstance(m, nn.Linear) and any(self.names[id(m)]))
-        # the gradient w.r.t. each layer's output, and σ', σ'' of each activation, top down
+        first = next(i for i, m in enumerate(self.layers) if type(m) in _PARAMETRIC and any(self.names[id(m)]))
+        # the gradient w.r.t. each layer's output, and σ', σ'' of each activation, top down; the
+        # R-passes read it at the outputs of the Linear / conv layers above the first and of the
+        # smooth activations (σ''·g), so it is carried down only while a layer below needs it
+        # (a CNN's stem: not through its largest maps)
         grads: list = [None] * len(self.layers)
         slopes: list = [None] * len(self.layers)
+        reads = [i > first and (type(m) in _PARAMETRIC or (type(m) in _ELEMENTWISE and type(m) not in _PIECEWISE
+                                                          and type(m) is not nn.Identity))
+                 for i, m in enumerate(self.layers)]
         g = g_out.detach()
         for i in range(len(self.layers) - 1, first - 1, -1):
             m, a = self.layers[i], saved[i]
             grads[i] = g
+            if i == first:
+                break
+            if not any(reads[first:i]):            # nothing below reads g: the slopes, g not carried down
+                if type(m) in _ELEMENTWISE and type(m) is not nn.Identity:
+                    s1, s2 = _slopes(m, a)
+                    slopes[i] = (s1.unsqueeze(1), None if s2 is None else (s2 * g).unsqueeze(1))
+                continue
             if isinstance(m, nn.Linear):
                 g = g @ m.weight
+            elif type(m) in CONVS:
+                g = grads[i] = hvp_conv.layout(m, g)
+                g = hvp_conv.conv_input_grad(m, a, g)
             elif isinstance(m, nn.Flatten):
                 g = g.reshape(a.shape)
+            elif pool[i] is not None or type(m) in hvp_conv.AVG_POOLS:
+                g = hvp_conv.pool_input_grad(m, pool[i], a, g)
             elif not isinstance(m, nn.Identity):
                 s1, s2 = _slopes(m, a)
                 slopes[i] = (s1.unsqueeze(1), None if s2 is None else (s2 * g).unsqueeze(1))
                 g = s1 * g
         softmax = getattr(sample_loss, "kind", None) == "cross_entropy" and out.dim() == 2 and y.dim() == 1 \
             and not y.is_floating_point()
-        return {"saved": saved, "first": first, "grads": grads, "slopes": slopes, "n": int(x.shape[0]),
+        folded: list = [None] * len(self.layers)    # a max-pool's folded activation slope (hvp_conv.fold_slope)
+        for i in range(first + 1, len(self.layers) - 1):
+            if pool[i + 1] is not None and slopes[i] is not None and slopes[i][1] is None:
+                folded[i + 1], slopes[i] = hvp_conv.fold_slope(pool[i + 1], slopes[i][0]), None
+        P = hvp_conv.patches(self.layers[first], saved[first]) if x.shape[0] else None
+        stem = None                                # first layer, activation, max-pool: at the maxima only
+        if P is not None and first + 2 < len(self.layers) and folded[first + 2] is not None:
+            stem = hvp_conv.stem_patches(P, pool[first + 2])
+            P = None if stem is not None else P
+        # the R-passes read the inputs of the Linear / conv layers and the gradients at their
+        # outputs above the first; of the others only shapes (a CNN's largest maps: kept blocks
+        # hold half as much)
+        shapes = [t.shape for t in saved] + [out.shape]
+        keep = [type(m) in _PARAMETRIC for m in self.layers]
+        saved = [t if k else None for t, k in zip(saved, keep)]
+        grads = [t if k and i > first else None for i, (t, k) in enumerate(zip(grads, keep))]
+        return {"saved": saved, "in_shape": shapes[:-1], "out_shape": shapes[1:], "first": first, "grads": grads,
+                "slopes": slopes, "pool": pool, "folded": folded, "patches": P, "stem": stem, "n": int(x.shape[0]),
+                "width": max(int(torch.Size(t[1:]).numel()) for t in shapes),
                 "H": _SoftmaxHessian(out.detach(), scale) if softmax else _output_hessians(g_out, out)}
 
     def _directions(self, st: dict, V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,9 +226,15 @@ class SequentialHVP:
         saved, first, grads, slopes, n = st["saved"], st["first"], st["grads"], st["slopes"], st["n"]
         Rh = None                                  # [n, K, ...] or None (= 0)
         R_in: list[torch.Tensor | None] = []
+        stem, first_pool = st["stem"], first + 2       # (stem: hvp_conv.stem_patches)
         for i, (m, a) in enumerate(zip(self.layers, saved)):
             R_in.append(Rh)
-            if isinstance(m, nn.Linear):
+            if stem is not None and first <= i <= first_pool:
+                if i == first:                     # R at the max-pool's output, the stem's three layers at once
+                    wn, bn = self.names[id(m)]
+                    Rh = hvp_conv.stem_forward(stem, None if wn is None else V[wn], None if bn is None else V[bn],
+                                               st["folded"][first_pool], st["out_shape"][first_pool], K)
+            elif isinstance(m, nn.Linear):
                 wn, bn = self.names[id(m)]
                 o = m.out_features
                 Rz = None
@@ -189,8 +250,14 @@ class SequentialHVP:
                     t = (Rh.reshape(n * K, -1) @ m.weight.t()).view(n, K, o)
                     Rz = t if Rz is None else Rz + t
                 Rh = Rz
+            elif type(m) in CONVS:
+                wn, bn = self.names[id(m)]
+                Rh = hvp_conv.conv_r_forward(m, a, Rh, None if wn is None else V[wn], None if bn is None else V[bn],
+                                             st["out_shape"][i], K, st["patches"] if i == first else None)
             elif isinstance(m, nn.Flatten):
                 Rh = None if Rh is None else Rh.reshape(n, K, -1)
+            elif Rh is not None and (st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS):
+                Rh = hvp_conv.pool_forward(m, st["pool"][i], Rh, st["folded"][i])
             elif Rh is not None and slopes[i] is not None:
                 Rh = slopes[i][0] * Rh
         if Rh is None:
@@ -203,7 +270,13 @@ class SequentialHVP:
         res: dict[str, torch.Tensor] = {}
         for i in range(len(self.layers) - 1, first - 1, -1):
             m, a, Ra, g = self.layers[i], saved[i], R_in[i], grads[i]
-            if isinstance(m, nn.Linear):
+            if stem is not None and first <= i <= first_pool:
+                if i == first:                     # from R at the max-pool's output
+                    wn, bn = self.names[id(m)]
+                    RW, Rb = hvp_conv.stem_backward(m, stem, Rg, st["folded"][first_pool],
+                                                    (wn is not None, bn is not None))
+                    res.update({k: t for k, t in ((wn, RW), (bn, Rb)) if k is not None})
+            elif isinstance(m, nn.Linear):
                 wn, bn = self.names[id(m)]
                 o, d = m.out_features, m.in_features
                 if wn is not None:
@@ -218,8 +291,19 @@ class SequentialHVP:
                     if wn is not None:
                         Rg_new += (g @ V[wn].transpose(0, 1).reshape(o, K * d)).view(n, K, d)
                     Rg = Rg_new
+            elif type(m) in CONVS:
+                wn, bn = self.names[id(m)]
+                RW, Rb, Rg = hvp_conv.conv_r_backward(m, a, Ra, g, Rg, None if wn is None else V[wn],
+                                                      (wn is not None, bn is not None), i > first,
+                                                      st["patches"] if i == first else None)
+                if wn is not None:
+                    res[wn] = RW
+                if bn is not None:
+                    res[bn] = Rb
             elif isinstance(m, nn.Flatten):
-                Rg = Rg.reshape(n, K, *a.shape[1:])
+                Rg = Rg.reshape(n, K, *st["in_shape"][i][1:])
+            elif st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS:
+                Rg = hvp_conv.pool_backward(m, st["pool"][i], st["in_shape"][i], Rg, st["folded"][i])
             elif slopes[i] is not None:
                 s1, s2g = slopes[i]
                 Rg_new = s1 * Rg
@@ -234,11 +318,14 @@ class SequentialHVP:
     # ------------------------------------------------------------------ one layer's Hessian block
     def largest_layer(self) -> int | None:
         """Index (in the flattened layers) of the Linear with the most scored parameters whose
-        weight is scored: the block worth building by kron_block() rather than by columns."""
+        weight is scored and with no convolution or pool above it (_output_jacobian_hessian's
+        R-passes know only Linear layers, Flatten and activations): the block worth building by
+        kron_block() rather than by columns."""
         best, size = None, 0
+        top = max([i for i, m in enumerate(self.layers) if type(m) in CONVS or hvp_conv.takes(m)], default=-1)
         # (a block's flat indices: weight row-major, then the bias -- see HessianOperator.kron_block)
         for i, m in enumerate(self.layers):
-            if type(m) is nn.Linear and self.names[id(m)][0] is not None:
+            if type(m) is nn.Linear and i > top and self.names[id(m)][0] is not None:
                 s = m.out_features * (m.in_features + (self.names[id(m)][1] is not None))
                 if s > size:
                     best, size = i, s
@@ -289,7 +376,7 @@ class SequentialHVP:
             if type(m) is nn.Linear:
                 Rg = (Rg.reshape(n * o, -1) @ m.weight).view(n, o, -1)
             elif type(m) is nn.Flatten:
-                Rg = Rg.reshape(n, o, *st["saved"][i].shape[1:])
+                Rg = Rg.reshape(n, o, *st["in_shape"][i][1:])
             elif slopes[i] is not None:
                 s1, s2g = slopes[i]
                 Rg = s1 * Rg + (s2g * R_in[i] if s2g is not None else 0)
@@ -299,9 +386,6 @@ class SequentialHVP:
     def chunk(n_rows: int, width: int) -> int:
         """Directions per pass for n_rows rows and a widest layer of `width`."""
         return max(1, _ELEMENTS // max(1, n_rows * width))
-
-    def width(self) -> int:
-        return max(max(m.in_features, m.out_features) for m in self.layers if isinstance(m, nn.Linear))
 
 
 class _SoftmaxHessian:
@@ -355,7 +439,7 @@ def _slope(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 def _slopes(m: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(σ'(z), σ''(z)); elementwise, so the gradient of Σσ' is σ''. None for σ'' = 0."""
-    if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)):
+    if isinstance(m, _PIECEWISE):
         return _slope(m, z), None                 # piecewise linear: σ'' = 0 almost everywhere
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
