@@ -3,11 +3,12 @@ Arnoldi): v ↦ (H + weight_decay·I) v with H the Hessian of the mean loss over
 at the trained parameters (the true Hessian, not a Gauss-Newton approximation).
 
 Two routes, named in info["hessian_vector_route"]. A Sequential model of Linear layers, elementwise
-activations, Flatten, Conv1d / Conv2d and max / average pools takes the R-operator written out
-(hvp_sequential.py, hvp_conv.py): on the digits MLP 64-64-10 (1 thread, float32) 300 products on
-a 100-row LiSSA batch cost ~37 ms instead of ~98 ms by double backward, and the direct solver's
-4,810 columns 9.4 CPU s instead of 13-17 s; on the digits CNN (conv 1->8->16, max-pools, 1,000
-rows) a product ~0.14 s instead of ~0.42 s. Any other model takes double backward: per block of rows one forward and one backward that keeps its
+activations, Flatten, Conv1d / Conv2d, max / average pools and eval-mode BatchNorm takes the
+R-operator written out (hvp_sequential.py, hvp_conv.py): on the digits MLP 64-64-10 (1 thread,
+float32) 300 products on a 100-row LiSSA batch cost ~37 ms instead of ~98 ms by double backward,
+and the direct solver's 4,810 columns 9.4 CPU s instead of 13-17 s; on the digits CNN (conv
+1->8->16, max-pools, 1,000 rows) a product ~0.13 s instead of ~0.42 s. Any other model takes
+double backward: per block of rows one forward and one backward that keeps its
 graph (create_graph; the graph itself kept across full passes while it fits in the problem's
 KEEP_BYTES), then vmapped backward passes of ⟨∇L_block, v⟩ (is_grads_batched) reusing it, a chunk
 of vectors at a time -- 16 on 1,000-row blocks, up to 128 on small ones (its temporaries grow

@@ -1,5 +1,5 @@
-"""The R-operator's rules for convolution and pooling layers (hvp_sequential.py does the rest of a
-Sequential model: Linear layers, elementwise activations, Flatten).
+"""The R-operator's rules for convolution, pooling and eval-mode batch-norm layers (hvp_sequential.py
+does the rest of a Sequential model: Linear layers, elementwise activations, Flatten).
 
 Why: a small CNN's Hessian-vector product by double backward runs through autograd's convolution
 double-backward, which on this project's CPU (1 thread; digits CNN, 1,000 rows, conv 1->8->16 with
@@ -17,7 +17,10 @@ An R-quantity is [n, K, c, *spatial]: "n rows of K·c channels" for the K stacke
 (conv(a, dW) as one convolution with K·o outputs; wgrad(Ra, g) and igrad(g, dW) grouped by k) and
 "n·K rows of c channels" for the layer's own weight. Max-pooling is piecewise linear: its R-forward
 gathers at the window maxima's indices, its R-backward scatter-adds there. Average pools are
-linear: the layer itself forward, its aten backward as the adjoint. Only Conv1d / Conv2d with zero
+linear: the layer itself forward, its aten backward as the adjoint. BatchNorm1d / 2d in eval mode is
+a per-channel affine map y = γ·x̂ + β of its running statistics (x̂ = (x − μ)/√(σ² + ε)):
+Rz = s·Rx + dγ·x̂ + dβ with s = γ/√(σ² + ε), R∇γ = Σ (Rg·x̂ + g·Rx/√(σ² + ε)), R∇β = Σ Rg,
+Rg_x = s·Rg + dγ·g/√(σ² + ε) (in training mode it couples the rows: refused). Only Conv1d / Conv2d with zero
 padding given as numbers and one group take this route (stacked K·o output channels would mix
 groups); anything else falls back to double backward (hvp.py).
 
@@ -41,6 +44,7 @@ from torch import nn
 CONVS = (nn.Conv1d, nn.Conv2d)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 _FORWARD = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 _MAX_POOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d}
@@ -53,6 +57,8 @@ def takes(m: nn.Module) -> bool:
         return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
     if t in MAX_POOLS:
         return not m.return_indices
+    if t in NORMS:                                  # running statistics, not the batch's
+        return not m.training and m.running_mean is not None and m.running_var is not None
     return t in AVG_POOLS
 
 
@@ -205,6 +211,67 @@ def conv_r_backward(m: nn.Module, a: torch.Tensor, Ra: torch.Tensor | None, g: t
     return RW, Rb, Rg_a
 
 
+# ------------------------------------------------------------------------------ eval batch-norm
+def _channel(v: torch.Tensor, ndim: int, at: int = 1) -> torch.Tensor:
+    """A per-channel vector [.., C] shaped to broadcast over a tensor of ndim dims whose channel
+    axis is `at` (leading axes of v kept: [K, C] -> [1, K, C, 1, ...] for at = 2)."""
+    lead = v.shape[:-1]
+    return v.reshape(*([1] * (at - len(lead))), *lead, v.shape[-1], *([1] * (ndim - at - 1)))
+
+
+def norm_inv_std(m: nn.Module) -> torch.Tensor:
+    return torch.rsqrt(m.running_var + m.eps)
+
+
+def norm_scale(m: nn.Module) -> torch.Tensor:
+    """s = γ/√(σ² + ε) per channel: the layer's slope."""
+    inv = norm_inv_std(m)
+    return inv * m.weight if m.weight is not None else inv
+
+
+def norm_normalised(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """x̂ = (x − μ)/√(σ² + ε) [n, C, *spatial]: what the R-passes read of the layer's input."""
+    return (a - _channel(m.running_mean, a.dim())) * _channel(norm_inv_std(m), a.dim())
+
+
+def norm_input_grad(m: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    return g * _channel(norm_scale(m), g.dim())
+
+
+def norm_r_forward(m: nn.Module, xh: torch.Tensor, Ra: torch.Tensor | None, dg: torch.Tensor | None,
+                   db: torch.Tensor | None, K: int) -> torch.Tensor | None:
+    """Rz [n, K, C, *spatial] (x̂ from norm_normalised; dγ, dβ [K, C] or None)."""
+    d = xh.dim() + 1
+    Rz = None if Ra is None else Ra * _channel(norm_scale(m), d, 2)
+    if dg is not None:
+        t = xh.unsqueeze(1) * _channel(dg, d, 2)
+        Rz = t if Rz is None else Rz.add_(t)
+    if db is not None:
+        t = _channel(db, d, 2)
+        Rz = t.expand(xh.shape[0], K, *xh.shape[1:]) if Rz is None else Rz + t
+    return Rz
+
+
+def norm_r_backward(m: nn.Module, xh: torch.Tensor, Ra: torch.Tensor | None, g: torch.Tensor | None,
+                    Rg: torch.Tensor, dg: torch.Tensor | None, scored: tuple[bool, bool], below: bool) -> tuple:
+    """(R∇γ [K, C] or None, R∇β [K, C] or None, Rg at the input or None) from Rg [n, K, C, *spatial]."""
+    d = Rg.dim()
+    over = (0, *range(3, d))                        # rows and positions
+    inv = _channel(norm_inv_std(m), d, 2)
+    RW = Rb = Rg_a = None
+    if scored[0]:
+        RW = (Rg * xh.unsqueeze(1)).sum(over)
+        if Ra is not None:
+            RW += (Ra * g.unsqueeze(1) * inv).sum(over)
+    if scored[1]:
+        Rb = Rg.sum(over)
+    if below:
+        Rg_a = Rg * _channel(norm_scale(m), d, 2)
+        if dg is not None:
+            Rg_a += g.unsqueeze(1) * (_channel(dg, d, 2) * inv)
+    return RW, Rb, Rg_a
+
+
 # ---------------------------------------------------------------------------------------- pools
 def pool_prepare(m: nn.Module, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(the layer's output, the window maxima's flat indices for a max-pool, else None)."""
@@ -290,7 +357,8 @@ def pool_input_grad(m: nn.Module, idx: torch.Tensor | None, a: torch.Tensor, g: 
     return pool_backward(m, idx, a.shape, g.unsqueeze(1)).squeeze(1)
 
 
-__all__ = ["AVG_POOLS", "CONVS", "MAX_POOLS", "PATCH_CHANNELS", "STEM_GROWTH", "conv_input_grad",
-           "conv_r_backward", "conv_r_forward", "fold_slope", "layout", "patches", "pool_backward",
+__all__ = ["AVG_POOLS", "CONVS", "MAX_POOLS", "NORMS", "PATCH_CHANNELS", "STEM_GROWTH", "conv_input_grad",
+           "conv_r_backward", "conv_r_forward", "fold_slope", "layout", "norm_input_grad", "norm_normalised",
+           "norm_r_backward", "norm_r_forward", "norm_scale", "patches", "pool_backward",
            "pool_forward", "pool_input_grad", "pool_prepare", "stem_backward", "stem_forward", "stem_patches",
            "takes"]

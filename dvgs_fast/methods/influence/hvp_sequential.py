@@ -1,8 +1,8 @@
 """Exact Hessian-vector products of a Sequential model by Pearlmutter's R-operator, written out
 as matrix products: the route the exact solvers (direct, CG, LiSSA, Arnoldi) take when the model
 is an ``nn.Sequential`` of Linear layers, elementwise activations, Flatten and (hvp_conv.py: their
-rules) Conv1d / Conv2d and max / average pools (hvp.py falls back to autograd's double backward
-for anything else).
+rules) Conv1d / Conv2d, max / average pools and eval-mode BatchNorm (hvp.py falls back to
+autograd's double backward for anything else).
 
 Why: double backward through autograd (vmapped over a chunk of vectors) recomputes what a
 Sequential MLP does not need -- the input's gradient, the first layer's R-backward, vmap's
@@ -28,15 +28,15 @@ import torch
 from torch import nn
 
 from dvgs_fast.methods.influence import hvp_conv
-from dvgs_fast.methods.influence.hvp_conv import CONVS
+from dvgs_fast.methods.influence.hvp_conv import CONVS, NORMS
 
 # Elementwise activations whose σ', σ'' autograd gives on the pre-activation (no parameters).
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU,
                 nn.Hardtanh, nn.ReLU6, nn.Mish, nn.Identity)
 # R-pass temporaries [n, K, width]: directions per chunk so that n·K·width stays about this (apply()).
 _ELEMENTS = 1 << 18
-# The layers with parameters (and a direction's dW, db): Linear and the convolutions.
-_PARAMETRIC = (nn.Linear,) + CONVS
+# The layers with parameters (and a direction's dW, db): Linear, the convolutions, eval BatchNorm.
+_PARAMETRIC = (nn.Linear,) + CONVS + NORMS
 # Piecewise-linear activations: σ'' = 0 almost everywhere.
 _PIECEWISE = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
 
@@ -187,6 +187,8 @@ class SequentialHVP:
             elif type(m) in CONVS:
                 g = grads[i] = hvp_conv.layout(m, g)
                 g = hvp_conv.conv_input_grad(m, a, g)
+            elif type(m) in NORMS:
+                g = hvp_conv.norm_input_grad(m, g)
             elif isinstance(m, nn.Flatten):
                 g = g.reshape(a.shape)
             elif pool[i] is not None or type(m) in hvp_conv.AVG_POOLS:
@@ -211,7 +213,8 @@ class SequentialHVP:
         # hold half as much)
         shapes = [t.shape for t in saved] + [out.shape]
         keep = [type(m) in _PARAMETRIC for m in self.layers]
-        saved = [t if k else None for t, k in zip(saved, keep)]
+        saved = [(hvp_conv.norm_normalised(m, t) if type(m) in NORMS else t) if k else None
+                 for m, t, k in zip(self.layers, saved, keep)]      # (eval BatchNorm: x̂)
         grads = [t if k and i > first else None for i, (t, k) in enumerate(zip(grads, keep))]
         return {"saved": saved, "in_shape": shapes[:-1], "out_shape": shapes[1:], "first": first, "grads": grads,
                 "slopes": slopes, "pool": pool, "folded": folded, "patches": P, "stem": stem, "n": int(x.shape[0]),
@@ -254,6 +257,9 @@ class SequentialHVP:
                 wn, bn = self.names[id(m)]
                 Rh = hvp_conv.conv_r_forward(m, a, Rh, None if wn is None else V[wn], None if bn is None else V[bn],
                                              st["out_shape"][i], K, st["patches"] if i == first else None)
+            elif type(m) in NORMS:
+                wn, bn = self.names[id(m)]
+                Rh = hvp_conv.norm_r_forward(m, a, Rh, None if wn is None else V[wn], None if bn is None else V[bn], K)
             elif isinstance(m, nn.Flatten):
                 Rh = None if Rh is None else Rh.reshape(n, K, -1)
             elif Rh is not None and (st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS):
@@ -300,6 +306,11 @@ class SequentialHVP:
                     res[wn] = RW
                 if bn is not None:
                     res[bn] = Rb
+            elif type(m) in NORMS:
+                wn, bn = self.names[id(m)]
+                RW, Rb, Rg = hvp_conv.norm_r_backward(m, a, Ra, g, Rg, None if wn is None else V[wn],
+                                                      (wn is not None, bn is not None), i > first)
+                res.update({k: t for k, t in ((wn, RW), (bn, Rb)) if k is not None})
             elif isinstance(m, nn.Flatten):
                 Rg = Rg.reshape(n, K, *st["in_shape"][i][1:])
             elif st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS:
@@ -318,9 +329,9 @@ class SequentialHVP:
     # ------------------------------------------------------------------ one layer's Hessian block
     def largest_layer(self) -> int | None:
         """Index (in the flattened layers) of the Linear with the most scored parameters whose
-        weight is scored and with no convolution or pool above it (_output_jacobian_hessian's
-        R-passes know only Linear layers, Flatten and activations): the block worth building by
-        kron_block() rather than by columns."""
+        weight is scored and with no convolution, pool or batch-norm above it
+        (_output_jacobian_hessian's R-passes know only Linear layers, Flatten and activations): the
+        block worth building by kron_block() rather than by columns."""
         best, size = None, 0
         top = max([i for i, m in enumerate(self.layers) if type(m) in CONVS or hvp_conv.takes(m)], default=-1)
         # (a block's flat indices: weight row-major, then the bias -- see HessianOperator.kron_block)
