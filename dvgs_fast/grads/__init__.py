@@ -65,6 +65,7 @@ from dvgs_fast.grads import pairwise
 from dvgs_fast.grads.curvature import FISHERS, KroneckerFactors, LayerFactors, fisher_factors, kfac_routes
 from dvgs_fast.grads.factors import DenseGrads, RowFactors, SampleFactors, TokenFactors, dense_factors, materialise
 from dvgs_fast.grads.frozen import FrozenStatistics
+from dvgs_fast.grads.ghost_layers import conv_patches
 from dvgs_fast.grads.gram import batch_dots, cross_gram, sqnorms
 from dvgs_fast.grads.project import KINDS as PROJECTION_KINDS
 from dvgs_fast.grads.project import STRUCTURES as PROJECTION_STRUCTURES
@@ -78,5 +79,6 @@ __all__ = ["FISHERS", "KroneckerFactors", "LayerFactors", "fisher_factors", "kfa
            "DenseGrads", "RowFactors", "SampleFactors", "TokenFactors", "batch_dots", "cross_gram", "dense_factors",
            "materialise", "sqnorms", "LayerPlan", "PROJECTION_KINDS", "PROJECTION_STRUCTURES", "Projector",
            "Call", "FastScorer", "ForwardRecorder", "FrozenStatistics", "LayerRoute", "Recording", "ReferenceScorer",
-           "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "make_sample_loss", "pairwise",
+           "SampleLoss", "SlowRouteWarning", "cast_labels", "check_vmappable", "conv_patches", "make_sample_loss",
+           "pairwise",
            "per_sample_grads", "torch_similarity"]

@@ -99,6 +99,13 @@ def _conv_input(m, x: torch.Tensor, n: int):
     return x, tuple(m.kernel_size), tuple(m.dilation), tuple(m.stride)
 
 
+def conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """[n, C_in·kernel, positions]: the patches of a conv's batched input x, padded as its forward
+    pads it (channel-major, as unfold gives them); None for an unbatched input."""
+    p = _conv_input(m, x, x.shape[0])
+    return None if p is None else F.unfold(p[0], p[1], dilation=p[2], padding=0, stride=p[3])
+
+
 def conv_rows(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor, d: torch.Tensor, n: int):
     """(padded 2-D input, kernel, dilation, stride, δ [N, C_out, T]) of one call, or None."""
     if d.shape[0] != n:

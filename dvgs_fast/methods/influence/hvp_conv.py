@@ -41,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvgs_fast import grads
+
 CONVS = (nn.Conv1d, nn.Conv2d)
 MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 AVG_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+POOLS = MAX_POOLS + AVG_POOLS
 
 _FORWARD = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d}
 _MAX_POOL = {nn.MaxPool1d: F.max_pool1d, nn.MaxPool2d: F.max_pool2d}
@@ -67,14 +70,11 @@ PATCH_CHANNELS = 8
 
 
 def patches(m: nn.Module, a: torch.Tensor) -> torch.Tensor | None:
-    """[n, c·kernel, positions]: the patches of a convolution's input (Conv1d as a height-1 Conv2d),
-    when it has fewer than PATCH_CHANNELS channels; else None."""
+    """[n, c·kernel, positions]: the patches of a convolution's input (grads.conv_patches), when it
+    has fewer than PATCH_CHANNELS channels; else None."""
     if type(m) not in CONVS or m.in_channels >= PATCH_CHANNELS:
         return None
-    one = type(m) is nn.Conv1d
-    return F.unfold(a.unsqueeze(2) if one else a, (1, *m.kernel_size) if one else m.kernel_size,
-                    dilation=(1, *m.dilation) if one else m.dilation, padding=(0, *m.padding) if one else m.padding,
-                    stride=(1, *m.stride) if one else m.stride)
+    return grads.conv_patches(m, a)
 
 
 # ------------------------------------------------------- the stem: patches -> activation -> max-pool
@@ -357,7 +357,7 @@ def pool_input_grad(m: nn.Module, idx: torch.Tensor | None, a: torch.Tensor, g: 
     return pool_backward(m, idx, a.shape, g.unsqueeze(1)).squeeze(1)
 
 
-__all__ = ["AVG_POOLS", "CONVS", "MAX_POOLS", "NORMS", "PATCH_CHANNELS", "STEM_GROWTH", "conv_input_grad",
+__all__ = ["AVG_POOLS", "CONVS", "MAX_POOLS", "NORMS", "PATCH_CHANNELS", "POOLS", "STEM_GROWTH", "conv_input_grad",
            "conv_r_backward", "conv_r_forward", "fold_slope", "layout", "norm_input_grad", "norm_normalised",
            "norm_r_backward", "norm_r_forward", "norm_scale", "patches", "pool_backward",
            "pool_forward", "pool_input_grad", "pool_prepare", "stem_backward", "stem_forward", "stem_patches",

@@ -154,7 +154,7 @@ class SequentialHVP:
                 return None
             h = hvp_conv.layout(m, h)
             saved.append(h)
-            if type(m) in hvp_conv.MAX_POOLS + hvp_conv.AVG_POOLS:
+            if type(m) in hvp_conv.POOLS:
                 h, pool[i] = hvp_conv.pool_prepare(m, h)
             else:
                 h = m(h)
@@ -168,8 +168,7 @@ class SequentialHVP:
         # (a CNN's stem: not through its largest maps)
         grads: list = [None] * len(self.layers)
         slopes: list = [None] * len(self.layers)
-        reads = [i > first and (type(m) in _PARAMETRIC or (type(m) in _ELEMENTWISE and type(m) not in _PIECEWISE
-                                                          and type(m) is not nn.Identity))
+        reads = [i > first and (type(m) in _PARAMETRIC or (_activation(m) and type(m) not in _PIECEWISE))
                  for i, m in enumerate(self.layers)]
         g = g_out.detach()
         for i in range(len(self.layers) - 1, first - 1, -1):
@@ -178,7 +177,7 @@ class SequentialHVP:
             if i == first:
                 break
             if not any(reads[first:i]):            # nothing below reads g: the slopes, g not carried down
-                if type(m) in _ELEMENTWISE and type(m) is not nn.Identity:
+                if _activation(m):
                     s1, s2 = _slopes(m, a)
                     slopes[i] = (s1.unsqueeze(1), None if s2 is None else (s2 * g).unsqueeze(1))
                 continue
@@ -191,7 +190,7 @@ class SequentialHVP:
                 g = hvp_conv.norm_input_grad(m, g)
             elif isinstance(m, nn.Flatten):
                 g = g.reshape(a.shape)
-            elif pool[i] is not None or type(m) in hvp_conv.AVG_POOLS:
+            elif type(m) in hvp_conv.POOLS:
                 g = hvp_conv.pool_input_grad(m, pool[i], a, g)
             elif not isinstance(m, nn.Identity):
                 s1, s2 = _slopes(m, a)
@@ -262,7 +261,7 @@ class SequentialHVP:
                 Rh = hvp_conv.norm_r_forward(m, a, Rh, None if wn is None else V[wn], None if bn is None else V[bn], K)
             elif isinstance(m, nn.Flatten):
                 Rh = None if Rh is None else Rh.reshape(n, K, -1)
-            elif Rh is not None and (st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS):
+            elif Rh is not None and type(m) in hvp_conv.POOLS:
                 Rh = hvp_conv.pool_forward(m, st["pool"][i], Rh, st["folded"][i])
             elif Rh is not None and slopes[i] is not None:
                 Rh = slopes[i][0] * Rh
@@ -313,7 +312,7 @@ class SequentialHVP:
                 res.update({k: t for k, t in ((wn, RW), (bn, Rb)) if k is not None})
             elif isinstance(m, nn.Flatten):
                 Rg = Rg.reshape(n, K, *st["in_shape"][i][1:])
-            elif st["pool"][i] is not None or type(m) in hvp_conv.AVG_POOLS:
+            elif type(m) in hvp_conv.POOLS:
                 Rg = hvp_conv.pool_backward(m, st["pool"][i], st["in_shape"][i], Rg, st["folded"][i])
             elif slopes[i] is not None:
                 s1, s2g = slopes[i]
@@ -333,7 +332,7 @@ class SequentialHVP:
         (_output_jacobian_hessian's R-passes know only Linear layers, Flatten and activations): the
         block worth building by kron_block() rather than by columns."""
         best, size = None, 0
-        top = max([i for i, m in enumerate(self.layers) if type(m) in CONVS or hvp_conv.takes(m)], default=-1)
+        top = max([i for i, m in enumerate(self.layers) if hvp_conv.takes(m)], default=-1)   # (convs included)
         # (a block's flat indices: weight row-major, then the bias -- see HessianOperator.kron_block)
         for i, m in enumerate(self.layers):
             if type(m) is nn.Linear and i > top and self.names[id(m)][0] is not None:
@@ -436,6 +435,11 @@ def _output_hessians(g_out: torch.Tensor, out: torch.Tensor):
             e[:, c] = 1
             rows.append(torch.autograd.grad(g_out, out, grad_outputs=e, retain_graph=c < C - 1)[0])
     return torch.stack(rows, 1)                                       # [n, C, C]: H[i, c, :]
+
+
+def _activation(m: nn.Module) -> bool:
+    """An elementwise activation with slopes (nn.Identity has none)."""
+    return type(m) in _ELEMENTWISE and type(m) is not nn.Identity
 
 
 def _slope(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
