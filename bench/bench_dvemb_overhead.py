@@ -52,7 +52,9 @@ def plain(xs, ys, batch: int) -> float:
 # The projections compared: Khatri-Rao (rows u_r ⊗ v_r, DVEmb's default: k·(d_in + d_out) per
 # sample, 971 x 2149 on the 2048-wide first layer, ten times that layer's forward) and Kronecker
 # (LoGra's P_out ⊗ P_in, k split over a layer's sides to balance them: 31 x 31 there, 2049 x 31
-# multiply-adds per sample on its input side; the steps kept as their two sides).
+# multiply-adds per sample on its input side; the steps kept as their two sides). With either, the
+# first layer's input side (the model's input) is projected once per sample for the whole run
+# (trajectory.InputSides, within DVEmb's training + recording time), not at each of 4 epochs' steps.
 PROJECTIONS = {"kronecker": "kronecker", "khatri_rao (default)": "khatri_rao"}
 
 

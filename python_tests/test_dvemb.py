@@ -230,6 +230,35 @@ def test_steps_kept_as_kronecker_sides_give_the_formed_rows_scores(monkeypatch, 
     assert got.info["recorded_bytes"] * P.dim == want.info["recorded_bytes"] * P.side_dim
 
 
+_FIRST = {"linear": lambda: _factory(),
+          "flatten": lambda: nn.Sequential(nn.Flatten(), *_factory()),
+          "in-place": lambda: nn.Sequential(nn.Hardtanh(-0.5, 0.5, inplace=True), *_factory()),
+          "dropout": lambda: nn.Sequential(nn.Dropout(0.2), *_factory())}
+
+
+@pytest.mark.parametrize("structure", ["kronecker", "khatri_rao"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("first, kept", [("linear", "0"), ("flatten", "1"), ("in-place", None), ("dropout", None)])
+def test_first_layer_input_sides_kept_per_sample(monkeypatch, structure, optimizer, first, kept):
+    """The input side of the layer reading the model's input as it is (the first Linear, after a
+    Flatten or nothing) is projected once per source sample, not at every step: the same scores
+    as the run projecting it at every step (float64, SGD and Adam, both structures). Not kept
+    where the layer's input is not the batch's rows: an in-place op on the batch before it (its
+    version counter) or a Dropout (a new tensor)."""
+    from dvgs_fast.methods.dvemb import trajectory
+    xs, ys, xq, yq = _data()
+    if first == "flatten":
+        xs, xq = xs.reshape(-1, 1, 5), xq.reshape(-1, 1, 5)
+    kw = dict(epochs=2, batch_size=8, lr=0.05, optimizer=optimizer, proj_dim=12, store_dtype="float64",
+              projection_structure=structure, recursion="query", seed=0, progress=False)
+    got = DataValueEmbedding(_FIRST[first], **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    assert got.info["input_sides"] == kept
+    monkeypatch.setattr(trajectory, "_INPUT_SIDES_BYTES", 0)
+    want = DataValueEmbedding(_FIRST[first], **kw).attribute(xs, ys, xq, yq, dtype="float64")
+    assert want.info["input_sides"] is None
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-10, atol=1e-12 * np.abs(want.scores).max())
+
+
 def test_store_dir_recorded_with_another_projection_is_refused(tmp_path, monkeypatch):
     """A store_dir whose steps were projected otherwise than this version plans the same layers
     (an earlier split of k over a layer's sides) is refused by name before any scoring; its state

@@ -301,6 +301,70 @@ def test_sides_need_one_row_per_sample_kronecker_layers():
         P.expand_sides(torch.zeros(3, P.side_dim + 1, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("structure", ["kronecker", "khatri_rao"])
+@pytest.mark.parametrize("n", [6, 1, 0])
+def test_input_sides_given_equal_the_projected_inputs(structure, n):
+    """input_sides(layer, inputs) is the input side project() / project_sides() compute from the
+    factors (float64, a layer with and one without bias, zero rows, non-contiguous inputs), and
+    passing it as in_sides gives the same projection; the other layers are projected as before."""
+    model, x, y = _case(_linear_mlp, max(n, 1), seed=3)
+    x, y = x[:n], y[:n]
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(24, structure=structure, seed=2,
+                  layer_dims={"0": (3, 4), "2": (2, 5), "4": (2, 2)} if structure == "kronecker" else None)
+    want = P.project(f)
+    a = {r.name: r.a for r in f.rows}
+    assert [P.projects_input(nm) for nm in ("0", "2", "4")] == [True, True, True]
+    given = {nm: P.input_sides(nm, a[nm].t().contiguous().t(), torch.float64) for nm in ("0", "2")}
+    if structure == "kronecker":
+        sides, o = P.project_sides(f), 0
+        for p in P.layers:
+            if p.name in given:
+                torch.testing.assert_close(given[p.name], sides[:, o + p.k_out:o + p.k_out + p.k_in],
+                                           rtol=1e-12, atol=1e-12)
+            o += p.k_out + p.k_in
+        torch.testing.assert_close(P.project_sides(f, in_sides=given), sides, rtol=1e-12, atol=1e-12)
+    else:                          # Khatri-Rao: v_rᵀ ã, by hand (ã: the inputs and the bias's 1)
+        p = P.layers[0]
+        at = torch.cat([a["0"], torch.ones(n, 1, dtype=torch.float64)], 1)
+        torch.testing.assert_close(given["0"], at @ P.side_matrix(p, "in", torch.float64).t(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(P.project(f, in_sides=given), want, rtol=1e-12, atol=1e-12)
+    # a wrong input side changes exactly that layer's block
+    if n:
+        bad = dict(given, **{"2": given["2"] + 1.0})
+        diff = (P.project(f, in_sides=bad) - want).abs().amax(0) > 1e-9
+        p2 = P.layers[1]
+        assert bool(diff[p2.offset:p2.offset + p2.dim].all()) and int(diff.sum()) == p2.dim
+
+
+def test_input_sides_refusals():
+    """in_sides / input_sides name a planned layer with a weight and a projected input side, with
+    one row per sample, rows [n, k_in] of the factors' dtype; one-line errors otherwise."""
+    model, x, y = _case(_linear_mlp, 4)
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(60, structure="kronecker").plan(f)           # layer 2's input side kept whole
+    assert not P.projects_input("2") and not P.projects_input("nope")
+    ok = P.input_sides("0", x, torch.float64)
+    for kw, match in [({"in_sides": {"2": ok}}, "'2' is not a planned layer"),
+                      ({"in_sides": {"nope": ok}}, "'nope' is not a planned layer"),
+                      ({"in_sides": {"0": ok[:3]}}, "'0': expected"),
+                      ({"in_sides": {"0": ok.float()}}, "'0': expected")]:
+        with pytest.raises(ValueError, match="^in_sides: " + match):
+            P.project(f, **kw)
+    with pytest.raises(ValueError, match="^a: expected inputs"):
+        P.input_sides("0", x[:, :3])
+    model, x, y = _case(_cnn, 4)                                # conv positions: several rows a sample
+    names = [nm for nm, _ in model.named_parameters()]
+    f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
+    P = Projector(8, structure="kronecker").plan(f)
+    conv = next(p for p in P.layers if p.name == "1")
+    assert P.projects_input(conv.name)
+    with pytest.raises(ValueError, match="^in_sides: layer '1' has 5 rows a sample"):
+        P.project(f, in_sides={conv.name: torch.zeros(4, conv.k_in, dtype=torch.float64)})
+
+
 def test_structures_differ_and_a_full_size_layer_is_the_identity():
     model, x, y = _case(_mlp, 3)
     names = [nm for nm, _ in model.named_parameters()]

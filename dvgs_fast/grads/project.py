@@ -303,16 +303,18 @@ class Projector:
     # ------------------------------------------------------------------------------ projecting
     @torch.no_grad()
     def project(self, f: SampleFactors, out_dtype: torch.dtype | None = None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, in_sides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[n, dim]: the projected per-sample gradients of the factors (planned on first use);
         written into `out` when given ([n, dim], the factors' dtype and device: e.g. the rows of
-        a store in memory, which then need no copy)."""
+        a store in memory, which then need no copy). `in_sides`: {layer: its ``input_sides`` of
+        these factors' inputs}, computed earlier, used instead of projecting those inputs again."""
         self.plan(f)
         acc = f.dtype
         rows = {x.name: x for x in f.rows}
         toks = {x.name: x for x in f.tokens}
         device = _device_of(f)
         out = _rows_out(out, f.n, self.dim, acc, device)
+        in_sides = self._check_in_sides(in_sides, f.n, acc)
         for p in self.layers:
             blk = out[:, p.offset:p.offset + p.dim]
             if p.kind == "dense":
@@ -320,7 +322,7 @@ class Projector:
             elif p.structure == "dense":
                 self._formed(p, rows.get(p.name) or toks[p.name], f.n, acc, blk)
             elif p.kind == "rows":
-                self._rows(p, rows[p.name], f.n, acc, out=blk)
+                self._rows(p, rows[p.name], f.n, acc, out=blk, ap=in_sides.get(p.name))
             else:
                 blk.copy_(self._tokens(p, toks[p.name], f.n, acc))
         return out if out_dtype is None else out.to(out_dtype)
@@ -390,19 +392,21 @@ class Projector:
         return sum(p.k_out + p.k_in for p in self.layers)
 
     @torch.no_grad()
-    def project_sides(self, f: SampleFactors, out: torch.Tensor | None = None) -> torch.Tensor:
+    def project_sides(self, f: SampleFactors, out: torch.Tensor | None = None,
+                      in_sides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """[n, side_dim]: per layer [P_out δ | P_in ã] of each sample (the two sides of its
         projected gradient, see ``projects_sides``); ``expand_sides`` of them == ``project(f)``.
-        Written into `out` when given ([n, side_dim] of the factors' dtype)."""
+        Written into `out` when given ([n, side_dim] of the factors' dtype); `in_sides` as in project()."""
         if not self.projects_sides(f):
             raise ValueError("factors: project_sides needs a Kronecker projection of layers with one row per "
                              "sample (Linear layers; no conv positions, Embedding or dense part)")
         acc = f.dtype
         rows = {x.name: x for x in f.rows}
         out = _rows_out(out, f.n, self.side_dim, acc, _device_of(f))
+        in_sides = self._check_in_sides(in_sides, f.n, acc)
         o = 0
         for p in self.layers:
-            dp, ap = self._sides(p, rows[p.name], acc)
+            dp, ap = self._sides(p, rows[p.name], acc, in_sides.get(p.name))
             out[:, o:o + p.k_out] = dp
             out[:, o + p.k_out:o + p.k_out + p.k_in] = ap
             o += p.k_out + p.k_in
@@ -424,11 +428,45 @@ class Projector:
             o += p.k_out + p.k_in
         return out
 
-    def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc, out: torch.Tensor | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def input_sides(self, name: str, a: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[n, k_in] (`dtype`): the input side P_in ã that project() / project_sides() give the
+        samples of Linear layer `name` whose inputs are the rows of `a` [n, d_in] (ã: a with the
+        bias's 1 appended). It depends on the input alone, so a caller that feeds the same inputs
+        again -- a model's first layer over the epochs of a training -- computes it once per sample
+        and passes the rows as `in_sides` (DVEmb: that layer's side was most of a step's projection)."""
+        p = self._in_side_layer(name)
+        if a.dim() != 2 or a.shape[1] != p.d_in - (1 if p.bias is not None else 0):
+            raise ValueError(f"a: expected inputs [n, {p.d_in - (1 if p.bias is not None else 0)}] of layer "
+                             f"{name!r}, got shape {tuple(a.shape)}")
+        return _in_side(self.side_matrix(p, "in", dtype, a.device), a.to(dtype), p.bias is not None)
+
+    def projects_input(self, name: str) -> bool:
+        """Whether `name` is a planned Linear / conv layer with a projected input side (what
+        ``input_sides`` takes; a side kept whole is ã itself, nothing to compute)."""
+        ps = [p for p in self.layers or () if p.name == name]
+        return bool(ps) and ps[0].kind == "rows" and ps[0].weight is not None and \
+            ps[0].structure in ("kronecker", "khatri_rao") and ps[0].projects("in")
+
+    def _in_side_layer(self, name: str) -> LayerPlan:
+        if not self.projects_input(name):
+            raise ValueError(f"in_sides: {name!r} is not a planned layer with a weight and a projected input side")
+        return next(p for p in self.layers if p.name == name)
+
+    def _check_in_sides(self, in_sides, n: int, acc) -> dict:
+        for name, t in (in_sides or {}).items():
+            p = self._in_side_layer(name)
+            if t.shape != (n, p.k_in) or t.dtype != acc:
+                raise ValueError(f"in_sides: {name!r}: expected [{n}, {p.k_in}] of {acc}, got {tuple(t.shape)} "
+                                 f"of {t.dtype}")
+        return in_sides or {}
+
+    def _rows(self, p: LayerPlan, x: RowFactors, n: int, acc, out: torch.Tensor | None = None,
+              ap: torch.Tensor | None = None) -> torch.Tensor:
         """[n, dim] of a rows layer (into `out` when given: Kronecker at one row per sample writes
         its outer products there directly; a training step projects every step, so its few small
-        ops are the cost)."""
-        dp, ap = self._sides(p, x, acc)
+        ops are the cost). `ap`: its input side, already computed (``input_sides``)."""
+        dp, ap = self._sides(p, x, acc, ap)
         if p.structure == "khatri_rao":                                   # (u_rᵀδ_t)(v_rᵀã_t), summed over t
             if x.rows == 1:
                 if out is not None:
@@ -445,9 +483,10 @@ class Projector:
             return prod
         return out.copy_(prod)
 
-    def _sides(self, p: LayerPlan, x: RowFactors, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sides(self, p: LayerPlan, x: RowFactors, acc, ap: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_out δ [n·L, k_out], P_in ã [n·L, k_in]) of a rows layer (Khatri-Rao: both [n·L, k]);
-        an identity side is δ / ã itself.
+        an identity side is δ / ã itself; `ap` given: the input side, already computed.
 
         One row per sample: the side products as P Aᵀ, [k, n], used transposed. The same numbers
         as A Pᵀ, but a GEMM whose output width is k (odd, small: 31, 971) runs at half speed or
@@ -460,14 +499,17 @@ class Projector:
             dp = d
         else:                                                              # [n·L, k_out] (Khatri-Rao: [n·L, k])
             dp = (po @ d.t()).t() if x.rows == 1 else d @ po.t()
-        if x.weight is None:                                               # bias only: ã = 1
+        if ap is not None:
+            if x.rows != 1:
+                raise ValueError(f"in_sides: layer {p.name!r} has {x.rows} rows a sample (conv positions): "
+                                 f"input sides are for one row a sample")
+        elif x.weight is None:                                             # bias only: ã = 1
             ap = torch.ones(a.shape[0], 1, dtype=acc, device=a.device) if pi is None else \
                 pi[:, 0].expand(a.shape[0], -1)
         elif pi is None:
             ap = torch.cat([a, torch.ones(a.shape[0], 1, dtype=acc, device=a.device)], 1) if x.bias is not None else a
         elif x.rows == 1:
-            w = pi[:, :a.shape[1]]
-            ap = (torch.addmm(pi[:, a.shape[1]:a.shape[1] + 1], w, a.t()) if x.bias is not None else w @ a.t()).t()
+            ap = _in_side(pi, a, x.bias is not None)
         else:
             ap = a @ pi[:, :a.shape[1]].t()
             if x.bias is not None:
@@ -554,6 +596,13 @@ def _rows_out(out: torch.Tensor | None, n: int, width: int, dtype, device) -> to
         raise ValueError(f"out: expected rows [{n}, {width}] of {dtype} on {device} with unit column stride, "
                          f"got {tuple(out.shape)} of {out.dtype} on {out.device}")
     return out
+
+
+def _in_side(pi: torch.Tensor, a: torch.Tensor, bias: bool) -> torch.Tensor:
+    """P_in ã [n, k_in] for inputs a [n, d] (ã = [a, 1] with a bias: the bias column of P_in added),
+    computed as P_in aᵀ and used transposed (see Projector._sides)."""
+    w = pi[:, :a.shape[1]]
+    return (torch.addmm(pi[:, a.shape[1]:a.shape[1] + 1], w, a.t()) if bias else w @ a.t()).t()
 
 
 def _outer_rows(dp: torch.Tensor, ap: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

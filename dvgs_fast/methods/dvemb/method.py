@@ -78,10 +78,12 @@ class DataValueEmbedding(AttributionMixin, Valuation):
     layer_dims  {layer name: k or (k_out, k_in)} for layers that set their own (the rest share proj_dim).
     projection, proj_seed, projection_structure   the projection (grads.Projector), recorded in the result.
                      "khatri_rao" (default): k·(d_out + d_in) multiply-adds per sample and layer at every
-                     training step -- on a 2048-wide layer at k = 1024 ten times its forward (training +
-                     recording 3.8-4.1x plain training, bench/results/dvemb.md); "kronecker" (LoGra's
-                     P_out ⊗ P_in): k_out·d_out + k_in·d_in, 1.33-1.49x there, and the steps kept as
-                     their two sides (far less memory). Kronecker is as accurate at a large k (digits
+                     training step, but the input side of the layer reading the model's input is
+                     projected once per sample, not per step (trajectory.InputSides) -- on a 2048-wide
+                     first layer at k = 1024 training + recording 2.2-2.6x plain training over 4 epochs
+                     (3.8-4.6x projecting it every step; bench/results/dvemb.md); "kronecker" (LoGra's
+                     P_out ⊗ P_in): k_out·d_out + k_in·d_in, 1.08-1.17x there at batch 512, 1.32-1.44x at
+                     128, and the steps kept as their two sides (far less memory). Kronecker is as accurate at a large k (digits
                      MLP, k = 1024: Spearman with the trajectory LOO 0.511 vs 0.505,
                      bench/results/projection_split.md) but less at a small one (k = 64 on a single
                      Linear layer: LDS 0.762 vs 0.833 on Adult, 0.605 vs 0.621 on digits, same file),
@@ -230,7 +232,7 @@ class DataValueEmbedding(AttributionMixin, Valuation):
             write_meta(traj_dir, meta)
             steps = GradientStore.open(traj_dir)
         info = {"n": n, "steps": traj.steps, "proj_dim": k, "projector": projector.describe(),
-                "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s,
+                "train_cpu_s": traj.train_cpu_s, "record_cpu_s": traj.record_cpu_s, "input_sides": traj.input_sides,
                 "recorded_bytes": int(steps.nbytes), "recorded_in": "memory" if in_memory else "disk",
                 "recorded_as": _SIDES if sides else "projected gradients",
                 "train_wall_s": time.perf_counter() - t0}

@@ -26,6 +26,8 @@ when every layer is a Kronecker-projected Linear layer, each of them as its side
 per layer (StepSides forms the rows when they are read): k_out + k_in numbers instead of k_out·k_in
 (82 instead of 1,014 floats a sample on a 2048-100-100-10 MLP), so a step writes and faults in far
 less memory, which there was most of what recording cost beyond the projection's own products.
+The layer that reads the model's input as it is (an MLP's first) has an input side P_in ã that
+depends on the sample alone: it is projected once per source sample, not at every step (InputSides).
 A run without store_dir whose steps fit in memory keeps them there (StepsInMemory: the same rows,
 checks and reading interface, without files, checksums and fsync, which only serve a store that
 outlives the process).
@@ -51,6 +53,7 @@ class Trajectory:
     rows: int
     train_cpu_s: float
     record_cpu_s: float
+    input_sides: str | None = None        # the layer whose input side was kept per sample (InputSides)
 
 
 class StepsInMemory:
@@ -154,6 +157,63 @@ def preconditioned(f: grads.SampleFactors, P: dict[str, torch.Tensor]) -> grads.
     return grads.SampleFactors(f.n, rows, toks, dense, f.dtype)
 
 
+# The recurring input sides (InputSides) are kept for every source sample up to this many bytes.
+_INPUT_SIDES_BYTES = 256 << 20
+
+
+class InputSides:
+    """The projected input side P_in ã of the Linear layer that reads the model's input as it is
+    (an MLP's first layer, after a Flatten or nothing). It depends on the sample alone, not on the
+    weights, so it is computed once per source sample (grads.Projector.input_sides) instead of at
+    every step of every epoch: on the 2048-wide MLP of bench/bench_dvemb_overhead.py it was half
+    of a recording step's projection with Kronecker (k_in = 31 of 2,049 inputs) and nearly all of
+    it with Khatri-Rao (k = 971). A step's layer input is its samples' rows of the source exactly
+    when it is a view of the step's batch (xs[idx], a fresh copy) in the batch's layout and the
+    forward did not change the batch in place (its version counter): then the kept rows are the
+    same numbers (up to the GEMM's summation order) and the step projects the layer's output side only.
+    Kept while [N, k_in] fits _INPUT_SIDES_BYTES; otherwise every step projects it, as before."""
+
+    def __init__(self, projector: grads.Projector, xs: torch.Tensor):
+        self.projector, self.xs = projector, xs
+        self.name: str | None = None
+        self.rows: torch.Tensor | None = None
+        self._out: torch.Tensor | None = None
+        self.tried = False
+
+    def given(self, f: grads.SampleFactors, xb: torch.Tensor, version: int, idx: torch.Tensor) -> dict:
+        """{layer: its input sides for this step's samples} (empty when no layer reads the batch as
+        it is); `version`: the batch's version counter before the forward."""
+        if xb._version != version or not xb.is_contiguous():
+            return {}
+        for x in f.rows:
+            a = x.a
+            if not (x.rows == 1 and a.dim() == 2 and a.dtype == xb.dtype and a.data_ptr() == xb.data_ptr()
+                    and a.numel() == xb.numel() and a.shape[0] == xb.shape[0] and a.is_contiguous()):
+                continue
+            if not self.tried:
+                self.tried = True
+                self._compute(x.name, f.dtype)
+            if x.name == self.name:        # into one buffer reused by every step: no fresh pages per step
+                if self._out is None or self._out.shape[0] < idx.shape[0]:
+                    self._out = torch.empty(idx.shape[0], self.rows.shape[1], dtype=self.rows.dtype,
+                                            device=self.rows.device)
+                return {x.name: torch.index_select(self.rows, 0, idx, out=self._out[:idx.shape[0]])}
+        return {}
+
+    def _compute(self, name: str, dtype: torch.dtype) -> None:
+        if not self.projector.projects_input(name):
+            return
+        k_in = next(p.k_in for p in self.projector.layers if p.name == name)
+        n = self.xs.shape[0]
+        if n * k_in * torch.tensor([], dtype=dtype).element_size() > _INPUT_SIDES_BYTES:
+            return
+        flat = self.xs.reshape(n, -1)
+        rows = torch.empty(n, k_in, dtype=dtype, device=self.xs.device)
+        for a in range(0, n, 4096):
+            rows[a:a + 4096] = self.projector.input_sides(name, flat[a:a + 4096], dtype)
+        self.name, self.rows = name, rows
+
+
 def record_training(method, prep: T.Prepared, run, projector: grads.Projector, writer, progress,
                     sides: bool = False) -> Trajectory:
     """Train prep.model on the source (module docstring) and write every step's rows to `writer`
@@ -174,12 +234,14 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
     # SGD's rows are g alone: projected straight into the steps in memory (StepsInMemory.rows_out)
     # when they are held there in the factors' dtype -- no [B, k] copy per step
     rows_out = getattr(writer, "rows_out", None) if sgd and dev.type == "cpu" else None
+    inputs = InputSides(projector, xs)
     model.train()                                                      # nothing in the loop leaves it
     for epoch in range(method.epochs):
         for idx in torch.randperm(n, generator=gen).to(dev).split(bs):
             c0 = time.process_time()
             b = idx.shape[0]
             xb, yb = xs[idx], ys[idx]
+            version = xb._version
             loss, rec, out_grads = T.recorded_step(scorer, prep.sample_loss, model, xb, yb, tparams)
             lv = float(loss)
             if not math.isfinite(lv):
@@ -191,7 +253,8 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
             with own_rng(dev):
                 deltas = [None if d is None else d * b for d in out_grads]
                 f = grads.Recording(scorer, xb, yb, rec, deltas, [], 1.0).factors()
-                g = project(f, out=None if rows_out is None else rows_out(pos, pos + b, f.dtype))   # g_i
+                g = project(f, out=None if rows_out is None else rows_out(pos, pos + b, f.dtype),   # g_i
+                            in_sides=inputs.given(f, xb, version, idx))
                 if sgd:
                     rows = g
                 else:
@@ -211,7 +274,7 @@ def record_training(method, prep: T.Prepared, run, projector: grads.Projector, w
                 raise ValueError(f"max_time: the budget ran out during the training (epoch {epoch}, step {step}); "
                                  f"the embedding needs the whole run (raise max_time)")
         progress.update(1)
-    return Trajectory(step, pos, t_train, t_record)
+    return Trajectory(step, pos, t_train, t_record, inputs.name)
 
 
-__all__ = ["StepSides", "StepsInMemory", "Trajectory", "preconditioned", "record_training"]
+__all__ = ["InputSides", "StepSides", "StepsInMemory", "Trajectory", "preconditioned", "record_training"]
