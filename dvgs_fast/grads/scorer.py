@@ -43,7 +43,7 @@ from dvgs_fast import ops
 from dvgs_fast._utils import functional_call
 from dvgs_fast.grads.ghost_layers import MATERIALISE, describe_conv, ghost_dot, ghost_kind, ghost_module_stats
 from dvgs_fast.grads.losses import SampleLoss
-from dvgs_fast.grads.record import ForwardRecorder
+from dvgs_fast.grads.record import ForwardRecorder, fresh_output_modules
 from dvgs_fast.grads.reference import per_sample_grads
 
 
@@ -135,6 +135,7 @@ class FastScorer:
         self._routed = ([m for m, _, _ in self.linear] + [m for m, *_ in self.ghost]
                         + [m for m, _ in self.generic])
         self._module_name = {id(m): n for n, m in model.named_modules()}
+        self._uncopied = fresh_output_modules(model, self._routed)
         self._param_owner = {name_of[id(p)]: self._module_name[id(m)]
                              for m in model.modules() for p in m.parameters(recurse=False) if id(p) in name_of}
         self._param_name = name_of
@@ -155,7 +156,7 @@ class FastScorer:
 
     def recorder(self) -> ForwardRecorder:
         """Context manager recording the routed layers' calls during one batched forward."""
-        return ForwardRecorder(self._routed)
+        return ForwardRecorder(self._routed, self._uncopied)
 
     def grad_outputs(self, rec: ForwardRecorder) -> list[torch.Tensor]:
         """The recorded outputs whose gradients (the layers' δ) the routes need, in order."""
