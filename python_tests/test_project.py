@@ -355,6 +355,8 @@ def test_input_sides_refusals():
             P.project(f, **kw)
     with pytest.raises(ValueError, match="^a: expected inputs"):
         P.input_sides("0", x[:, :3])
+    with pytest.raises(ValueError, match="^name: '2' is not a planned layer"):
+        P.input_sides("2", x)
     model, x, y = _case(_cnn, 4)                                # conv positions: several rows a sample
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()

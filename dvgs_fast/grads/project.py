@@ -435,7 +435,7 @@ class Projector:
         bias's 1 appended). It depends on the input alone, so a caller that feeds the same inputs
         again -- a model's first layer over the epochs of a training -- computes it once per sample
         and passes the rows as `in_sides` (DVEmb: that layer's side was most of a step's projection)."""
-        p = self._in_side_layer(name)
+        p = self._in_side_layer(name, "name")
         if a.dim() != 2 or a.shape[1] != p.d_in - (1 if p.bias is not None else 0):
             raise ValueError(f"a: expected inputs [n, {p.d_in - (1 if p.bias is not None else 0)}] of layer "
                              f"{name!r}, got shape {tuple(a.shape)}")
@@ -448,9 +448,9 @@ class Projector:
         return bool(ps) and ps[0].kind == "rows" and ps[0].weight is not None and \
             ps[0].structure in ("kronecker", "khatri_rao") and ps[0].projects("in")
 
-    def _in_side_layer(self, name: str) -> LayerPlan:
+    def _in_side_layer(self, name: str, arg: str = "in_sides") -> LayerPlan:
         if not self.projects_input(name):
-            raise ValueError(f"in_sides: {name!r} is not a planned layer with a weight and a projected input side")
+            raise ValueError(f"{arg}: {name!r} is not a planned layer with a weight and a projected input side")
         return next(p for p in self.layers if p.name == name)
 
     def _check_in_sides(self, in_sides, n: int, acc) -> dict:

@@ -85,7 +85,7 @@ class ForwardRecorder:
 # Leaf modules whose forward returns a new tensor (never its input or a view of it) and leaves
 # its input alone; the activations among them only with inplace=False. (Not Dropout / Identity:
 # they can return their input itself; not Flatten / views: an in-place op on a view changes it.)
-_FRESH = (nn.Linear, nn.Bilinear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d,
+_FRESH = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d,
           nn.BatchNorm2d, nn.BatchNorm3d, nn.Tanh, nn.Sigmoid, nn.GELU, nn.Softplus, nn.Softsign, nn.Tanhshrink,
           nn.LogSigmoid, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d)
 _FRESH_UNLESS_INPLACE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish, nn.Hardtanh,
