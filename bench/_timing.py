@@ -134,3 +134,32 @@ def measure(benchmark, group: str, impl: str, fn: Callable[[], Any], *, threads:
     cmp = Comparison({impl: fn}, threads=threads, warmup=warmup).run(benchmark, rounds, group)
     record(benchmark, cmp, None, **extra)
     return cmp.results[impl]
+
+
+def report_markdown(title: str, doc: dict, script: str, setting: str, header: list[str], aligns: str,
+                    rows: list[list[str]]) -> str:
+    """A bench's markdown report: the title, the line that says when, on what and how it was
+    measured (doc: "date", "torch", "rounds", "load" [first, last]), then one table. aligns: one
+    character per column, "l" or "r"."""
+    lo, hi = doc["load"][0], doc["load"][-1]
+    lines = [f"# {title}", "",
+             f"{doc['date']}; {cpu_model()}, {ALL_CORES} cores (load {lo:.1f}-{hi:.1f}); torch {doc['torch']}; "
+             f"1 thread; CPU time, median of {doc['rounds']} interleaved rounds; `python bench/{script}`. {setting}",
+             "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in aligns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def bench_setup(doc: str, out: str, rounds: int):
+    """(args, output folder): --out / --rounds parsed (the description: the docstring's first
+    paragraph), 1 torch thread, the folder made -- how a timing bench script starts."""
+    import argparse
+    from pathlib import Path
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    folder = Path(a.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    return a, folder

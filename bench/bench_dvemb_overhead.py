@@ -17,9 +17,9 @@ Writes OUT/dvemb_overhead.json and .md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +30,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dvgs_fast import DataValueEmbedding  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import bench_setup, report_markdown  # noqa: E402
 
 N, D, EPOCHS, LR = 4096, 2048, 4, 0.01
 
@@ -62,13 +65,7 @@ PROJECTIONS = {"kronecker": "kronecker", "khatri_rao (default)": "khatri_rao"}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/bench/dvemb_overhead")
-    ap.add_argument("--rounds", type=int, default=3)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    a, out = bench_setup(__doc__, "runs/bench/dvemb_overhead", 3)
     g = torch.Generator().manual_seed(0)
     xs, ys = torch.randn(N, D, generator=g), torch.randint(0, 10, (N,), generator=g)
     load = [os.getloadavg()[0]]
@@ -99,18 +96,16 @@ def main() -> None:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "rounds": a.rounds,
            "load": load, "rows": rows}
     (out / "dvemb_overhead.json").write_text(json.dumps(doc, indent=1))
-    lines = ["# Data value embedding: training overhead against plain training", "",
-             f"{doc['date']}; AMD EPYC, 2 cores shared (load {load[0]:.1f}-{load[1]:.1f}); torch {doc['torch']}; "
-             f"1 thread; CPU time, median of {a.rounds} interleaved rounds; `python bench/bench_dvemb_overhead.py`. "
-             f"MLP {D}-100-100-10, {N} rows, SGD lr {LR}, {EPOCHS} epochs, k = 1024.", "",
-             "| batch | projection | plain training CPU s | DVEmb training + recording CPU s | overhead "
-             "(ratio of medians) | overhead (median of each round's ratio) | recursion + scores afterwards "
-             "CPU s (route) |", "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['batch']} | {r['structure']} | {r['plain_cpu_s']:.2f} | {r['ours_cpu_s']:.2f} | "
-                     f"{r['ratio']:.2f}x | {r['paired_ratio']:.2f}x | {r['scores_cpu_s']:.2f} ({r['route']}) |")
-    (out / "dvemb_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = report_markdown(
+        "Data value embedding: training overhead against plain training", doc, "bench_dvemb_overhead.py",
+        f"MLP {D}-100-100-10, {N} rows, SGD lr {LR}, {EPOCHS} epochs, k = 1024.",
+        ["batch", "projection", "plain training CPU s", "DVEmb training + recording CPU s",
+         "overhead (ratio of medians)", "overhead (median of each round's ratio)",
+         "recursion + scores afterwards CPU s (route)"], "rlrrrrr",
+        [[str(r["batch"]), r["structure"], f"{r['plain_cpu_s']:.2f}", f"{r['ours_cpu_s']:.2f}", f"{r['ratio']:.2f}x",
+          f"{r['paired_ratio']:.2f}x", f"{r['scores_cpu_s']:.2f} ({r['route']})"] for r in rows])
+    (out / "dvemb_overhead.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":

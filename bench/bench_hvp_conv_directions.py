@@ -12,9 +12,9 @@ interleaved, medians. Both forms are checked equal first. Writes OUT/hvp_conv_di
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +25,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dvgs_fast.methods.influence import hvp_conv as hc  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import bench_setup, report_markdown  # noqa: E402
 
 SHAPES = ((100, 10), (1000, 4))
 
@@ -62,13 +65,7 @@ def cases(n: int, K: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/bench/hvp_conv_directions")
-    ap.add_argument("--rounds", type=int, default=7)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    a, out = bench_setup(__doc__, "runs/bench/hvp_conv_directions", 7)
     load = [os.getloadavg()[0]]
     rows = []
     for n, K in SHAPES:
@@ -89,17 +86,14 @@ def main() -> None:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__, "rounds": a.rounds, "load": load,
            "rows": rows}
     (out / "hvp_conv_directions.json").write_text(json.dumps(doc, indent=1))
-    lines = ["# Influence R-operator: a convolution's shared-g products over K directions", "",
-             f"{doc['date']}; AMD EPYC, 2 cores shared (load {load[0]:.1f}-{load[1]:.1f}); torch {doc['torch']}; "
-             f"1 thread; CPU time, median of {a.rounds} interleaved rounds; `python bench/bench_hvp_conv_directions.py`. "
-             "Conv2d 8 -> 16, 3x3, 16 x 16 maps, channels-last.", "",
-             "| rows | directions | product | grouped on g repeated K times, ms | channels stacked, ms | speed-up |",
-             "|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['rows']} | {r['directions']} | {r['product']} | {r['grouped_ms']:.1f} | "
-                     f"{r['stacked_ms']:.1f} | {r['speedup']:.1f}x |")
-    (out / "hvp_conv_directions.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    md = report_markdown(
+        "Influence R-operator: a convolution's shared-g products over K directions", doc,
+        "bench_hvp_conv_directions.py", "Conv2d 8 -> 16, 3x3, 16 x 16 maps, channels-last.",
+        ["rows", "directions", "product", "grouped on g repeated K times, ms", "channels stacked, ms", "speed-up"],
+        "rrlrrr", [[str(r["rows"]), str(r["directions"]), r["product"], f"{r['grouped_ms']:.1f}",
+                    f"{r['stacked_ms']:.1f}", f"{r['speedup']:.1f}x"] for r in rows])
+    (out / "hvp_conv_directions.md").write_text(md)
+    print(md)
 
 
 if __name__ == "__main__":
