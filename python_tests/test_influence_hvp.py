@@ -74,10 +74,12 @@ def assert_equals_reference(model, x, y, loss, K, g) -> dict:
     assert seq is not None
     st = seq.prepare(x, y, loss, 0.37)
     V = {k: torch.randn(K, *p.shape, generator=g, dtype=torch.float64) for k, p in model.named_parameters()}
+    kept = {k: v.clone() for k, v in V.items()}
     got = seq.apply(st, V)
     ref = _reference(model, names, x, y, loss, 0.37, V)
     for k in names:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+        assert torch.equal(V[k], kept[k]), k                   # the R-passes never write the caller's V
     return st
 
 
@@ -108,6 +110,28 @@ def test_r_operator_on_a_parameter_subset_and_noncontiguous_directions():
     ref = _reference(model, names, x, y, _ce, 1.0, V)
     for k in names:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("n,K", [(9, 3), (1, 1)])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
+def test_r_operator_with_a_bias_only_first_layer_leaves_the_directions_alone(n, K, act):
+    """The first scored parameter a bias (its R-output a broadcast view of the directions) under an
+    activation, 1 row and 1 direction too (where that view is contiguous): the products == double
+    backward and V is unchanged (an R-pass working in place must not take that view for its own)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 6), act(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(8)
+    x, y = _inputs((5,), n, _ce, g)
+    names = ["0.bias", "2.weight"]
+    seq = SequentialHVP.of(model, names)
+    params = dict(model.named_parameters())
+    V = {k: torch.randn(K, *params[k].shape, generator=g, dtype=torch.float64) for k in names}
+    kept = {k: v.clone() for k, v in V.items()}
+    got = seq.block(x, y, _ce, 1.0, V)
+    ref = _reference(model, names, x, y, _ce, 1.0, V)
+    for k in names:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-12)
+        assert torch.equal(V[k], kept[k]), k
 
 
 class _Custom(nn.Module):
