@@ -315,7 +315,7 @@ def test_input_sides_given_equal_the_projected_inputs(structure, n):
                   layer_dims={"0": (3, 4), "2": (2, 5), "4": (2, 2)} if structure == "kronecker" else None)
     want = P.project(f)
     a = {r.name: r.a for r in f.rows}
-    assert [P.projects_input(nm) for nm in ("0", "2", "4")] == [True, True, True]
+    assert [P.projected_input(nm) is not None for nm in ("0", "2", "4")] == [True, True, True]
     given = {nm: P.input_sides(nm, a[nm].t().contiguous().t(), torch.float64) for nm in ("0", "2")}
     if structure == "kronecker":
         sides, o = P.project_sides(f), 0
@@ -345,7 +345,7 @@ def test_input_sides_refusals():
     names = [nm for nm, _ in model.named_parameters()]
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
     P = Projector(60, structure="kronecker").plan(f)           # layer 2's input side kept whole
-    assert not P.projects_input("2") and not P.projects_input("nope")
+    assert P.projected_input("2") is None and P.projected_input("nope") is None
     ok = P.input_sides("0", x, torch.float64)
     for kw, match in [({"in_sides": {"2": ok}}, "'2' is not a planned layer"),
                       ({"in_sides": {"nope": ok}}, "'nope' is not a planned layer"),
@@ -362,7 +362,7 @@ def test_input_sides_refusals():
     f = grads.FastScorer(model, names, LOSS, "dot", owner="test").record(x, y).factors()
     P = Projector(8, structure="kronecker").plan(f)
     conv = next(p for p in P.layers if p.name == "1")
-    assert P.projects_input(conv.name)
+    assert P.projected_input(conv.name) is conv
     with pytest.raises(ValueError, match="^in_sides: layer '1' has 5 rows a sample"):
         P.project(f, in_sides={conv.name: torch.zeros(4, conv.k_in, dtype=torch.float64)})
 

@@ -441,17 +441,19 @@ class Projector:
                              f"{name!r}, got shape {tuple(a.shape)}")
         return _in_side(self.side_matrix(p, "in", dtype, a.device), a.to(dtype), p.bias is not None)
 
-    def projects_input(self, name: str) -> bool:
-        """Whether `name` is a planned Linear / conv layer with a projected input side (what
-        ``input_sides`` takes; a side kept whole is ã itself, nothing to compute)."""
-        ps = [p for p in self.layers or () if p.name == name]
-        return bool(ps) and ps[0].kind == "rows" and ps[0].weight is not None and \
-            ps[0].structure in ("kronecker", "khatri_rao") and ps[0].projects("in")
+    def projected_input(self, name: str) -> LayerPlan | None:
+        """The plan of `name` when it is a planned Linear / conv layer with a projected input side
+        (what ``input_sides`` takes; a side kept whole is ã itself, nothing to compute), else None."""
+        p = next((p for p in self.layers or () if p.name == name), None)
+        ok = p is not None and p.kind == "rows" and p.weight is not None and \
+            p.structure in ("kronecker", "khatri_rao") and p.projects("in")
+        return p if ok else None
 
     def _in_side_layer(self, name: str, arg: str = "in_sides") -> LayerPlan:
-        if not self.projects_input(name):
+        p = self.projected_input(name)
+        if p is None:
             raise ValueError(f"{arg}: {name!r} is not a planned layer with a weight and a projected input side")
-        return next(p for p in self.layers if p.name == name)
+        return p
 
     def _check_in_sides(self, in_sides, n: int, acc) -> dict:
         for name, t in (in_sides or {}).items():

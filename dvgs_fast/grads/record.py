@@ -57,7 +57,7 @@ class ForwardRecorder:
         if exc_type is None:
             for m in self.uncopied:
                 for c in self.calls.get(m, ()):
-                    if c.version is not None and c.output._version != c.version:
+                    if c.output._version != c.version:
                         raise RuntimeError(f"the output of a {type(m).__name__} was modified in place during the "
                                            f"forward, after the gradient engine recorded it (a forward hook of "
                                            f"the next module?): its per-sample gradients would be wrong")

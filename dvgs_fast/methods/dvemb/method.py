@@ -84,8 +84,8 @@ class DataValueEmbedding(AttributionMixin, Valuation):
                      (3.8-4.6x projecting it every step; bench/results/dvemb.md); "kronecker" (LoGra's
                      P_out ⊗ P_in): k_out·d_out + k_in·d_in, 1.0-1.4x there at batch 512, 1.3-1.4x at
                      128, and the steps kept as their two sides (far less memory). Kronecker is as
-                     accurate at a large k (digits MLP, k = 1024: Spearman with the trajectory LOO 0.511 vs 0.505,
-                     bench/results/projection_split.md) but less at a small one (k = 64 on a single
+                     accurate at a large k (digits MLP, k = 1024: Spearman with the trajectory LOO
+                     0.511 vs 0.505, bench/results/projection_split.md) but less at a small one (k = 64 on a single
                      Linear layer: LDS 0.762 vs 0.833 on Adult, 0.605 vs 0.621 on digits, same file),
                      so it is the choice for wide layers, not the default.
     store_dir        None: the recorded steps in memory when they fit 256 MB, else in a temporary

@@ -201,10 +201,10 @@ class InputSides:
         return {}
 
     def _compute(self, name: str, dtype: torch.dtype) -> None:
-        if not self.projector.projects_input(name):
+        plan = self.projector.projected_input(name)
+        if plan is None:
             return
-        k_in = next(p.k_in for p in self.projector.layers if p.name == name)
-        n = self.xs.shape[0]
+        n, k_in = self.xs.shape[0], plan.k_in
         if n * k_in * torch.tensor([], dtype=dtype).element_size() > _INPUT_SIDES_BYTES:
             return
         flat = self.xs.reshape(n, -1)
